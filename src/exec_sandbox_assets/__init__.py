@@ -1,0 +1,1 @@
+"""exec-sandbox VM assets, distributed as signed OCI artifacts."""

@@ -1,0 +1,151 @@
+"""Every error this package raises, as one tree.
+
+    AssetError
+    ├── ConfigError                 bad settings, unreadable key files, bad references
+    ├── FormatError                 malformed manifest/index/payload/annotation (names `where`)
+    ├── TrustError                  never retried, never silently skipped to another source
+    │   ├── AssetChecksumError      bytes do not match the digest they were referenced by
+    │   ├── SignatureError          no (or too few) valid signatures by trusted keys
+    │   │   └── NoTrustedKeysError  remote content, but no trusted key configured
+    │   ├── VersionMismatchError    validly signed index of another release under the asked tag
+    │   └── RollbackError           floating tag went back in time
+    ├── TransportError              retried, then the next source is tried
+    │   ├── AssetDownloadError      connection errors, 5xx/429 after retries, truncated bodies
+    │   ├── AuthError               401/403 after the auth round
+    │   └── AssetNotFoundError      404: tag, manifest, blob or release file missing
+    ├── SizeLimitError              content exceeds its signed size or a hard cap (a TrustError too)
+    ├── OutOfSpaceError             ENOSPC while writing; partial data is kept for resume
+    └── AllSourcesFailedError       every source failed; `.attempts` says each one and why
+
+`AssetNotFoundError`, `AssetDownloadError` and `AssetChecksumError` keep the names
+the original module exported. Offline-mode misses raise the builtin `FileNotFoundError`
+(as the original did), via `AssetsNotFoundLocally`, which subclasses both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+class AssetError(Exception):
+    """Root of every error raised by exec_sandbox_assets."""
+
+
+class ConfigError(AssetError):
+    """Invalid settings, key files, or references given by the user."""
+
+
+class FormatError(AssetError):
+    """A document (manifest, index, payload, annotation) is malformed.
+
+    `where` names the document: a URL, a path, or `index sha256:...`.
+    """
+
+    def __init__(self, message: str, where: str = "") -> None:
+        self.where = where
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class TrustError(AssetError):
+    """Content failed verification. Never retried against the same source."""
+
+
+class AssetChecksumError(TrustError):
+    """Bytes do not hash to the digest they were referenced by."""
+
+    def __init__(self, what: str, expected: str, actual: str, where: str = "") -> None:
+        self.what, self.expected, self.actual, self.where = what, expected, actual, where
+        src = f" from {where}" if where else ""
+        super().__init__(f"digest mismatch for {what}{src}: expected {expected}, got {actual}")
+
+
+class SignatureError(TrustError):
+    """The index is not signed by enough trusted keys."""
+
+
+class NoTrustedKeysError(SignatureError):
+    """Remote content was requested but no trusted public key is configured."""
+
+
+class VersionMismatchError(TrustError):
+    """A validly signed index of another release was served under the asked tag."""
+
+
+class RollbackError(TrustError):
+    """A floating tag now points at a release older than one accepted before."""
+
+
+class SizeLimitError(TrustError):
+    """Content is larger than its signed size or a hard cap."""
+
+
+class TransportError(AssetError):
+    """Fetching failed (network, HTTP status, missing file). Retried, then next source."""
+
+
+class AssetDownloadError(TransportError):
+    """Connection failure, 5xx/429 after retries, or a truncated body."""
+
+
+class AuthError(TransportError):
+    """The registry refused our credentials (or their absence)."""
+
+
+class AssetNotFoundError(TransportError):
+    """The source does not have the tag, manifest, blob or file."""
+
+
+class OutOfSpaceError(AssetError):
+    """The disk filled up while writing; partial data was kept for a later resume."""
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One source that was tried and why it failed."""
+
+    source: str
+    error: str
+
+
+class AllSourcesFailedError(AssetDownloadError):
+    """Every configured source failed; `attempts` lists each with its reason."""
+
+    def __init__(self, what: str, attempts: Sequence[Attempt]) -> None:
+        self.what = what
+        self.attempts = tuple(attempts)
+        lines = "\n".join(f"  - {a.source}: {a.error}" for a in self.attempts)
+        super().__init__(f"could not fetch {what}; tried:\n{lines}")
+
+
+class AssetsNotFoundLocally(FileNotFoundError, AssetError):
+    """Offline (or download disabled) and the asset is in none of the searched places."""
+
+    def __init__(self, what: str, searched: Sequence[str], hint: str = "") -> None:
+        self.what = what
+        self.searched = tuple(searched)
+        places = "\n".join(f"  - {p}" for p in self.searched)
+        tail = f"\n{hint}" if hint else ""
+        super().__init__(f"{what} not found; searched:\n{places}{tail}")
+
+
+__all__ = [
+    "AllSourcesFailedError",
+    "AssetChecksumError",
+    "AssetDownloadError",
+    "AssetError",
+    "AssetNotFoundError",
+    "AssetsNotFoundLocally",
+    "Attempt",
+    "AuthError",
+    "ConfigError",
+    "FormatError",
+    "NoTrustedKeysError",
+    "OutOfSpaceError",
+    "RollbackError",
+    "SignatureError",
+    "SizeLimitError",
+    "TransportError",
+    "TrustError",
+    "VersionMismatchError",
+]

@@ -1,0 +1,1 @@
+"""OCI data model and transports. Knows nothing of exec-sandbox."""
