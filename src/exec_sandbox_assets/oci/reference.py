@@ -1,0 +1,190 @@
+"""Parse registry references and OCI layout references.
+
+Registry references follow the distribution reference grammar, with a host always
+required (no implicit docker.io):
+
+    [docker://|oci://]HOST[:PORT]/REPOSITORY[:TAG][@DIGEST]
+    https://HOST[:PORT]/REPOSITORY[:TAG][@DIGEST]
+    http://HOST[:PORT]/REPOSITORY[:TAG][@DIGEST]     plain HTTP only when written out
+
+Layout references (`parse_source_ref` only):
+
+    oci:DIR[:TAG]            an OCI image layout directory
+    oci-archive:FILE[:TAG]   a tar archive of one
+
+Paths may contain colons, so the tag is the text after the LAST colon only when it
+matches the tag grammar and the text before it is non-empty; otherwise the whole
+rest is the path. A trailing empty tag is dropped, which is the escape for a path
+whose last colon is followed by tag-like text: `oci:/data/a:b:` is the directory
+`/data/a:b` with no tag, while `oci:/data/a:b` is `/data/a` with tag `b`. The
+`oci:`/`oci-archive:` prefixes win over a registry host of that name; write
+`docker://oci:5000/repo` for one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+from exec_sandbox_assets.errors import ConfigError
+from exec_sandbox_assets.oci.model import is_digest
+
+# Grammar of github.com/distribution/reference (2.8).
+_DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_HOST_RE = re.compile(
+    rf"^(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[a-fA-F0-9:]+\])(?::([0-9]+))?$"
+)
+_PATH_COMPONENT_RE = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
+TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+_MAX_REPOSITORY_LENGTH = 255
+_SCHEMES = ("https", "http")
+
+
+@dataclass(frozen=True)
+class RegistryRef:
+    """A repository on a registry, optionally pinned to a tag and/or digest."""
+
+    scheme: str
+    host: str
+    repository: str
+    tag: str | None = None
+    digest: str | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.scheme}://{self.host}"
+
+    @property
+    def repo_url(self) -> str:
+        return f"{self.base_url}/v2/{self.repository}"
+
+    @property
+    def reference(self) -> str | None:
+        """What to fetch: the digest when pinned, else the tag."""
+        return self.digest or self.tag
+
+    @property
+    def key(self) -> str:
+        """A file-name-safe identifier of host + repository (not scheme, tag or digest).
+
+        Readable prefix for humans, hash suffix because the slug alone can collide
+        (`a/b_c` and `a_b/c`).
+        """
+        name = f"{self.host}/{self.repository}"
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-")[:80]
+        return f"{slug}-{hashlib.sha256(name.encode()).hexdigest()[:16]}"
+
+    def with_tag(self, tag: str) -> RegistryRef:
+        """The same repository at `tag` (any digest pin is dropped: it named other content)."""
+        if not TAG_RE.fullmatch(tag):
+            raise ConfigError(f"invalid tag {tag!r} for {self}")
+        return replace(self, tag=tag, digest=None)
+
+    def with_digest(self, digest: str) -> RegistryRef:
+        if not is_digest(digest):
+            raise ConfigError(f"invalid digest {digest!r} for {self}")
+        return replace(self, digest=digest)
+
+    def __str__(self) -> str:
+        # Only plain HTTP is spelled out: it is the one scheme the parser never assumes.
+        prefix = "http://" if self.scheme == "http" else ""
+        tag = f":{self.tag}" if self.tag else ""
+        digest = f"@{self.digest}" if self.digest else ""
+        return f"{prefix}{self.host}/{self.repository}{tag}{digest}"
+
+
+@dataclass(frozen=True)
+class LayoutRef:
+    """An OCI image layout directory (`oci`) or a tar archive of one (`oci-archive`)."""
+
+    kind: Literal["oci", "oci-archive"]
+    path: Path
+    tag: str | None = None
+
+    def __str__(self) -> str:
+        text = f"{self.kind}:{self.path}"
+        if self.tag:
+            return f"{text}:{self.tag}"
+        # Keep the round trip when the path itself ends in something tag-like.
+        return f"{text}:" if _split_tag(str(self.path))[1] is not None else text
+
+
+def parse_registry_ref(text: str) -> RegistryRef:
+    """Parse `[scheme://]host[:port]/repository[:tag][@digest]`; default scheme https."""
+
+    def bad(why: str) -> ConfigError:
+        return ConfigError(f"invalid registry reference {text!r}: {why}")
+
+    rest = text.strip()
+    scheme = "https"
+    if "://" in rest:
+        given, _, rest = rest.partition("://")
+        if given in ("docker", "oci"):
+            # docker:// as skopeo writes it, oci:// as helm and oras do: both mean TLS.
+            scheme = "https"
+        elif given in _SCHEMES:
+            scheme = given
+        else:
+            raise bad(f"unsupported scheme {given!r} (use https://, http://, docker:// or oci://)")
+    host, slash, remainder = rest.partition("/")
+    if not slash or not remainder:
+        raise bad("expected HOST/REPOSITORY (a registry host is required)")
+    if "." not in host and ":" not in host and host != "localhost":
+        # Docker would read this as a Docker Hub namespace; we never guess a registry.
+        raise bad(f"{host!r} is not a registry host (needs a dot, a port, or 'localhost')")
+    match = _HOST_RE.fullmatch(host)
+    if not match:
+        raise bad(f"invalid registry host {host!r}")
+    port = match.group(1)
+    if port is not None and not 0 < int(port) < 65536:
+        raise bad(f"invalid port {port}")
+
+    name, at, digest = remainder.partition("@")
+    if at and not is_digest(digest):
+        raise bad(f"invalid digest {digest!r} (expected sha256:<64 hex> or sha512:<128 hex>)")
+    tag: str | None = None
+    last = name.rsplit("/", 1)[-1]
+    if ":" in last:
+        name, _, tag = name.rpartition(":")
+        if not TAG_RE.fullmatch(tag):
+            raise bad(f"invalid tag {tag!r}")
+    if len(name) > _MAX_REPOSITORY_LENGTH:
+        raise bad(f"repository name longer than {_MAX_REPOSITORY_LENGTH} characters")
+    for component in name.split("/"):
+        if not _PATH_COMPONENT_RE.fullmatch(component):
+            raise bad(
+                f"invalid repository path component {component!r} "
+                "(lowercase letters, digits, and single '.', '_', '__' or '-' runs between them)"
+            )
+    return RegistryRef(scheme, host.lower(), name, tag, digest or None)
+
+
+def _split_tag(text: str) -> tuple[str, str | None]:
+    head, colon, tail = text.rpartition(":")
+    if colon and head and TAG_RE.fullmatch(tail):
+        return head, tail
+    return text, None
+
+
+def parse_source_ref(text: str) -> RegistryRef | LayoutRef:
+    """A registry reference, or `oci:DIR[:TAG]` / `oci-archive:FILE[:TAG]` (see module doc)."""
+    for kind in ("oci-archive", "oci"):
+        prefix = f"{kind}:"
+        if not text.startswith(prefix) or text.startswith(f"{prefix}//"):
+            continue
+        rest = text[len(prefix) :]
+        if rest.endswith(":"):
+            path, tag = rest[:-1], None
+        else:
+            path, tag = _split_tag(rest)
+        if not path:
+            raise ConfigError(f"invalid source {text!r}: missing path after {prefix!r}")
+        layout_kind: Literal["oci", "oci-archive"] = "oci" if kind == "oci" else "oci-archive"
+        return LayoutRef(layout_kind, Path(path).expanduser(), tag)
+    return parse_registry_ref(text)
+
+
+__all__ = ["TAG_RE", "LayoutRef", "RegistryRef", "parse_registry_ref", "parse_source_ref"]
