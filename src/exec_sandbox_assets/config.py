@@ -1,0 +1,182 @@
+"""Settings: explicit arguments > environment variables > defaults.
+
+This is the only module that reads the environment, and it does so when a client is
+built, never at import time. Every other module takes the `Settings` it needs.
+
+Environment variables (all optional):
+
+| variable | meaning | default |
+|---|---|---|
+| EXEC_SANDBOX_CACHE_DIR | cache directory | platformdirs user cache dir / exec-sandbox |
+| EXEC_SANDBOX_IMAGES_DIR | directory of ready, decompressed assets (trusted as is) | - |
+| EXEC_SANDBOX_OFFLINE | `1`: never use the network (local dirs, cache, `oci:` layouts only) | 0 |
+| EXEC_SANDBOX_ASSET_VERSION | release to use (`1.2.3`, `v1.2.3` or `latest`) | app version, else latest |
+| EXEC_SANDBOX_REGISTRY | default repository | ghcr.io/dualeai/exec-sandbox-assets |
+| EXEC_SANDBOX_REGISTRY_MIRRORS | sources tried first, comma-separated: `host/repo`, `http://host:port/repo`, `oci:DIR`, `oci-archive:FILE` | - |
+| EXEC_SANDBOX_RELEASES_URL | GitHub Releases download base (`{base}/vV/{name}`) | https://github.com/dualeai/exec-sandbox/releases/download |
+| EXEC_SANDBOX_AIRGAP | `1`: never contact the public defaults (ghcr.io repository, GitHub) | 0 |
+| EXEC_SANDBOX_TRUSTED_KEYS | PEM public key files, `:`-separated | keys shipped in the package |
+| EXEC_SANDBOX_SIGNATURE_THRESHOLD | distinct trusted keys that must sign | 1 |
+| EXEC_SANDBOX_INSECURE_SKIP_VERIFY | `1`: accept unsigned content (logged loudly) | 0 |
+| EXEC_SANDBOX_ALLOW_DOWNGRADE | `1`: accept a floating tag that moved back in time | 0 |
+| EXEC_SANDBOX_CA_BUNDLE | PEM CA bundle for registries with a private CA | system CAs |
+| EXEC_SANDBOX_CONCURRENCY | parallel downloads per call | 4 |
+| EXEC_SANDBOX_LOCK_TIMEOUT | seconds to wait for another process's download | 1800 |
+| DOCKER_CONFIG | directory holding docker's config.json (registry credentials) | ~/.docker |
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from exec_sandbox_assets import catalog
+from exec_sandbox_assets.errors import ConfigError
+
+ENV_PREFIX = "EXEC_SANDBOX_"
+DEFAULT_RELEASES_DOWNLOAD = f"{catalog.DEFAULT_RELEASES_URL}/download"
+LATEST = "latest"
+# The seed's "images/dist relative to the package root": a checkout's build output.
+LOCAL_BUILD_DIR = Path(__file__).resolve().parent.parent.parent / "images" / "dist"
+PACKAGED_KEYS_DIR = Path(__file__).resolve().parent / "keys"
+
+
+@dataclass(frozen=True)
+class Settings:
+    cache_dir: Path
+    images_dir: Path | None = None
+    local_build_dir: Path | None = LOCAL_BUILD_DIR
+    offline: bool = False
+    version: str = LATEST
+    registry: str = catalog.DEFAULT_REPOSITORY
+    mirrors: tuple[str, ...] = ()
+    releases_url: str = DEFAULT_RELEASES_DOWNLOAD
+    airgap: bool = False
+    trusted_keys: tuple[Path, ...] = ()
+    threshold: int = 1
+    insecure_skip_verify: bool = False
+    allow_downgrade: bool = False
+    ca_bundle: Path | None = None
+    docker_config: Path | None = None
+    concurrency: int = 4
+    lock_timeout: float = 1800.0
+    host_os: str = field(default_factory=catalog.host_os)
+    host_goarch: str = field(default_factory=lambda: catalog.host_platform()[1])
+
+    @property
+    def floating(self) -> bool:
+        return self.version == LATEST
+
+    @property
+    def tag(self) -> str:
+        return LATEST if self.floating else f"v{self.version}"
+
+    def with_(self, **changes: Any) -> Settings:
+        return replace(self, **changes)
+
+
+def normalize_version(text: str) -> str:
+    """`v1.2.3` and `1.2.3` -> `1.2.3`; `latest` stays; anything unsafe is refused."""
+    text = text.strip()
+    if text in ("", LATEST):
+        return LATEST
+    version = text[1:] if text.startswith("v") else text
+    if not catalog.is_valid_title(version):
+        raise ConfigError(f"invalid asset version {text!r}")
+    return version
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    value = env.get(ENV_PREFIX + name, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigError(f"{ENV_PREFIX}{name}={value!r}: expected 1 or 0")
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> int:
+    raw = env.get(ENV_PREFIX + name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{ENV_PREFIX}{name}={raw!r}: expected a whole number") from None
+    if value < minimum:
+        raise ConfigError(f"{ENV_PREFIX}{name}={raw!r}: must be at least {minimum}")
+    return value
+
+
+def _path(env: Mapping[str, str], name: str) -> Path | None:
+    raw = env.get(name, "").strip()
+    return Path(raw).expanduser() if raw else None
+
+
+def default_cache_dir() -> Path:
+    import platformdirs  # only when no cache dir was given: keeps the warm path lean
+
+    return Path(platformdirs.user_cache_dir("exec-sandbox"))
+
+
+def packaged_keys() -> tuple[Path, ...]:
+    """Release public keys shipped inside the package (keys/*.pub)."""
+    if not PACKAGED_KEYS_DIR.is_dir():
+        return ()
+    return tuple(sorted(PACKAGED_KEYS_DIR.glob("*.pub")))
+
+
+def load_settings(env: Mapping[str, str] | None = None, **explicit: Any) -> Settings:
+    """Build settings from explicit arguments (None = not given), the environment, defaults.
+
+    `app_version` (the embedding application's version) is used when neither an explicit
+    `version` nor EXEC_SANDBOX_ASSET_VERSION is set; a `.dev` app version means `latest`.
+    """
+    env = os.environ if env is None else env
+    given = {k: v for k, v in explicit.items() if v is not None}
+    app_version = given.pop("app_version", None)
+
+    version_text = given.pop("version", None) or env.get(ENV_PREFIX + "ASSET_VERSION", "")
+    if not version_text.strip() and app_version and ".dev" not in app_version:
+        version_text = app_version
+    mirrors_raw = env.get(ENV_PREFIX + "REGISTRY_MIRRORS", "")
+    keys_raw = env.get(ENV_PREFIX + "TRUSTED_KEYS", "")
+    docker_dir = _path(env, "DOCKER_CONFIG")
+
+    values: dict[str, Any] = {
+        "cache_dir": _path(env, ENV_PREFIX + "CACHE_DIR") or None,
+        "images_dir": _path(env, ENV_PREFIX + "IMAGES_DIR"),
+        "offline": _flag(env, "OFFLINE"),
+        "version": normalize_version(version_text),
+        "registry": env.get(ENV_PREFIX + "REGISTRY", "").strip() or catalog.DEFAULT_REPOSITORY,
+        "mirrors": tuple(m.strip() for m in mirrors_raw.replace("\n", ",").split(",") if m.strip()),
+        "releases_url": env.get(ENV_PREFIX + "RELEASES_URL", "").strip().rstrip("/")
+        or DEFAULT_RELEASES_DOWNLOAD,
+        "airgap": _flag(env, "AIRGAP"),
+        "trusted_keys": tuple(Path(p).expanduser() for p in keys_raw.split(":") if p.strip())
+        or packaged_keys(),
+        "threshold": _int(env, "SIGNATURE_THRESHOLD", 1),
+        "insecure_skip_verify": _flag(env, "INSECURE_SKIP_VERIFY"),
+        "allow_downgrade": _flag(env, "ALLOW_DOWNGRADE"),
+        "ca_bundle": _path(env, ENV_PREFIX + "CA_BUNDLE"),
+        "docker_config": (docker_dir / "config.json") if docker_dir else None,
+        "concurrency": _int(env, "CONCURRENCY", 4),
+        "lock_timeout": float(_int(env, "LOCK_TIMEOUT", 1800, minimum=0)),
+    }
+    if "trusted_keys" in given:
+        given["trusted_keys"] = tuple(Path(p) for p in given["trusted_keys"])
+    for key in ("cache_dir", "images_dir", "ca_bundle", "docker_config", "local_build_dir"):
+        if key in given:
+            given[key] = Path(given[key]).expanduser()
+    values.update(given)
+    if values["cache_dir"] is None:
+        values["cache_dir"] = default_cache_dir()
+    if values["docker_config"] is None:
+        values["docker_config"] = Path.home() / ".docker" / "config.json"
+    unknown = set(values) - set(Settings.__dataclass_fields__)
+    if unknown:
+        raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+    return Settings(**values)
