@@ -18,10 +18,10 @@ smaller than 9 and 16-17% smaller than 3. A release is compressed once in CI and
 downloaded by every host, so the default is 19 (~4 MB/s per 2 cores: minutes for a
 few GB); `--level 3` is there for quick local runs.
 
-Determinism (checked, and relied on for idempotent re-publishing): for one level,
-multi-threaded output is byte-identical for any thread count >= 1 and identical
-between one-shot and streaming compression when the size is given up front; only
-threads=0 (single-threaded mode) differs, so it is never used.
+Determinism (checked, and relied on for idempotent re-publishing): streaming
+compression with the size given up front is byte-identical for any thread count >= 1
+and any write size. One-shot `compress()` differs for small inputs (< ~1 MiB), and
+threads=0 (single-threaded mode) differs, so neither is ever used.
 """
 
 from __future__ import annotations

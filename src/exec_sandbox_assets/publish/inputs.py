@@ -156,7 +156,7 @@ def find_inputs(
 
     if missing:
         # One line: CI logs and `grep error:` show the whole story.
-        wanted = ", ".join(
+        missing_text = ", ".join(
             f"{name.removesuffix(catalog.ZST)}[{catalog.ZST}]"
             if name.endswith(catalog.ZST)
             else name
@@ -164,7 +164,7 @@ def find_inputs(
         )
         platforms_text = ", ".join(f"{o}/{a}" for o, a in chosen)
         message = (
-            f"missing {len(missing)} required file(s) for {platforms_text}: {wanted}; "
+            f"missing {len(missing)} required file(s) for {platforms_text}: {missing_text}; "
             f"searched: {_dirs_text(dirs)}"
         )
         if suspects := misnamed_files(dirs):

@@ -1,0 +1,241 @@
+"""`python -m exec_sandbox_assets.publish` / `exec-sandbox-assets publish`.
+
+The main CLI mounts it with `add_arguments(subparser)` and `run(args)`; `main(argv)`
+is the standalone entry point. Exit codes: 0 done, 2 bad input (arguments, files,
+keys, passwords, conflicting tag), 1 any other failure (network, registry, auth).
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from exec_sandbox_assets import catalog
+from exec_sandbox_assets.errors import AssetError, ConfigError, FormatError
+from exec_sandbox_assets.publish.compress import DEFAULT_LEVEL
+from exec_sandbox_assets.publish.publisher import PublishRequest, PublishResult, publish
+
+KEY_PASSWORD_ENV = "EXEC_SANDBOX_SIGNING_KEY_PASSWORD"  # noqa: S105 (a variable name)
+EXIT_FAILURE = 1
+EXIT_BAD_INPUT = 2
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--input",
+        "-i",
+        metavar="DIR",
+        type=Path,
+        action="append",
+        required=True,
+        help="build output directory (images/dist, the gvproxy build dir); "
+        "repeatable, searched in order",
+    )
+    parser.add_argument(
+        "--version",
+        dest="release_version",
+        metavar="V",
+        required=True,
+        help="release version, e.g. 0.22.0 (tagged v0.22.0)",
+    )
+    parser.add_argument(
+        "--to",
+        metavar="TARGET",
+        action="append",
+        default=[],
+        help="where to publish, repeatable: http://HOST:PORT/REPO (plain HTTP), "
+        "HOST/REPO (HTTPS), oci:DIR, oci-archive:FILE",
+    )
+    parser.add_argument(
+        "--key",
+        metavar="FILE",
+        type=Path,
+        action="append",
+        required=True,
+        help="PEM private signing key; repeat during a key rotation (each "
+        f"signs). Password from ${KEY_PASSWORD_ENV}, else prompted on a tty",
+    )
+    parser.add_argument(
+        "--platform",
+        metavar="OS/ARCH",
+        action="append",
+        help="host platform to publish (linux/amd64, linux/arm64, darwin/arm64, "
+        "darwin/amd64); repeatable. Default: those whose gvproxy binary exists",
+    )
+    parser.add_argument("--latest", action="store_true", help="also move the tag 'latest'")
+    parser.add_argument(
+        "--release-dir",
+        metavar="DIR",
+        type=Path,
+        help="also write the GitHub Release asset folder here",
+    )
+    parser.add_argument(
+        "--created",
+        metavar="RFC3339",
+        help="release time (default: that of an existing vV tag, else now)",
+    )
+    parser.add_argument("--revision", metavar="SHA", help="source revision (git commit)")
+    parser.add_argument(
+        "--level",
+        type=int,
+        default=DEFAULT_LEVEL,
+        help=f"zstd level (default {DEFAULT_LEVEL}; 3 is fast for local runs)",
+    )
+    parser.add_argument(
+        "--work-dir",
+        metavar="DIR",
+        type=Path,
+        help="keep compressed files here so a re-run skips compressing (default: a temp dir)",
+    )
+    parser.add_argument("--username", help="registry user name")
+    parser.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the registry password or token from stdin",
+    )
+    parser.add_argument(
+        "--ca-bundle",
+        metavar="FILE",
+        type=Path,
+        help="CA certificates (PEM) for a registry with a private CA",
+    )
+    parser.add_argument(
+        "--docker-reference",
+        default=catalog.DEFAULT_REPOSITORY,
+        help="identity written into the signature payload",
+    )
+    parser.add_argument(
+        "--replace",
+        action="store_true",
+        help="allow moving an existing vV tag to different content",
+    )
+    parser.add_argument("--verbose", "-v", action="count", default=0)
+
+
+def _key_is_encrypted(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False  # the loader reports it properly
+    return b"ENCRYPTED" in head
+
+
+def key_password(keys: Sequence[Path]) -> bytes | None:
+    """From the environment, else a prompt when a key needs one and we can ask."""
+    env = os.environ.get(KEY_PASSWORD_ENV)
+    if env is not None:
+        return env.encode()
+    if any(_key_is_encrypted(k) for k in keys) and sys.stdin.isatty():
+        return getpass.getpass("signing key password: ").encode()
+    return None
+
+
+def _parse_platforms(values: Sequence[str] | None) -> tuple[tuple[str, str], ...] | None:
+    if not values:
+        return None
+    return tuple(catalog.parse_platform(v) for v in values)
+
+
+def _registry_password(args: argparse.Namespace) -> str | None:
+    if not args.password_stdin:
+        return None
+    if not args.username:
+        raise ConfigError("--password-stdin needs --username")
+    password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise ConfigError("--password-stdin: no password on stdin")
+    return password
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024  # type: ignore[assignment]
+    raise AssertionError("unreachable")
+
+
+def format_summary(result: PublishResult) -> str:
+    lines = [
+        f"published {result.version} (created {result.created})",
+        f"  {'index':<12} {result.index_digest}",
+    ]
+    for (os_, goarch), digest in result.manifest_digests.items():
+        lines.append(f"  {os_ + '/' + goarch:<12} {digest}")
+    lines.append(f"  {'signature':<12} {result.signature_tag} ({result.signers} key(s))")
+    for t in result.targets:
+        lines.append(
+            f"  {t.name}: uploaded {t.blobs_uploaded} blob(s) ({_size(t.bytes_uploaded)}), "
+            f"skipped {t.blobs_skipped}; tagged {', '.join(t.tags)}"
+        )
+    if result.release_dir is not None:
+        lines.append(f"  release folder {result.release_dir}: {len(result.release_files)} files")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not logging.getLogger().handlers:
+        level = (
+            logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING
+        )
+        logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        with tempfile.TemporaryDirectory(prefix="exec-sandbox-publish-") as tmp:
+            request = PublishRequest(
+                inputs=tuple(args.input),
+                version=args.release_version,
+                targets=tuple(args.to),
+                keys=tuple(args.key),
+                key_password=key_password(args.key),
+                platforms=_parse_platforms(args.platform),
+                tag_latest=args.latest,
+                release_dir=args.release_dir,
+                work_dir=args.work_dir or Path(tmp),
+                created=args.created,
+                revision=args.revision,
+                docker_reference=args.docker_reference,
+                level=args.level,
+                username=args.username,
+                password=_registry_password(args),
+                ca_bundle=args.ca_bundle,
+                replace=args.replace,
+            )
+            result = publish(request)
+    except (ConfigError, FormatError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except AssetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print("interrupted; tags were not moved (a re-run resumes)", file=sys.stderr)
+        return 130
+    print(format_summary(result))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m exec_sandbox_assets.publish",
+        description="Publish exec-sandbox assets as signed OCI artifacts "
+        "(registry, OCI layout, archive) and a GitHub Release folder.",
+    )
+    add_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser().parse_args(argv))
+
+
+__all__ = ["KEY_PASSWORD_ENV", "add_arguments", "build_parser", "format_summary", "main", "run"]

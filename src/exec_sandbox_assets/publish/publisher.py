@@ -1,0 +1,404 @@
+"""Publish a release: build output in, signed OCI artifacts out (SPEC.md sections 2-6).
+
+    keys -> inputs -> targets (connect, log in) -> compress -> documents -> sign
+         -> per target: blobs, manifests, index, signature, read back + verify, tags
+         -> GitHub Release folder
+
+Everything that can be wrong with the request (a key, a password, a missing file, a
+registry that refuses us) fails before the first byte is uploaded. Tags come last on
+every target, so `vV` never names an incomplete or unsigned release.
+
+Re-running is a no-op: compression is deterministic, `created` is taken from the
+`vV` index a target already holds, and an existing signature that our keys made
+over the same payload is kept (ECDSA signatures differ on every signing), so the
+second run uploads no blob and yields the same digests, signature included.
+A `vV` that points at different content is not moved unless `replace` is set.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from exec_sandbox_assets import catalog, trust
+from exec_sandbox_assets.errors import AssetError, ConfigError, FormatError, SignatureError
+from exec_sandbox_assets.oci.model import (
+    EMPTY_JSON,
+    MEDIA_TYPE_EMPTY,
+    MEDIA_TYPE_IMAGE_CONFIG,
+    MEDIA_TYPE_INDEX,
+    MEDIA_TYPE_MANIFEST,
+    Index,
+    Manifest,
+    sha256_digest,
+    signature_tag,
+)
+from exec_sandbox_assets.oci.reference import TAG_RE
+from exec_sandbox_assets.publish.compress import (
+    DEFAULT_LEVEL,
+    Blob,
+    check_level,
+    compress_cached,
+    inspect_zst,
+    raw_blob,
+)
+from exec_sandbox_assets.publish.inputs import InputFile, ReleaseInputs, find_inputs
+from exec_sandbox_assets.publish.release_dir import ReleaseFiles, write_release_dir
+from exec_sandbox_assets.publish.targets import RegistryOptions, Target, open_target
+from exec_sandbox_assets.release import BuiltRelease, LayerFile, ReleaseInfo, build_release
+
+log = logging.getLogger(__name__)
+
+LATEST = "latest"
+_MAX_PAYLOAD = 64 * 1024
+
+
+@dataclass(frozen=True, kw_only=True)
+class PublishRequest:
+    inputs: tuple[Path, ...]  # build output dirs (images/dist, the gvproxy build dir)
+    version: str  # "0.22.0"; tagged "v0.22.0"
+    targets: tuple[str, ...]  # registry refs, "oci:DIR", "oci-archive:FILE"
+    keys: tuple[Path, ...]  # private keys; several = rotation, each one signs
+    work_dir: Path  # compressed files (reused by a re-run) and temp layouts
+    key_password: bytes | None = field(default=None, repr=False)
+    platforms: tuple[tuple[str, str], ...] | None = None  # None: those whose gvproxy exists
+    tag_latest: bool = False
+    release_dir: Path | None = None
+    created: str | None = None  # RFC 3339; default: the existing vV's, else now
+    revision: str | None = None
+    docker_reference: str = catalog.DEFAULT_REPOSITORY
+    level: int = DEFAULT_LEVEL
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    ca_bundle: Path | None = None
+    replace: bool = False  # allow moving an existing vV to different content
+
+
+@dataclass(frozen=True)
+class TargetResult:
+    name: str
+    blobs_uploaded: int
+    bytes_uploaded: int
+    blobs_skipped: int
+    tags: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    version: str
+    created: str
+    index_digest: str
+    manifest_digests: Mapping[tuple[str, str], str]
+    signature_tag: str
+    signature_digest: str
+    signers: int
+    targets: tuple[TargetResult, ...]
+    release_dir: Path | None = None
+    release_files: tuple[str, ...] = ()
+
+    @property
+    def blobs_uploaded(self) -> int:
+        return sum(t.blobs_uploaded for t in self.targets)
+
+    @property
+    def bytes_uploaded(self) -> int:
+        return sum(t.bytes_uploaded for t in self.targets)
+
+    @property
+    def blobs_skipped(self) -> int:
+        return sum(t.blobs_skipped for t in self.targets)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def normalize_version(version: str) -> str:
+    """ "0.22.0" (a leading "v" is dropped: the tag adds it); refuses what no tag can hold."""
+    text = version.strip()
+    if len(text) > 1 and text[0] in "vV" and text[1].isdigit():
+        text = text[1:]
+    if not text or not TAG_RE.fullmatch(f"v{text}"):
+        raise ConfigError(
+            f"invalid version {version!r}: letters, digits, '.', '_' and '-' only "
+            "(it becomes the tag v<version>)"
+        )
+    return text
+
+
+def normalize_created(created: str) -> str:
+    """RFC 3339 in UTC with a Z, the form the annotation and the payload carry."""
+    try:
+        moment = trust.parse_timestamp(created)
+    except ValueError:
+        raise ConfigError(f"created {created!r} is not an RFC 3339 timestamp") from None
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def now_created() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def load_keys(paths: Sequence[Path], password: bytes | None) -> tuple[trust.SigningKey, ...]:
+    if not paths:
+        raise ConfigError(
+            "no signing key given (--key FILE): clients refuse unsigned releases; "
+            "create one with `exec-sandbox-assets keygen`"
+        )
+    return tuple(trust.load_signing_key_file(Path(p), password) for p in paths)
+
+
+# --------------------------------------------------------------------------- blobs
+
+
+def prepare_blobs(inputs: ReleaseInputs, work_dir: Path, level: int) -> dict[str, Blob]:
+    """Catalog name -> blob file (compressed in `work_dir`, or the input as is)."""
+    out: dict[str, Blob] = {}
+    for item in inputs.files:
+        out[item.spec.name] = _prepare_one(item, work_dir / "compressed", level)
+    return out
+
+
+def _prepare_one(item: InputFile, dest_dir: Path, level: int) -> Blob:
+    spec = item.spec
+    if not spec.compressed:
+        return raw_blob(item.path)
+    if item.precompressed:
+        return inspect_zst(item.path)
+    log.info("compressing %s (zstd level %d)", item.path, level)
+    return compress_cached(item.path, dest_dir / spec.name, level)
+
+
+def build_documents(
+    inputs: ReleaseInputs, blobs: Mapping[str, Blob], info: ReleaseInfo
+) -> BuiltRelease:
+    by_platform: dict[tuple[str, str], list[LayerFile]] = {}
+    for os_, goarch in inputs.platforms:
+        by_platform[(os_, goarch)] = [
+            LayerFile(
+                f.spec,
+                blobs[f.spec.name].digest,
+                blobs[f.spec.name].size,
+                blobs[f.spec.name].content_digest,
+                blobs[f.spec.name].content_size,
+            )
+            for f in inputs.for_platform(os_, goarch)
+        ]
+    return build_release(by_platform, info)
+
+
+# --------------------------------------------------------------------------- targets
+
+
+def _existing_created(targets: Sequence[Target], tag: str) -> str | None:
+    for target in targets:
+        data = target.read_manifest(tag)
+        if data is None:
+            continue
+        try:
+            created = Index.from_bytes(data, f"{target.name}:{tag}").annotations.get(
+                catalog.ANN_CREATED
+            )
+        except FormatError as exc:
+            log.warning("%s:%s is not a release index: %s", target.name, tag, exc)
+            continue
+        if created:
+            log.info("reusing created %s of %s:%s", created, target.name, tag)
+            return normalize_created(created)
+    return None
+
+
+def _check_no_conflict(targets: Sequence[Target], tag: str, index_digest: str) -> None:
+    for target in targets:
+        data = target.read_manifest(tag)
+        if data is None or sha256_digest(data) == index_digest:
+            continue
+        raise ConfigError(
+            f"{target.name}:{tag} already points at index {sha256_digest(data)}, and this "
+            f"publish would make {index_digest} (different files, revision or created); "
+            "refusing to move a release tag: publish a new version, or pass --replace"
+        )
+
+
+def _verified_signature(
+    target: Target,
+    index_digest: str,
+    keys: Sequence[trust.SigningKey],
+    version: str,
+    created: str,
+) -> trust.SignatureManifest:
+    """Read the signature of `index_digest` back from `target` and check that every
+    key signed this release; raises SignatureError otherwise."""
+    where = f"{target.name}:{signature_tag(index_digest)}"
+    data = target.read_manifest(signature_tag(index_digest))
+    if data is None:
+        raise SignatureError(f"{where}: no signature manifest")
+    manifest = Manifest.from_bytes(data, where)
+    payloads = tuple(target.read_blob(layer.digest, _MAX_PAYLOAD) for layer in manifest.layers)
+    by_digest = {sha256_digest(p): p for p in payloads}
+    signatures = [
+        (by_digest[layer.payload_digest], layer.signature)
+        for layer in trust.read_signature_manifest(data, where)
+    ]
+    for key in keys:
+        verified = trust.verify_index(
+            trust.TrustPolicy(keys=(key.public,)),
+            index_digest,
+            signatures,
+            expected_version=version,
+            newest_accepted_created=None,
+            where=where,
+        )
+        if verified.created != created:
+            raise SignatureError(
+                f"{where}: signed created {verified.created!r}, expected {created!r}"
+            )
+    config = target.read_blob(manifest.config.digest, _MAX_PAYLOAD)
+    return trust.SignatureManifest(data, config, payloads)
+
+
+def _reusable_signature(
+    targets: Sequence[Target],
+    index_digest: str,
+    keys: Sequence[trust.SigningKey],
+    version: str,
+    created: str,
+) -> trust.SignatureManifest | None:
+    for target in targets:
+        try:
+            sig = _verified_signature(target, index_digest, keys, version, created)
+        except (SignatureError, FormatError) as exc:
+            log.info("existing signature on %s not reused: %s", target.name, exc)
+            continue
+        log.info("reusing the existing signature on %s", target.name)
+        return sig
+    return None
+
+
+def push_release(
+    target: Target,
+    blobs: Sequence[Blob],
+    built: BuiltRelease,
+    signature: trust.SignatureManifest,
+    keys: Sequence[trust.SigningKey],
+    version: str,
+    created: str,
+    tags: Sequence[str],
+) -> None:
+    """SPEC.md section 2 order: blobs, manifests, index, signature, verify, tags."""
+    index_digest = sha256_digest(built.index)
+    for blob in blobs:
+        target.push_blob(blob.path, blob.digest, blob.size)
+    target.push_bytes(EMPTY_JSON, MEDIA_TYPE_EMPTY)
+    for data in built.manifests.values():
+        target.put_manifest(data, MEDIA_TYPE_MANIFEST, None)
+    target.put_manifest(built.index, MEDIA_TYPE_INDEX, None)
+    target.push_bytes(signature.config, MEDIA_TYPE_IMAGE_CONFIG)
+    for payload in signature.payloads:
+        target.push_bytes(payload, trust.SIMPLESIGNING_MEDIA_TYPE)
+    target.put_manifest(signature.manifest, MEDIA_TYPE_MANIFEST, signature_tag(index_digest))
+
+    # Read back before tagging: what clients will fetch must verify with our keys.
+    if target.read_manifest(index_digest) != built.index:
+        raise SignatureError(f"{target.name}: index {index_digest} reads back differently")
+    _verified_signature(target, index_digest, keys, version, created)
+    for tag in tags:
+        target.tag(built.index, MEDIA_TYPE_INDEX, tag)
+        log.info("tagged %s:%s -> %s", target.name, tag, index_digest)
+
+
+# --------------------------------------------------------------------------- publish
+
+
+def publish(req: PublishRequest) -> PublishResult:
+    version = normalize_version(req.version)
+    version_tag = f"v{version}"
+    check_level(req.level)
+    if not req.targets and req.release_dir is None:
+        raise ConfigError("nothing to publish to: give --to TARGET and/or --release-dir DIR")
+    created_arg = normalize_created(req.created) if req.created else None
+
+    keys = load_keys(req.keys, req.key_password)  # a wrong key fails before any upload
+    inputs = find_inputs(req.inputs, req.platforms)
+    req.work_dir.mkdir(parents=True, exist_ok=True)
+
+    options = RegistryOptions(req.username, req.password, req.ca_bundle)
+    targets: list[Target] = []
+    ok = False
+    try:
+        for text in dict.fromkeys(req.targets):
+            targets.append(open_target(text, req.work_dir, options))
+
+        blobs = prepare_blobs(inputs, req.work_dir, req.level)
+        created = created_arg or _existing_created(targets, version_tag) or now_created()
+        info = ReleaseInfo(version=version, created=created, revision=req.revision)
+        built = build_documents(inputs, blobs, info)
+        index_digest = sha256_digest(built.index)
+        if not req.replace:
+            _check_no_conflict(targets, version_tag, index_digest)
+
+        signature = _reusable_signature(targets, index_digest, keys, version, created)
+        if signature is None:
+            signature = trust.sign_index(keys, index_digest, req.docker_reference, version, created)
+
+        unique = list({b.digest: b for b in blobs.values()}.values())
+        tags = (version_tag, LATEST) if req.tag_latest else (version_tag,)
+        results: list[TargetResult] = []
+        for target in targets:
+            log.info("pushing %s to %s", index_digest, target.name)
+            push_release(target, unique, built, signature, keys, version, created, tags)
+            results.append(
+                TargetResult(
+                    target.name,
+                    target.stats.blobs_uploaded,
+                    target.stats.bytes_uploaded,
+                    target.stats.blobs_skipped,
+                    tags,
+                )
+            )
+
+        release_files: tuple[str, ...] = ()
+        if req.release_dir is not None:
+            layers = {name: blob.path for name, blob in blobs.items()}
+            release_files = write_release_dir(
+                req.release_dir, ReleaseFiles(layers, built.index, built.manifests, signature)
+            )
+        ok = True
+    finally:
+        errors: list[AssetError] = []
+        for target in targets:
+            try:
+                target.close(ok)
+            except AssetError as exc:
+                errors.append(exc)
+        if ok and errors:
+            raise errors[0]
+
+    return PublishResult(
+        version=version,
+        created=created,
+        index_digest=index_digest,
+        manifest_digests={p: sha256_digest(m) for p, m in built.manifests.items()},
+        signature_tag=signature_tag(index_digest),
+        signature_digest=sha256_digest(signature.manifest),
+        signers=len({k.public.key_id for k in keys}),
+        targets=tuple(results),
+        release_dir=req.release_dir,
+        release_files=release_files,
+    )
+
+
+__all__ = [
+    "LATEST",
+    "PublishRequest",
+    "PublishResult",
+    "TargetResult",
+    "build_documents",
+    "normalize_created",
+    "normalize_version",
+    "prepare_blobs",
+    "publish",
+    "push_release",
+]

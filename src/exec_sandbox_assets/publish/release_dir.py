@@ -1,0 +1,137 @@
+"""The GitHub Release asset folder (SPEC.md section 6).
+
+Every layer file under its title (byte-identical to its blob), the index and each
+platform manifest exactly as pushed, the signature manifest and its payloads, and a
+`SHA256SUMS` in `sha256sum` format over all of them. Each file is written to a temp
+name and renamed, so an interrupted run leaves whole files only; re-running with the
+same release rewrites identical bytes.
+
+The folder must hold nothing else: an upload step usually takes `DIR/*`, and a stale
+file of another release would ship with this one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from exec_sandbox_assets import catalog
+from exec_sandbox_assets.errors import ConfigError
+from exec_sandbox_assets.trust import SignatureManifest
+
+INDEX_FILE = "oci-index.json"
+SIGNATURE_FILE = "oci-signature.json"
+SUMS_FILE = "SHA256SUMS"
+_CHUNK = 1024 * 1024
+
+
+def manifest_file(os_: str, goarch: str) -> str:
+    """`oci-manifest-{os}-{arch}.json`, arch as the index names it (Go naming)."""
+    return f"oci-manifest-{os_}-{goarch}.json"
+
+
+def payload_file(n: int) -> str:
+    return f"oci-signature-payload-{n}.json"
+
+
+@dataclass(frozen=True)
+class ReleaseFiles:
+    """Everything the folder receives; `layers` maps title -> blob file."""
+
+    layers: Mapping[str, Path]
+    index: bytes
+    manifests: Mapping[tuple[str, str], bytes]
+    signature: SignatureManifest
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".tmp-{secrets.token_hex(6)}-{path.name}")
+
+
+def _write_bytes(path: Path, data: bytes) -> str:
+    tmp = _tmp(path)
+    try:
+        with tmp.open("xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _copy_file(src: Path, path: Path) -> str:
+    # A copy, not a link: the folder must not change if the work dir is reused.
+    hasher = hashlib.sha256()
+    tmp = _tmp(path)
+    try:
+        with src.open("rb") as fin, tmp.open("xb") as fout:
+            while chunk := fin.read(_CHUNK):
+                hasher.update(chunk)
+                fout.write(chunk)
+            fout.flush()
+            os.fsync(fout.fileno())
+        shutil.copymode(src, tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return hasher.hexdigest()
+
+
+def release_file_names(files: ReleaseFiles) -> list[str]:
+    names = [
+        *files.layers,
+        INDEX_FILE,
+        *(manifest_file(o, a) for o, a in files.manifests),
+        SIGNATURE_FILE,
+        *(payload_file(n) for n in range(len(files.signature.payloads))),
+    ]
+    for name in names:
+        catalog.check_title(name, "release folder")
+    return names
+
+
+def write_release_dir(dest: Path, files: ReleaseFiles) -> tuple[str, ...]:
+    """Write the folder; returns the file names written (SHA256SUMS last)."""
+    names = release_file_names(files)
+    dest.mkdir(parents=True, exist_ok=True)
+    expected = {*names, SUMS_FILE}
+    for leftover in dest.glob(".tmp-*"):  # ours, from an interrupted run
+        leftover.unlink()
+    stray = sorted(p.name for p in dest.iterdir() if p.name not in expected)
+    if stray:
+        raise ConfigError(
+            f"release folder {dest} holds files that are not part of this release: "
+            f"{', '.join(stray)}; use an empty folder"
+        )
+    sums: dict[str, str] = {}
+    for title, src in files.layers.items():
+        sums[title] = _copy_file(src, dest / title)
+    sums[INDEX_FILE] = _write_bytes(dest / INDEX_FILE, files.index)
+    for (os_, goarch), data in files.manifests.items():
+        sums[manifest_file(os_, goarch)] = _write_bytes(dest / manifest_file(os_, goarch), data)
+    sums[SIGNATURE_FILE] = _write_bytes(dest / SIGNATURE_FILE, files.signature.manifest)
+    for n, payload in enumerate(files.signature.payloads):
+        sums[payload_file(n)] = _write_bytes(dest / payload_file(n), payload)
+    # Two spaces = binary-agnostic text mode, what `sha256sum -c` reads everywhere.
+    text = "".join(f"{sums[name]}  {name}\n" for name in sorted(sums))
+    _write_bytes(dest / SUMS_FILE, text.encode())
+    return (*names, SUMS_FILE)
+
+
+__all__ = [
+    "INDEX_FILE",
+    "SIGNATURE_FILE",
+    "SUMS_FILE",
+    "ReleaseFiles",
+    "manifest_file",
+    "payload_file",
+    "release_file_names",
+    "write_release_dir",
+]
