@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import IO, Any, cast
 
@@ -19,9 +20,11 @@ import zstandard
 
 from exec_sandbox_assets import catalog, trust
 from exec_sandbox_assets.errors import (
+    AssetDownloadError,
     AuthError,
     ConfigError,
     SignatureError,
+    TransportError,
 )
 from exec_sandbox_assets.oci.layout import LayoutReader
 from exec_sandbox_assets.oci.model import (
@@ -423,7 +426,7 @@ _BAD_INPUTS = {
     "unreadable-key": (2, r"cannot read private key file"),
     "not-a-key": (2, r"signing needs the private key"),
     "wrong-password": (2, r"wrong password"),
-    "no-password": (2, r"password is required"),
+    "no-password": (2, r"encrypted and no password is available: set EXEC_SANDBOX_SIGNING"),
     "unreachable": (1, r"cannot reach registry 127\.0\.0\.1:\d+ .*Connection refused"),
 }
 
@@ -659,3 +662,85 @@ def test_compression_is_deterministic(tmp_path: Path) -> None:
     assert (tmp_path / "a.zst").read_bytes() == bytes(out)
     assert a.content_digest == "sha256:" + hashlib.sha256(data).hexdigest()
     assert inspect_zst(tmp_path / "a.zst") == a
+
+
+# --------------------------------------------------------------------------- failures, TLS, imports
+
+
+def test_failure_mid_push_leaves_no_tag_and_a_rerun_completes(
+    registry: RegistryServer,
+    fault_proxy: Any,
+    dist: Path,
+    key_files: tuple[Path, Path],
+    tmp_path: Path,
+    repo_name: str,
+) -> None:
+    proxy = fault_proxy(registry)
+    proxy.match_path = "/manifests/sha256:"  # every manifest PUT by digest, after the blobs
+    proxy.fail_first, proxy.fail_status, proxy.retry_after = 100, 503, "0"
+    target = (proxy.ref(repo_name),)
+    with pytest.raises(AssetDownloadError, match="503"):
+        publish(request(dist, key_files[0], target, tmp_path / "w"))
+    assert any(r.method == "PATCH" for r in proxy.requests)  # blobs went up
+    assert not tag_exists(registry, repo_name, TAG)
+
+    proxy.reset()
+    result = publish(request(dist, key_files[0], target, tmp_path / "w"))
+    assert result.blobs_uploaded == 2  # only the signature config and payload were left
+    assert tag_exists(registry, repo_name, TAG)
+
+
+def test_tls_registry_needs_its_ca(
+    tls_registry: RegistryServer,
+    dist: Path,
+    key_files: tuple[Path, Path],
+    tmp_path: Path,
+    repo_name: str,
+) -> None:
+    target = (f"{tls_registry.host}/{repo_name}",)  # no scheme: HTTPS
+    with pytest.raises(TransportError, match="--ca-bundle"):
+        publish(request(dist, key_files[0], target, tmp_path / "w"))
+    result = publish(
+        request(dist, key_files[0], target, tmp_path / "w", ca_bundle=tls_registry.ca_bundle)
+    )
+    assert result.blobs_uploaded > 0
+
+
+def test_publisher_stays_off_the_client_import_path() -> None:
+    code = (
+        "import sys, exec_sandbox_assets, exec_sandbox_assets.publish;"
+        "print(sorted(m for m in ('oras', 'requests') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    client = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, exec_sandbox_assets;print('exec_sandbox_assets.publish' in sys.modules)",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert client.stdout.strip() == "False"
+
+
+def test_default_platforms_follow_the_gvproxy_builds(
+    tmp_path: Path, key_files: tuple[Path, Path]
+) -> None:
+    dist = make_sample_inputs(tmp_path / "dist", oses=("linux", "darwin"), size=8 * 1024)
+    (dist / "gvproxy-wrapper-darwin-amd64").unlink()  # not built: not published
+    layout = tmp_path / "layout"
+    result = publish(
+        request(dist, key_files[0], (f"oci:{layout}",), tmp_path / "w", platforms=None)
+    )
+    assert list(result.manifest_digests) == [
+        ("linux", "amd64"),
+        ("linux", "arm64"),
+        ("darwin", "arm64"),
+    ]
+    # darwin/arm64 shares the aarch64 VM files: stored once.
+    vm_files = 6 + 5  # x86_64 (with vmlinux) + aarch64
+    gvproxies = 3
+    assert result.blobs_uploaded == vm_files + gvproxies + 3  # + empty, sig config, payload

@@ -132,9 +132,15 @@ def key_password(keys: Sequence[Path]) -> bytes | None:
     env = os.environ.get(KEY_PASSWORD_ENV)
     if env is not None:
         return env.encode()
-    if any(_key_is_encrypted(k) for k in keys) and sys.stdin.isatty():
+    encrypted = [k for k in keys if _key_is_encrypted(k)]
+    if not encrypted:
+        return None
+    if sys.stdin.isatty():
         return getpass.getpass("signing key password: ").encode()
-    return None
+    raise ConfigError(
+        f"{encrypted[0]}: the private key is encrypted and no password is available: "
+        f"set {KEY_PASSWORD_ENV} (or run on a terminal to be prompted)"
+    )
 
 
 def _parse_platforms(values: Sequence[str] | None) -> tuple[tuple[str, str], ...] | None:

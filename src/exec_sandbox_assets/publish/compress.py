@@ -249,6 +249,7 @@ def compress_cached(src: Path, dest: Path, level: int) -> Blob:
             )
             return Blob(dest, record.digest, record.size, source_digest, source_size)
     _sidecar(dest).unlink(missing_ok=True)
+    log.info("compressing %s (zstd level %d)", src, level)
     blob = compress_file(src, dest, level)
     record = _CacheRecord(
         blob.content_digest,

@@ -24,7 +24,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from exec_sandbox_assets import catalog, trust
-from exec_sandbox_assets.errors import AssetError, ConfigError, FormatError, SignatureError
+from exec_sandbox_assets.errors import (
+    AssetError,
+    AssetNotFoundError,
+    ConfigError,
+    FormatError,
+    SignatureError,
+    TrustError,
+)
 from exec_sandbox_assets.oci.model import (
     EMPTY_JSON,
     MEDIA_TYPE_EMPTY,
@@ -167,7 +174,6 @@ def _prepare_one(item: InputFile, dest_dir: Path, level: int) -> Blob:
         return raw_blob(item.path)
     if item.precompressed:
         return inspect_zst(item.path)
-    log.info("compressing %s (zstd level %d)", item.path, level)
     return compress_cached(item.path, dest_dir / spec.name, level)
 
 
@@ -205,8 +211,9 @@ def _existing_created(targets: Sequence[Target], tag: str) -> str | None:
             log.warning("%s:%s is not a release index: %s", target.name, tag, exc)
             continue
         if created:
+            normalize_created(created)  # valid RFC 3339, else ConfigError
             log.info("reusing created %s of %s:%s", created, target.name, tag)
-            return normalize_created(created)
+            return created  # verbatim: any rewrite would change the index digest
     return None
 
 
@@ -269,8 +276,9 @@ def _reusable_signature(
     for target in targets:
         try:
             sig = _verified_signature(target, index_digest, keys, version, created)
-        except (SignatureError, FormatError) as exc:
-            log.info("existing signature on %s not reused: %s", target.name, exc)
+        except (TrustError, FormatError, AssetNotFoundError) as exc:
+            # Missing, foreign or stale: sign afresh (transport errors still stop us).
+            log.debug("existing signature on %s not reused: %s", target.name, exc)
             continue
         log.info("reusing the existing signature on %s", target.name)
         return sig

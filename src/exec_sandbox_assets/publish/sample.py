@@ -99,3 +99,27 @@ def make_sample_inputs(
 
 
 __all__ = ["DEFAULT_SIZE", "make_sample_inputs", "sample_bytes", "sample_specs"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m exec_sandbox_assets.publish.sample DIR`: write a sample build output."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m exec_sandbox_assets.publish.sample",
+        description="Write a small synthetic build output (for demos and tests).",
+    )
+    parser.add_argument("dest", type=Path)
+    parser.add_argument("--arch", action="append", choices=catalog.ARCHES)
+    parser.add_argument("--os", action="append", choices=catalog.OSES)
+    parser.add_argument("--size", type=int, default=DEFAULT_SIZE, help="bytes per file")
+    args = parser.parse_args(argv)
+    dest = make_sample_inputs(
+        args.dest, tuple(args.arch or catalog.ARCHES), tuple(args.os or ("linux",)), args.size
+    )
+    print(dest)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
