@@ -227,7 +227,11 @@ class RegistryTarget:
             type(self._client).do_request, "__wrapped__", type(self._client).do_request
         )
         self._client.do_request = self._request
-        self._check_push_access()
+        try:
+            self._check_push_access()
+        except BaseException:
+            self._client.session.close()
+            raise
 
     # -- connection ------------------------------------------------------------
 
