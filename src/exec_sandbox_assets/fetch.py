@@ -42,6 +42,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FLOATING_REF_PREFIX = "tag-"
+# A blob body that broke off after making progress is resumed from the same source this
+# many times (with exponential backoff) before the next source is tried.
+MAX_RESUMES = 4
+RESUME_BASE_DELAY = 0.1
+RESUME_MAX_DELAY = 2.0
 TRUST_STATE_PREFIX = "trust-"
 
 
@@ -280,7 +285,7 @@ class AssetClient:
             attempts: list[Attempt] = []
             for source in _prefer(sources, part.release.source):
                 try:
-                    path = await self.store.ensure(out, source.opener(layer), cb)
+                    path = await self._ensure_resuming(out, source, layer, cb)
                 except TransportError as exc:
                     log.warning(
                         "blob download failed, trying next source",
@@ -292,6 +297,36 @@ class AssetClient:
                     progress.finish(layer.output_name)
                 return path
         raise AllSourcesFailedError(spec.name, attempts)
+
+    async def _ensure_resuming(
+        self,
+        out: OutputSpec,
+        source: Source,
+        layer: AssetLayer,
+        cb: Callable[[int], None] | None,
+    ) -> Path:
+        """`store.ensure` from one source. A body that broke off after adding bytes to the
+        partial is resumed from the same source (bounded, with backoff): moving on to the
+        next source, or failing, would waste what this one just sent."""
+        opener = source.opener(layer)
+        for resume in range(MAX_RESUMES + 1):
+            before = self.store.partial_size(layer.digest)
+            try:
+                return await self.store.ensure(out, opener, cb)
+            except TransportError as exc:
+                got = self.store.partial_size(layer.digest)
+                if got <= before or resume == MAX_RESUMES:
+                    raise
+                delay = min(RESUME_MAX_DELAY, RESUME_BASE_DELAY * 2**resume)
+                log.info(
+                    "download broke off at %d of %d bytes; resuming from the same source in %.2fs",
+                    got,
+                    layer.size,
+                    delay,
+                    extra={"source": source.name, "asset": layer.title, "error": str(exc)},
+                )
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
 
     async def platform_release(
         self, sources: Sequence[Source], platform: tuple[str, str]

@@ -435,6 +435,14 @@ class Store:
         path = self.root / "locks" / f"blob-{algo}-{hexpart}.lock"
         return FileLock(path, timeout=self.lock_timeout if timeout is None else timeout)
 
+    def partial_size(self, digest: str) -> int:
+        """Bytes of `digest` downloaded so far (0 without a partial): where a resume starts."""
+        blob = self._blob_path(digest)
+        try:
+            return blob.with_name(blob.name + ".partial").stat().st_size
+        except FileNotFoundError:
+            return 0
+
     # -- warm path ------------------------------------------------------------------------
 
     def lookup(self, version: str, name: str, *, content_digest: str | None = None) -> Path | None:
