@@ -106,6 +106,22 @@ def build_release(
     return BuiltRelease(index.to_bytes(), manifests)
 
 
+# GitHub Release file names (SPEC.md section 6), written by the publisher's release
+# folder and read by the client's releases source.
+RELEASE_INDEX_FILE = "oci-index.json"
+RELEASE_SIGNATURE_FILE = "oci-signature.json"
+
+
+def release_manifest_file(os_: str, goarch: str) -> str:
+    """`oci-manifest-{os}-{arch}.json`, arch as the index names it (Go naming)."""
+    return f"oci-manifest-{os_}-{goarch}.json"
+
+
+def release_payload_file(n: int) -> str:
+    """The payload of the n-th layer (from 0) of the signature manifest."""
+    return f"oci-signature-payload-{n}.json"
+
+
 @dataclass(frozen=True)
 class AssetLayer:
     """A layer of a verified platform manifest, with its signed annotations checked."""

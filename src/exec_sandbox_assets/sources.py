@@ -2,7 +2,8 @@
 
 Every source implements a few transport methods (`_index`, `_manifest`, ...); the base
 class is the one place that caps sizes and checks digests, so no source can hand back
-unverified bytes. Which sources are tried, and in what order, is decided in `fetch`.
+unverified bytes. Which sources are tried, and in what order, is decided in `fetch`;
+which sources exist for a configuration, in `build_sources`.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
@@ -17,18 +19,33 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from exec_sandbox_assets import catalog
-from exec_sandbox_assets.config import Settings
-from exec_sandbox_assets.errors import AssetNotFoundError, SignatureError, SizeLimitError
+from exec_sandbox_assets.config import LATEST, Settings
+from exec_sandbox_assets.errors import (
+    AssetNotFoundError,
+    FormatError,
+    SignatureError,
+    SizeLimitError,
+)
 from exec_sandbox_assets.oci.model import (
     MAX_MANIFEST_SIZE,
     Descriptor,
+    Index,
+    Manifest,
+    sha256_digest,
     signature_tag,
     verify_bytes,
 )
-from exec_sandbox_assets.release import AssetLayer
+from exec_sandbox_assets.release import (
+    RELEASE_INDEX_FILE,
+    RELEASE_SIGNATURE_FILE,
+    AssetLayer,
+    release_manifest_file,
+    release_payload_file,
+)
 from exec_sandbox_assets.trust import SignatureLayer
 
 if TYPE_CHECKING:  # the registry stack imports httpx, which a warm boot never needs
+    from exec_sandbox_assets.oci.http import HttpCore
     from exec_sandbox_assets.oci.layout import LayoutReader
     from exec_sandbox_assets.oci.registry import RegistryClient
 
@@ -37,6 +54,8 @@ MAX_PAYLOAD_SIZE = 64 * 1024
 CHUNK = 1024 * 1024
 
 BlobOpener = Callable[[int], AbstractAsyncContextManager[AsyncIterator[bytes]]]
+
+log = logging.getLogger(__name__)
 
 
 class Source(ABC):
@@ -85,6 +104,20 @@ class Source(ABC):
         """Open the layer's blob from a byte offset; the store hashes and caps it."""
         return lambda offset: self._open(layer, offset)
 
+    async def small_blob(self, desc: Descriptor, cap: int = MAX_MANIFEST_SIZE) -> bytes:
+        """A small blob a verified manifest names (a config), verified against `desc`.
+
+        Readers never need configs; `mirror` copies them verbatim."""
+        if desc.size > cap:
+            raise SizeLimitError(f"{self.name}: blob {desc.digest} is {desc.size} bytes")
+        data = await self._small_blob(desc, cap)
+        return verify_bytes(data, desc.digest, f"blob {desc.digest}", self.name)
+
+    async def _small_blob(self, desc: Descriptor, cap: int) -> bytes:
+        raise AssetNotFoundError(
+            f"{self.name}: cannot serve blob {desc.digest} ({desc.media_type})"
+        )
+
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         pass
 
@@ -132,6 +165,9 @@ class RegistrySource(Source):
     async def _payload(self, layer: SignatureLayer, n: int) -> bytes:
         return await self._client.get_blob(layer.payload_digest, MAX_PAYLOAD_SIZE)
 
+    async def _small_blob(self, desc: Descriptor, cap: int) -> bytes:
+        return await self._client.get_blob(desc.digest, cap)
+
     @contextlib.asynccontextmanager
     async def _open(self, layer: AssetLayer, offset: int) -> AsyncIterator[AsyncIterator[bytes]]:
         async with self._client.open_blob(layer.digest, offset) as stream:
@@ -177,6 +213,10 @@ class LayoutSource(Source):
         reader = await self._open_reader()
         return await asyncio.to_thread(reader.read_blob, layer.payload_digest, MAX_PAYLOAD_SIZE)
 
+    async def _small_blob(self, desc: Descriptor, cap: int) -> bytes:
+        reader = await self._open_reader()
+        return await asyncio.to_thread(reader.read_blob, desc.digest, cap)
+
     @contextlib.asynccontextmanager
     async def _open(self, layer: AssetLayer, offset: int) -> AsyncIterator[AsyncIterator[bytes]]:
         reader = await self._open_reader()
@@ -190,6 +230,128 @@ class LayoutSource(Source):
         if self._reader is not None:
             self._reader.close()
             self._reader = None
+
+
+class ReleasesSource(Source):
+    """A GitHub Release download base (SPEC.md section 6): `{base}/vV/{name}`.
+
+    The release folder holds the same bytes as the registry: `oci-index.json`,
+    `oci-manifest-{os}-{arch}.json` (found by the platform of the index entry),
+    `oci-signature.json` with `oci-signature-payload-{n}.json`, and every layer under
+    its title. Nothing here is trusted for where it came from: the base class and the
+    store verify all of it exactly as for a registry (signature over the index bytes,
+    manifest digests, blob digests). Redirects are followed (GitHub answers 302 to its
+    CDN), blob reads resume with `Range`, and transient failures are retried by the
+    shared HTTP core.
+
+    `latest` reads the index from `{releases}/latest/download/oci-index.json` (the base
+    with its trailing `/download` replaced by `/latest/download`; a base without
+    `/download` uses `{base}/latest/`). The rest of that release is then read from its
+    own `vV` folder, named by the index's version annotation, so a release published
+    between two requests cannot mix two releases' files (the digest checks would refuse
+    the mix anyway, but as a trust error).
+    """
+
+    def __init__(self, http: HttpCore, base: str, default_tag: str = LATEST) -> None:
+        self._http = http
+        self.base = base.rstrip("/")
+        self.name = f"releases {self.base}"
+        self.key = f"releases-{hashlib.sha256(self.base.encode()).hexdigest()[:16]}"
+        self._default_tag = default_tag
+        # Which release folder a digest was named by, and the platform of a manifest
+        # digest: routing only (the bytes are verified whatever folder they came from).
+        self._folders: dict[str, str] = {}
+        self._platforms: dict[str, tuple[str, str]] = {}
+        self._payload_numbers: dict[str, int] = {}
+
+    def folder(self, tag: str) -> str:
+        """The URL of the folder holding release `tag` (`vV` or `latest`)."""
+        if not catalog.is_valid_title(tag):
+            raise AssetNotFoundError(f"{self.name}: invalid release tag {tag!r}")
+        if tag == LATEST:
+            return latest_download_url(self.base)
+        return f"{self.base}/{tag}"
+
+    def _folder_of(self, digest: str) -> str:
+        return self._folders.get(digest) or self.folder(self._default_tag)
+
+    async def _get(self, url: str, cap: int) -> bytes:
+        from exec_sandbox_assets.oci.http import IDENTITY
+
+        _response, data = await self._http.read("GET", url, IDENTITY, cap, raw=False)
+        return data
+
+    async def _index(self, tag: str) -> bytes:
+        folder = self.folder(tag)
+        data = await self._get(f"{folder}/{RELEASE_INDEX_FILE}", MAX_MANIFEST_SIZE)
+        try:
+            index = Index.from_bytes(data, f"{folder}/{RELEASE_INDEX_FILE}")
+        except FormatError:
+            return data  # the caller parses it again and reports the error
+        if tag == LATEST:
+            version = index.annotations.get(catalog.ANN_VERSION, "").removeprefix("v")
+            if version and catalog.is_valid_title(f"v{version}"):
+                folder = self.folder(f"v{version}")
+        self._folders[sha256_digest(data)] = folder
+        for desc in index.manifests:
+            self._folders[desc.digest] = folder
+            if desc.platform is not None:
+                self._platforms[desc.digest] = (desc.platform.os, desc.platform.architecture)
+        return data
+
+    async def _manifest(self, desc: Descriptor) -> bytes:
+        platform = (
+            (desc.platform.os, desc.platform.architecture)
+            if desc.platform is not None
+            else self._platforms.get(desc.digest)
+        )
+        if platform is None:
+            raise AssetNotFoundError(
+                f"{self.name}: manifest {desc.digest} has no platform in the index, so no "
+                "release file name"
+            )
+        name = release_manifest_file(*platform)
+        if not catalog.is_valid_title(name):
+            raise AssetNotFoundError(f"{self.name}: no release file for platform {platform}")
+        folder = self._folder_of(desc.digest)
+        data = await self._get(f"{folder}/{name}", MAX_MANIFEST_SIZE)
+        if sha256_digest(data) == desc.digest:  # route its layers; the base class verifies
+            with contextlib.suppress(FormatError):
+                for layer in Manifest.from_bytes(data, name).layers:
+                    self._folders.setdefault(layer.digest, folder)
+        return data
+
+    async def _signature(self, index_digest: str) -> bytes:
+        folder = self._folder_of(index_digest)
+        data = await self._get(f"{folder}/{RELEASE_SIGNATURE_FILE}", MAX_MANIFEST_SIZE)
+        with contextlib.suppress(FormatError):
+            for n, layer in enumerate(Manifest.from_bytes(data, RELEASE_SIGNATURE_FILE).layers):
+                self._folders.setdefault(layer.digest, folder)
+                self._payload_numbers.setdefault(layer.digest, n)
+        return data
+
+    async def _payload(self, layer: SignatureLayer, n: int) -> bytes:
+        # n counts signature layers; the file is numbered by the layer's manifest position.
+        number = self._payload_numbers.get(layer.payload_digest, n)
+        folder = self._folder_of(layer.payload_digest)
+        return await self._get(f"{folder}/{release_payload_file(number)}", MAX_PAYLOAD_SIZE)
+
+    @contextlib.asynccontextmanager
+    async def _open(self, layer: AssetLayer, offset: int) -> AsyncIterator[AsyncIterator[bytes]]:
+        url = f"{self._folder_of(layer.digest)}/{catalog.check_title(layer.title)}"
+        async with self._http.open_stream(url, offset) as stream:
+            yield _skip(stream.chunks(), offset - stream.offset)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+
+def latest_download_url(base: str) -> str:
+    """`.../releases/download` -> `.../releases/latest/download` (GitHub's `latest` URL)."""
+    base = base.rstrip("/")
+    if base.endswith("/download"):
+        return base[: -len("/download")] + "/latest/download"
+    return f"{base}/{LATEST}"
 
 
 async def _read_chunks(read: Callable[[int], bytes]) -> AsyncIterator[bytes]:
@@ -208,27 +370,55 @@ async def _skip(chunks: AsyncIterator[bytes], count: int) -> AsyncIterator[bytes
 
 
 def build_sources(settings: Settings) -> list[Source]:
-    """The remote steps of SPEC.md section 7, in order: mirrors, then the default repository.
+    """The remote steps of SPEC.md section 7, in order: mirrors, then the default
+    repository, then GitHub Releases.
 
-    Offline keeps only `oci:`/`oci-archive:` layouts (they are on this machine);
-    air-gapped drops the public default repository.
+    Offline keeps only `oci:`/`oci-archive:` layouts (they are on this machine).
+    Air-gapped (`EXEC_SANDBOX_AIRGAP=1`) never contacts the public defaults: every
+    registry source on ghcr.io and every releases base on github.com is dropped, the
+    default repository and the default releases base included, whoever configured them.
     """
     from exec_sandbox_assets.oci.auth import load_docker_credentials
+    from exec_sandbox_assets.oci.http import HttpCore
     from exec_sandbox_assets.oci.reference import LayoutRef, parse_source_ref
     from exec_sandbox_assets.oci.registry import RegistryClient
 
-    entries = list(settings.mirrors)
-    if not settings.offline and not (
-        settings.airgap and settings.registry == catalog.DEFAULT_REPOSITORY
-    ):
-        entries.append(settings.registry)
+    entries = [*settings.mirrors, settings.registry]
     sources: list[Source] = []
     for text in dict.fromkeys(entries):  # ordered, without duplicates
         ref = parse_source_ref(text)
         if isinstance(ref, LayoutRef):
             sources.append(LayoutSource(ref.path, ref.kind == "oci-archive", text))
-        elif not settings.offline:
+        elif settings.offline:
+            continue
+        elif settings.airgap and _is_public_host(ref.host, _PUBLIC_REGISTRY_HOSTS):
+            log.info("air-gapped: not using %s", text, extra={"source": text})
+        else:
             credentials = load_docker_credentials(ref.host, settings.docker_config)
             client = RegistryClient(ref, credentials=credentials, ca_bundle=settings.ca_bundle)
             sources.append(RegistrySource(client, text))
+    releases = settings.releases_url
+    if settings.offline or not releases:
+        pass
+    elif settings.airgap and _is_public_host(_url_host(releases), _PUBLIC_RELEASE_HOSTS):
+        log.info("air-gapped: not using %s", releases, extra={"source": releases})
+    else:
+        http = HttpCore(peer="release server", ca_bundle=settings.ca_bundle)
+        sources.append(ReleasesSource(http, releases, settings.tag))
     return sources
+
+
+# What EXEC_SANDBOX_AIRGAP keeps the client away from (subdomains included).
+_PUBLIC_REGISTRY_HOSTS = ("ghcr.io",)
+_PUBLIC_RELEASE_HOSTS = ("github.com", "githubusercontent.com")
+
+
+def _url_host(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    return (urlsplit(url).hostname or "").lower()
+
+
+def _is_public_host(host: str, publics: tuple[str, ...]) -> bool:
+    name = host.lower().rsplit(":", 1)[0] if host.count(":") == 1 else host.lower()
+    return any(name == p or name.endswith(f".{p}") for p in publics)
