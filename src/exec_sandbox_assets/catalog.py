@@ -6,7 +6,7 @@ and media type from here, so they cannot disagree.
 
 from __future__ import annotations
 
-import platform as _platform
+import os
 import re
 from dataclasses import dataclass
 from enum import StrEnum
@@ -188,7 +188,7 @@ def spec_for_name(name: str) -> AssetSpec | None:
 
 
 def host_os() -> str:
-    system = _platform.system().lower()
+    system = os.uname().sysname.lower()  # os.uname: `platform` costs ms to import
     if system not in OSES:
         raise ConfigError(f"unsupported host OS {system!r}: expected linux or darwin")
     return system
@@ -196,7 +196,7 @@ def host_os() -> str:
 
 def host_arch() -> str:
     """The host CPU in VM naming (x86_64/aarch64)."""
-    machine = _platform.machine().lower()
+    machine = os.uname().machine.lower()
     arch = {"amd64": "x86_64", "x86_64": "x86_64", "arm64": "aarch64", "aarch64": "aarch64"}
     if machine not in arch:
         raise ConfigError(f"unsupported host CPU {machine!r}: expected x86_64 or aarch64")
