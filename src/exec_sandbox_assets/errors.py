@@ -106,6 +106,7 @@ class Attempt:
 
     source: str
     error: str
+    not_found: bool = False  # the source answered that it does not have it (404, no tag)
 
 
 class AllSourcesFailedError(AssetDownloadError):
@@ -116,6 +117,11 @@ class AllSourcesFailedError(AssetDownloadError):
         self.attempts = tuple(attempts)
         lines = "\n".join(f"  - {a.source}: {a.error}" for a in self.attempts)
         super().__init__(f"could not fetch {what}; tried:\n{lines}")
+
+    @property
+    def not_found(self) -> bool:
+        """True when every source said it does not have it (rather than failing)."""
+        return bool(self.attempts) and all(a.not_found for a in self.attempts)
 
 
 class AssetsNotFoundLocally(FileNotFoundError, AssetError):

@@ -291,7 +291,9 @@ class AssetClient:
                         "blob download failed, trying next source",
                         extra={"source": source.name, "asset": spec.name, "error": str(exc)},
                     )
-                    attempts.append(Attempt(source.name, str(exc)))
+                    attempts.append(
+                        Attempt(source.name, str(exc), isinstance(exc, AssetNotFoundError))
+                    )
                     continue
                 if progress is not None:
                     progress.finish(layer.output_name)
@@ -345,7 +347,7 @@ class AssetClient:
                     "source failed, trying the next one",
                     extra={"source": source.name, "tag": tag, "error": str(exc)},
                 )
-                attempts.append(Attempt(source.name, str(exc)))
+                attempts.append(Attempt(source.name, str(exc), isinstance(exc, AssetNotFoundError)))
                 continue
             self._platforms[cache_key] = part
             return part
