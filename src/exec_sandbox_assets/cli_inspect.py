@@ -1,0 +1,287 @@
+"""`inspect REF`: what a release reference holds, and whether its signature verifies.
+
+Reads through the same `Source` classes the client uses (sizes capped, digests checked),
+but reports instead of failing: an unsigned or untrusted release is shown as such, and
+only `--require-signature` turns that into exit code 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from exec_sandbox_assets import catalog, trust
+from exec_sandbox_assets.cli_output import (
+    EXIT_OK,
+    EXIT_TRUST,
+    emit_json,
+    err,
+    human_size,
+    out,
+    short_digest,
+    table,
+)
+from exec_sandbox_assets.config import Settings
+from exec_sandbox_assets.errors import ConfigError, FormatError, SignatureError, TrustError
+from exec_sandbox_assets.sources import LayoutSource, RegistrySource, Source
+
+
+@dataclass
+class InspectReport:
+    ref: str
+    source: str
+    reference: str
+    digest: str = ""
+    media_type: str = ""
+    size: int = 0
+    annotations: dict[str, str] = field(default_factory=dict)
+    platforms: list[dict[str, Any]] = field(default_factory=list)
+    signature: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def verified(self) -> bool:
+        return bool(self.signature.get("verified"))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ref": self.ref,
+            "source": self.source,
+            "reference": self.reference,
+            "digest": self.digest,
+            "media_type": self.media_type,
+            "size": self.size,
+            "version": self.annotations.get(catalog.ANN_VERSION),
+            "created": self.annotations.get(catalog.ANN_CREATED),
+            "annotations": self.annotations,
+            "platforms": self.platforms,
+            "signature": self.signature,
+        }
+
+
+def open_source(text: str, settings: Settings) -> tuple[Source, str | None]:
+    """The source a reference names, and the tag or digest it pins (if any)."""
+    from exec_sandbox_assets.oci.reference import LayoutRef, parse_source_ref
+
+    ref = parse_source_ref(text)
+    if isinstance(ref, LayoutRef):
+        return LayoutSource(ref.path, ref.kind == "oci-archive", text), ref.tag
+    if settings.offline:
+        raise ConfigError(
+            f"{text}: offline mode allows only local references (oci:DIR, oci-archive:FILE)"
+        )
+    from exec_sandbox_assets.oci.auth import load_docker_credentials
+    from exec_sandbox_assets.oci.registry import RegistryClient
+
+    credentials = load_docker_credentials(ref.host, settings.docker_config)
+    client = RegistryClient(ref, credentials=credentials, ca_bundle=settings.ca_bundle)
+    return RegistrySource(client, text), ref.reference
+
+
+def _layer_json(desc: Any, where: str) -> dict[str, Any]:
+    from exec_sandbox_assets.release import read_asset_layer
+
+    try:
+        layer = read_asset_layer(desc, where)
+    except FormatError as exc:
+        return {
+            "title": desc.title,
+            "media_type": desc.media_type,
+            "digest": desc.digest,
+            "size": desc.size,
+            "error": str(exc),
+        }
+    return {
+        "title": layer.title,
+        "kind": layer.kind.value,
+        "arch": layer.arch,
+        "language": layer.language.value if layer.language else None,
+        "media_type": layer.media_type,
+        "digest": layer.digest,
+        "size": layer.size,
+        "content_digest": layer.content_digest,
+        "content_size": layer.content_size,
+    }
+
+
+async def _platforms(source: Source, index: Any) -> list[dict[str, Any]]:
+    from exec_sandbox_assets.oci.model import Manifest
+
+    found = []
+    for desc in index.manifests:
+        where = f"{source.name} manifest {desc.digest}"
+        data = await source.manifest(desc)
+        manifest = Manifest.from_bytes(data, where)
+        found.append(
+            {
+                "platform": str(desc.platform) if desc.platform else None,
+                "digest": desc.digest,
+                "size": desc.size,
+                "files": [_layer_json(layer, where) for layer in manifest.layers],
+            }
+        )
+    return found
+
+
+async def _signature(
+    source: Source, digest: str, keys: tuple[trust.PublicKey, ...], settings: Settings, tag: str
+) -> dict[str, Any]:
+    from exec_sandbox_assets.oci.model import signature_tag
+
+    report: dict[str, Any] = {
+        "tag": signature_tag(digest),
+        "present": False,
+        "entries": [],
+        "trusted_keys": [k.describe() for k in keys],
+        "threshold": settings.threshold,
+        "verified": False,
+        "verified_by": [],
+        "error": None,
+    }
+    try:
+        data = await source.signature(digest)
+    except SignatureError as exc:
+        report["error"] = str(exc)
+        return report
+    report["present"] = True
+    layers = trust.read_signature_manifest(data, f"{source.name} signature")
+    pairs = []
+    for n, layer in enumerate(layers):
+        payload = await source.payload(layer, n)
+        pairs.append((payload, layer.signature))
+        entry: dict[str, Any] = {
+            "payload_digest": layer.payload_digest,
+            "signed_by": [k.key_id for k in keys if k.verify(layer.signature, payload)],
+        }
+        try:
+            parsed = trust.parse_payload(payload, f"{source.name} signature {n}")
+        except FormatError as exc:
+            entry["error"] = str(exc)
+        else:
+            entry.update(
+                signed_digest=parsed.digest,
+                matches_index=parsed.digest == digest,
+                version=parsed.version,
+                created=parsed.created,
+                docker_reference=parsed.docker_reference,
+            )
+        report["entries"].append(entry)
+    expected = tag[1:] if tag.startswith("v") and catalog.is_valid_title(tag[1:]) else None
+    try:
+        policy = trust.TrustPolicy(keys=keys, threshold=settings.threshold)
+        result = trust.verify_index(
+            policy,
+            digest,
+            pairs,
+            expected_version=expected,
+            newest_accepted_created=None,
+            where=source.name,
+        )
+    except (TrustError, ConfigError) as exc:
+        report["error"] = str(exc)
+    else:
+        report["verified"] = True
+        report["verified_by"] = list(result.key_ids)
+    return report
+
+
+async def inspect_ref(text: str, settings: Settings) -> InspectReport:
+    from exec_sandbox_assets.oci.model import (
+        INDEX_MEDIA_TYPES,
+        Descriptor,
+        Index,
+        media_type_of,
+        sha256_digest,
+    )
+
+    keys = tuple(trust.load_public_key_file(p) for p in settings.trusted_keys)
+    source, pinned = open_source(text, settings)
+    reference = pinned or settings.tag
+    try:
+        data = await source.index(reference)
+        digest = sha256_digest(data)
+        media_type = media_type_of(data, source.name)
+        report = InspectReport(text, source.name, reference, digest, media_type, len(data))
+        if media_type in INDEX_MEDIA_TYPES:
+            index = Index.from_bytes(data, f"{source.name} {reference}")
+            report.annotations = dict(index.annotations)
+        else:
+            # A single manifest: show it as a one-platform release.
+            from exec_sandbox_assets.oci.model import Manifest
+
+            manifest = Manifest.from_bytes(data, f"{source.name} {reference}")
+            report.annotations = dict(manifest.annotations)
+            index = Index((Descriptor(media_type, digest, len(data)),))
+        report.platforms = await _platforms(source, index)
+        report.signature = await _signature(source, digest, keys, settings, reference)
+    finally:
+        await source.aclose()
+    return report
+
+
+def print_report(report: InspectReport) -> None:
+    out(f"{report.ref}")
+    out(f"  digest     {report.digest} ({report.media_type}, {report.size} bytes)")
+    ann = report.annotations
+    for label, key in (
+        ("version", catalog.ANN_VERSION),
+        ("created", catalog.ANN_CREATED),
+        ("source", catalog.ANN_SOURCE),
+        ("revision", catalog.ANN_REVISION),
+    ):
+        if key in ann:
+            out(f"  {label:<10} {ann[key]}")
+    for p in report.platforms:
+        files = p["files"]
+        size = sum(int(f["size"]) for f in files)
+        content = sum(int(f.get("content_size") or f["size"]) for f in files)
+        out(
+            f"platform {p['platform'] or '-'}: {short_digest(p['digest'])}, {len(files)} file(s), "
+            f"{human_size(size)} ({human_size(content)} unpacked)"
+        )
+        rows = [
+            (
+                str(f.get("title") or "-"),
+                str(f.get("kind") or "?"),
+                human_size(int(f["size"])),
+                human_size(int(f["content_size"])) if "content_size" in f else "-",
+                short_digest(f["digest"]),
+            )
+            for f in files
+        ]
+        for line in table(rows, indent="    "):
+            out(line)
+    sig = report.signature
+    if not sig.get("present"):
+        out(f"signature {sig.get('tag')}: none ({sig.get('error')})")
+    else:
+        out(f"signature {sig['tag']}: {len(sig['entries'])} signature(s)")
+        for n, e in enumerate(sig["entries"]):
+            by = ", ".join(k[:16] for k in e["signed_by"]) or "no trusted key"
+            match = "matches the index" if e.get("matches_index") else "OTHER digest"
+            out(
+                f"  #{n}: {match}, version {e.get('version')}, created {e.get('created')}; "
+                f"valid for: {by}"
+            )
+    if not sig.get("trusted_keys"):
+        out("trusted keys: none configured (--trusted-key or EXEC_SANDBOX_TRUSTED_KEYS)")
+    if report.verified:
+        out(f"verdict: VERIFIED by {len(sig['verified_by'])} trusted key(s)")
+    else:
+        out(f"verdict: NOT VERIFIED: {sig.get('error')}")
+
+
+def run_inspect(args: argparse.Namespace, settings: Settings) -> int:
+    report = asyncio.run(inspect_ref(args.ref, settings))
+    if args.json:
+        emit_json(report.to_json())
+    else:
+        print_report(report)
+    if args.require_signature and not report.verified:
+        err(f"error: {report.ref}: signature not verified: {report.signature.get('error')}")
+        return EXIT_TRUST
+    return EXIT_OK
+
+
+__all__ = ["InspectReport", "inspect_ref", "open_source", "print_report", "run_inspect"]

@@ -1,0 +1,135 @@
+"""Exit codes, error classification and plain-text formatting shared by the CLI commands.
+
+Stdlib only: the CLI imports `rich` solely to draw progress on a terminal.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from exec_sandbox_assets.errors import (
+    AllSourcesFailedError,
+    AssetNotFoundError,
+    ConfigError,
+    TrustError,
+)
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_TRUST = 3
+EXIT_NOT_FOUND = 4
+EXIT_INTERRUPTED = 130
+
+EXIT_CODES_HELP = """\
+exit codes:
+  0    success
+  1    the operation failed (network, registry, disk, ...)
+  2    bad usage or configuration (arguments, references, key files, settings)
+  3    verification or trust failure (signature, digest, size, version, rollback)
+  4    not found (tag, file, or an offline/air-gapped miss)
+  130  interrupted (partial downloads are kept; a re-run resumes)
+"""
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """The exit code an error maps to (see EXIT_CODES_HELP)."""
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    if isinstance(exc, ConfigError):
+        return EXIT_USAGE
+    if isinstance(exc, TrustError):
+        return EXIT_TRUST
+    if isinstance(exc, AllSourcesFailedError):
+        return EXIT_NOT_FOUND if exc.not_found else EXIT_FAILED
+    if isinstance(exc, AssetNotFoundError | FileNotFoundError):
+        return EXIT_NOT_FOUND
+    return EXIT_FAILED
+
+
+def worst_exit_code(errors: Iterable[BaseException]) -> int:
+    """One exit code for several failures: trust beats usage beats failure beats not-found."""
+    codes = {exit_code_for(e) for e in errors}
+    for code in (EXIT_INTERRUPTED, EXIT_TRUST, EXIT_USAGE, EXIT_FAILED, EXIT_NOT_FOUND):
+        if code in codes:
+            return code
+    return EXIT_OK
+
+
+def human_size(n: int) -> str:
+    """1536 -> '1.5 KiB' (binary units; bytes exact)."""
+    if n < 1024:
+        return f"{n} B"
+    value = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024 or unit == "TiB":
+            return f"{value:.1f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def short_digest(digest: str) -> str:
+    algo, _, hexpart = digest.partition(":")
+    return f"{algo}:{hexpart[:12]}" if hexpart else digest
+
+
+def jsonable(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    return value
+
+
+def emit_json(doc: Any) -> None:
+    """The one JSON document of a `--json` command, on stdout."""
+    sys.stdout.write(json.dumps(jsonable(doc), indent=2, sort_keys=False) + "\n")
+    sys.stdout.flush()
+
+
+def out(line: str = "") -> None:
+    sys.stdout.write(line + "\n")
+
+
+def err(line: str) -> None:
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+def table(rows: Iterable[tuple[str, ...]], indent: str = "  ") -> list[str]:
+    """Left-aligned columns (the last column is not padded)."""
+    rows = list(rows)
+    if not rows:
+        return []
+    widths = [max(len(r[i]) for r in rows if i < len(r)) for i in range(max(map(len, rows)))]
+    lines = []
+    for row in rows:
+        cells = [c.ljust(widths[i]) if i < len(row) - 1 else c for i, c in enumerate(row)]
+        lines.append((indent + "  ".join(cells)).rstrip())
+    return lines
+
+
+__all__ = [
+    "EXIT_CODES_HELP",
+    "EXIT_FAILED",
+    "EXIT_INTERRUPTED",
+    "EXIT_NOT_FOUND",
+    "EXIT_OK",
+    "EXIT_TRUST",
+    "EXIT_USAGE",
+    "emit_json",
+    "err",
+    "exit_code_for",
+    "human_size",
+    "jsonable",
+    "out",
+    "short_digest",
+    "table",
+    "worst_exit_code",
+]

@@ -1,0 +1,146 @@
+"""Progress bars on a terminal: one bar per file (bytes, rate, time left) and one overall.
+
+`rich` is imported here, and only when a bar is actually drawn: not on a pipe, not in
+the library. The object implements `fetch.Progress` (start/advance/finish).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from types import TracebackType
+from typing import IO, Any
+
+OVERALL = "all files"
+
+
+def want_progress(stream: IO[str] | None = None) -> bool:
+    """Bars only where a human watches: stderr is a terminal, and TERM is not `dumb`."""
+    stream = sys.stderr if stream is None else stream
+    try:
+        tty = stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+    return tty and os.environ.get("TERM", "") != "dumb"
+
+
+class LogHandler(logging.Handler):
+    """Log records to stderr; while bars are live, through their console (no garbling)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.console: Any | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = self.format(record)
+            if self.console is not None:
+                self.console.print(message, markup=False, highlight=False, soft_wrap=True)
+            else:
+                sys.stderr.write(message + "\n")
+                sys.stderr.flush()
+        except Exception:
+            self.handleError(record)
+
+
+class TerminalProgress:
+    """Rich bars for downloads; counts are clamped so a resumed download never shows >100%."""
+
+    def __init__(self, stream: IO[str], log_handler: LogHandler | None = None) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TaskID,
+            TaskProgressColumn,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        self._console = Console(file=stream)
+        self._bars = Progress(
+            TextColumn("{task.description}", justify="left"),
+            BarColumn(bar_width=30),
+            TaskProgressColumn(),
+            DownloadColumn(binary_units=True),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=self._console,
+            refresh_per_second=8,
+        )
+        self._log_handler = log_handler
+        self._tasks: dict[str, TaskID] = {}
+        self._totals: dict[str, int] = {}
+        self._done: dict[str, int] = {}
+        self._overall: TaskID | None = None
+
+    def __enter__(self) -> TerminalProgress:
+        self._bars.start()
+        if self._log_handler is not None:
+            self._log_handler.console = self._console
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._bars.stop()
+        if self._log_handler is not None:
+            self._log_handler.console = None
+
+    def _sync_overall(self) -> None:
+        if self._overall is None:
+            # Added with the first file, so it is drawn first.
+            self._overall = self._bars.add_task(OVERALL, total=0)
+        self._bars.update(
+            self._overall,
+            total=sum(self._totals.values()),
+            completed=sum(self._done.values()),
+        )
+
+    def start(self, name: str, total: int) -> None:
+        if name not in self._tasks:
+            if self._overall is None:
+                self._sync_overall()
+            self._tasks[name] = self._bars.add_task(name, total=total)
+        self._totals[name] = total
+        self._done.setdefault(name, 0)
+        self._sync_overall()
+
+    def advance(self, name: str, nbytes: int) -> None:
+        if name not in self._tasks:
+            self.start(name, nbytes)
+        total = self._totals[name]
+        done = min(total, self._done[name] + nbytes) if total else self._done[name] + nbytes
+        self._done[name] = done
+        self._bars.update(self._tasks[name], completed=done)
+        self._sync_overall()
+
+    def finish(self, name: str) -> None:
+        if name not in self._tasks:
+            return
+        self._done[name] = self._totals[name]
+        self._bars.update(self._tasks[name], completed=self._totals[name])
+        self._sync_overall()
+
+
+@contextlib.contextmanager
+def progress_bars(
+    enabled: bool, log_handler: LogHandler | None = None, stream: IO[str] | None = None
+) -> Iterator[TerminalProgress | None]:
+    """Bars on `stream` (stderr) when `enabled`, else None (the caller prints a summary only)."""
+    if not enabled:
+        yield None
+        return
+    with TerminalProgress(sys.stderr if stream is None else stream, log_handler) as bars:
+        yield bars
+
+
+__all__ = ["OVERALL", "LogHandler", "TerminalProgress", "progress_bars", "want_progress"]
