@@ -402,6 +402,31 @@ class RegistryTarget:
         length = resp.headers.get("Content-Length", "")
         return int(length) if length.isdigit() else None
 
+    def mount_blob(self, digest: str, from_repository: str) -> bool:
+        """Cross-repository mount on this registry: `POST .../blobs/uploads/?mount=D&from=R`.
+
+        True when the registry linked the blob (201, nothing uploaded); False when it
+        cannot (it answers 202 with an upload session, cancelled here): copy it then.
+        """
+        resp = self._request(
+            f"{self._repo_url}/blobs/uploads/?mount={digest}&from={from_repository}",
+            "POST",
+            headers={"Content-Length": "0"},
+        )
+        if resp.status_code == 201:
+            log.info("mounted %s from %s into %s", digest, from_repository, self.name)
+            return True
+        if resp.status_code != 202:
+            raise self._error(resp, f"mounting {digest} from {from_repository}")
+        location = resp.headers.get("Location")
+        if location:
+            url = location if location.startswith("http") else f"{self.ref.base_url}{location}"
+            try:
+                self._request(url, "DELETE")
+            except AssetError as exc:  # uploads expire anyway
+                log.debug("could not cancel the mount's upload session: %s", exc)
+        return False
+
     def push_blob(self, path: Path, digest: str, size: int) -> None:
         if self.has_blob(digest):
             self.stats.blobs_skipped += 1

@@ -1,0 +1,724 @@
+"""Copy signed releases between registries, OCI layout directories and archives.
+
+    result = mirror(
+        "ghcr.io/dualeai/exec-sandbox-assets",       # or http://HOST/REPO, oci:DIR, oci-archive:FILE
+        "oci-archive:/media/usb/assets.tar",          # any of those too
+        versions=["0.22.0", "0.21.3"],                # or "latest"
+        trusted_keys=[Path("release.pub")],
+        work_dir=Path("/var/tmp/exec-sandbox-mirror"),
+    )
+
+For each version, in this order:
+
+1. read the index under `vV` (or `latest`) and VERIFY its signature with the trusted keys
+   (threshold, and the signed version must be the one asked for) before anything is
+   copied; with no trusted key this fails closed, unless `insecure_skip_verify` (logged
+   loudly). Every version of the call is verified, and its platform manifests read and
+   checked against their digests, before the first blob of any of them is copied;
+2. copy the blobs the destination lacks: a blob it has is skipped (HEAD / file check);
+   between two repositories of one registry, a blob is mounted (`POST
+   /v2/<dst>/blobs/uploads/?mount=<digest>&from=<src>`), not copied; anything else is
+   downloaded to `work_dir` (a `.partial` resumed by `Range` after an interruption, and
+   verified against its digest before it is used), then pushed by the publisher's
+   target (oras-py for registries: chunked uploads the registry checks again);
+3. the platform manifests, the index by digest, the signature manifest (its config and
+   payload blobs first) under `sha256-H.sig`, and only then the tag `vV` (and `latest`
+   when `latest` was asked for): SPEC.md section 2. An interrupted mirror leaves no tag
+   naming an incomplete or unsigned release; running it again skips what arrived.
+
+Documents are copied as the exact bytes read (never re-serialized), so every digest,
+and with it the signature, is the same at the destination.
+
+`platforms` is a check, not a filter. The index is signed as a whole and cannot be
+rewritten; a registry refuses an index whose platform manifests are missing
+(distribution: MANIFEST_BLOB_UNKNOWN) and a manifest whose layers are missing, and an
+OCI layout written here refuses to tag either (SPEC.md section 2: a tag never names an
+incomplete release). So a copy of a release always holds all of its platforms. Given
+`platforms`, the mirror fails before copying anything when a release lacks one of them,
+and when the release holds others too (a copy with fewer platforms cannot be made
+without breaking the signature): the error says which, and to mirror without a
+platform filter.
+
+A destination tag `vV` that already names another index is not moved (a release
+never changes; the mirror says so and copies nothing). `latest` is not moved back to
+an older release than the one the destination's `latest` holds.
+
+Credentials: `src_credentials` / `dst_credentials`, else the `auths` of the docker
+`config.json` (`docker_config`, else `$DOCKER_CONFIG/config.json`, else
+`~/.docker/config.json`). `ca_bundle` is used for both sides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from exec_sandbox_assets import catalog, trust
+from exec_sandbox_assets.config import LATEST, normalize_version
+from exec_sandbox_assets.errors import (
+    AssetError,
+    AssetNotFoundError,
+    ConfigError,
+    FormatError,
+    TransportError,
+)
+from exec_sandbox_assets.oci.auth import Credentials, load_docker_credentials
+from exec_sandbox_assets.oci.model import (
+    INDEX_MEDIA_TYPES,
+    Descriptor,
+    Index,
+    Manifest,
+    media_type_of,
+    sha256_digest,
+    signature_tag,
+)
+from exec_sandbox_assets.oci.reference import LayoutRef, RegistryRef, parse_source_ref
+from exec_sandbox_assets.release import read_asset_layers
+from exec_sandbox_assets.sources import BlobOpener, LayoutSource, RegistrySource, Source
+from exec_sandbox_assets.store import BlobRequest, Store
+
+if TYPE_CHECKING:
+    from exec_sandbox_assets.publish.targets import Target
+
+log = logging.getLogger(__name__)
+
+# A download that broke off after making progress is resumed this many times in one call.
+MAX_RESUMES = 4
+_RESUME_BASE_DELAY = 0.1
+_RESUME_MAX_DELAY = 2.0
+
+EventKind = Literal[
+    "verified",  # a release's signature verified (name: the version)
+    "blob-start",  # size: the blob's size; name: its title or role
+    "blob-progress",  # size: bytes just downloaded (or found in a partial)
+    "blob-done",  # copied
+    "blob-skipped",  # the destination had it
+    "blob-mounted",  # cross-repository mount on the same registry
+    "manifest",  # a platform manifest stored (name: os/arch)
+    "index",  # the index stored by digest
+    "signature",  # the signature manifest stored under sha256-H.sig
+    "tag",  # name: the tag written (the release is complete)
+]
+
+
+@dataclass(frozen=True)
+class MirrorEvent:
+    """One step of a mirror, for a progress display (the library logs too)."""
+
+    kind: EventKind
+    version: str
+    digest: str = ""
+    name: str = ""
+    size: int = 0
+
+
+ProgressCallback = Callable[[MirrorEvent], None]
+
+
+@dataclass(frozen=True)
+class CopiedRelease:
+    """What one version's copy did (counts are blobs: layers, configs, payloads)."""
+
+    version: str
+    tags: tuple[str, ...]
+    index_digest: str
+    manifest_digests: Mapping[tuple[str, str], str]
+    signature_digest: str | None
+    signed_by: tuple[str, ...]  # trusted key ids; () when verification was skipped
+    blobs_copied: int
+    bytes_copied: int
+    blobs_skipped: int
+    blobs_mounted: int
+    latest_kept: bool = False  # `latest` at the destination was newer and stays
+
+
+@dataclass(frozen=True)
+class MirrorResult:
+    source: str
+    destination: str
+    releases: tuple[CopiedRelease, ...]
+
+    @property
+    def blobs_copied(self) -> int:
+        return sum(r.blobs_copied for r in self.releases)
+
+    @property
+    def bytes_copied(self) -> int:
+        return sum(r.bytes_copied for r in self.releases)
+
+    @property
+    def blobs_skipped(self) -> int:
+        return sum(r.blobs_skipped for r in self.releases)
+
+    @property
+    def blobs_mounted(self) -> int:
+        return sum(r.blobs_mounted for r in self.releases)
+
+
+_COUNTERS = ("copied", "bytes", "skipped", "mounted")
+
+
+@dataclass(frozen=True)
+class _Blob:
+    desc: Descriptor
+    name: str  # title, or what the blob is ("config of linux/amd64")
+    data: bytes | None = None  # small blobs, read (and verified) already
+
+
+@dataclass
+class _Plan:
+    """A verified release, read and checked, ready to be written."""
+
+    asked: str
+    version: str
+    tags: tuple[str, ...]
+    index: bytes
+    index_digest: str
+    manifests: list[tuple[Descriptor, bytes]]
+    blobs: list[_Blob]
+    signature: bytes | None
+    signature_blobs: list[_Blob]
+    signed_by: tuple[str, ...]
+    created: str | None
+    latest_kept: bool = False
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_COUNTERS, 0))
+
+
+def mirror(
+    src: str,
+    dst: str,
+    *,
+    versions: Sequence[str],
+    work_dir: Path,
+    platforms: Sequence[tuple[str, str]] | None = None,
+    trusted_keys: Sequence[Path] = (),
+    threshold: int = 1,
+    insecure_skip_verify: bool = False,
+    allow_downgrade: bool = False,
+    src_credentials: Credentials | None = None,
+    dst_credentials: Credentials | None = None,
+    ca_bundle: Path | None = None,
+    docker_config: Path | None = None,
+    progress: ProgressCallback | None = None,
+) -> MirrorResult:
+    """Copy `versions` of a release from `src` to `dst` (see the module docstring).
+
+    Synchronous (it runs its own event loop); from async code use `mirror_async`.
+    """
+    return asyncio.run(
+        mirror_async(
+            src,
+            dst,
+            versions=versions,
+            work_dir=work_dir,
+            platforms=platforms,
+            trusted_keys=trusted_keys,
+            threshold=threshold,
+            insecure_skip_verify=insecure_skip_verify,
+            allow_downgrade=allow_downgrade,
+            src_credentials=src_credentials,
+            dst_credentials=dst_credentials,
+            ca_bundle=ca_bundle,
+            docker_config=docker_config,
+            progress=progress,
+        )
+    )
+
+
+async def mirror_async(
+    src: str,
+    dst: str,
+    *,
+    versions: Sequence[str],
+    work_dir: Path,
+    platforms: Sequence[tuple[str, str]] | None = None,
+    trusted_keys: Sequence[Path] = (),
+    threshold: int = 1,
+    insecure_skip_verify: bool = False,
+    allow_downgrade: bool = False,
+    src_credentials: Credentials | None = None,
+    dst_credentials: Credentials | None = None,
+    ca_bundle: Path | None = None,
+    docker_config: Path | None = None,
+    progress: ProgressCallback | None = None,
+) -> MirrorResult:
+    tags = _tags_of(versions)
+    policy = _policy(trusted_keys, threshold, allow_downgrade, insecure_skip_verify, src)
+    src_ref, dst_ref = _parse_side(src, "source"), _parse_side(dst, "destination")
+    if _same_place(src_ref, dst_ref):
+        raise ConfigError(f"source and destination are the same: {src} -> {dst}")
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+
+    source = _open_source(src, src_ref, src_credentials, ca_bundle, docker_config)
+    target: Target | None = None
+    ok = False
+    try:
+        plans = [
+            await _plan(source, tag, policy, platforms, insecure_skip_verify, progress)
+            for tag in tags
+        ]
+        target = await asyncio.to_thread(_open_target, dst, work_dir, dst_credentials, ca_bundle)
+        copier = _Copier(
+            source,
+            target,
+            Store(work_dir / "download"),
+            mount_from=_mount_from(src_ref, dst_ref),
+            keep_downloads=dst_ref.kind == "oci-archive"
+            if isinstance(dst_ref, LayoutRef)
+            else False,
+            progress=progress,
+        )
+        for plan in plans:  # every conflict is found before anything is written
+            await copier.check_tags(plan, allow_downgrade)
+        for plan in plans:
+            await copier.copy(plan)
+        ok = True
+    finally:
+        await source.aclose()
+        if target is not None:
+            await asyncio.to_thread(target.close, ok)
+    if ok:
+        shutil.rmtree(work_dir / "download", ignore_errors=True)
+    return MirrorResult(
+        source=src,
+        destination=dst,
+        releases=tuple(
+            CopiedRelease(
+                version=p.version,
+                tags=p.tags,
+                index_digest=p.index_digest,
+                manifest_digests={_platform_of(d): sha256_digest(m) for d, m in p.manifests},
+                signature_digest=sha256_digest(p.signature) if p.signature else None,
+                signed_by=p.signed_by,
+                blobs_copied=p.counts["copied"],
+                bytes_copied=p.counts["bytes"],
+                blobs_skipped=p.counts["skipped"],
+                blobs_mounted=p.counts["mounted"],
+                latest_kept=p.latest_kept,
+            )
+            for p in plans
+        ),
+    )
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def _tags_of(versions: Sequence[str]) -> list[str]:
+    if isinstance(versions, str):
+        versions = [versions]
+    if not versions:
+        raise ConfigError("no version to mirror: give at least one (e.g. 0.22.0 or latest)")
+    tags: list[str] = []
+    for text in versions:
+        version = normalize_version(text)
+        tag = LATEST if version == LATEST else f"v{version}"
+        if tag not in tags:
+            tags.append(tag)
+    return tags
+
+
+def _policy(
+    keys: Sequence[Path], threshold: int, allow_downgrade: bool, insecure: bool, src: str
+) -> trust.TrustPolicy | None:
+    if insecure:
+        log.warning(
+            "SIGNATURE VERIFICATION DISABLED (insecure_skip_verify): mirroring %s without "
+            "checking who signed it",
+            src,
+            extra={"source": src},
+        )
+        return None
+    policy = trust.TrustPolicy(
+        keys=tuple(trust.load_public_key_file(Path(p)) for p in keys),
+        threshold=threshold,
+        allow_downgrade=allow_downgrade,
+    )
+    if not policy.keys:  # fail closed before any network traffic
+        trust.verify_index(
+            policy, "", [], expected_version=None, newest_accepted_created=None, where=src
+        )
+    return policy
+
+
+def _parse_side(text: str, role: str) -> RegistryRef | LayoutRef:
+    ref = parse_source_ref(text)
+    if isinstance(ref, LayoutRef):
+        if ref.tag is not None:
+            raise ConfigError(f"{role} {text!r}: give the layout without a tag (use versions)")
+    elif ref.tag or ref.digest:
+        raise ConfigError(
+            f"{role} {text!r}: give the repository without a tag or digest (use versions)"
+        )
+    return ref
+
+
+def _same_place(a: RegistryRef | LayoutRef, b: RegistryRef | LayoutRef) -> bool:
+    if isinstance(a, LayoutRef) and isinstance(b, LayoutRef):
+        return a.path.resolve() == b.path.resolve()
+    if isinstance(a, RegistryRef) and isinstance(b, RegistryRef):
+        return (a.host, a.repository) == (b.host, b.repository)
+    return False
+
+
+def _mount_from(src: RegistryRef | LayoutRef, dst: RegistryRef | LayoutRef) -> str | None:
+    """The source repository, when a blob can be mounted rather than copied."""
+    if (
+        isinstance(src, RegistryRef)
+        and isinstance(dst, RegistryRef)
+        and (src.scheme, src.host) == (dst.scheme, dst.host)
+    ):
+        return src.repository
+    return None
+
+
+def _docker_config(explicit: Path | None) -> Path:
+    if explicit is not None:
+        return Path(explicit)
+    base = os.environ.get("DOCKER_CONFIG")
+    return Path(base) / "config.json" if base else Path.home() / ".docker" / "config.json"
+
+
+def _open_source(
+    text: str,
+    ref: RegistryRef | LayoutRef,
+    credentials: Credentials | None,
+    ca_bundle: Path | None,
+    docker_config: Path | None,
+) -> Source:
+    if isinstance(ref, LayoutRef):
+        return LayoutSource(ref.path, ref.kind == "oci-archive", text)
+    from exec_sandbox_assets.oci.registry import RegistryClient
+
+    if credentials is None:
+        credentials = load_docker_credentials(ref.host, _docker_config(docker_config))
+    return RegistrySource(RegistryClient(ref, credentials=credentials, ca_bundle=ca_bundle), text)
+
+
+def _open_target(
+    text: str, work_dir: Path, credentials: Credentials | None, ca_bundle: Path | None
+) -> Target:
+    from exec_sandbox_assets.publish.targets import RegistryOptions, open_target
+
+    options = RegistryOptions(
+        username=credentials.username if credentials else None,
+        password=credentials.password if credentials else None,
+        ca_bundle=ca_bundle,
+    )
+    return open_target(text, work_dir, options)
+
+
+def _platform_of(desc: Descriptor) -> tuple[str, str]:
+    if desc.platform is None:
+        raise FormatError(f"index entry {desc.digest} has no platform")
+    return desc.platform.os, desc.platform.architecture
+
+
+def _show(platform: tuple[str, str]) -> str:
+    return "/".join(platform)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+async def _plan(
+    source: Source,
+    tag: str,
+    policy: trust.TrustPolicy | None,
+    platforms: Sequence[tuple[str, str]] | None,
+    insecure: bool,
+    progress: ProgressCallback | None,
+) -> _Plan:
+    """Read, verify and check one release; nothing is written."""
+    data = await source.index(tag)
+    digest = sha256_digest(data)
+    where = f"{source.name} tag {tag} (index {digest})"
+    signature, payloads, signed_by, version, created = await _verify(
+        source, tag, digest, policy, insecure, where
+    )
+    index = Index.from_bytes(data, where)
+    if version is None:
+        version = index.annotations.get(catalog.ANN_VERSION)
+    if not version:
+        raise FormatError(f"index has no {catalog.ANN_VERSION} annotation", where)
+    version = version.removeprefix("v")
+    if tag != LATEST and f"v{version}" != tag:
+        from exec_sandbox_assets.errors import VersionMismatchError
+
+        raise VersionMismatchError(f"{where}: holds release {version}, not {tag}")
+    if progress is not None:
+        progress(MirrorEvent("verified", version, digest, version))
+
+    for desc in index.manifests:
+        if desc.media_type in INDEX_MEDIA_TYPES:
+            raise FormatError(f"nested index {desc.digest}: not an exec-sandbox release", where)
+    have = [_platform_of(d) for d in index.manifests]
+    _check_platforms(have, platforms, version, where)
+
+    manifests: list[tuple[Descriptor, bytes]] = []
+    blobs: dict[str, _Blob] = {}
+    for desc in index.manifests:
+        mbytes = await source.manifest(desc)  # verified against the signed index
+        mwhere = f"{source.name} manifest {desc.digest}"
+        manifest = Manifest.from_bytes(mbytes, mwhere)
+        read_asset_layers(manifest, mwhere)  # an exec-sandbox release: titles are safe
+        manifests.append((desc, mbytes))
+        config = manifest.config
+        if config.digest not in blobs:
+            blobs[config.digest] = _Blob(
+                config, f"config of {_show(_platform_of(desc))}", await source.small_blob(config)
+            )
+        for layer in manifest.layers:
+            blobs.setdefault(layer.digest, _Blob(layer, layer.title or layer.digest))
+
+    signature_blobs: list[_Blob] = []
+    if signature is not None:
+        sig = Manifest.from_bytes(signature, f"{where} signature")
+        for desc in (sig.config, *sig.layers):
+            blob = payloads.get(desc.digest)
+            if blob is None:
+                blob = await source.small_blob(desc)
+            signature_blobs.append(_Blob(desc, "signature blob", blob))
+    tags = (tag,) if tag != LATEST else (f"v{version}", LATEST)
+    return _Plan(
+        asked=tag,
+        version=version,
+        tags=tags,
+        index=data,
+        index_digest=digest,
+        manifests=manifests,
+        blobs=list(blobs.values()),
+        signature=signature,
+        signature_blobs=signature_blobs,
+        signed_by=signed_by,
+        created=created,
+    )
+
+
+async def _verify(
+    source: Source,
+    tag: str,
+    digest: str,
+    policy: trust.TrustPolicy | None,
+    insecure: bool,
+    where: str,
+) -> tuple[bytes | None, dict[str, bytes], tuple[str, ...], str | None, str | None]:
+    """(signature manifest, payloads by digest, signer key ids, signed version, created)."""
+    try:
+        signature = await source.signature(digest)
+    except AssetError as exc:
+        if not insecure:
+            raise
+        log.warning("no signature to copy for %s: %s", where, exc)
+        return None, {}, (), None, None
+    layers = trust.read_signature_manifest(signature, f"{where} signature")
+    payloads: dict[str, bytes] = {}
+    pairs: list[tuple[bytes, bytes]] = []
+    for n, layer in enumerate(layers):
+        payload = await source.payload(layer, n)  # verified against its digest
+        payloads[layer.payload_digest] = payload
+        pairs.append((payload, layer.signature))
+    if policy is None:
+        return signature, payloads, (), None, None
+    verified = trust.verify_index(
+        policy,
+        digest,
+        pairs,
+        expected_version=None if tag == LATEST else tag,
+        newest_accepted_created=None,
+        where=where,
+    )
+    log.info(
+        "release index verified",
+        extra={"source": source.name, "tag": tag, "digest": digest, "version": verified.version},
+    )
+    return signature, payloads, verified.key_ids, verified.version, verified.created
+
+
+def _check_platforms(
+    have: Sequence[tuple[str, str]],
+    wanted: Sequence[tuple[str, str]] | None,
+    version: str,
+    where: str,
+) -> None:
+    if wanted is None:
+        return
+    listed = ", ".join(_show(p) for p in have) or "none"
+    missing = [p for p in dict.fromkeys(wanted) if p not in have]
+    if missing:
+        raise AssetNotFoundError(
+            f"{where}: release {version} has no {', '.join(_show(p) for p in missing)} "
+            f"(it has: {listed})"
+        )
+    extra = [p for p in have if p not in wanted]
+    if extra:
+        raise ConfigError(
+            f"{where}: release {version} also holds {', '.join(_show(p) for p in extra)}; "
+            f"it cannot be copied with fewer platforms: its index ({listed}) is signed as "
+            "a whole and cannot be rewritten, and a registry refuses an index whose "
+            "platform manifests are missing (MANIFEST_BLOB_UNKNOWN). Mirror every platform "
+            "(no platform filter); clients download only their own platform's files"
+        )
+
+
+# --------------------------------------------------------------------------- writing
+
+
+class _Copier:
+    def __init__(
+        self,
+        source: Source,
+        target: Target,
+        store: Store,
+        *,
+        mount_from: str | None,
+        keep_downloads: bool,
+        progress: ProgressCallback | None,
+    ) -> None:
+        self.source = source
+        self.target = target
+        self.store = store
+        self.mount_from = mount_from
+        self.keep_downloads = keep_downloads
+        self.progress = progress
+
+    def _emit(
+        self, plan: _Plan, kind: EventKind, digest: str = "", name: str = "", size: int = 0
+    ) -> None:
+        if self.progress is not None:
+            self.progress(MirrorEvent(kind, plan.version, digest, name, size))
+
+    async def check_tags(self, plan: _Plan, allow_downgrade: bool) -> None:
+        """Refuse to move a version tag; keep a newer `latest`."""
+        version_tag = f"v{plan.version}"
+        existing = await asyncio.to_thread(self.target.read_manifest, version_tag)
+        if existing is not None and sha256_digest(existing) != plan.index_digest:
+            raise ConfigError(
+                f"{self.target.name}:{version_tag} already names index "
+                f"{sha256_digest(existing)}, not {plan.index_digest} as in {self.source.name}; "
+                "a release never changes, so the mirror does not move its tag (remove the "
+                "tag at the destination first if the source is the one to keep)"
+            )
+        if LATEST in plan.tags and not allow_downgrade:
+            current = await asyncio.to_thread(self.target.read_manifest, LATEST)
+            if current is not None and _newer(current, plan.created):
+                log.warning(
+                    "%s:latest names a newer release than %s; not moving it back",
+                    self.target.name,
+                    plan.version,
+                )
+                plan.tags = tuple(t for t in plan.tags if t != LATEST)
+                plan.latest_kept = True
+
+    async def copy(self, plan: _Plan) -> None:
+        for blob in plan.blobs:
+            await self._blob(plan, blob)
+        for desc, data in plan.manifests:
+            await asyncio.to_thread(self.target.put_manifest, data, desc.media_type, None)
+            self._emit(plan, "manifest", desc.digest, _show(_platform_of(desc)))
+        index_type = media_type_of(plan.index, plan.index_digest)
+        await asyncio.to_thread(self.target.put_manifest, plan.index, index_type, None)
+        self._emit(plan, "index", plan.index_digest)
+        if plan.signature is not None:
+            for blob in plan.signature_blobs:
+                await self._blob(plan, blob)
+            sig_type = media_type_of(plan.signature, "signature")
+            await asyncio.to_thread(
+                self.target.put_manifest,
+                plan.signature,
+                sig_type,
+                signature_tag(plan.index_digest),
+            )
+            self._emit(
+                plan, "signature", sha256_digest(plan.signature), signature_tag(plan.index_digest)
+            )
+        for tag in plan.tags:
+            await asyncio.to_thread(self.target.tag, plan.index, index_type, tag)
+            self._emit(plan, "tag", plan.index_digest, tag)
+            log.info("mirrored %s:%s -> %s", self.target.name, tag, plan.index_digest)
+
+    async def _blob(self, plan: _Plan, blob: _Blob) -> None:
+        desc = blob.desc
+        if await asyncio.to_thread(self.target.has_blob, desc.digest):
+            plan.counts["skipped"] += 1
+            self._emit(plan, "blob-skipped", desc.digest, blob.name, desc.size)
+            return
+        if self.mount_from is not None and await self._mount(desc.digest):
+            plan.counts["mounted"] += 1
+            self._emit(plan, "blob-mounted", desc.digest, blob.name, desc.size)
+            return
+        self._emit(plan, "blob-start", desc.digest, blob.name, desc.size)
+        if blob.data is not None:
+            await asyncio.to_thread(self.target.push_bytes, blob.data, desc.media_type)
+        else:
+            path = await self._download(plan, blob)
+            await asyncio.to_thread(self.target.push_blob, path, desc.digest, desc.size)
+            if not self.keep_downloads:
+                path.unlink(missing_ok=True)
+        plan.counts["copied"] += 1
+        plan.counts["bytes"] += desc.size
+        self._emit(plan, "blob-done", desc.digest, blob.name, desc.size)
+
+    async def _mount(self, digest: str) -> bool:
+        mount = getattr(self.target, "mount_blob", None)
+        if mount is None or self.mount_from is None:
+            return False
+        return bool(await asyncio.to_thread(mount, digest, self.mount_from))
+
+    async def _download(self, plan: _Plan, blob: _Blob) -> Path:
+        """The blob as a verified file under work_dir (a partial from before is resumed)."""
+        desc = blob.desc
+        req = BlobRequest(desc.digest, desc.size, self.source.name)
+        opener = self._opener(blob)
+
+        def advance(n: int) -> None:
+            self._emit(plan, "blob-progress", desc.digest, blob.name, n)
+
+        for attempt in range(MAX_RESUMES + 1):
+            before = self.store.partial_size(desc.digest)
+            try:
+                async with self.store.blob_lock(desc.digest):
+                    return await self.store.fetch_blob(req, opener, advance)
+            except TransportError as exc:
+                grown = self.store.partial_size(desc.digest) > before
+                if not grown or attempt == MAX_RESUMES:
+                    raise
+                delay = min(_RESUME_MAX_DELAY, _RESUME_BASE_DELAY * 2**attempt)
+                log.info("download of %s broke off (%s); resuming in %.2fs", blob.name, exc, delay)
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _opener(self, blob: _Blob) -> BlobOpener:
+        from exec_sandbox_assets.release import read_asset_layer
+
+        layer = read_asset_layer(blob.desc, f"{self.source.name} layer {blob.desc.digest}")
+        return self.source.opener(layer)
+
+
+def _newer(current_index: bytes, created: str | None) -> bool:
+    """Whether the destination's `latest` index was created after `created`."""
+    try:
+        theirs = Index.from_bytes(current_index, "latest").annotations.get(catalog.ANN_CREATED)
+        if not theirs or not created:
+            return False
+        return trust.parse_timestamp(theirs) > trust.parse_timestamp(created)
+    except (FormatError, ValueError):
+        return False
+
+
+__all__ = [
+    "CopiedRelease",
+    "EventKind",
+    "MirrorEvent",
+    "MirrorResult",
+    "ProgressCallback",
+    "mirror",
+    "mirror_async",
+]
