@@ -390,6 +390,47 @@ def test_keygen_publish_inspect_shows_the_signature_verified(
     assert not (tmp_path / "cache" / "v3.0.0").exists()
 
 
+def test_mirror_copies_a_release_that_pulls_back_and_refuses_an_untrusted_one(
+    tmp_path: Path, layout_release: SampleRelease, registry: RegistryServer, repo_name: str
+) -> None:
+    dst = registry.ref(repo_name)
+    trusted = ["--trusted-key", str(layout_release.key.public)]
+    other = make_key_pair(tmp_path / "other", "other")
+    refused = run(
+        "--trusted-key", other.public, "mirror", layout_release.target, dst, "--version", "1.0.0"
+    )
+    assert refused.code == 3, refused.stderr
+
+    copied = run(*trusted, "mirror", layout_release.target, dst, "--version", "1.0.0", "--json")
+    assert copied.code == 0, copied.stderr
+    doc = copied.json()
+    (release,) = doc["releases"]
+    assert release["tags"] == ["v1.0.0"] and release["signed_by"]
+    assert release["index_digest"] == layout_release.index_digest
+    assert doc["blobs_copied"] > 0 and doc["bytes_copied"] > 0
+
+    again = run(*trusted, "mirror", layout_release.target, dst, "--version", "1.0.0", "--json")
+    assert again.code == 0 and again.json()["blobs_copied"] == 0
+
+    cache = tmp_path / "cache"
+    pulled = run(
+        *trusted,
+        "--cache-dir",
+        cache,
+        "--airgap",
+        "--mirror",
+        dst,
+        "--asset-version",
+        "1.0.0",
+        "pull",
+        "--json",
+    )
+    assert pulled.code == 0, pulled.stderr
+    assert {f["source"] for f in pulled.json()["files"]} == {f"registry {dst}"}
+    for f in pulled.json()["files"]:
+        assert Path(f["path"]).read_bytes() == layout_release.expected(f["name"])
+
+
 def test_demo_succeeds_from_a_clean_directory(tmp_path: Path) -> None:
     result = run("demo", "--dir", tmp_path / "demo")
     assert result.code == 0, result.stdout + result.stderr

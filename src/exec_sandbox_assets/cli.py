@@ -1,9 +1,10 @@
 """`exec-sandbox-assets`: fetch, inspect, check, copy and publish exec-sandbox VM assets.
 
 Only the command line lives here: parsing, settings, logging, exit codes. The commands
-are in `cli_commands` (pull, status, verify, gc, keygen), `cli_inspect`, `cli_demo`;
-`publish` is the publisher's own CLI, mounted lazily. `rich` is imported only to draw
-progress bars on a terminal (`cli_progress`); the library never imports this module.
+are in `cli_commands` (pull, status, verify, gc, keygen), `cli_inspect`, `cli_mirror`
+and `cli_demo`; `publish` is the publisher's own CLI, mounted lazily. `rich` is imported
+only to draw progress bars on a terminal (`cli_progress`); the library never imports
+this module.
 """
 
 from __future__ import annotations
@@ -274,6 +275,34 @@ def _inspect_args(p: argparse.ArgumentParser) -> None:
     _add_json(p)
 
 
+def _mirror_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", metavar="SRC", help="HOST/REPO, http://HOST:PORT/REPO, oci:DIR")
+    p.add_argument(
+        "dst", metavar="DST", help="HOST/REPO, http://HOST:PORT/REPO, oci:DIR, oci-archive:FILE"
+    )
+    p.add_argument(
+        "--version",
+        dest="versions",
+        action="append",
+        metavar="V",
+        help="release to copy, repeatable: 0.22.0 or latest (default: the asset version)",
+    )
+    p.add_argument(
+        "--platform",
+        dest="platforms",
+        action="append",
+        metavar="OS/ARCH",
+        help="platform the release must hold, repeatable (a check: a signed index is copied whole)",
+    )
+    p.add_argument(
+        "--work-dir",
+        type=Path,
+        metavar="DIR",
+        help="downloads in progress, resumed by a re-run (default: CACHE_DIR/mirror-work)",
+    )
+    _add_json(p)
+
+
 def _keygen_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--algorithm",
@@ -369,6 +398,21 @@ COMMANDS: tuple[Command, ...] = (
             "inspect oci-archive:assets.tar:v0.22.0 --require-signature",
         ),
         _inspect_args,
+    ),
+    Command(
+        "mirror",
+        "copy signed releases between registries, layouts and archives",
+        "Copy releases from SRC to DST, verifying each signature with the trusted keys\n"
+        "before anything is copied; blobs the destination has are skipped, and the tag\n"
+        "is written last, so an interrupted mirror never leaves a tag naming an\n"
+        "incomplete release (a re-run resumes). Digests and signatures are unchanged.",
+        (
+            "mirror ghcr.io/dualeai/exec-sandbox-assets oci-archive:assets.tar --version 0.22.0",
+            "--trusted-key release.pub mirror ghcr.io/dualeai/exec-sandbox-assets "
+            "http://10.0.0.5:5000/assets --version 0.22.0 --version latest",
+            "mirror oci:/media/usb/assets registry.internal/exec-sandbox --version 0.22.0",
+        ),
+        _mirror_args,
     ),
     Command(
         "keygen",
@@ -514,6 +558,10 @@ def _dispatch(args: argparse.Namespace, settings: Settings, log_handler: LogHand
         from exec_sandbox_assets.cli_inspect import run_inspect
 
         return run_inspect(args, settings)
+    if args.command == "mirror":
+        from exec_sandbox_assets.cli_mirror import run_mirror
+
+        return run_mirror(args, settings, log_handler)
     if args.command == "demo":
         from exec_sandbox_assets.cli_demo import run_demo
 
