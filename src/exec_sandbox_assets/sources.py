@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from exec_sandbox_assets import catalog
 from exec_sandbox_assets.config import LATEST, Settings
 from exec_sandbox_assets.errors import (
+    AssetChecksumError,
     AssetNotFoundError,
     FormatError,
     SignatureError,
@@ -97,7 +98,13 @@ class Source(ABC):
     async def payload(self, layer: SignatureLayer, n: int) -> bytes:
         if layer.payload_size > MAX_PAYLOAD_SIZE:
             raise SizeLimitError(f"{self.name}: signature payload of {layer.payload_size} bytes")
-        data = await self._payload(layer, n)
+        try:
+            data = await self._payload(layer, n)
+        except AssetChecksumError as exc:
+            # A transport may check the digest itself; say what the blob was for.
+            raise AssetChecksumError(
+                f"signature payload {n} ({exc.what})", exc.expected, exc.actual, exc.where
+            ) from exc
         return verify_bytes(data, layer.payload_digest, f"signature payload {n}", self.name)
 
     def opener(self, layer: AssetLayer) -> BlobOpener:
