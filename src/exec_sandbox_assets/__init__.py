@@ -224,10 +224,17 @@ async def ensure_assets_available(
     Returns (images_dir, gvproxy_path); images_dir holds every VM file. Raises
     FileNotFoundError in offline mode when something is missing, and
     AssetNotFoundError / AssetDownloadError / AssetChecksumError / SignatureError
-    when fetching fails.
+    when fetching fails. An explicit `override` must hold the VM files (as for
+    `fetch_kernel`): what it lacks is reported, not fetched into another directory.
     """
     client = get_assets()
     specs = _vm_specs(language)
+    if override is not None:
+        missing = [s.output_name for s in specs if not (override / s.output_name).is_file()]
+        if missing:
+            raise AssetsNotFoundLocally(
+                ", ".join(missing), [str(override)], "images_dir was given explicitly"
+            )
     images_dir = client.complete_dir(specs, override)
     gvproxy = await get_gvproxy_path(override)
     if images_dir is None or gvproxy is None:
