@@ -448,6 +448,27 @@ async def test_other_release_served_under_the_asked_tag_is_refused(
 # --------------------------------------------------------------------------- resume
 
 
+class ProgressRecorder:
+    """A `fetch.Progress` that records, per file, start/finish and the bytes advanced."""
+
+    def __init__(self) -> None:
+        self.events: dict[str, list[tuple[str, int]]] = {}
+
+    def start(self, name: str, total: int) -> None:
+        self.events.setdefault(name, []).append(("start", total))
+
+    def advance(self, name: str, nbytes: int) -> None:
+        assert nbytes > 0
+        events = self.events[name]
+        if events[-1][0] == "done":
+            events[-1] = ("done", events[-1][1] + nbytes)
+        else:
+            events.append(("done", nbytes))
+
+    def finish(self, name: str) -> None:
+        self.events[name].append(("finish", 0))
+
+
 def _cut_release(registry: RegistryServer, repo_name: str, tmp_path: Path) -> SampleRelease:
     # Over 1 MiB of blob, so the SIGKILL test sees a partial before the body is complete.
     return publish_sample_release(
@@ -472,8 +493,10 @@ async def test_cut_download_resumes_from_the_same_source(
     proxy.match_path = blob.digest
     proxy.cut_after_bytes = half
     proxy.cut_times = 1
+    progress = ProgressRecorder()
 
-    path = await esa.fetch_base_image("python")
+    spec = catalog.base_image("python", HOST_ARCH)
+    path = (await esa.get_assets().fetch([spec], progress=progress))[PYTHON]
 
     assert_exact(rel, path)
     first, second = blob_gets(proxy, blob.digest)
@@ -481,6 +504,8 @@ async def test_cut_download_resumes_from_the_same_source(
     assert half - 64 * 1024 <= range_offset(second) <= half
     # What crossed the wire for this blob: one blob (plus two response heads), not 1.5.
     assert blob.size <= proxy.bytes_to_client <= blob.size + 4096
+    # The resumed attempt reports its start offset again: progress counts it once.
+    assert progress.events[PYTHON] == [("start", blob.size), ("done", blob.size), ("finish", 0)]
 
 
 async def test_cut_download_resumes_on_the_next_call(

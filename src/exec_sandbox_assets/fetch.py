@@ -278,14 +278,14 @@ class AssetClient:
             executable=layer.kind is Kind.GVPROXY,
             source=part.release.source,
         )
-        cb = _progress_cb(progress, layer.output_name, layer.size)
+        bar = None if progress is None else _BlobProgress(progress, layer.output_name, layer.size)
         async with limit:
             # Blobs are content-addressed: any source may serve one, starting with the one
             # whose index we verified; a partial download resumes across sources.
             attempts: list[Attempt] = []
             for source in _prefer(sources, part.release.source):
                 try:
-                    path = await self._ensure_resuming(out, source, layer, cb)
+                    path = await self._ensure_resuming(out, source, layer, bar)
                 except TransportError as exc:
                     log.warning(
                         "blob download failed, trying next source",
@@ -305,7 +305,7 @@ class AssetClient:
         out: OutputSpec,
         source: Source,
         layer: AssetLayer,
-        cb: Callable[[int], None] | None,
+        bar: _BlobProgress | None,
     ) -> Path:
         """`store.ensure` from one source. A body that broke off after adding bytes to the
         partial is resumed from the same source (bounded, with backoff): moving on to the
@@ -314,7 +314,7 @@ class AssetClient:
         for resume in range(MAX_RESUMES + 1):
             before = self.store.partial_size(layer.digest)
             try:
-                return await self.store.ensure(out, opener, cb)
+                return await self.store.ensure(out, opener, bar.attempt() if bar else None)
             except TransportError as exc:
                 got = self.store.partial_size(layer.digest)
                 if got <= before or resume == MAX_RESUMES:
@@ -478,8 +478,24 @@ def _prefer(sources: Sequence[Source], first: str) -> Iterable[Source]:
     yield from (s for s in sources if s.name != first)
 
 
-def _progress_cb(progress: Progress | None, name: str, total: int) -> Callable[[int], None] | None:
-    if progress is None:
-        return None
-    progress.start(name, total)
-    return lambda n: progress.advance(name, n)
+class _BlobProgress:
+    """The store's byte counts for one blob, as progress that never counts a byte twice:
+    each attempt (a resume, another source) first reports the offset it starts from."""
+
+    def __init__(self, progress: Progress, name: str, total: int) -> None:
+        self._progress = progress
+        self._name = name
+        self._position = 0
+        self._reported = 0
+        progress.start(name, total)
+
+    def attempt(self) -> Callable[[int], None]:
+        """The callback for one `store.ensure` call; its counts start again from 0."""
+        self._position = 0
+        return self._on_bytes
+
+    def _on_bytes(self, nbytes: int) -> None:
+        self._position += nbytes
+        if self._position > self._reported:
+            self._progress.advance(self._name, self._position - self._reported)
+            self._reported = self._position
