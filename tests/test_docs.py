@@ -13,11 +13,14 @@
   temporary directory: `/tmp/esa-` paths are moved into it, and a leading
   `python3 -m pip install -e '.[test]' &&` is dropped (the suite runs inside that
   very install, which .ci/run has just made).
+- Errors: docs/troubleshooting.md quotes every error message the package raises (the
+  longest literal part of each message, whitespace and backticks aside).
 - Links: every relative link in the docs points at a file of the repository.
 """
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import shutil
@@ -28,6 +31,7 @@ from pathlib import Path
 
 import pytest
 
+from exec_sandbox_assets import errors
 from exec_sandbox_assets.config import ENV_PREFIX, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -234,6 +238,56 @@ def test_readme_runs_the_demo_and_help() -> None:
     runnable = [b.text for b in blocks(ROOT / "README.md") if b.runnable]
     assert any(f"{CLI} demo" in t for t in runnable)
     assert any(t.strip() == f"{CLI} --help" for t in runnable)
+
+
+# -------------------------------------------------------------------------- errors
+
+ERROR_CLASSES = {name for name in dir(errors) if name.endswith(("Error", "Locally"))} | {
+    "TokenEndpointError"
+}  # oci/auth.py's AuthError for token endpoints
+
+
+def _normalize(text: str) -> str:
+    return " ".join(text.replace("`", "").split())
+
+
+def _literal_parts(node: ast.expr) -> list[str]:
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return [node.value]
+    if isinstance(node, ast.JoinedStr):
+        return [
+            v.value for v in node.values if isinstance(v, ast.Constant) and isinstance(v.value, str)
+        ]
+    if isinstance(node, ast.BinOp):
+        return _literal_parts(node.left) + _literal_parts(node.right)
+    return []
+
+
+def error_messages() -> list[tuple[str, str]]:
+    """(where, the longest literal part) of each error the package constructs."""
+    found = []
+    for path in sorted((ROOT / "src" / "exec_sandbox_assets").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call) or not node.args:
+                continue
+            func = node.func
+            name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", "")
+            if name not in ERROR_CLASSES:
+                continue
+            parts = [_normalize(p).strip(" :;,.()") for p in _literal_parts(node.args[0])]
+            parts = [p for p in parts if len(p) >= 10]
+            if parts:
+                where = f"{path.relative_to(ROOT)}:{node.lineno}"
+                found.append((where, max(parts, key=len)))
+    return found
+
+
+def test_troubleshooting_quotes_every_error_message() -> None:
+    doc = _normalize((ROOT / "docs" / "troubleshooting.md").read_text())
+    messages = error_messages()
+    assert len(messages) > 100
+    missing = [f"{where}: {text!r}" for where, text in messages if text not in doc]
+    assert missing == [], "add these messages to docs/troubleshooting.md:\n" + "\n".join(missing)
 
 
 # -------------------------------------------------------------------------- links
