@@ -735,6 +735,57 @@ async def test_offline_with_a_warm_cache_works_with_the_registry_stopped(
     assert_exact(release, images_dir / KERNEL, images_dir / PYTHON, gvproxy)
 
 
+async def test_offline_reads_a_local_oci_layout_mirror(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An air-gapped copy on disk counts as a source even offline (SPEC section 7)."""
+    layout = tmp_path / "layout"
+    rel = publish_sample_release(f"oci:{layout}", VERSION, tmp_path / "work")
+    use(
+        monkeypatch,
+        tmp_path,
+        "http://127.0.0.1:9/unreachable",  # never contacted: offline drops registries
+        rel.key.public,
+        EXEC_SANDBOX_OFFLINE="1",
+        EXEC_SANDBOX_REGISTRY_MIRRORS=f"oci:{layout}",
+    )
+
+    images_dir, gvproxy = await esa.ensure_assets_available("python")
+
+    assert_exact(rel, *(images_dir / n for n in (KERNEL, INITRAMFS, PYTHON)), gvproxy)
+
+
+async def test_a_dead_mirror_falls_back_and_every_failure_is_listed(
+    registry: RegistryServer,
+    release: SampleRelease,
+    repo_name: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    dead = RegistryServer(tmp_path / "dead-mirror")
+    dead.start()
+    dead.stop()  # a port that refuses connections
+    mirror = dead.ref(repo_name)
+    use(
+        monkeypatch,
+        tmp_path,
+        registry.ref(repo_name),
+        release.key.public,
+        EXEC_SANDBOX_REGISTRY_MIRRORS=mirror,
+    )
+
+    images_dir, gvproxy = await esa.ensure_assets_available("python")
+    assert_exact(release, *(images_dir / n for n in (KERNEL, INITRAMFS, PYTHON)), gvproxy)
+
+    registry.stop()
+    reconfigure(tmp_path)
+    with pytest.raises(AllSourcesFailedError) as info:
+        await esa.fetch_base_image("javascript")
+    message = str(info.value)
+    assert f"registry {mirror}" in message and f"registry {registry.ref(repo_name)}" in message
+    assert message.count("unreachable") == 2
+
+
 # --------------------------------------------------------------------------- trust settings
 
 
