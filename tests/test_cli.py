@@ -10,6 +10,7 @@ import os
 import pty
 import re
 import select
+import signal
 import stat
 import struct
 import subprocess
@@ -61,8 +62,11 @@ def run(*args: str | Path, timeout: float = 60) -> Result:
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
 
-def run_in_pty(*args: str | Path, timeout: float = 60) -> tuple[int, str]:
-    """The CLI with stdin, stdout and stderr on a pseudo-terminal (120x40); all it drew."""
+def run_in_pty(
+    *args: str | Path, timeout: float = 60, interrupt_when: re.Pattern[str] | None = None
+) -> tuple[int, str]:
+    """The CLI with stdin, stdout and stderr on a pseudo-terminal (120x40); all it drew.
+    With `interrupt_when`, SIGINT (Ctrl-C) is sent once the screen matches it."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
     env = dict(os.environ, TERM="xterm-256color")
@@ -84,6 +88,10 @@ def run_in_pty(*args: str | Path, timeout: float = 60) -> tuple[int, str]:
             if not data:
                 break
             chunks.append(data)
+            if interrupt_when is not None:
+                if interrupt_when.search(ANSI.sub("", b"".join(chunks).decode(errors="replace"))):
+                    proc.send_signal(signal.SIGINT)
+                    interrupt_when = None
         code = proc.wait(timeout=10)
     finally:
         if proc.poll() is None:
@@ -173,6 +181,40 @@ def test_pull_draws_progress_on_a_terminal_and_only_a_summary_on_pipes(
     for cache in ("tty-cache", "pipe-cache"):
         got = {p.name: p.read_bytes() for p in outputs(tmp_path / cache / "v2.0.0")}
         assert got == {name: release.expected(name) for name in HOST_FILES}
+
+
+def test_ctrl_c_exits_130_and_keeps_what_was_fetched_for_the_next_run(
+    tmp_path: Path,
+    registry: RegistryServer,
+    fault_proxy: FaultProxyFactory,
+    key: KeyPair,
+    repo_name: str,
+) -> None:
+    release = publish_sample_release(
+        registry.ref(repo_name),
+        "2.0.0",
+        tmp_path / "work",
+        key=key,
+        platforms=[HOST],
+        size=2 * 1024 * 1024,
+    )
+    layer_bytes = sum(release.layer(name).size for name in HOST_FILES)
+    proxy = fault_proxy(registry)
+    proxy.throttle_bytes_per_s = 512 * 1024
+    args: list[str | Path] = [
+        *("--cache-dir", tmp_path / "cache", "--asset-version", "2.0.0", "--airgap"),
+        *("--trusted-key", key.public, "--mirror", proxy.ref(repo_name), "pull"),
+    ]
+    code, screen = run_in_pty(*args, interrupt_when=re.compile(r"all files\s+\S+\s+[1-9]\d%"))
+    assert code == 130, screen
+    assert "interrupted: partial downloads are kept" in screen
+
+    proxy.reset()
+    again = run(*args)
+    assert again.code == 0, again.stderr
+    assert again.stdout.splitlines()[-1].startswith("7 file(s)")
+    # What the interrupted run got (whole files, partials) was not fetched again.
+    assert proxy.bytes_to_client < layer_bytes - 200_000, (proxy.bytes_to_client, layer_bytes)
 
 
 def test_pull_json_carries_the_same_facts_as_status_json(
@@ -431,7 +473,9 @@ def test_mirror_copies_a_release_that_pulls_back_and_refuses_an_untrusted_one(
         assert Path(f["path"]).read_bytes() == layout_release.expected(f["name"])
 
 
-def test_demo_succeeds_from_a_clean_directory(tmp_path: Path) -> None:
+def test_demo_succeeds_from_a_clean_directory_and_against_a_registry(
+    tmp_path: Path, registry: RegistryServer, repo_name: str
+) -> None:
     result = run("demo", "--dir", tmp_path / "demo")
     assert result.code == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
@@ -440,6 +484,14 @@ def test_demo_succeeds_from_a_clean_directory(tmp_path: Path) -> None:
     assert (tmp_path / "demo" / "layout" / "index.json").is_file()
     cached = outputs(next((tmp_path / "demo" / "cache").glob("v*")))
     assert sorted(p.name for p in cached) == sorted(HOST_FILES)
+    # Run again in the same directory: the key is reused, the release unchanged.
+    assert run("demo", "--dir", tmp_path / "demo").code == 0
+
+    ref = registry.ref(repo_name)
+    remote = run("demo", "--dir", tmp_path / "demo-registry", "--registry", ref)
+    assert remote.code == 0, remote.stdout + remote.stderr
+    assert f"published 0.0.1-demo to {ref}" in remote.stdout
+    assert "byte-identical" in remote.stdout
 
 
 # -- exit codes --------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ class TerminalProgress:
 
     def __init__(self, stream: IO[str], log_handler: LogHandler | None = None) -> None:
         from rich.console import Console
+        from rich.table import Column
         from rich.progress import (
             BarColumn,
             DownloadColumn,
@@ -63,13 +64,20 @@ class TerminalProgress:
         )
 
         self._console = Console(file=stream)
+        # Numbers never wrap; on a narrow terminal the bar shrinks, then the name is cut.
+        width = self._console.width
         self._bars = Progress(
-            TextColumn("{task.description}", justify="left"),
-            BarColumn(bar_width=30),
-            TaskProgressColumn(),
-            DownloadColumn(binary_units=True),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
+            TextColumn(
+                "{task.description}",
+                table_column=Column(
+                    no_wrap=True, overflow="ellipsis", max_width=max(12, width - 50)
+                ),
+            ),
+            BarColumn(bar_width=max(5, min(30, width - 85))),
+            TaskProgressColumn(table_column=Column(no_wrap=True)),
+            DownloadColumn(binary_units=True, table_column=Column(no_wrap=True)),
+            TransferSpeedColumn(table_column=Column(no_wrap=True)),
+            TimeRemainingColumn(table_column=Column(no_wrap=True)),
             console=self._console,
             refresh_per_second=8,
         )
