@@ -51,7 +51,6 @@ class TerminalProgress:
 
     def __init__(self, stream: IO[str], log_handler: LogHandler | None = None) -> None:
         from rich.console import Console
-        from rich.table import Column
         from rich.progress import (
             BarColumn,
             DownloadColumn,
@@ -62,6 +61,7 @@ class TerminalProgress:
             TimeRemainingColumn,
             TransferSpeedColumn,
         )
+        from rich.table import Column
 
         self._console = Console(file=stream)
         # Numbers never wrap; on a narrow terminal the bar shrinks, then the name is cut.
