@@ -25,7 +25,12 @@ import pytest
 
 from conftest import FaultProxyFactory
 from exec_sandbox_assets import catalog
-from exec_sandbox_assets.cli import main
+from exec_sandbox_assets.cli import (
+    _merge_global_options,
+    build_parser,
+    main,
+    settings_from_args,
+)
 from exec_sandbox_assets.cli_commands import pull_specs
 from exec_sandbox_assets.publish import make_sample_inputs
 from exec_sandbox_assets.store import Store
@@ -542,6 +547,23 @@ def test_every_command_has_examples_and_the_exit_codes_in_its_help(
     assert "3    verification or trust failure" in capsys.readouterr().out
     assert main(["publish", "--help"]) == 0
     assert "--to TARGET" in capsys.readouterr().out
+
+
+def test_settings_may_come_before_or_after_the_command_and_beat_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("EXEC_SANDBOX_REGISTRY_MIRRORS", "oci:/from-env")
+    monkeypatch.setenv("EXEC_SANDBOX_CACHE_DIR", str(tmp_path / "env-cache"))
+    argv = ["-v", "--mirror", "oci:/a", "pull", "-v", "--mirror", "oci:/b", "--offline"]
+    args = _merge_global_options(build_parser().parse_args(argv))
+    assert (args.verbose, args.mirror, args.offline) == (2, ["oci:/a", "oci:/b"], True)
+    settings = settings_from_args(args)
+    assert settings.mirrors == ("oci:/a", "oci:/b") and settings.offline
+    assert settings.cache_dir == tmp_path / "env-cache"  # not given: the environment's
+    args = _merge_global_options(
+        build_parser().parse_args(["--cache-dir", "/x", "status", "--cache-dir", "/y"])
+    )
+    assert settings_from_args(args).cache_dir == Path("/y")
 
 
 def test_the_library_never_loads_the_cli_or_rich() -> None:

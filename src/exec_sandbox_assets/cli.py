@@ -127,13 +127,18 @@ def _restore_logging(handler: LogHandler, saved: _LoggingState) -> None:
 # -- parser ------------------------------------------------------------------------------------
 
 
+_AFTER = "__after_command"
+
+
 def _add_global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
-    """Settings options. On subcommands (`suppress`) an option not given sets nothing, so
-    `-v pull` and `pull -v` both work and the main parser's value is not overwritten."""
+    """Settings options. On subcommands (`suppress`) they set nothing unless given, under
+    their own names, merged by `_merge_global_options`: `-v pull -v` counts two,
+    `--mirror A pull --mirror B` keeps both, a single value given after the command wins."""
 
     def default(value: Any) -> Any:
         return argparse.SUPPRESS if suppress else value
 
+    first = len(parser._actions)
     g = parser.add_argument_group("settings (each overrides its EXEC_SANDBOX_* variable)")
     g.add_argument(
         "--cache-dir", type=Path, metavar="DIR", default=default(None), help="cache directory"
@@ -202,6 +207,25 @@ def _add_global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> N
         default=default(0),
         help="debug logs on stderr (-vv: HTTP internals too)",
     )
+    if suppress:
+        for action in parser._actions[first:]:
+            action.dest += _AFTER
+
+
+def _merge_global_options(args: argparse.Namespace) -> argparse.Namespace:
+    """Fold options given after the command into those given before it."""
+    for key, value in list(vars(args).items()):
+        if not key.endswith(_AFTER):
+            continue
+        delattr(args, key)
+        name = key.removesuffix(_AFTER)
+        before = getattr(args, name, None)
+        if isinstance(value, list) and isinstance(before, list):
+            value = before + value
+        elif name == "verbose":
+            value = (before or 0) + value
+        setattr(args, name, value)
+    return args
 
 
 def _add_json(parser: argparse.ArgumentParser) -> None:
@@ -578,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     if at is not None and argv[at] == "publish":
         argv, rest = argv[: at + 1], argv[at + 1 :]
     try:
-        args = parser.parse_args(argv)
+        args = _merge_global_options(parser.parse_args(argv))
     except SystemExit as exc:  # --help, -V, usage errors: argparse already printed
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     log_handler, saved = _setup_logging(args.verbose)
