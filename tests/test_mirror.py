@@ -13,6 +13,7 @@ import base64
 import json
 import shutil
 import subprocess
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,13 @@ from exec_sandbox_assets.fetch import AssetClient
 from exec_sandbox_assets.mirror import MirrorEvent, MirrorResult, mirror
 from exec_sandbox_assets.oci.layout import LayoutReader, extract_archive
 from exec_sandbox_assets.oci.model import ACCEPT_MANIFESTS, Index, Manifest, signature_tag
-from releases import KeyPair, SampleRelease, make_key_pair, publish_sample_release
+from releases import (
+    KeyPair,
+    SampleRelease,
+    make_key_pair,
+    publish_sample_release,
+    stored_blob_path,
+)
 from servers import RegistryServer
 
 SIZE = 160 * 1024
@@ -248,6 +255,19 @@ def test_pull_through_cache_serves_the_client_and_keeps_serving_without_the_orig
     rel = release(registry.ref(repo_name), "0.9.1", tmp_path, key)
     with RegistryServer(tmp_path / "proxy", proxy_remote=registry.url) as cache:
         pull(client_settings(tmp_path / "first", key, cache.ref(repo_name), "0.9.1"), rel)
+        # distribution 2.8 stores a proxied blob in a background goroutine that fetches
+        # it from the origin a second time: stopping the origin before that finishes
+        # leaves the blob uncached. Wait for every blob the client read.
+        wanted = [rel.layer(s.name).digest for s in SPECS]
+        links = cache.data_dir / "docker/registry/v2/repositories" / repo_name / "_layers"
+        deadline = time.monotonic() + 20
+        while not all(
+            stored_blob_path(cache.data_dir, d).is_file()
+            and (links / d.replace(":", "/") / "link").is_file()
+            for d in wanted
+        ):
+            assert time.monotonic() < deadline, "the pull-through cache never stored the blobs"
+            time.sleep(0.05)
         registry.stop()
         pull(client_settings(tmp_path / "second", key, cache.ref(repo_name), "0.9.1"), rel)
 

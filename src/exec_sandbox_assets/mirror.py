@@ -92,6 +92,8 @@ log = logging.getLogger(__name__)
 MAX_RESUMES = 4
 _RESUME_BASE_DELAY = 0.1
 _RESUME_MAX_DELAY = 2.0
+# Downloads started ahead of the blob being pushed (each holds one blob in work_dir).
+_PREFETCH = 1
 
 EventKind = Literal[
     "verified",  # a release's signature verified (name: the version)
@@ -618,8 +620,7 @@ class _Copier:
                 plan.latest_kept = True
 
     async def copy(self, plan: _Plan) -> None:
-        for blob in plan.blobs:
-            await self._blob(plan, blob)
+        await self._blobs(plan, plan.blobs)
         for desc, data in plan.manifests:
             await asyncio.to_thread(self.target.put_manifest, data, desc.media_type, None)
             self._emit(plan, "manifest", desc.digest, _show(_platform_of(desc)))
@@ -627,8 +628,7 @@ class _Copier:
         await asyncio.to_thread(self.target.put_manifest, plan.index, index_type, None)
         self._emit(plan, "index", plan.index_digest)
         if plan.signature is not None:
-            for blob in plan.signature_blobs:
-                await self._blob(plan, blob)
+            await self._blobs(plan, plan.signature_blobs)
             sig_type = media_type_of(plan.signature, "signature")
             await asyncio.to_thread(
                 self.target.put_manifest,
@@ -644,27 +644,46 @@ class _Copier:
             self._emit(plan, "tag", plan.index_digest, tag)
             log.info("mirrored %s:%s -> %s", self.target.name, tag, plan.index_digest)
 
-    async def _blob(self, plan: _Plan, blob: _Blob) -> None:
-        desc = blob.desc
-        if await asyncio.to_thread(self.target.has_blob, desc.digest):
-            plan.counts["skipped"] += 1
-            self._emit(plan, "blob-skipped", desc.digest, blob.name, desc.size)
-            return
-        if self.mount_from is not None and await self._mount(desc.digest):
-            plan.counts["mounted"] += 1
-            self._emit(plan, "blob-mounted", desc.digest, blob.name, desc.size)
-            return
-        self._emit(plan, "blob-start", desc.digest, blob.name, desc.size)
-        if blob.data is not None:
-            await asyncio.to_thread(self.target.push_bytes, blob.data, desc.media_type)
-        else:
-            path = await self._download(plan, blob)
-            await asyncio.to_thread(self.target.push_blob, path, desc.digest, desc.size)
-            if not self.keep_downloads:
-                path.unlink(missing_ok=True)
+    async def _blobs(self, plan: _Plan, blobs: Sequence[_Blob]) -> None:
+        """Copy what the destination lacks. Pushes run one at a time (the target is not
+        shared between threads); the next download runs while the current blob is pushed,
+        so a copy takes about as long as the slower side instead of the sum of both."""
+        todo: list[_Blob] = []
+        for blob in blobs:
+            desc = blob.desc
+            if await asyncio.to_thread(self.target.has_blob, desc.digest):
+                plan.counts["skipped"] += 1
+                self._emit(plan, "blob-skipped", desc.digest, blob.name, desc.size)
+            elif self.mount_from is not None and await self._mount(desc.digest):
+                plan.counts["mounted"] += 1
+                self._emit(plan, "blob-mounted", desc.digest, blob.name, desc.size)
+            elif blob.data is not None:
+                self._emit(plan, "blob-start", desc.digest, blob.name, desc.size)
+                await asyncio.to_thread(self.target.push_bytes, blob.data, desc.media_type)
+                self._done(plan, blob)
+            else:
+                todo.append(blob)
+        downloads: dict[int, asyncio.Task[Path]] = {}
+        try:
+            for i, blob in enumerate(todo):
+                for j in range(i, min(i + 1 + _PREFETCH, len(todo))):
+                    if j not in downloads:
+                        downloads[j] = asyncio.create_task(self._download(plan, todo[j]))
+                path = await downloads.pop(i)
+                desc = blob.desc
+                await asyncio.to_thread(self.target.push_blob, path, desc.digest, desc.size)
+                if not self.keep_downloads:
+                    path.unlink(missing_ok=True)
+                self._done(plan, blob)
+        finally:
+            for task in downloads.values():
+                task.cancel()
+            await asyncio.gather(*downloads.values(), return_exceptions=True)
+
+    def _done(self, plan: _Plan, blob: _Blob) -> None:
         plan.counts["copied"] += 1
-        plan.counts["bytes"] += desc.size
-        self._emit(plan, "blob-done", desc.digest, blob.name, desc.size)
+        plan.counts["bytes"] += blob.desc.size
+        self._emit(plan, "blob-done", blob.desc.digest, blob.name, blob.desc.size)
 
     async def _mount(self, digest: str) -> bool:
         mount = getattr(self.target, "mount_blob", None)
@@ -675,6 +694,7 @@ class _Copier:
     async def _download(self, plan: _Plan, blob: _Blob) -> Path:
         """The blob as a verified file under work_dir (a partial from before is resumed)."""
         desc = blob.desc
+        self._emit(plan, "blob-start", desc.digest, blob.name, desc.size)
         req = BlobRequest(desc.digest, desc.size, self.source.name)
         opener = self._opener(blob)
 
