@@ -34,7 +34,7 @@ from exec_sandbox_assets.errors import (
 )
 from exec_sandbox_assets.fetch import AssetClient
 from exec_sandbox_assets.oci.http import HttpCore, RetryPolicy
-from exec_sandbox_assets.oci.model import Index
+from exec_sandbox_assets.oci.model import Index, Manifest
 from exec_sandbox_assets.publish import PublishRequest, make_sample_inputs, publish
 from exec_sandbox_assets.release import RELEASE_INDEX_FILE, release_manifest_file
 from exec_sandbox_assets.sources import (
@@ -44,7 +44,7 @@ from exec_sandbox_assets.sources import (
     build_sources,
     latest_download_url,
 )
-from releases import KeyPair, make_key_pair
+from releases import KeyPair, make_key_pair, stored_blob_path
 from servers import LOOPBACK, RegistryServer, StaticServer, free_port
 
 VERSION = "0.9.1"
@@ -431,3 +431,45 @@ def test_airgap_never_contacts_ghcr_or_github(
     assert "ghcr.io" not in message and "github.com" not in message
     assert network_log, "the audit hook saw nothing: it is not working"
     assert {host for _, host in network_log} <= {LOOPBACK, "localhost"}, network_log
+
+
+def test_a_blob_the_registry_lost_comes_from_the_release(
+    registry: RegistryServer, static_server: StaticServer, tmp_path: Path, repo_name: str
+) -> None:
+    """Index and manifests from the registry, one blob it cannot serve from GitHub:
+    blobs are content-addressed, so any source may serve one, and it is verified alike."""
+    pub = _publish(tmp_path / "pub", targets=(registry.ref(repo_name),))
+    serve(static_server, pub)
+    digest = "sha256:" + hashlib.sha256((pub.release_dir / BIG.name).read_bytes()).hexdigest()
+    stored_blob_path(registry.data_dir, digest).unlink()
+    settings = settings_for(
+        tmp_path, pub, releases_url(static_server), registry=registry.ref(repo_name)
+    )
+
+    assert_complete(fetch(settings), pub)
+    assert requested(static_server) == [BIG.name]  # nothing else was needed from GitHub
+
+
+async def test_unknown_blob_under_latest_is_not_guessed(
+    published: Published, static_server: StaticServer
+) -> None:
+    from exec_sandbox_assets.release import read_asset_layers
+
+    serve(static_server, published)
+    manifest = Manifest.from_bytes(
+        (published.release_dir / release_manifest_file("linux", "amd64")).read_bytes(), "m"
+    )
+    layer = read_asset_layers(manifest, "m")[BIG.name]
+    for tag, expected in (("latest", AssetNotFoundError), (TAG, None)):
+        source = ReleasesSource(HttpCore(peer="release server"), releases_url(static_server), tag)
+        try:
+            if expected is None:
+                async with source.opener(layer)(0) as chunks:
+                    data = b"".join([c async for c in chunks])
+                assert data == (published.release_dir / BIG.name).read_bytes()
+            else:
+                with pytest.raises(expected, match="has not read"):
+                    async with source.opener(layer)(0):
+                        pass
+        finally:
+            await source.aclose()

@@ -280,7 +280,19 @@ class ReleasesSource(Source):
         return f"{self.base}/{tag}"
 
     def _folder_of(self, digest: str) -> str:
-        return self._folders.get(digest) or self.folder(self._default_tag)
+        """The folder of the release that named `digest`; for one this source has not
+        read, the configured version's. Under `latest` that folder may already hold a
+        newer release, whose file would fail the digest check as a trust error: such a
+        blob is "not here" instead (fetch then tries the next source)."""
+        folder = self._folders.get(digest)
+        if folder is not None:
+            return folder
+        if self._default_tag == LATEST:
+            raise AssetNotFoundError(
+                f"{self.name}: {digest} belongs to a release this source has not read, and "
+                "`latest` may name another one by now"
+            )
+        return self.folder(self._default_tag)
 
     async def _get(self, url: str, cap: int) -> bytes:
         from exec_sandbox_assets.oci.http import IDENTITY
