@@ -852,11 +852,18 @@ async def test_ensure_assets_checks_every_file_not_only_the_kernel(
     (only_kernel / KERNEL).write_bytes(release.expected(KERNEL))
     cache = use(monkeypatch, tmp_path, proxy.ref(repo_name), release.key.public)
 
-    # An explicit override must hold every file; what it lacks is reported, not fetched.
+    # An explicit override must hold every VM file; what it lacks is reported, not fetched.
     with pytest.raises(FileNotFoundError) as info:
         await esa.ensure_assets(override=only_kernel, download=True)
     assert str(only_kernel) in str(info.value)
-    assert f"{INITRAMFS}, {GVPROXY} not found" in str(info.value)
+    assert f"{INITRAMFS} not found" in str(info.value)
+    vm_only = tmp_path / "vm-only"
+    vm_only.mkdir()
+    for name in (KERNEL, INITRAMFS):
+        (vm_only / name).write_bytes(release.expected(name))
+    with pytest.raises(FileNotFoundError) as info:
+        await esa.ensure_assets(override=vm_only)
+    assert f"{GVPROXY} not found" in str(info.value)
     with pytest.raises(FileNotFoundError, match=INITRAMFS):
         await esa.ensure_assets_available(override=only_kernel)
     with pytest.raises(FileNotFoundError, match=PYTHON):
@@ -873,8 +880,13 @@ async def test_ensure_assets_checks_every_file_not_only_the_kernel(
     assert images_dir == cache / f"v{VERSION}"
     assert_exact(release, *(images_dir / n for n in (KERNEL, INITRAMFS, GVPROXY)))
 
-    # A complete override is used as it is, without a request.
+    # gvproxy is a host binary, not an image: an override without it still works, the
+    # binary comes from the verified cache (or is fetched with download=True).
     proxy.reset()
+    assert await esa.ensure_assets(override=vm_only) == vm_only
+    assert await esa.ensure_assets_available(override=vm_only) == (vm_only, images_dir / GVPROXY)
+
+    # A complete override is used as it is, without a request.
     assert await esa.ensure_assets(override=images_dir) == images_dir
     assert await esa.ensure_assets_available(override=images_dir) == (
         images_dir,

@@ -70,9 +70,6 @@ __all__ = [
     "prefetch_all_assets",
 ]
 
-# The gvproxy build output of an exec-sandbox checkout (the seed looked here first).
-_REPO_GVPROXY_DIR = Path(__file__).resolve().parent.parent.parent / "gvproxy-wrapper" / "bin"
-
 
 @dataclass
 class PrefetchResult:
@@ -184,8 +181,9 @@ async def get_gvproxy_path(override: Path | None = None) -> Path | None:
     client = get_assets()
     if override is not None and (override / name).is_file():
         return override / name
-    if (_REPO_GVPROXY_DIR / name).is_file():
-        return _REPO_GVPROXY_DIR / name
+    dev = client.settings.gvproxy_build_dir
+    if dev is not None and (dev / name).is_file():
+        return dev / name
     return client.find(name, override)
 
 
@@ -205,6 +203,15 @@ def _make_executable(path: Path) -> None:
     mode = path.stat().st_mode
     if mode & 0o111 != 0o111:
         path.chmod(mode | 0o111)
+
+
+def _check_override(specs: list[AssetSpec], override: Path) -> None:
+    """An explicit images_dir is authoritative for the VM files: report what it lacks."""
+    missing = [s.output_name for s in specs if not (override / s.output_name).is_file()]
+    if missing:
+        raise AssetsNotFoundLocally(
+            ", ".join(missing), [str(override)], "images_dir was given explicitly"
+        )
 
 
 def _vm_specs(language: str | None) -> list[AssetSpec]:
@@ -230,11 +237,7 @@ async def ensure_assets_available(
     client = get_assets()
     specs = _vm_specs(language)
     if override is not None:
-        missing = [s.output_name for s in specs if not (override / s.output_name).is_file()]
-        if missing:
-            raise AssetsNotFoundLocally(
-                ", ".join(missing), [str(override)], "images_dir was given explicitly"
-            )
+        _check_override(specs, override)
     images_dir = client.complete_dir(specs, override)
     gvproxy = await get_gvproxy_path(override)
     if images_dir is None or gvproxy is None:
@@ -259,34 +262,33 @@ async def ensure_assets(
     """Find or download assets; returns the directory holding every VM file.
 
     Checks kernel, initramfs and gvproxy (and `language`'s base image), not only the
-    kernel. An explicit `override` must hold them: its missing files are reported, never
-    silently fetched elsewhere. Without `download`, a miss raises FileNotFoundError
-    naming every place searched.
+    kernel. An explicit `override` must hold the VM files: what it lacks is reported,
+    never silently fetched elsewhere (gvproxy, a host binary, is looked up and fetched
+    as by `fetch_gvproxy`). Without `download`, a miss raises FileNotFoundError naming
+    every place searched.
     """
     client = get_assets()
     specs = _vm_specs(language)
     if override is not None:
-        missing = [s.output_name for s in specs if not (override / s.output_name).is_file()]
-        if await get_gvproxy_path(override) is None:
-            missing.append(_host_gvproxy().output_name)
-        if missing:
-            raise AssetsNotFoundLocally(
-                ", ".join(missing), [str(override)], "images_dir was given explicitly"
-            )
-        return override
-    images_dir = client.complete_dir(specs)
-    if images_dir is not None and await get_gvproxy_path() is not None:
+        _check_override(specs, override)
+        images_dir: Path | None = override
+    else:
+        images_dir = client.complete_dir(specs)
+    gvproxy = await get_gvproxy_path(override)
+    if images_dir is not None and gvproxy is not None:
         logger.debug("Found existing assets", extra={"images_dir": str(images_dir)})
         return images_dir
     if not download or client.settings.offline:
-        names = [s.output_name for s in specs] + [_host_gvproxy().output_name]
+        names = [] if images_dir else [s.output_name for s in specs]
+        names += [] if gvproxy else [_host_gvproxy().output_name]
         why = (
             "offline mode (EXEC_SANDBOX_OFFLINE=1)"
             if client.settings.offline
             else "auto_download_assets=False: set EXEC_SANDBOX_IMAGES_DIR or enable downloads"
         )
-        raise AssetsNotFoundLocally(", ".join(names), client.searched_places(), why)
-    images_dir, _ = await ensure_assets_available(language)
+        raise AssetsNotFoundLocally(", ".join(names), client.searched_places(override), why)
+    # gvproxy is a host binary, not an image: fetched even when images_dir was given.
+    images_dir, _ = await ensure_assets_available(language, override)
     return images_dir
 
 

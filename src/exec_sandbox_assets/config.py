@@ -41,6 +41,8 @@ DEFAULT_RELEASES_DOWNLOAD = f"{catalog.DEFAULT_RELEASES_URL}/download"
 LATEST = "latest"
 # The seed's "images/dist relative to the package root": a checkout's build output.
 LOCAL_BUILD_DIR = Path(__file__).resolve().parent.parent.parent / "images" / "dist"
+# The gvproxy build output of a checkout; the seed looked here first for dev builds.
+GVPROXY_BUILD_DIR = Path(__file__).resolve().parent.parent.parent / "gvproxy-wrapper" / "bin"
 PACKAGED_KEYS_DIR = Path(__file__).resolve().parent / "keys"
 
 
@@ -49,6 +51,7 @@ class Settings:
     cache_dir: Path
     images_dir: Path | None = None
     local_build_dir: Path | None = LOCAL_BUILD_DIR
+    gvproxy_build_dir: Path | None = GVPROXY_BUILD_DIR
     offline: bool = False
     version: str = LATEST
     registry: str = catalog.DEFAULT_REPOSITORY
@@ -168,7 +171,14 @@ def load_settings(env: Mapping[str, str] | None = None, **explicit: Any) -> Sett
     }
     if "trusted_keys" in given:
         given["trusted_keys"] = tuple(Path(p) for p in given["trusted_keys"])
-    for key in ("cache_dir", "images_dir", "ca_bundle", "docker_config", "local_build_dir"):
+    for key in (
+        "cache_dir",
+        "images_dir",
+        "ca_bundle",
+        "docker_config",
+        "local_build_dir",
+        "gvproxy_build_dir",
+    ):
         if key in given:
             given[key] = Path(given[key]).expanduser()
     values.update(given)
