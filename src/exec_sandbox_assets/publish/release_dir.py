@@ -20,23 +20,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from exec_sandbox_assets import catalog
+from exec_sandbox_assets import catalog, release
 from exec_sandbox_assets.errors import ConfigError
 from exec_sandbox_assets.trust import SignatureManifest
 
-INDEX_FILE = "oci-index.json"
-SIGNATURE_FILE = "oci-signature.json"
+# The names are shared with the client's releases source (release.py).
+INDEX_FILE = release.RELEASE_INDEX_FILE
+SIGNATURE_FILE = release.RELEASE_SIGNATURE_FILE
+manifest_file = release.release_manifest_file
+payload_file = release.release_payload_file
 SUMS_FILE = "SHA256SUMS"
 _CHUNK = 1024 * 1024
-
-
-def manifest_file(os_: str, goarch: str) -> str:
-    """`oci-manifest-{os}-{arch}.json`, arch as the index names it (Go naming)."""
-    return f"oci-manifest-{os_}-{goarch}.json"
-
-
-def payload_file(n: int) -> str:
-    return f"oci-signature-payload-{n}.json"
 
 
 @dataclass(frozen=True)
