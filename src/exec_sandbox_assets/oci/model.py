@@ -103,6 +103,19 @@ def _load_json(data: bytes, where: str) -> dict[str, Any]:
     return obj
 
 
+def _document(
+    data: bytes, where: str, media_types: tuple[str, ...], what: str
+) -> tuple[dict[str, Any], str]:
+    """The parsed object and its media type (the first of `media_types` when absent)."""
+    obj = _load_json(data, where)
+    if obj.get("schemaVersion") != 2:
+        raise FormatError("schemaVersion must be 2", where)
+    media_type = obj.get("mediaType", media_types[0])
+    if media_type not in media_types:
+        raise FormatError(f"not {what} (mediaType {media_type!r})", where)
+    return obj, media_type
+
+
 def _str(obj: Mapping[str, Any], key: str, where: str, *, required: bool = True) -> str | None:
     value = obj.get(key)
     if value is None:
@@ -243,12 +256,7 @@ class Manifest:
 
     @classmethod
     def from_bytes(cls, data: bytes, where: str) -> Manifest:
-        obj = _load_json(data, where)
-        if obj.get("schemaVersion") != 2:
-            raise FormatError("schemaVersion must be 2", where)
-        media_type = obj.get("mediaType", MEDIA_TYPE_MANIFEST)
-        if media_type not in MANIFEST_MEDIA_TYPES:
-            raise FormatError(f"not an image manifest (mediaType {media_type!r})", where)
+        obj, media_type = _document(data, where, MANIFEST_MEDIA_TYPES, "an image manifest")
         if "manifests" in obj:
             raise FormatError("image manifest must not carry 'manifests'", where)
         layers = obj.get("layers")
@@ -291,13 +299,8 @@ class Index:
 
     @classmethod
     def from_bytes(cls, data: bytes, where: str) -> Index:
-        obj = _load_json(data, where)
-        if obj.get("schemaVersion") != 2:
-            raise FormatError("schemaVersion must be 2", where)
         # An OCI layout's index.json may omit mediaType; a pushed index must not lie.
-        media_type = obj.get("mediaType", MEDIA_TYPE_INDEX)
-        if media_type not in INDEX_MEDIA_TYPES:
-            raise FormatError(f"not an image index (mediaType {media_type!r})", where)
+        obj, media_type = _document(data, where, INDEX_MEDIA_TYPES, "an image index")
         manifests = obj.get("manifests")
         if not isinstance(manifests, list):
             raise FormatError("missing required field 'manifests'", where)
