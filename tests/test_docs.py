@@ -141,6 +141,14 @@ def test_every_env_var_config_reads_is_documented() -> None:
     assert "`DOCKER_CONFIG`" in text
 
 
+def test_every_setting_is_documented() -> None:
+    from exec_sandbox_assets.config import Settings
+
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    missing = sorted(f for f in Settings.__dataclass_fields__ if f"`{f}`" not in text)
+    assert missing == [], f"Settings fields missing from docs/configuration.md: {missing}"
+
+
 def test_every_documented_env_var_is_used_by_a_test_or_example() -> None:
     corpus = _tests_text() + runnable_text()
     unused = sorted(n for n in documented_env_vars() if n not in corpus)
