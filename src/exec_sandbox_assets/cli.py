@@ -300,7 +300,9 @@ def _inspect_args(p: argparse.ArgumentParser) -> None:
 
 
 def _mirror_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", metavar="SRC", help="HOST/REPO, http://HOST:PORT/REPO, oci:DIR")
+    p.add_argument(
+        "src", metavar="SRC", help="HOST/REPO, http://HOST:PORT/REPO, oci:DIR, oci-archive:FILE"
+    )
     p.add_argument(
         "dst", metavar="DST", help="HOST/REPO, http://HOST:PORT/REPO, oci:DIR, oci-archive:FILE"
     )
@@ -442,10 +444,11 @@ COMMANDS: tuple[Command, ...] = (
         "keygen",
         "create a signing key pair",
         "Write a new signing key: PREFIX.key (private, mode 0600) and PREFIX.pub (the\n"
-        "public key clients trust, as `cosign verify --key` takes it).",
+        "public key clients trust, as `cosign verify --key` takes it). With\n"
+        "--password-env NAME the private key is encrypted with the password in $NAME.",
         (
             "keygen --out release",
-            "KEY_PASSWORD=... keygen --algorithm ed25519 --out ci --password-env KEY_PASSWORD",
+            "keygen --algorithm ed25519 --out ci --password-env KEY_PASSWORD",
         ),
         _keygen_args,
     ),
