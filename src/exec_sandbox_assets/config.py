@@ -119,6 +119,13 @@ def _path(env: Mapping[str, str], name: str) -> Path | None:
     return Path(raw).expanduser() if raw else None
 
 
+def docker_config_path(env: Mapping[str, str] | None = None) -> Path:
+    """docker's config.json: `$DOCKER_CONFIG/config.json`, else ~/.docker/config.json."""
+    env = os.environ if env is None else env
+    base = _path(env, "DOCKER_CONFIG")
+    return base / "config.json" if base else Path.home() / ".docker" / "config.json"
+
+
 def default_cache_dir() -> Path:
     import platformdirs  # only when no cache dir was given: keeps the warm path lean
 
@@ -147,7 +154,6 @@ def load_settings(env: Mapping[str, str] | None = None, **explicit: Any) -> Sett
         version_text = app_version
     mirrors_raw = env.get(ENV_PREFIX + "REGISTRY_MIRRORS", "")
     keys_raw = env.get(ENV_PREFIX + "TRUSTED_KEYS", "")
-    docker_dir = _path(env, "DOCKER_CONFIG")
 
     values: dict[str, Any] = {
         "cache_dir": _path(env, ENV_PREFIX + "CACHE_DIR") or None,
@@ -165,7 +171,7 @@ def load_settings(env: Mapping[str, str] | None = None, **explicit: Any) -> Sett
         "insecure_skip_verify": _flag(env, "INSECURE_SKIP_VERIFY"),
         "allow_downgrade": _flag(env, "ALLOW_DOWNGRADE"),
         "ca_bundle": _path(env, ENV_PREFIX + "CA_BUNDLE"),
-        "docker_config": (docker_dir / "config.json") if docker_dir else None,
+        "docker_config": docker_config_path(env),
         "concurrency": _int(env, "CONCURRENCY", 4),
         "lock_timeout": float(_int(env, "LOCK_TIMEOUT", 1800, minimum=0)),
     }
@@ -184,8 +190,6 @@ def load_settings(env: Mapping[str, str] | None = None, **explicit: Any) -> Sett
     values.update(given)
     if values["cache_dir"] is None:
         values["cache_dir"] = default_cache_dir()
-    if values["docker_config"] is None:
-        values["docker_config"] = Path.home() / ".docker" / "config.json"
     unknown = set(values) - set(Settings.__dataclass_fields__)
     if unknown:
         raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -60,7 +59,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from exec_sandbox_assets import catalog, trust
-from exec_sandbox_assets.config import LATEST, normalize_version
+from exec_sandbox_assets.config import LATEST, docker_config_path, normalize_version
 from exec_sandbox_assets.errors import (
     AssetError,
     AssetNotFoundError,
@@ -382,10 +381,7 @@ def _mount_from(src: RegistryRef | LayoutRef, dst: RegistryRef | LayoutRef) -> s
 
 
 def _docker_config(explicit: Path | None) -> Path:
-    if explicit is not None:
-        return Path(explicit)
-    base = os.environ.get("DOCKER_CONFIG")
-    return Path(base) / "config.json" if base else Path.home() / ".docker" / "config.json"
+    return Path(explicit) if explicit is not None else docker_config_path()
 
 
 def _open_source(

@@ -25,10 +25,7 @@ What oras-py 0.2.43 does and what we do around it:
 from __future__ import annotations
 
 import base64
-import binascii
-import json
 import logging
-import os
 import re
 import tempfile
 import time
@@ -40,6 +37,7 @@ import oras.provider
 import requests
 import requests.adapters
 
+from exec_sandbox_assets.config import docker_config_path
 from exec_sandbox_assets.errors import (
     AssetDownloadError,
     AssetError,
@@ -49,6 +47,7 @@ from exec_sandbox_assets.errors import (
     SizeLimitError,
     TransportError,
 )
+from exec_sandbox_assets.oci.auth import load_docker_credentials
 from exec_sandbox_assets.oci.model import (
     ACCEPT_MANIFESTS,
     MAX_MANIFEST_SIZE,
@@ -95,44 +94,13 @@ class _TimeoutAdapter(requests.adapters.HTTPAdapter):
         )
 
 
-def docker_config_path() -> Path:
-    base = os.environ.get("DOCKER_CONFIG")
-    return Path(base) / "config.json" if base else Path.home() / ".docker" / "config.json"
-
-
 def docker_credentials(host: str, config: Path | None = None) -> tuple[str, str] | None:
-    """`auths` credentials for `host` from a docker config.json (None if absent).
+    """`auths` credentials for `host` from docker's config.json (None if absent).
 
-    Credential helpers (`credsStore`, `credHelpers`) are not run; pass the
-    credentials explicitly where those are used.
+    The same reader as the pull side; credential helpers are not run.
     """
-    path = config or docker_config_path()
-    try:
-        doc: Any = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path}: cannot read docker config: {exc}") from None
-    auths = doc.get("auths") if isinstance(doc, dict) else None
-    if not isinstance(auths, dict):
-        return None
-    for key in (host, f"https://{host}", f"http://{host}", f"https://{host}/v1/"):
-        entry = auths.get(key)
-        if not isinstance(entry, dict):
-            continue
-        if isinstance(entry.get("username"), str) and isinstance(entry.get("password"), str):
-            return entry["username"], entry["password"]
-        encoded = entry.get("auth")
-        if isinstance(encoded, str) and encoded:
-            try:
-                user, sep, password = base64.b64decode(encoded).decode().partition(":")
-            except (binascii.Error, UnicodeDecodeError):
-                raise ConfigError(
-                    f"{path}: auths[{key!r}].auth is not base64 user:password"
-                ) from None
-            if sep:
-                return user, password
-    return None
+    creds = load_docker_credentials(host, config or docker_config_path())
+    return (creds.username, creds.password) if creds is not None else None
 
 
 def _reason(exc: BaseException) -> str:
@@ -529,4 +497,4 @@ class RegistryTarget:
         self._client.session.close()
 
 
-__all__ = ["CHUNK_SIZE", "RegistryTarget", "docker_config_path", "docker_credentials"]
+__all__ = ["CHUNK_SIZE", "RegistryTarget", "docker_credentials"]
