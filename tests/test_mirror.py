@@ -235,6 +235,26 @@ def test_mirror_into_an_htpasswd_registry_serves_the_client_alone(
     assert [r.index_digest for r in again.releases] == [r.index_digest for r in result.releases]
 
 
+def test_explicit_docker_config_logs_in_to_the_destination(
+    htpasswd_registry: RegistryServer, tmp_path: Path, key: KeyPair
+) -> None:
+    """`docker_config=` (the CLI passes settings.docker_config) is read for the
+    destination too, not only for the source; $DOCKER_CONFIG here is empty."""
+    src = f"oci:{tmp_path / 'src'}"
+    rel = release(src, "0.9.3", tmp_path, key)
+    user, password = next(iter(HTPASSWD_USERS.items()))
+    config = tmp_path / "elsewhere.json"
+    auth = base64.b64encode(f"{user}:{password}".encode()).decode()
+    config.write_text(json.dumps({"auths": {htpasswd_registry.host: {"auth": auth}}}))
+
+    result = copy(
+        src, htpasswd_registry.ref("site/explicit"), tmp_path, key, ["0.9.3"], docker_config=config
+    )
+
+    assert result.releases[0].index_digest == rel.index_digest
+    assert manifest_status(htpasswd_registry, "site/explicit", rel.tag, (user, password)) == 200
+
+
 def test_same_registry_mounts_instead_of_copying(
     registry: RegistryServer, tmp_path: Path, key: KeyPair, repo_name: str
 ) -> None:

@@ -265,7 +265,9 @@ async def mirror_async(
             await _plan(source, tag, policy, platforms, insecure_skip_verify, progress)
             for tag in tags
         ]
-        target = await asyncio.to_thread(_open_target, dst, work_dir, dst_credentials, ca_bundle)
+        target = await asyncio.to_thread(
+            _open_target, dst, work_dir, dst_credentials, ca_bundle, docker_config
+        )
         copier = _Copier(
             source,
             target,
@@ -380,10 +382,6 @@ def _mount_from(src: RegistryRef | LayoutRef, dst: RegistryRef | LayoutRef) -> s
     return None
 
 
-def _docker_config(explicit: Path | None) -> Path:
-    return Path(explicit) if explicit is not None else docker_config_path()
-
-
 def _open_source(
     text: str,
     ref: RegistryRef | LayoutRef,
@@ -396,12 +394,16 @@ def _open_source(
     from exec_sandbox_assets.oci.registry import RegistryClient
 
     if credentials is None:
-        credentials = load_docker_credentials(ref.host, _docker_config(docker_config))
+        credentials = load_docker_credentials(ref.host, docker_config or docker_config_path())
     return RegistrySource(RegistryClient(ref, credentials=credentials, ca_bundle=ca_bundle), text)
 
 
 def _open_target(
-    text: str, work_dir: Path, credentials: Credentials | None, ca_bundle: Path | None
+    text: str,
+    work_dir: Path,
+    credentials: Credentials | None,
+    ca_bundle: Path | None,
+    docker_config: Path | None,
 ) -> Target:
     from exec_sandbox_assets.publish.targets import RegistryOptions, open_target
 
@@ -409,6 +411,7 @@ def _open_target(
         username=credentials.username if credentials else None,
         password=credentials.password if credentials else None,
         ca_bundle=ca_bundle,
+        docker_config=docker_config,
     )
     return open_target(text, work_dir, options)
 

@@ -18,8 +18,9 @@ What oras-py 0.2.43 does and what we do around it:
   once so oras fetches one for the scope the registry now asks for;
 - it reads `~/.docker/config.json` only (not `$DOCKER_CONFIG`) and its Basic
   backend crashes without credentials, so credentials are found here: explicit
-  arguments, else the `auths` entry of `$DOCKER_CONFIG/config.json` or
-  `~/.docker/config.json`. `GET /v2/` tells which auth scheme the registry wants.
+  arguments, else the `auths` entry of the docker config (`docker_config`, else
+  `$DOCKER_CONFIG/config.json` or `~/.docker/config.json`), read by the pull side's
+  reader. `GET /v2/` tells which auth scheme the registry wants.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from exec_sandbox_assets.errors import (
     SizeLimitError,
     TransportError,
 )
-from exec_sandbox_assets.oci.auth import load_docker_credentials
+from exec_sandbox_assets.oci.auth import Credentials, load_docker_credentials
 from exec_sandbox_assets.oci.model import (
     ACCEPT_MANIFESTS,
     MAX_MANIFEST_SIZE,
@@ -94,15 +95,6 @@ class _TimeoutAdapter(requests.adapters.HTTPAdapter):
         )
 
 
-def docker_credentials(host: str, config: Path | None = None) -> tuple[str, str] | None:
-    """`auths` credentials for `host` from docker's config.json (None if absent).
-
-    The same reader as the pull side; credential helpers are not run.
-    """
-    creds = load_docker_credentials(host, config or docker_config_path())
-    return (creds.username, creds.password) if creds is not None else None
-
-
 def _reason(exc: BaseException) -> str:
     """The useful end of a requests error ("Connection refused", not three wrappers)."""
     text = str(exc)
@@ -139,6 +131,7 @@ class RegistryTarget:
         username: str | None = None,
         password: str | None = None,
         ca_bundle: Path | None = None,
+        docker_config: Path | None = None,
         work_dir: Path | None = None,
         chunk_size: int = CHUNK_SIZE,
         timeout: tuple[float, float] = (CONNECT_TIMEOUT, READ_TIMEOUT),
@@ -165,11 +158,15 @@ class RegistryTarget:
             raise ConfigError(f"CA bundle {ca_bundle} does not exist")
 
         scheme = self._probe(tls_verify, timeout)
-        creds = (username, password) if username is not None and password is not None else None
-        self._creds_source = "--username/--password-stdin"
-        if creds is None:
-            creds = docker_credentials(parsed.host)
-            self._creds_source = str(docker_config_path())
+        creds: Credentials | None
+        if username is not None and password is not None:
+            creds, self._creds_source = Credentials(username, password), f"given for {username}"
+        else:
+            config = docker_config or docker_config_path()
+            creds, self._creds_source = (
+                load_docker_credentials(parsed.host, config),
+                f"from {config}",
+            )
         if scheme == "basic" and creds is None:
             raise AuthError(self._login_hint("requires a login (HTTP Basic) and no credentials"))
 
@@ -184,10 +181,11 @@ class RegistryTarget:
         self._client.session.mount("https://", adapter)
         self._basic: str | None = None
         if creds is not None:
-            self._client.auth.set_basic_auth(*creds)
+            self._client.auth.set_basic_auth(creds.username, creds.password)
             if scheme == "basic":
                 # Sent up front: oras would otherwise send every request twice (401 first).
-                self._basic = "Basic " + base64.b64encode(":".join(creds).encode()).decode()
+                pair = f"{creds.username}:{creds.password}".encode()
+                self._basic = "Basic " + base64.b64encode(pair).decode()
         self._has_creds = creds is not None
         self._container = self._client.get_container(f"{parsed.host}/{parsed.repository}")
         # oras's chunked_upload calls self.do_request: route it through our policy.
@@ -253,13 +251,18 @@ class RegistryTarget:
         )
         if resp.status_code != 202:
             raise self._error(resp, "starting an upload")
-        location = resp.headers.get("Location")
-        if location:
-            url = location if location.startswith("http") else f"{self.ref.base_url}{location}"
-            try:
-                self._request(url, "DELETE")
-            except AssetError as exc:  # uploads expire anyway
-                log.debug("could not cancel the probe upload: %s", exc)
+        self._cancel_upload(resp, "the probe upload")
+
+    def _cancel_upload(self, started: requests.Response, what: str) -> None:
+        """DELETE the upload session a 202 opened (best effort: sessions expire anyway)."""
+        location = started.headers.get("Location")
+        if not location:
+            return
+        url = location if location.startswith("http") else f"{self.ref.base_url}{location}"
+        try:
+            self._request(url, "DELETE")
+        except AssetError as exc:
+            log.debug("could not cancel %s: %s", what, exc)
 
     # -- requests --------------------------------------------------------------
 
@@ -333,7 +336,7 @@ class RegistryTarget:
 
     def _refused(self, resp: requests.Response, method: str, url: str) -> str:
         why = (
-            f"the credentials from {self._creds_source} were refused or lack push rights"
+            f"the credentials {self._creds_source} were refused or lack push rights"
             if self._has_creds
             else "no credentials were given"
         )
@@ -386,13 +389,7 @@ class RegistryTarget:
             return True
         if resp.status_code != 202:
             raise self._error(resp, f"mounting {digest} from {from_repository}")
-        location = resp.headers.get("Location")
-        if location:
-            url = location if location.startswith("http") else f"{self.ref.base_url}{location}"
-            try:
-                self._request(url, "DELETE")
-            except AssetError as exc:  # uploads expire anyway
-                log.debug("could not cancel the mount's upload session: %s", exc)
+        self._cancel_upload(resp, "the mount's upload session")
         return False
 
     def push_blob(self, path: Path, digest: str, size: int) -> None:
@@ -497,4 +494,4 @@ class RegistryTarget:
         self._client.session.close()
 
 
-__all__ = ["CHUNK_SIZE", "RegistryTarget", "docker_credentials"]
+__all__ = ["CHUNK_SIZE", "RegistryTarget"]

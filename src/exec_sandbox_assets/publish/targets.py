@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -43,11 +43,13 @@ class PushStats:
 
 @dataclass(frozen=True)
 class RegistryOptions:
-    """How to reach and log in to registries (unused by layout targets)."""
+    """How to reach and log in to registries (unused by layout targets). Without a
+    username, the `auths` of `docker_config` (default: `config.docker_config_path()`)."""
 
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     ca_bundle: Path | None = None
+    docker_config: Path | None = None
 
 
 class Target(Protocol):
@@ -190,6 +192,7 @@ def open_target(text: str, work_dir: Path, options: RegistryOptions | None = Non
         username=opts.username,
         password=opts.password,
         ca_bundle=opts.ca_bundle,
+        docker_config=opts.docker_config,
         work_dir=work_dir,
     )
 
