@@ -72,6 +72,8 @@ _NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 _TMP_MARK = ".tmp-"
 _MAX_RACE_RETRIES = 3
+# Records and refs are a few hundred bytes.
+_MAX_SMALL_FILE = 64 * 1024
 
 _T = TypeVar("_T")
 
@@ -164,6 +166,44 @@ class _Stopped(Exception):
     """A worker thread noticed that its caller was cancelled."""
 
 
+class _NotRegular(_Raced):
+    """A symlink, FIFO, device or directory sits at one of the store's file paths.
+
+    Never followed or opened for I/O: the cache belongs to the user, but a planted link
+    must not make the store write elsewhere, and a FIFO must not hang the boot path. A
+    `_Raced`, so `ensure` starts over after the path was cleared.
+    """
+
+
+def _open_regular(path: Path, flags: int = os.O_RDONLY, mode: int = 0o644) -> int:
+    """`os.open` that refuses anything but a regular file (no symlink, no FIFO wait)."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+            raise _NotRegular(f"{path} is not a regular file") from exc
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _NotRegular(f"{path} is not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _read_regular(path: Path, cap: int) -> bytes:
+    """A small file's bytes, refusing non-regular files and anything over `cap`."""
+    fd = _open_regular(path)
+    try:
+        data = os.read(fd, cap + 1)
+    finally:
+        os.close(fd)
+    if len(data) > cap:
+        raise ValueError(f"{path} is larger than {cap} bytes")
+    return data
+
+
 # -- locks ----------------------------------------------------------------------------------
 
 
@@ -201,7 +241,15 @@ class FileLock:
         if self._fd is not None:
             raise RuntimeError(f"lock {self.path} is already held by this object")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fd = _open_regular(self.path, os.O_RDWR | os.O_CREAT)
+        except _NotRegular:
+            # Never lock (and write the holder note into) a planted link's target.
+            log.warning(
+                "lock path is not a regular file; proceeding without the lock",
+                extra={"lock_path": str(self.path)},
+            )
+            return False
         deadline = time.monotonic() + self.timeout
         started = time.monotonic()
         delay = self._poll
@@ -483,10 +531,14 @@ class Store:
     def _read_record(self, version: str, name: str) -> _Record | None:
         path = self._record_path(version, name)
         try:
-            return _Record.from_bytes(path.read_bytes())
+            return _Record.from_bytes(_read_regular(path, _MAX_SMALL_FILE))
         except FileNotFoundError:
             log.debug("no verification record", extra={"path": str(path)})
-        except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError too
+        except (
+            OSError,
+            ValueError,
+            _NotRegular,
+        ) as exc:  # JSONDecodeError and UnicodeDecodeError too
             log.debug(
                 "unreadable verification record", extra={"path": str(path), "error": str(exc)}
             )
@@ -642,8 +694,12 @@ class Store:
     async def _existing_blob_ok(self, req: BlobRequest, blob: Path) -> bool:
         """A complete blob left by a crash before its install: reuse it only if it verifies."""
         try:
-            fd = os.open(blob, os.O_RDONLY | os.O_CLOEXEC)
+            fd = _open_regular(blob)
         except FileNotFoundError:
+            return False
+        except _NotRegular:
+            log.warning("discarding non-regular file at a blob path", extra={"path": str(blob)})
+            _unlink(blob)
             return False
         try:
             hasher = new_hasher(req.digest)
@@ -674,7 +730,14 @@ class Store:
         # No O_APPEND: we write at explicit offsets, so two writers of the same blob (only
         # possible when locks do not work) put identical bytes at identical places instead
         # of appending twice.
-        fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fd = _open_regular(partial, os.O_RDWR | os.O_CREAT)
+        except _NotRegular:
+            log.warning(
+                "discarding non-regular file at a partial path", extra={"path": str(partial)}
+            )
+            _unlink(partial)  # removes the link itself, never its target
+            raise
         try:
             st = os.fstat(fd)
             hasher = new_hasher(req.digest)
@@ -726,7 +789,12 @@ class Store:
                 if not chunk:
                     continue
                 if pos + len(chunk) > req.size:
-                    _unlink(partial)  # the source lies about this blob: keep none of it
+                    # This source lies about the blob: drop what it sent, keep what earlier
+                    # attempts fetched (the final digest check still covers all of it).
+                    if offset:
+                        os.ftruncate(fd, offset)
+                    else:
+                        _unlink(partial)
                     raise SizeLimitError(
                         f"{req.source} sent more than the {req.size} bytes of blob {req.digest}"
                     )
@@ -767,8 +835,13 @@ class Store:
     def read_state(self, key: str) -> dict[str, Any] | None:
         path = self._state_path(key)
         try:
-            data = path.read_bytes()
+            data = _read_regular(path, _MAX_SMALL_FILE)
         except FileNotFoundError:
+            return None
+        except (_NotRegular, ValueError) as exc:
+            log.warning(
+                "ignoring unreadable state file", extra={"path": str(path), "error": str(exc)}
+            )
             return None
         try:
             obj = json.loads(data)
@@ -929,7 +1002,7 @@ def _decompress_and_publish(
 
     dctx = zstandard.ZstdDecompressor(max_window_size=_MAX_WINDOW)
     try:
-        src = open(blob, "rb")  # noqa: SIM115 - closed by the `with` below
+        src = os.fdopen(_open_regular(blob), "rb")
     except FileNotFoundError as exc:
         raise _Raced(f"{blob} vanished before its install") from exc
     tmp = _tmp_name(final.parent, final.name)
@@ -1003,7 +1076,7 @@ def _verify_and_publish(
     independent of any lock (the only uncompressed output, gvproxy, is small).
     """
     try:
-        fd = os.open(blob, os.O_RDONLY | os.O_CLOEXEC)
+        fd = _open_regular(blob)
     except FileNotFoundError as exc:
         raise _Raced(f"{blob} vanished before its install") from exc
     try:
