@@ -35,6 +35,8 @@ DEFAULT_TOKEN_TTL = 60.0
 # Refresh a little before the registry would start refusing the token.
 _EXPIRY_MARGIN = 5.0
 _MAX_TOKEN_RESPONSE = 1024 * 1024
+# Request extension naming the most body bytes to accept (see oci.http.cap_body).
+BODY_CAP = "exec_sandbox_assets.body_cap"
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 # `/v2/<name>/(manifests|blobs|tags)/...` -> the repository a request is scoped to.
 _REPO_PATH_RE = re.compile(r"^/v2/(.+?)/(?:manifests|blobs|tags)/")
@@ -304,7 +306,12 @@ class RegistryAuth(httpx.Auth):
         # Never hand credentials to a plain-HTTP realm of a TLS registry.
         if basic and (realm_url.scheme == "https" or url.scheme == "http"):
             headers["Authorization"] = basic
-        return httpx.Request("GET", realm_url.copy_merge_params(params), headers=headers)
+        return httpx.Request(
+            "GET",
+            realm_url.copy_merge_params(params),
+            headers=headers,
+            extensions={BODY_CAP: _MAX_TOKEN_RESPONSE},
+        )
 
     async def _store_token(self, key: str, request: httpx.Request, response: httpx.Response) -> str:
         where = f"token endpoint {request.url.copy_with(query=None)}"
@@ -314,11 +321,15 @@ class RegistryAuth(httpx.Auth):
                 response.status_code,
             )
         # aread(), not a capped iteration: httpx reads this response again after the flow
-        # resumes, and a consumed stream without cached content would raise there.
+        # resumes, and a consumed stream without cached content would raise there. The
+        # BODY_CAP extension of the request caps the body (HttpCore's response hook).
         length = response.headers.get("content-length", "")
         if length.isdigit() and int(length) > _MAX_TOKEN_RESPONSE:
             raise AuthError(f"{where} sent an oversized response ({length} bytes)")
-        body = await response.aread()
+        try:
+            body = await response.aread()
+        except httpx.HTTPError as exc:
+            raise AuthError(f"{where}: {type(exc).__name__}: {exc}") from exc
         if len(body) > _MAX_TOKEN_RESPONSE:
             raise AuthError(f"{where} sent an oversized response ({len(body)} bytes)")
         try:
@@ -346,6 +357,7 @@ class TokenEndpointError(AuthError):
 
 
 __all__ = [
+    "BODY_CAP",
     "DEFAULT_TOKEN_TTL",
     "Challenge",
     "Credentials",

@@ -44,7 +44,7 @@ from exec_sandbox_assets.errors import (
     ConfigError,
     SizeLimitError,
 )
-from exec_sandbox_assets.oci.auth import TokenEndpointError
+from exec_sandbox_assets.oci.auth import BODY_CAP, TokenEndpointError
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +182,7 @@ class HttpCore:
                 except (OSError, ssl.SSLError) as exc:
                     raise ConfigError(f"cannot load CA bundle {self._ca_bundle}: {exc}") from None
             self._client = httpx.AsyncClient(
+                event_hooks={"response": [cap_body]},
                 follow_redirects=True,
                 http1=True,
                 http2=False,
@@ -336,6 +337,41 @@ class HttpCore:
                 f"{method} {url}: {self.peer} at {base} is unreachable: {describe(exc)}{tries}"
             )
         return AssetDownloadError(f"{method} {url}: {describe(exc)}{tries}")
+
+
+class BodyTooLargeError(httpx.TransportError):
+    """A body httpx reads whole by itself (redirect, 401, token answer) was too long."""
+
+
+class _CappedStream(httpx.AsyncByteStream):
+    def __init__(self, inner: httpx.AsyncByteStream, cap: int, url: httpx.URL) -> None:
+        self._inner, self._cap, self._url = inner, cap, url
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        size = 0
+        async for chunk in self._inner:
+            size += len(chunk)
+            if size > self._cap:
+                where = self._url.copy_with(query=None)
+                raise BodyTooLargeError(f"body from {where} exceeds {self._cap} bytes")
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+async def cap_body(response: httpx.Response) -> None:
+    """Response hook: cap every body that is not a 2xx (or is capped by its request).
+
+    httpx reads redirect bodies and the bodies an auth flow answered (401, token
+    endpoint) whole, with no limit: an endless one would fill memory. 2xx bodies are
+    left alone (blob streams); their readers cap them (`read_capped`, the store).
+    """
+    cap = response.request.extensions.get(BODY_CAP)
+    if cap is None and not 200 <= response.status_code < 300:
+        cap = MAX_ERROR_BODY
+    if isinstance(cap, int) and isinstance(response.stream, httpx.AsyncByteStream):
+        response.stream = _CappedStream(response.stream, cap, response.url)
 
 
 RETRYABLE_ERRORS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
