@@ -1,0 +1,312 @@
+"""Attacks that do not belong to one module's tests: a hostile server, a booby-trapped
+cache directory or layout, hostile documents.
+
+Threat model, as decided in review (see also docs in store.py and auth.py):
+- Servers, mirrors, layouts and archives are untrusted: nothing they send is used before
+  its digest (and the index signature) verified, every body is capped, nothing blocks.
+- The cache directory belongs to the user. Whoever can write it can change what boots,
+  so record tampering is out of scope; but the store never follows a symlink or opens a
+  FIFO/device at one of its own paths, so a planted link cannot make it write or
+  truncate a file elsewhere, or hang the boot path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from exec_sandbox_assets.errors import AssetDownloadError, AssetError, SizeLimitError
+from exec_sandbox_assets.oci.auth import Credentials
+from exec_sandbox_assets.oci.http import RetryPolicy
+from exec_sandbox_assets.oci.reference import parse_registry_ref
+from exec_sandbox_assets.oci.registry import RegistryClient
+from exec_sandbox_assets.store import Store
+from test_store import FileOpener, make_fixture
+
+# -- a booby-trapped cache directory ------------------------------------------------------------
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return tmp_path / "cache"
+
+
+def _blob_path(root: Path, digest: str) -> Path:
+    algo, _, hexpart = digest.partition(":")
+    return root / "blobs" / algo / hexpart
+
+
+async def test_symlinked_partial_is_not_followed(root: Path, tmp_path: Path) -> None:
+    fx = make_fixture(tmp_path)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious " * 1000)
+    partial = _blob_path(root, fx.out.layer_digest).with_name(
+        _blob_path(root, fx.out.layer_digest).name + ".partial"
+    )
+    partial.parent.mkdir(parents=True)
+    partial.symlink_to(victim)
+
+    path = await Store(root).ensure(fx.out, FileOpener(fx.blob))
+
+    assert path.read_bytes() == fx.content
+    assert victim.read_bytes() == b"precious " * 1000
+
+
+async def test_symlinked_lock_file_is_not_followed(root: Path, tmp_path: Path) -> None:
+    fx = make_fixture(tmp_path)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    locks = root / "locks"
+    locks.mkdir(parents=True)
+    (locks / f"out-{fx.out.version}-{fx.out.name}.lock").symlink_to(victim)
+
+    path = await Store(root).ensure(fx.out, FileOpener(fx.blob))
+
+    assert path.read_bytes() == fx.content
+    assert victim.read_bytes() == b"precious"  # not truncated by the holder note
+
+
+async def test_fifo_at_blob_path_does_not_hang(root: Path, tmp_path: Path) -> None:
+    fx = make_fixture(tmp_path)
+    blob = _blob_path(root, fx.out.layer_digest)
+    blob.parent.mkdir(parents=True)
+    os.mkfifo(blob)
+
+    path = await asyncio.wait_for(Store(root).ensure(fx.out, FileOpener(fx.blob)), 20)
+    assert path.read_bytes() == fx.content
+
+
+async def test_fifo_at_record_path_does_not_hang_the_warm_path(root: Path, tmp_path: Path) -> None:
+    fx = make_fixture(tmp_path)
+    store = Store(root)
+    await store.ensure(fx.out, FileOpener(fx.blob))
+    record = root / f"v{fx.out.version}" / ".verified" / f"{fx.out.name}.json"
+    record.unlink()
+    os.mkfifo(record)
+
+    # In a thread: a blocking open() of the FIFO would hang the test itself otherwise.
+    result: list[object] = []
+    thread = threading.Thread(
+        target=lambda: result.append(store.lookup(fx.out.version, fx.out.name)), daemon=True
+    )
+    thread.start()
+    thread.join(10)
+    if thread.is_alive():  # unblock it: open a writer end
+        fd = os.open(record, os.O_WRONLY | os.O_NONBLOCK)
+        os.close(fd)
+        thread.join(5)
+        pytest.fail("lookup blocked on a FIFO at the record path")
+    assert result == [None]
+
+
+def test_fifo_at_state_path_does_not_hang(root: Path) -> None:
+    store = Store(root)
+    store.write_state("tag-latest", {"version": "1.0"})
+    state = root / "refs" / "tag-latest.json"
+    state.unlink()
+    os.mkfifo(state)
+    result: list[object] = []
+    thread = threading.Thread(
+        target=lambda: result.append(store.read_state("tag-latest")), daemon=True
+    )
+    thread.start()
+    thread.join(10)
+    if thread.is_alive():
+        os.close(os.open(state, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(5)
+        pytest.fail("read_state blocked on a FIFO")
+    assert result == [None]
+
+
+async def test_source_over_sending_after_a_resume_keeps_the_earlier_bytes(
+    root: Path, tmp_path: Path
+) -> None:
+    fx = make_fixture(tmp_path)
+    store = Store(root)
+    half = 4 * 64 * 1024
+    with pytest.raises(AssetDownloadError, match="truncated"):
+        await store.ensure(fx.out, FileOpener(fx.blob, cut_at=half))
+    assert [size for _, size in store.partials()] == [half]
+
+    with pytest.raises(SizeLimitError, match="sent more than"):
+        await store.ensure(fx.out, FileOpener(fx.blob, extra=b"junk" * 100))
+    # The liar's bytes are dropped; what an earlier attempt fetched is kept for resume.
+    assert [size for _, size in store.partials()] == [half]
+
+    opener = FileOpener(fx.blob)
+    assert (await store.ensure(fx.out, opener)).read_bytes() == fx.content
+    assert opener.offsets == [half]
+
+
+# -- a hostile HTTP server ------------------------------------------------------------------------
+
+
+Handler = Callable[[socket.socket, str, dict[str, str], "RawServer"], None]
+
+
+class RawServer:
+    """Loopback HTTP/1.1 server whose answers are raw bytes written by `handler`."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.sent = 0
+        self.requests: list[tuple[str, dict[str, str]]] = []
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self) -> RawServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._sock.close()
+
+    def _serve(self) -> None:
+        self._sock.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except (TimeoutError, OSError):
+                continue
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(10)
+            try:
+                while True:
+                    head = b""
+                    while b"\r\n\r\n" not in head:
+                        data = conn.recv(65536)
+                        if not data:
+                            return
+                        head += data
+                    lines = head.split(b"\r\n\r\n", 1)[0].decode().split("\r\n")
+                    target = lines[0].split(" ")[1]
+                    headers = {
+                        k.strip().lower(): v.strip()
+                        for k, _, v in (line.partition(":") for line in lines[1:])
+                    }
+                    self.requests.append((target, headers))
+                    self.handler(conn, target, headers, self)
+            except OSError:
+                return
+
+    def send(self, conn: socket.socket, data: bytes) -> None:
+        conn.sendall(data)
+        self.sent += len(data)
+
+
+def endless_chunked(conn: socket.socket, server: RawServer, head: bytes, limit: int) -> None:
+    """Send `head` (status line + headers, chunked) then chunks until `limit` or a close."""
+    server.send(conn, head + b"Transfer-Encoding: chunked\r\n\r\n")
+    piece = b"x" * 65536
+    chunk = b"%x\r\n%s\r\n" % (len(piece), piece)
+    while server.sent < limit:
+        server.send(conn, chunk)
+    server.send(conn, b"0\r\n\r\n")
+
+
+SENT_LIMIT = 256 * 1024 * 1024
+
+
+ONE_TRY = RetryPolicy(attempts=1, base_delay=0, max_delay=0)
+
+
+def _client(url: str, credentials: Credentials | None = None) -> RegistryClient:
+    ref = parse_registry_ref(f"{url}/test/repo")
+    return RegistryClient(ref, retry=ONE_TRY, credentials=credentials)
+
+
+async def _expect_bounded_failure(server: RawServer, call: Callable[[], Awaitable[Any]]) -> str:
+    started = time.monotonic()
+    with pytest.raises(AssetError) as info:
+        await asyncio.wait_for(call(), 30)
+    assert time.monotonic() - started < 20
+    # Socket buffers hold a few MiB at most: the client stopped reading early.
+    assert server.sent < 32 * 1024 * 1024, f"client read {server.sent} bytes"
+    return str(info.value)
+
+
+async def test_endless_token_response_is_capped() -> None:
+    def handler(conn: socket.socket, target: str, headers: dict[str, str], srv: RawServer) -> None:
+        if target.startswith("/token"):
+            endless_chunked(conn, srv, b"HTTP/1.1 200 OK\r\n", SENT_LIMIT)
+            return
+        body = b"{}"
+        srv.send(
+            conn,
+            b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 2\r\n"
+            b'WWW-Authenticate: Bearer realm="' + srv.url.encode() + b'/token",service="s"\r\n'
+            b"\r\n" + body,
+        )
+
+    with RawServer(handler) as server:
+        async with _client(server.url) as client:
+            message = await _expect_bounded_failure(server, lambda: client.get_manifest("v1"))
+    assert "/token" in message
+
+
+@pytest.mark.parametrize("status", [b"401 Unauthorized", b"302 Found", b"500 Oops"])
+async def test_endless_error_or_redirect_body_is_capped(status: bytes) -> None:
+    def handler(conn: socket.socket, target: str, headers: dict[str, str], srv: RawServer) -> None:
+        if target.startswith("/elsewhere"):
+            srv.send(conn, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+            return
+        head = b"HTTP/1.1 " + status + b'\r\nWWW-Authenticate: Basic realm="r"\r\n'
+        head += b"Location: /elsewhere\r\n"
+        endless_chunked(conn, srv, head, SENT_LIMIT)
+
+    with RawServer(handler) as server:
+        async with _client(server.url, Credentials("u", "p")) as client:
+            message = await _expect_bounded_failure(server, lambda: client.get_manifest("v1"))
+    assert f"{server.url}/v2/test/repo/manifests/v1" in message
+
+
+@pytest.mark.parametrize(
+    "location", ["file:///etc/passwd", "ftp://127.0.0.1/x", "/v2/test/repo/manifests/v1"]
+)
+async def test_bad_redirects_are_errors_naming_the_url(location: str) -> None:
+    def handler(conn: socket.socket, target: str, headers: dict[str, str], srv: RawServer) -> None:
+        srv.send(
+            conn,
+            b"HTTP/1.1 302 Found\r\nContent-Length: 0\r\nLocation: "
+            + location.encode()
+            + b"\r\n\r\n",
+        )
+
+    with RawServer(handler) as server:
+        async with _client(server.url) as client:
+            with pytest.raises(AssetDownloadError) as info:
+                await asyncio.wait_for(client.get_manifest("v1"), 30)
+    assert f"{server.url}/v2/test/repo/manifests/v1" in str(info.value)
+    assert len(server.requests) <= 21  # a loop stops at httpx's redirect limit
+
+
+async def test_206_with_wrong_content_range_is_refused() -> None:
+    digest = "sha256:" + "a" * 64
+
+    def handler(conn: socket.socket, target: str, headers: dict[str, str], srv: RawServer) -> None:
+        srv.send(
+            conn,
+            b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 0-9/10\r\n"
+            b"Content-Length: 10\r\n\r\n0123456789",
+        )
+
+    with RawServer(handler) as server:
+        async with _client(server.url) as client:
+            with pytest.raises(AssetDownloadError, match="Content-Range") as info:
+                async with client.open_blob(digest, 5):
+                    pass
+    assert digest in str(info.value)
