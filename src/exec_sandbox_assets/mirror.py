@@ -54,7 +54,7 @@ import asyncio
 import logging
 import shutil
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -66,6 +66,7 @@ from exec_sandbox_assets.errors import (
     ConfigError,
     FormatError,
     TransportError,
+    VersionMismatchError,
 )
 from exec_sandbox_assets.oci.auth import Credentials, load_docker_credentials
 from exec_sandbox_assets.oci.model import (
@@ -78,7 +79,7 @@ from exec_sandbox_assets.oci.model import (
     signature_tag,
 )
 from exec_sandbox_assets.oci.reference import LayoutRef, RegistryRef, parse_source_ref
-from exec_sandbox_assets.release import read_asset_layers
+from exec_sandbox_assets.release import read_asset_layer, read_asset_layers
 from exec_sandbox_assets.sources import BlobOpener, LayoutSource, RegistrySource, Source
 from exec_sandbox_assets.store import BlobRequest, Store
 
@@ -162,9 +163,6 @@ class MirrorResult:
         return sum(r.blobs_mounted for r in self.releases)
 
 
-_COUNTERS = ("copied", "bytes", "skipped", "mounted")
-
-
 @dataclass(frozen=True)
 class _Blob:
     desc: Descriptor
@@ -174,9 +172,8 @@ class _Blob:
 
 @dataclass
 class _Plan:
-    """A verified release, read and checked, ready to be written."""
+    """A verified release, read and checked, ready to be written (then the counts)."""
 
-    asked: str
     version: str
     tags: tuple[str, ...]
     index: bytes
@@ -188,7 +185,10 @@ class _Plan:
     signed_by: tuple[str, ...]
     created: str | None
     latest_kept: bool = False
-    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_COUNTERS, 0))
+    blobs_copied: int = 0
+    bytes_copied: int = 0
+    blobs_skipped: int = 0
+    blobs_mounted: int = 0
 
 
 def mirror(
@@ -273,9 +273,7 @@ async def mirror_async(
             target,
             Store(work_dir / "download"),
             mount_from=_mount_from(src_ref, dst_ref),
-            keep_downloads=dst_ref.kind == "oci-archive"
-            if isinstance(dst_ref, LayoutRef)
-            else False,
+            keep_downloads=isinstance(dst_ref, LayoutRef) and dst_ref.kind == "oci-archive",
             progress=progress,
         )
         for plan in plans:  # every conflict is found before anything is written
@@ -297,13 +295,13 @@ async def mirror_async(
                 version=p.version,
                 tags=p.tags,
                 index_digest=p.index_digest,
-                manifest_digests={_platform_of(d): sha256_digest(m) for d, m in p.manifests},
+                manifest_digests={_platform_of(d): d.digest for d, _ in p.manifests},
                 signature_digest=sha256_digest(p.signature) if p.signature else None,
                 signed_by=p.signed_by,
-                blobs_copied=p.counts["copied"],
-                bytes_copied=p.counts["bytes"],
-                blobs_skipped=p.counts["skipped"],
-                blobs_mounted=p.counts["mounted"],
+                blobs_copied=p.blobs_copied,
+                bytes_copied=p.bytes_copied,
+                blobs_skipped=p.blobs_skipped,
+                blobs_mounted=p.blobs_mounted,
                 latest_kept=p.latest_kept,
             )
             for p in plans
@@ -416,9 +414,9 @@ def _open_target(
     return open_target(text, work_dir, options)
 
 
-def _platform_of(desc: Descriptor) -> tuple[str, str]:
+def _platform_of(desc: Descriptor, where: str = "") -> tuple[str, str]:
     if desc.platform is None:
-        raise FormatError(f"index entry {desc.digest} has no platform")
+        raise FormatError(f"index entry {desc.digest} has no platform", where)
     return desc.platform.os, desc.platform.architecture
 
 
@@ -451,8 +449,6 @@ async def _plan(
         raise FormatError(f"index has no {catalog.ANN_VERSION} annotation", where)
     version = version.removeprefix("v")
     if tag != LATEST and f"v{version}" != tag:
-        from exec_sandbox_assets.errors import VersionMismatchError
-
         raise VersionMismatchError(f"{where}: holds release {version}, not {tag}")
     if progress is not None:
         progress(MirrorEvent("verified", version, digest, version))
@@ -460,7 +456,7 @@ async def _plan(
     for desc in index.manifests:
         if desc.media_type in INDEX_MEDIA_TYPES:
             raise FormatError(f"nested index {desc.digest}: not an exec-sandbox release", where)
-    have = [_platform_of(d) for d in index.manifests]
+    have = [_platform_of(d, where) for d in index.manifests]
     _check_platforms(have, platforms, version, where)
 
     manifests: list[tuple[Descriptor, bytes]] = []
@@ -489,7 +485,6 @@ async def _plan(
             signature_blobs.append(_Blob(desc, "signature blob", blob))
     tags = (tag,) if tag != LATEST else (f"v{version}", LATEST)
     return _Plan(
-        asked=tag,
         version=version,
         tags=tags,
         index=data,
@@ -651,10 +646,10 @@ class _Copier:
         for blob in blobs:
             desc = blob.desc
             if await asyncio.to_thread(self.target.has_blob, desc.digest):
-                plan.counts["skipped"] += 1
+                plan.blobs_skipped += 1
                 self._emit(plan, "blob-skipped", desc.digest, blob.name, desc.size)
-            elif self.mount_from is not None and await self._mount(desc.digest):
-                plan.counts["mounted"] += 1
+            elif await self._mount(desc.digest):
+                plan.blobs_mounted += 1
                 self._emit(plan, "blob-mounted", desc.digest, blob.name, desc.size)
             elif blob.data is not None:
                 self._emit(plan, "blob-start", desc.digest, blob.name, desc.size)
@@ -680,11 +675,12 @@ class _Copier:
             await asyncio.gather(*downloads.values(), return_exceptions=True)
 
     def _done(self, plan: _Plan, blob: _Blob) -> None:
-        plan.counts["copied"] += 1
-        plan.counts["bytes"] += blob.desc.size
+        plan.blobs_copied += 1
+        plan.bytes_copied += blob.desc.size
         self._emit(plan, "blob-done", blob.desc.digest, blob.name, blob.desc.size)
 
     async def _mount(self, digest: str) -> bool:
+        # Not part of `Target`: only the registry target can mount.
         mount = getattr(self.target, "mount_blob", None)
         if mount is None or self.mount_from is None:
             return False
@@ -715,8 +711,6 @@ class _Copier:
         raise AssertionError("unreachable")
 
     def _opener(self, blob: _Blob) -> BlobOpener:
-        from exec_sandbox_assets.release import read_asset_layer
-
         layer = read_asset_layer(blob.desc, f"{self.source.name} layer {blob.desc.digest}")
         return self.source.opener(layer)
 
