@@ -546,6 +546,8 @@ def test_layout_archive_and_release_dir_match_the_registry(
             blob = (release / layer.title).read_bytes()
             assert "sha256:" + hashlib.sha256(blob).hexdigest() == layer.digest
     assert {p.name for p in release.iterdir()} == expected
+    gvproxy = [name for name in expected if name.startswith("gvproxy")]
+    assert gvproxy and all((release / n).stat().st_mode & 0o111 for n in gvproxy)  # mode kept
     check = subprocess.run(
         ["sha256sum", "-c", SUMS_FILE], cwd=release, capture_output=True, text=True
     )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import tempfile
 import time
 from pathlib import Path
@@ -20,17 +19,10 @@ from exec_sandbox_assets.cli_output import EXIT_FAILED, EXIT_OK, err, human_size
 from exec_sandbox_assets.cli_progress import LogHandler, progress_bars, want_progress
 from exec_sandbox_assets.config import Settings
 from exec_sandbox_assets.fetch import AssetClient
+from exec_sandbox_assets.publish.compress import hash_file
 
 DEMO_VERSION = "0.0.1-demo"
 KEY_NAME = "demo"
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _key_pair(keys_dir: Path) -> tuple[Path, Path, bool]:
@@ -102,9 +94,7 @@ def run_demo(args: argparse.Namespace, settings: Settings, log_handler: LogHandl
     )
 
     mismatched = [
-        name
-        for name, path in sorted(paths.items())
-        if _file_sha256(path) != _file_sha256(dist / name)
+        name for name, path in sorted(paths.items()) if hash_file(path) != hash_file(dist / name)
     ]
     if mismatched:
         err(f"error: pulled files differ from their inputs: {', '.join(mismatched)}")

@@ -102,8 +102,9 @@ def hash_file(path: Path) -> tuple[str, int]:
 
 
 @contextlib.contextmanager
-def _atomic_output(dest: Path) -> Iterator[BinaryIO]:
-    """A temp file beside `dest`, fsynced and renamed onto it on a clean exit."""
+def atomic_output(dest: Path) -> Iterator[BinaryIO]:
+    """A temp file beside `dest` (`.tmp-…-NAME`), fsynced and renamed onto it on a clean
+    exit, removed otherwise; a full disk is an OutOfSpaceError."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".tmp-{secrets.token_hex(6)}-{dest.name}")
     try:
@@ -128,7 +129,7 @@ def compress_file(src: Path, dest: Path, level: int) -> Blob:
     cctx = zstandard.ZstdCompressor(
         level=level, threads=-1, write_content_size=True, write_checksum=True
     )
-    with _atomic_output(dest) as out, src.open("rb") as f:
+    with atomic_output(dest) as out, src.open("rb") as f:
         sink = _HashingWriter(out)
         read = 0
         # size= puts the content size in the frame header (clients preallocate/cap by it).
@@ -259,7 +260,7 @@ def compress_cached(src: Path, dest: Path, level: int) -> Blob:
         blob.digest,
         blob.size,
     )
-    with _atomic_output(_sidecar(dest)) as out:
+    with atomic_output(_sidecar(dest)) as out:
         out.write(json.dumps(asdict(record), sort_keys=True).encode())
     return blob
 
@@ -267,6 +268,7 @@ def compress_cached(src: Path, dest: Path, level: int) -> Blob:
 __all__ = [
     "DEFAULT_LEVEL",
     "Blob",
+    "atomic_output",
     "check_level",
     "compress_cached",
     "compress_file",

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import secrets
-import shutil
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from exec_sandbox_assets import catalog, release
 from exec_sandbox_assets.errors import ConfigError
+from exec_sandbox_assets.publish.compress import CHUNK, atomic_output
 from exec_sandbox_assets.trust import SignatureManifest
 
 # The names are shared with the client's releases source (release.py).
@@ -30,7 +30,6 @@ SIGNATURE_FILE = release.RELEASE_SIGNATURE_FILE
 manifest_file = release.release_manifest_file
 payload_file = release.release_payload_file
 SUMS_FILE = "SHA256SUMS"
-_CHUNK = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -43,38 +42,20 @@ class ReleaseFiles:
     signature: SignatureManifest
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".tmp-{secrets.token_hex(6)}-{path.name}")
-
-
 def _write_bytes(path: Path, data: bytes) -> str:
-    tmp = _tmp(path)
-    try:
-        with tmp.open("xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_output(path) as f:
+        f.write(data)
     return hashlib.sha256(data).hexdigest()
 
 
 def _copy_file(src: Path, path: Path) -> str:
     # A copy, not a link: the folder must not change if the work dir is reused.
     hasher = hashlib.sha256()
-    tmp = _tmp(path)
-    try:
-        with src.open("rb") as fin, tmp.open("xb") as fout:
-            while chunk := fin.read(_CHUNK):
-                hasher.update(chunk)
-                fout.write(chunk)
-            fout.flush()
-            os.fsync(fout.fileno())
-        shutil.copymode(src, tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with src.open("rb") as fin, atomic_output(path) as fout:
+        while chunk := fin.read(CHUNK):
+            hasher.update(chunk)
+            fout.write(chunk)
+        os.fchmod(fout.fileno(), stat.S_IMODE(os.fstat(fin.fileno()).st_mode))
     return hasher.hexdigest()
 
 
