@@ -310,3 +310,68 @@ async def test_206_with_wrong_content_range_is_refused() -> None:
                 async with client.open_blob(digest, 5):
                     pass
     assert digest in str(info.value)
+
+
+# -- a booby-trapped OCI layout -------------------------------------------------------------------
+
+
+def _in_thread(fn: Callable[[], Any], seconds: float = 10) -> Any:
+    """Run `fn` in a daemon thread; fail (instead of hanging) if it blocks."""
+    result: list[Any] = []
+
+    def run() -> None:
+        try:
+            result.append(fn())
+        except BaseException as exc:  # handed to the test below
+            result.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        pytest.fail(f"{fn} blocked")
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device-link", "dir"])
+def test_layout_blob_that_is_not_a_regular_file_is_refused(tmp_path: Path, kind: str) -> None:
+    from exec_sandbox_assets.errors import AssetNotFoundError
+    from exec_sandbox_assets.oci.layout import LayoutReader, LayoutWriter
+
+    data = b"some blob"
+    digest = LayoutWriter(tmp_path / "layout").put_blob_bytes(data)
+    blob = tmp_path / "layout" / "blobs" / "sha256" / digest.partition(":")[2]
+    blob.unlink()
+    if kind == "fifo":
+        os.mkfifo(blob)
+    elif kind == "dir":
+        blob.mkdir()
+    else:
+        blob.symlink_to("/dev/zero")
+    reader = LayoutReader.open(tmp_path / "layout")
+    with pytest.raises(AssetNotFoundError, match="not a regular file") as info:
+        _in_thread(lambda: reader.read_blob(digest, 1024))
+    assert str(blob) in str(info.value)
+    with pytest.raises(AssetNotFoundError, match="not a regular file"):
+        _in_thread(lambda: reader.open_blob(digest, 0))
+
+
+def test_layout_blob_symlinked_to_a_regular_file_is_read_and_verified(tmp_path: Path) -> None:
+    """Allowed (operators deduplicate with links); the digest check decides, as ever."""
+    from exec_sandbox_assets.errors import AssetChecksumError
+    from exec_sandbox_assets.oci.layout import LayoutReader, LayoutWriter
+
+    data = b"some blob"
+    digest = LayoutWriter(tmp_path / "layout").put_blob_bytes(data)
+    blob = tmp_path / "layout" / "blobs" / "sha256" / digest.partition(":")[2]
+    outside = tmp_path / "outside"
+    outside.write_bytes(data)
+    blob.unlink()
+    blob.symlink_to(outside)
+    reader = LayoutReader.open(tmp_path / "layout")
+    assert reader.read_blob(digest, 1024) == data
+    outside.write_bytes(b"secret other content")
+    with pytest.raises(AssetChecksumError):
+        reader.read_blob(digest, 1024)

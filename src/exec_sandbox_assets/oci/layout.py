@@ -29,6 +29,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import tarfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -359,8 +360,23 @@ class LayoutWriter:
             os.close(fd)  # closing releases the flock
 
 
+def _open_regular(path: Path) -> tuple[BinaryIO, int]:
+    """Open for reading, and the size; FileNotFoundError unless a regular file.
+
+    Symlinks are followed (every blob is digest-checked, wherever its bytes live), but a
+    FIFO, device or directory is never read: a FIFO would block forever, a device never end.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise FileNotFoundError(errno.ENOENT, "not a regular file", str(path))
+    return os.fdopen(fd, "rb"), st.st_size
+
+
 def _read_capped(path: Path, cap: int) -> bytes:
-    with path.open("rb") as fh:
+    fh, _size = _open_regular(path)
+    with fh:
         data = fh.read(cap + 1)
     if len(data) > cap:
         raise SizeLimitError(f"{path} is larger than {cap} bytes")
@@ -569,33 +585,43 @@ class LayoutReader:
             if member is None:
                 raise self._missing(digest)
             return member.size
+        fh, size = self._open_file(digest)
+        fh.close()
+        return size
+
+    def _open_file(self, digest: str) -> tuple[BinaryIO, int]:
+        path = self.ref / str(_blob_relpath(digest))
         try:
-            return (self.ref / rel).stat().st_size
-        except FileNotFoundError:
+            return _open_regular(path)
+        except FileNotFoundError as exc:
+            if path.exists():  # something, but not a regular file
+                raise AssetNotFoundError(
+                    f"{path}: blob {digest} is not a regular file (FIFO, device or "
+                    "directory); not reading it"
+                ) from exc
             raise self._missing(digest) from None
 
     def open_blob(self, digest: str, offset: int = 0) -> BinaryIO:
         """An unverified stream positioned at `offset`; the caller hashes what it reads."""
-        size = self.blob_size(digest)
-        if not 0 <= offset <= size:
-            raise ValueError(f"offset {offset} outside blob {digest} of {size} bytes")
-        rel = str(_blob_relpath(digest))
         if self.archive:
-            return self._open_member(self._members[rel], offset)
-        try:
-            fh = (self.ref / rel).open("rb")
-        except FileNotFoundError:
-            raise self._missing(digest) from None
+            size = self.blob_size(digest)
+            fh = self._open_member(self._members[str(_blob_relpath(digest))], 0)
+        else:
+            fh, size = self._open_file(digest)
+        if not 0 <= offset <= size:
+            fh.close()
+            raise ValueError(f"offset {offset} outside blob {digest} of {size} bytes")
         fh.seek(offset)
         return fh
 
     def read_blob(self, digest: str, max_size: int) -> bytes:
         """The whole blob, verified against `digest`; refused above `max_size` bytes."""
-        size = self.blob_size(digest)
         where = self._blob_where(digest)
-        if size > max_size:
-            raise SizeLimitError(f"{where}: blob {digest} is {size} bytes, limit {max_size}")
         with self.open_blob(digest) as fh:
+            size = fh.seek(0, os.SEEK_END)
+            if size > max_size:
+                raise SizeLimitError(f"{where}: blob {digest} is {size} bytes, limit {max_size}")
+            fh.seek(0)
             data = fh.read(max_size + 1)
         if len(data) > max_size:
             raise SizeLimitError(f"{where}: blob {digest} grew beyond {max_size} bytes")
