@@ -241,6 +241,41 @@ def test_fails_with_payload_for_another_digest() -> None:
         _verify(_policy(key), [_signed(key, digest=OTHER_DIGEST)])
 
 
+def test_untrusted_key_on_this_digest_plus_trusted_key_on_another_is_refused() -> None:
+    trusted, untrusted = trust.generate_key(), trust.generate_key()
+    # Pairs are verified as pairs: the trusted signature cannot lend its validity to the
+    # untrusted key's payload that names the right digest.
+    forged_payload, forged_sig = _signed(untrusted)
+    other_payload, other_sig = _signed(trusted, digest=OTHER_DIGEST)
+    mixes = [
+        [(forged_payload, forged_sig), (other_payload, other_sig)],
+        [(forged_payload, other_sig), (other_payload, forged_sig)],
+    ]
+    for signatures in mixes:
+        with pytest.raises(SignatureError, match="0 trusted key"):
+            _verify(_policy(trusted), signatures)
+
+
+def test_signature_manifest_with_too_many_layers_is_refused() -> None:
+    key = trust.generate_key()
+    payload, signature = _signed(key)
+    many = trust.build_signature_manifest([(payload, signature)] * 5000).manifest
+    with pytest.raises(SignatureError, match="5000 signature layers") as info:
+        trust.read_signature_manifest(many, "mirror sig")
+    assert "mirror sig" in str(info.value)
+    few = trust.build_signature_manifest([(payload, signature)] * 3).manifest
+    assert len(trust.read_signature_manifest(few, "sig")) == 3
+
+
+def test_deeply_nested_json_is_a_format_error() -> None:
+    depth = 20_000  # far past the interpreter's recursion limit, under the payload cap
+    nested = b'{"schemaVersion":2,"layers":[],"config":' + b"[" * depth + b"]" * depth + b"}"
+    with pytest.raises(FormatError, match="sig"):
+        trust.read_signature_manifest(nested, "sig")
+    with pytest.raises(FormatError, match="payload is not valid JSON"):
+        trust.parse_payload(b'{"critical":' + b"[" * depth + b"]" * depth + b"}", "payload")
+
+
 @pytest.mark.parametrize("algorithm", trust.ALGORITHMS)
 def test_fails_with_truncated_or_garbage_signature(algorithm: str) -> None:
     key = trust.generate_key(algorithm)

@@ -65,6 +65,10 @@ ALGORITHMS = ("ecdsa-p256", "ed25519")
 _MAX_KEY_FILE = 64 * 1024
 # Payloads are ~300 bytes; anything near this is not a simple-signing payload.
 _MAX_PAYLOAD = 64 * 1024
+# Each signature layer costs the caller one payload fetch and one check per key; a
+# rotation needs two or three. The signature manifest is unsigned: anyone serving it
+# could otherwise make the client fetch thousands of payloads.
+MAX_SIGNATURE_LAYERS = 64
 
 _PEM_LABEL_RE = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----")
 
@@ -412,7 +416,7 @@ def parse_payload(data: bytes, where: str) -> SignedPayload:
         raise FormatError(f"signature payload of {len(data)} bytes is too large", where)
     try:
         doc = json.loads(data, object_pairs_hook=_no_duplicate_keys)
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # deep nesting recurses
         raise FormatError(f"signature payload is not valid JSON: {exc}", where) from None
     doc = _obj(doc, "payload", where)
     critical = _obj(doc.get("critical"), "critical", where)
@@ -510,11 +514,18 @@ def build_signature_manifest(entries: Sequence[tuple[bytes, bytes]]) -> Signatur
 def read_signature_manifest(data: bytes, where: str) -> tuple[SignatureLayer, ...]:
     """The signature layers of a signature manifest; other layers and the config are
     ignored, so manifests written by cosign or other tools are read too."""
-    manifest = Manifest.from_bytes(data, where)
+    try:
+        manifest = Manifest.from_bytes(data, where)
+    except RecursionError:  # json.loads on deeply nested arrays
+        raise FormatError("JSON nested too deeply", where) from None
+    layers = [layer for layer in manifest.layers if layer.media_type == SIMPLESIGNING_MEDIA_TYPE]
+    if len(layers) > MAX_SIGNATURE_LAYERS:
+        raise SignatureError(
+            f"{where}: {len(layers)} signature layers, more than the {MAX_SIGNATURE_LAYERS} "
+            "a client checks; refusing"
+        )
     out: list[SignatureLayer] = []
-    for layer in manifest.layers:
-        if layer.media_type != SIMPLESIGNING_MEDIA_TYPE:
-            continue
+    for layer in layers:
         encoded = layer.annotations.get(SIGNATURE_ANNOTATION)
         # Not fatal: another layer may still carry a valid signature.
         if not encoded:
@@ -680,6 +691,7 @@ def _check_rollback(index_digest: str, created: str | None, newest: str, where: 
 
 __all__ = [
     "ALGORITHMS",
+    "MAX_SIGNATURE_LAYERS",
     "OPT_CREATED",
     "OPT_VERSION",
     "PAYLOAD_TYPE",
