@@ -375,3 +375,42 @@ def test_layout_blob_symlinked_to_a_regular_file_is_read_and_verified(tmp_path: 
     outside.write_bytes(b"secret other content")
     with pytest.raises(AssetChecksumError):
         reader.read_blob(digest, 1024)
+
+
+# -- hostile documents ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "title",
+    [
+        "..",
+        "../vmlinuz-x86_64.zst",
+        "a/b.zst",
+        ".hidden.zst",
+        "\uff56mlinuz-x86_64.zst",  # fullwidth v
+        "vmlinuz\u2024zst",  # one dot leader, looks like "."
+        "vmlinuz.zst\n",
+        "a" * 120 + ".zst",  # longer than a lock or temp file name can hold
+    ],
+)
+def test_unsafe_layer_titles_are_refused_before_any_file_access(title: str) -> None:
+    from exec_sandbox_assets import catalog
+    from exec_sandbox_assets.errors import FormatError
+    from exec_sandbox_assets.oci.model import Descriptor
+    from exec_sandbox_assets.release import read_asset_layer
+
+    desc = Descriptor(
+        "application/vnd.exec-sandbox.kernel.v1+zstd",
+        "sha256:" + "a" * 64,
+        10,
+        {
+            catalog.ANN_TITLE: title,
+            catalog.ANN_KIND: "kernel",
+            catalog.ANN_ARCH: "x86_64",
+            catalog.ANN_CONTENT_DIGEST: "sha256:" + "b" * 64,
+            catalog.ANN_CONTENT_SIZE: "20",
+        },
+    )
+    with pytest.raises(FormatError, match="title") as info:
+        read_asset_layer(desc, "registry x manifest sha256:m")
+    assert "registry x manifest sha256:m" in str(info.value)

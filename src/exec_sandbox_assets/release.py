@@ -122,6 +122,11 @@ def release_payload_file(n: int) -> str:
     return f"oci-signature-payload-{n}.json"
 
 
+# The store names lock and temp files after an output (with the version, up to 128
+# characters): a longer title would not fit a 255-byte file name. Real ones are < 40.
+MAX_TITLE_LENGTH = 100
+
+
 @dataclass(frozen=True)
 class AssetLayer:
     """A layer of a verified platform manifest, with its signed annotations checked."""
@@ -150,8 +155,12 @@ def read_asset_layer(desc: Descriptor, where: str) -> AssetLayer:
     title = ann.get(catalog.ANN_TITLE)
     if title is None:
         raise FormatError(f"layer {desc.digest} has no {catalog.ANN_TITLE}", where)
-    if not catalog.is_valid_title(title):
-        raise FormatError(f"refusing unsafe layer title {title!r}", where)
+    if not catalog.is_valid_title(title) or len(title) > MAX_TITLE_LENGTH:
+        shown = title if len(title) <= MAX_TITLE_LENGTH else f"{title[:MAX_TITLE_LENGTH]}..."
+        raise FormatError(
+            f"refusing unsafe layer title {shown!r} (at most {MAX_TITLE_LENGTH} characters)",
+            where,
+        )
     try:
         kind = Kind(ann.get(catalog.ANN_KIND, ""))
     except ValueError:

@@ -1117,7 +1117,8 @@ def _file_digest(path: Path, like: str) -> str:
 
 def _check_name(name: str) -> None:
     # The caller validated it against SPEC section 1; this guards the file system anyway.
-    if not name or "/" in name or "\0" in name or name.startswith("."):
+    # 100: lock and temp names add the version (<= 128) and ~20 more to a 255-byte limit.
+    if not name or "/" in name or "\0" in name or name.startswith(".") or len(name) > 100:
         raise ValueError(f"invalid output name {name!r}")
 
 
