@@ -555,12 +555,7 @@ def _run_publish(argv: Sequence[str]) -> int:
             f"(pip install 'exec-sandbox-assets[publish]'): {exc}"
         )
         return EXIT_USAGE
-    parser = argparse.ArgumentParser(
-        prog=f"{PROG} publish",
-        description="Publish exec-sandbox assets as signed OCI artifacts "
-        "(registry, OCI layout, archive) and a GitHub Release folder.",
-    )
-    publish_cli.add_arguments(parser)
+    parser = publish_cli.build_parser(prog=f"{PROG} publish")
     try:
         args = parser.parse_args(list(argv))
     except SystemExit as exc:  # --help or a usage error, already printed

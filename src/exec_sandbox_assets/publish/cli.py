@@ -1,8 +1,9 @@
 """`python -m exec_sandbox_assets.publish` / `exec-sandbox-assets publish`.
 
-The main CLI mounts it with `add_arguments(subparser)` and `run(args)`; `main(argv)`
-is the standalone entry point. Exit codes: 0 done, 2 bad input (arguments, files,
-keys, passwords, conflicting tag), 1 any other failure (network, registry, auth).
+The main CLI mounts it with `build_parser(prog)` and `run(args)`; `main(argv)` is the
+standalone entry point. Exit codes: 0 done, 2 bad input (arguments, files, keys,
+passwords, conflicting tag), 1 any other failure (network, registry, auth), 130
+interrupted.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from exec_sandbox_assets import catalog
+from exec_sandbox_assets.cli_output import err, human_size
 from exec_sandbox_assets.errors import AssetError, ConfigError, FormatError
 from exec_sandbox_assets.publish.compress import DEFAULT_LEVEL
 from exec_sandbox_assets.publish.publisher import PublishRequest, PublishResult, publish
@@ -24,6 +26,7 @@ from exec_sandbox_assets.publish.publisher import PublishRequest, PublishResult,
 KEY_PASSWORD_ENV = "EXEC_SANDBOX_SIGNING_KEY_PASSWORD"  # noqa: S105 (a variable name)
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -115,7 +118,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="allow moving an existing vV tag to different content",
     )
-    parser.add_argument("--verbose", "-v", action="count", default=0)
+    parser.add_argument(
+        "--verbose", "-v", action="count", default=0, help="progress logs (-vv: debug)"
+    )
 
 
 def _key_is_encrypted(path: Path) -> bool:
@@ -129,6 +134,8 @@ def _key_is_encrypted(path: Path) -> bool:
 
 def key_password(keys: Sequence[Path]) -> bytes | None:
     """From the environment, else a prompt when a key needs one and we can ask."""
+    # Read here, at the CLI edge, not in config.py: a secret of the publisher only, which
+    # the library never sees (it takes `PublishRequest.key_password`).
     env = os.environ.get(KEY_PASSWORD_ENV)
     if env is not None:
         return env.encode()
@@ -160,14 +167,6 @@ def _registry_password(args: argparse.Namespace) -> str | None:
     return password
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024  # type: ignore[assignment]
-    raise AssertionError("unreachable")
-
-
 def format_summary(result: PublishResult) -> str:
     lines = [
         f"published {result.version} (created {result.created})",
@@ -178,7 +177,7 @@ def format_summary(result: PublishResult) -> str:
     lines.append(f"  {'signature':<12} {result.signature_tag} ({result.signers} key(s))")
     for t in result.targets:
         lines.append(
-            f"  {t.name}: uploaded {t.blobs_uploaded} blob(s) ({_size(t.bytes_uploaded)}), "
+            f"  {t.name}: uploaded {t.blobs_uploaded} blob(s) ({human_size(t.bytes_uploaded)}), "
             f"skipped {t.blobs_skipped}; tagged {', '.join(t.tags)}"
         )
     if result.release_dir is not None:
@@ -214,25 +213,19 @@ def run(args: argparse.Namespace) -> int:
                 replace=args.replace,
             )
             result = publish(request)
-    except (ConfigError, FormatError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except AssetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
-    except OSError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+    except (AssetError, OSError) as exc:
+        err(f"error: {exc}")
+        return EXIT_BAD_INPUT if isinstance(exc, ConfigError | FormatError) else EXIT_FAILURE
     except KeyboardInterrupt:
-        print("interrupted; tags were not moved (a re-run resumes)", file=sys.stderr)
-        return 130
+        err("interrupted; tags were not moved (a re-run resumes)")
+        return EXIT_INTERRUPTED
     print(format_summary(result))
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m exec_sandbox_assets.publish") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m exec_sandbox_assets.publish",
+        prog=prog,
         description="Publish exec-sandbox assets as signed OCI artifacts "
         "(registry, OCI layout, archive) and a GitHub Release folder.",
     )
