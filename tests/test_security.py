@@ -414,3 +414,49 @@ def test_unsafe_layer_titles_are_refused_before_any_file_access(title: str) -> N
     with pytest.raises(FormatError, match="title") as info:
         read_asset_layer(desc, "registry x manifest sha256:m")
     assert "registry x manifest sha256:m" in str(info.value)
+
+
+NESTED = b"[" * 20_000 + b"]" * 20_000  # past the recursion limit, under every body cap
+
+
+@pytest.mark.parametrize("target", ["/v2/test/repo/manifests/v1", "/token"])
+async def test_deeply_nested_json_from_a_server_is_not_a_crash(target: str) -> None:
+    def handler(conn: socket.socket, path: str, headers: dict[str, str], srv: RawServer) -> None:
+        if target == "/token" and not path.startswith("/token"):
+            challenge = b'WWW-Authenticate: Bearer realm="' + srv.url.encode() + b'/token"\r\n'
+            srv.send(conn, b"HTTP/1.1 401 No\r\nContent-Length: 0\r\n" + challenge + b"\r\n")
+            return
+        status = b"200 OK" if path.startswith("/token") else b"404 Not Found"
+        srv.send(
+            conn,
+            b"HTTP/1.1 %s\r\nContent-Length: %d\r\n\r\n%s" % (status, len(NESTED), NESTED),
+        )
+
+    with RawServer(handler) as server:
+        async with _client(server.url) as client:
+            with pytest.raises(AssetError):
+                await asyncio.wait_for(client.get_manifest("v1"), 30)
+
+
+def test_deeply_nested_layout_index_is_a_format_error(tmp_path: Path) -> None:
+    from exec_sandbox_assets.errors import FormatError
+    from exec_sandbox_assets.oci.layout import LayoutReader, LayoutWriter
+
+    LayoutWriter(tmp_path / "layout")
+    (tmp_path / "layout" / "index.json").write_bytes(b'{"schemaVersion":2,"x":' + NESTED + b"}")
+    with pytest.raises(FormatError, match=r"index\.json"):
+        LayoutReader.open(tmp_path / "layout")
+    (tmp_path / "layout" / "oci-layout").write_bytes(NESTED)
+    with pytest.raises(FormatError, match="oci-layout"):
+        LayoutReader.open(tmp_path / "layout")
+
+
+def test_deeply_nested_cache_record_is_a_miss(root: Path) -> None:
+    store = Store(root)
+    record = root / "v1.0" / ".verified" / "vmlinuz-x86_64.json"
+    record.parent.mkdir(parents=True)
+    record.write_bytes(NESTED)
+    assert store.lookup("1.0", "vmlinuz-x86_64") is None
+    (root / "refs").mkdir()
+    (root / "refs" / "tag-latest.json").write_bytes(NESTED)
+    assert store.read_state("tag-latest") is None

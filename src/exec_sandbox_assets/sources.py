@@ -305,7 +305,7 @@ class ReleasesSource(Source):
         data = await self._get(f"{folder}/{RELEASE_INDEX_FILE}", MAX_MANIFEST_SIZE)
         try:
             index = Index.from_bytes(data, f"{folder}/{RELEASE_INDEX_FILE}")
-        except FormatError:
+        except (FormatError, RecursionError):  # deep nesting recurses in json.loads
             return data  # the caller parses it again and reports the error
         if tag == LATEST:
             version = index.annotations.get(catalog.ANN_VERSION, "").removeprefix("v")
@@ -335,7 +335,7 @@ class ReleasesSource(Source):
         folder = self._folder_of(desc.digest)
         data = await self._get(f"{folder}/{name}", MAX_MANIFEST_SIZE)
         if sha256_digest(data) == desc.digest:  # route its layers; the base class verifies
-            with contextlib.suppress(FormatError):
+            with contextlib.suppress(FormatError, RecursionError):
                 for layer in Manifest.from_bytes(data, name).layers:
                     self._folders.setdefault(layer.digest, folder)
         return data
@@ -343,7 +343,7 @@ class ReleasesSource(Source):
     async def _signature(self, index_digest: str) -> bytes:
         folder = self._folder_of(index_digest)
         data = await self._get(f"{folder}/{RELEASE_SIGNATURE_FILE}", MAX_MANIFEST_SIZE)
-        with contextlib.suppress(FormatError):
+        with contextlib.suppress(FormatError, RecursionError):
             for n, layer in enumerate(Manifest.from_bytes(data, RELEASE_SIGNATURE_FILE).layers):
                 self._folders.setdefault(layer.digest, folder)
                 self._payload_numbers.setdefault(layer.digest, n)

@@ -534,11 +534,8 @@ class Store:
             return _Record.from_bytes(_read_regular(path, _MAX_SMALL_FILE))
         except FileNotFoundError:
             log.debug("no verification record", extra={"path": str(path)})
-        except (
-            OSError,
-            ValueError,
-            _NotRegular,
-        ) as exc:  # JSONDecodeError and UnicodeDecodeError too
+        # ValueError covers JSONDecodeError and UnicodeDecodeError; deep nesting recurses.
+        except (OSError, ValueError, RecursionError, _NotRegular) as exc:
             log.debug(
                 "unreadable verification record", extra={"path": str(path), "error": str(exc)}
             )
@@ -845,7 +842,7 @@ class Store:
             return None
         try:
             obj = json.loads(data)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             log.warning("ignoring corrupt state file", extra={"path": str(path), "error": str(exc)})
             return None
         if not isinstance(obj, dict):

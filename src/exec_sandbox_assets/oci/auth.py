@@ -334,7 +334,7 @@ class RegistryAuth(httpx.Auth):
             raise AuthError(f"{where} sent an oversized response ({len(body)} bytes)")
         try:
             doc: Any = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # nesting recurses
             raise AuthError(f"{where} did not answer JSON") from None
         token = (doc.get("token") or doc.get("access_token")) if isinstance(doc, dict) else None
         if not isinstance(token, str) or not token:

@@ -416,7 +416,7 @@ def error_reason(body: bytes) -> str:
     """`CODE: message` from distribution's `{"errors": [...]}` body, or ""."""
     try:
         doc = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # nesting recurses
         return ""
     errors = doc.get("errors") if isinstance(doc, dict) else None
     if not isinstance(errors, list):

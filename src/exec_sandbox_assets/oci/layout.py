@@ -136,7 +136,7 @@ def _blob_relpath(digest: str) -> PurePosixPath:
 def _parse_oci_layout(data: bytes, where: str) -> None:
     try:
         obj = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # deep nesting
         raise FormatError(f"not valid JSON: {exc}", where) from None
     if not isinstance(obj, dict) or not isinstance(obj.get("imageLayoutVersion"), str):
         raise FormatError("missing imageLayoutVersion", where)
@@ -146,7 +146,10 @@ def _parse_oci_layout(data: bytes, where: str) -> None:
 
 
 def _parse_index(data: bytes, where: str) -> Index:
-    return Index.from_bytes(data, where)
+    try:
+        return Index.from_bytes(data, where)
+    except RecursionError:  # json.loads on deeply nested arrays
+        raise FormatError("JSON nested too deeply", where) from None
 
 
 def _tags_of(index: Index) -> dict[str, Descriptor]:

@@ -158,7 +158,7 @@ class RegistryClient:
             )
             try:
                 doc: Any = json.loads(body)
-            except (UnicodeDecodeError, json.JSONDecodeError):
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
                 raise FormatError("tag list is not valid JSON", url) from None
             page = doc.get("tags") if isinstance(doc, dict) else None
             if page is None and isinstance(doc, dict):
