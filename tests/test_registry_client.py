@@ -366,6 +366,34 @@ def test_registry_auth_host_matching() -> None:
     assert not local.is_registry_url(httpx.URL("http://localhost:5000/v2/"))
 
 
+def test_token_realm_gets_basic_credentials_only_over_tls_from_a_tls_registry() -> None:
+    """Decided: a realm on another host gets them (docker does; the registry chose it),
+    a plain-HTTP realm of an https registry never does."""
+    from exec_sandbox_assets.oci.auth import Challenge
+
+    auth = RegistryAuth("reg.example", Credentials("u", "p"), scheme="https")
+    url = httpx.URL("https://reg.example/v2/a/manifests/v1")
+
+    def sent(realm: str) -> str | None:
+        request = auth._token_request(Challenge("bearer", {"realm": realm}), url, httpx.Headers())
+        header: str | None = request.headers.get("authorization")
+        return header
+
+    assert sent("https://auth.other.example/token") is not None
+    assert sent("http://auth.other.example/token") is None
+    assert sent("http://reg.example/token") is None
+    plain = RegistryAuth("reg.example", Credentials("u", "p"), scheme="http")
+    request = plain._token_request(
+        Challenge("bearer", {"realm": "http://reg.example/token"}),
+        httpx.URL("http://reg.example/v2/a/manifests/v1"),
+        httpx.Headers(),
+    )
+    assert request.headers.get("authorization") is not None
+    for bad in ("file:///etc/passwd", "ftp://x/token", "", "token"):
+        with pytest.raises(AuthError, match="bad realm"):
+            sent(bad)
+
+
 def test_retry_policy() -> None:
     policy = RetryPolicy(base_delay=0.5, max_delay=2.0, max_retry_after=30.0)
     for attempt in range(1, 8):

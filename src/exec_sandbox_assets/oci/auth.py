@@ -9,6 +9,12 @@ Credentials never leave the registry host: the flow adds nothing to a request fo
 another host, and ignores a challenge that came from another host (a redirect target
 such as a blob CDN). httpx itself strips `Authorization` when it follows a redirect to
 another origin, so a redirected blob request carries no registry token.
+
+The one exception is the token realm, which the registry itself names and which is
+often another host (Docker Hub: auth.docker.io). Basic credentials go there, as docker
+and containerd send them: the registry we were configured for chose it. They never go
+to a plain-HTTP realm of a TLS registry, and the token it answers is only ever sent
+back to the registry host. Bodies read here are capped (`BODY_CAP`).
 """
 
 from __future__ import annotations
