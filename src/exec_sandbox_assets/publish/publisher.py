@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from exec_sandbox_assets import catalog, trust
+from exec_sandbox_assets.config import LATEST
 from exec_sandbox_assets.errors import (
     AssetError,
     AssetNotFoundError,
@@ -59,7 +60,6 @@ from exec_sandbox_assets.release import BuiltRelease, LayerFile, ReleaseInfo, bu
 
 log = logging.getLogger(__name__)
 
-LATEST = "latest"
 _MAX_PAYLOAD = 64 * 1024
 
 
@@ -198,9 +198,8 @@ def build_documents(
 # --------------------------------------------------------------------------- targets
 
 
-def _existing_created(targets: Sequence[Target], tag: str) -> str | None:
-    for target in targets:
-        data = target.read_manifest(tag)
+def _existing_created(existing: Sequence[tuple[Target, bytes | None]], tag: str) -> str | None:
+    for target, data in existing:
         if data is None:
             continue
         try:
@@ -217,9 +216,10 @@ def _existing_created(targets: Sequence[Target], tag: str) -> str | None:
     return None
 
 
-def _check_no_conflict(targets: Sequence[Target], tag: str, index_digest: str) -> None:
-    for target in targets:
-        data = target.read_manifest(tag)
+def _check_no_conflict(
+    existing: Sequence[tuple[Target, bytes | None]], tag: str, index_digest: str
+) -> None:
+    for target, data in existing:
         if data is None or sha256_digest(data) == index_digest:
             continue
         raise ConfigError(
@@ -340,12 +340,13 @@ def publish(req: PublishRequest) -> PublishResult:
             targets.append(open_target(text, req.work_dir, options))
 
         blobs = prepare_blobs(inputs, req.work_dir, req.level)
-        created = created_arg or _existing_created(targets, version_tag) or now_created()
+        existing = [(target, target.read_manifest(version_tag)) for target in targets]
+        created = created_arg or _existing_created(existing, version_tag) or now_created()
         info = ReleaseInfo(version=version, created=created, revision=req.revision)
         built = build_documents(inputs, blobs, info)
         index_digest = sha256_digest(built.index)
         if not req.replace:
-            _check_no_conflict(targets, version_tag, index_digest)
+            _check_no_conflict(existing, version_tag, index_digest)
 
         signature = _reusable_signature(targets, index_digest, keys, version, created)
         if signature is None:
@@ -399,7 +400,6 @@ def publish(req: PublishRequest) -> PublishResult:
 
 
 __all__ = [
-    "LATEST",
     "PublishRequest",
     "PublishResult",
     "TargetResult",
