@@ -29,7 +29,7 @@ from exec_sandbox_assets.oci.http import RetryPolicy
 from exec_sandbox_assets.oci.reference import parse_registry_ref
 from exec_sandbox_assets.oci.registry import RegistryClient
 from exec_sandbox_assets.store import Store
-from test_store import FileOpener, make_fixture
+from test_store import FileOpener, content_bytes, make_fixture
 
 # -- a booby-trapped cache directory ------------------------------------------------------------
 
@@ -460,3 +460,37 @@ def test_deeply_nested_cache_record_is_a_miss(root: Path) -> None:
     (root / "refs").mkdir()
     (root / "refs" / "tag-latest.json").write_bytes(NESTED)
     assert store.read_state("tag-latest") is None
+
+
+async def test_disk_full_mid_decompression_publishes_nothing_and_keeps_the_blob(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from exec_sandbox_assets.errors import OutOfSpaceError
+
+    fx = make_fixture(tmp_path, content_bytes(3 << 20))  # several 1 MiB output chunks
+    store = Store(root)
+    real_write = os.write
+    big_writes = [0]
+
+    def full_disk(fd: int, data: Any) -> int:
+        if len(data) >= 64 * 1024:  # decompressed output chunks, not records
+            big_writes[0] += 1
+            if big_writes[0] > 1:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", full_disk)
+    opener = FileOpener(fx.blob)
+    with pytest.raises(OutOfSpaceError, match="blob is kept") as info:
+        await store.ensure(fx.out, opener)
+    monkeypatch.undo()
+
+    assert fx.out.name in str(info.value)
+    assert not store.output_path(fx.out.version, fx.out.name).exists()
+    assert store.lookup(fx.out.version, fx.out.name) is None
+    assert [p.name for p, _ in store.blobs()] == [fx.out.layer_digest.partition(":")[2]]
+    assert store.stray_temp_files() == []
+    # The next run decompresses the kept blob: no second download.
+    assert (await store.ensure(fx.out, FileOpener(fx.blob, cut_at=0))).read_bytes() == fx.content

@@ -19,6 +19,10 @@ Rules (DESIGN.md):
   plus a `.partial` the next run resumes from.
 - The warm path (`lookup`) is a `stat` compared against the record: no hashing. A file
   without a matching record is never trusted; it is reinstalled.
+- Threat model: the cache directory belongs to the user. Whoever can write it can change
+  what boots (records are not signed), so tampering is out of scope. But the store never
+  follows a symlink or opens a FIFO/device at one of its own file paths (`_open_regular`;
+  temp files are O_EXCL), so a planted link cannot redirect a write or hang the boot path.
 
 Only the stdlib is imported at module load; `zstandard` is imported when a compressed
 output is installed.
