@@ -388,9 +388,11 @@ def test_keygen_publish_inspect_shows_the_signature_verified(
         "linux/amd64",
         "--level",
         "3",
+        "-v",
     )
     assert published.code == 0, published.stderr
     assert published.stdout.startswith("published 3.0.0")
+    assert "compressing" in published.stderr  # the publisher's own -v, under the main CLI
 
     seen = run("--trusted-key", public, "inspect", f"{ref}:v3.0.0", "--json")
     assert seen.code == 0, seen.stderr

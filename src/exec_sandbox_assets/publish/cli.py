@@ -186,11 +186,12 @@ def format_summary(result: PublishResult) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not logging.getLogger().handlers:
-        level = (
-            logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING
-        )
+    level = logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING
+    root = logging.getLogger()
+    if not root.handlers:
         logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    elif level < root.level:  # under the main CLI: its handler prints, this -v sets the level
+        root.setLevel(level)
     try:
         with tempfile.TemporaryDirectory(prefix="exec-sandbox-publish-") as tmp:
             request = PublishRequest(
