@@ -494,3 +494,43 @@ async def test_disk_full_mid_decompression_publishes_nothing_and_keeps_the_blob(
     assert store.stray_temp_files() == []
     # The next run decompresses the kept blob: no second download.
     assert (await store.ensure(fx.out, FileOpener(fx.blob, cut_at=0))).read_bytes() == fx.content
+
+
+@pytest.mark.parametrize("size", ["\u00b2", "1" * 5000, "-1", "1e3", " 1"])
+def test_odd_content_size_annotation_is_a_format_error(size: str) -> None:
+    from exec_sandbox_assets import catalog
+    from exec_sandbox_assets.errors import FormatError
+    from exec_sandbox_assets.oci.model import Descriptor
+    from exec_sandbox_assets.release import read_asset_layer
+
+    desc = Descriptor(
+        "application/vnd.exec-sandbox.kernel.v1+zstd",
+        "sha256:" + "a" * 64,
+        10,
+        {
+            catalog.ANN_TITLE: "vmlinuz-x86_64.zst",
+            catalog.ANN_KIND: "kernel",
+            catalog.ANN_CONTENT_DIGEST: "sha256:" + "b" * 64,
+            catalog.ANN_CONTENT_SIZE: size,
+        },
+    )
+    with pytest.raises(FormatError, match=r"content\.size"):
+        read_asset_layer(desc, "manifest m")
+
+
+async def test_206_with_a_huge_content_range_number_is_refused() -> None:
+    digest = "sha256:" + "a" * 64
+    start = "0" * 4999 + "5"
+
+    def handler(conn: socket.socket, target: str, headers: dict[str, str], srv: RawServer) -> None:
+        srv.send(
+            conn,
+            b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes %s-9/10\r\n"
+            b"Content-Length: 5\r\n\r\n56789" % start.encode(),
+        )
+
+    with RawServer(handler) as server:
+        async with _client(server.url) as client:
+            with pytest.raises(AssetDownloadError, match="Content-Range"):
+                async with client.open_blob(digest, 5):
+                    pass

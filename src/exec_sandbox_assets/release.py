@@ -174,7 +174,8 @@ def read_asset_layer(desc: Descriptor, where: str) -> AssetLayer:
         except ValueError:
             raise FormatError(f"layer {title!r}: unknown language {lang!r}", where) from None
     size_text = ann.get(catalog.ANN_CONTENT_SIZE, "")
-    if not size_text.isdigit():
+    # isdigit() alone admits "²" and 5000-digit strings, on which int() raises ValueError.
+    if not (size_text.isascii() and size_text.isdigit() and len(size_text) <= 19):
         raise FormatError(
             f"layer {title!r}: invalid {catalog.ANN_CONTENT_SIZE} {size_text!r}", where
         )

@@ -51,7 +51,8 @@ log = logging.getLogger(__name__)
 CHUNK_SIZE = 1024 * 1024
 # Error bodies are read only this far, for the reason they give.
 MAX_ERROR_BODY = 64 * 1024
-_CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+# ASCII digits, bounded: int() refuses strings over 4300 digits with a ValueError.
+_CONTENT_RANGE_RE = re.compile(r"^bytes ([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19}|\*)$")
 # Blobs are compressed already; a proxy re-encoding them would break the digest.
 IDENTITY = {"Accept-Encoding": "identity"}
 
