@@ -149,6 +149,23 @@ def signatures_of(sig_manifest: bytes, fetch: Any) -> list[tuple[bytes, bytes]]:
     ]
 
 
+def verify_with(
+    public: Path,
+    index_digest: str,
+    sigs: list[tuple[bytes, bytes]],
+    expected_version: str | None = VERSION,
+) -> trust.VerifiedRelease:
+    """What a client trusting only `public` makes of the signatures."""
+    return trust.verify_index(
+        trust.TrustPolicy(keys=(trust.load_public_key_file(public),)),
+        index_digest,
+        sigs,
+        expected_version=expected_version,
+        newest_accepted_created=None,
+        where="test",
+    )
+
+
 # --------------------------------------------------------------------------- registry
 
 
@@ -213,38 +230,14 @@ def test_registry_push_is_the_spec_format(
     sig_manifest = inspect_raw(skopeo, registry, repo_name, signature_tag(result.index_digest))
     sigs = signatures_of(sig_manifest, lambda d: get_blob(registry, repo_name, d))
     assert len(sigs) == 1
-    good = trust.TrustPolicy(keys=(trust.load_public_key_file(key_files[1]),))
-    verified = trust.verify_index(
-        good,
-        result.index_digest,
-        sigs,
-        expected_version=VERSION,
-        newest_accepted_created=None,
-        where="test",
-    )
-    assert verified.created == CREATED
-    other = trust.TrustPolicy(keys=(trust.load_public_key_file(other_public),))
+    assert verify_with(key_files[1], result.index_digest, sigs).created == CREATED
     with pytest.raises(SignatureError):
-        trust.verify_index(
-            other,
-            result.index_digest,
-            sigs,
-            expected_version=VERSION,
-            newest_accepted_created=None,
-            where="test",
-        )
+        verify_with(other_public, result.index_digest, sigs)
     payload, signature = sigs[0]
     changed = payload.replace(VERSION.encode(), b"9.9.9")
     assert changed != payload
     with pytest.raises(SignatureError):
-        trust.verify_index(
-            good,
-            result.index_digest,
-            [(changed, signature)],
-            expected_version=None,
-            newest_accepted_created=None,
-            where="test",
-        )
+        verify_with(key_files[1], result.index_digest, [(changed, signature)], None)
 
 
 def test_skopeo_copy_all_keeps_every_digest(
@@ -560,15 +553,7 @@ def test_layout_archive_and_release_dir_match_the_registry(
         "sha256:" + hashlib.sha256(p).hexdigest(): p
         for p in ((release / payload_file(0)).read_bytes(),)
     }
-    policy = trust.TrustPolicy(keys=(trust.load_public_key_file(key_files[1]),))
-    trust.verify_index(
-        policy,
-        pushed.index_digest,
-        signatures_of(sig, payloads.__getitem__),
-        expected_version=VERSION,
-        newest_accepted_created=None,
-        where="release",
-    )
+    verify_with(key_files[1], pushed.index_digest, signatures_of(sig, payloads.__getitem__))
 
 
 def test_rotation_signs_with_every_key(
@@ -596,15 +581,7 @@ def test_rotation_signs_with_every_key(
         sigs = signatures_of(sig, lambda d: reader.read_blob(d, 1 << 16))
         assert len(sigs) == 2
         for pub in (key_files[1], tmp_path / "new.pub"):
-            policy = trust.TrustPolicy(keys=(trust.load_public_key_file(pub),))
-            trust.verify_index(
-                policy,
-                result.index_digest,
-                sigs,
-                expected_version=VERSION,
-                newest_accepted_created=None,
-                where="layout",
-            )
+            verify_with(pub, result.index_digest, sigs)
 
 
 # --------------------------------------------------------------------------- inputs, compression

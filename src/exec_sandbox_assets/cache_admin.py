@@ -18,7 +18,7 @@ import fcntl
 import os
 import shutil
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -256,7 +256,7 @@ class GcOutcome:
 class GcReport:
     dry_run: bool
     outcomes: tuple[GcOutcome, ...]
-    kept_versions: tuple[str, ...] = field(default=())
+    kept_versions: tuple[str, ...] = ()
 
     @property
     def freed(self) -> int:
