@@ -129,6 +129,21 @@ def layout_release(tmp_path: Path, key: KeyPair) -> SampleRelease:
     )
 
 
+@pytest.fixture
+def big_release(
+    tmp_path: Path, registry: RegistryServer, key: KeyPair, repo_name: str
+) -> SampleRelease:
+    """2.0.0 for this host on a registry, 2 MiB per file: slow to watch behind a throttle."""
+    return publish_sample_release(
+        registry.ref(repo_name),
+        "2.0.0",
+        tmp_path / "work",
+        key=key,
+        platforms=[HOST],
+        size=2 * 1024 * 1024,
+    )
+
+
 def layout_args(release: SampleRelease, cache: Path) -> list[str]:
     return [
         "--cache-dir",
@@ -150,15 +165,9 @@ def test_pull_draws_progress_on_a_terminal_and_only_a_summary_on_pipes(
     fault_proxy: FaultProxyFactory,
     key: KeyPair,
     repo_name: str,
+    big_release: SampleRelease,
 ) -> None:
-    release = publish_sample_release(
-        registry.ref(repo_name),
-        "2.0.0",
-        tmp_path / "work",
-        key=key,
-        platforms=[HOST],
-        size=2 * 1024 * 1024,
-    )
+    release = big_release
     proxy = fault_proxy(registry)
     proxy.throttle_bytes_per_s = 1024 * 1024
     common = ["--asset-version", "2.0.0", "--airgap", "--trusted-key", str(key.public)]
@@ -194,15 +203,9 @@ def test_ctrl_c_exits_130_and_keeps_what_was_fetched_for_the_next_run(
     fault_proxy: FaultProxyFactory,
     key: KeyPair,
     repo_name: str,
+    big_release: SampleRelease,
 ) -> None:
-    release = publish_sample_release(
-        registry.ref(repo_name),
-        "2.0.0",
-        tmp_path / "work",
-        key=key,
-        platforms=[HOST],
-        size=2 * 1024 * 1024,
-    )
+    release = big_release
     layer_bytes = sum(release.layer(name).size for name in HOST_FILES)
     proxy = fault_proxy(registry)
     proxy.throttle_bytes_per_s = 512 * 1024
