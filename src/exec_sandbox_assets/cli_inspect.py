@@ -25,6 +25,17 @@ from exec_sandbox_assets.cli_output import (
 )
 from exec_sandbox_assets.config import Settings
 from exec_sandbox_assets.errors import ConfigError, FormatError, SignatureError, TrustError
+from exec_sandbox_assets.oci.model import (
+    INDEX_MEDIA_TYPES,
+    Descriptor,
+    Index,
+    Manifest,
+    media_type_of,
+    sha256_digest,
+    signature_tag,
+)
+from exec_sandbox_assets.oci.reference import LayoutRef, parse_source_ref
+from exec_sandbox_assets.release import read_asset_layer
 from exec_sandbox_assets.sources import LayoutSource, RegistrySource, Source
 
 
@@ -62,8 +73,6 @@ class InspectReport:
 
 def open_source(text: str, settings: Settings) -> tuple[Source, str | None]:
     """The source a reference names, and the tag or digest it pins (if any)."""
-    from exec_sandbox_assets.oci.reference import LayoutRef, parse_source_ref
-
     ref = parse_source_ref(text)
     if isinstance(ref, LayoutRef):
         return LayoutSource(ref.path, ref.kind == "oci-archive", text), ref.tag
@@ -79,9 +88,7 @@ def open_source(text: str, settings: Settings) -> tuple[Source, str | None]:
     return RegistrySource(client, text), ref.reference
 
 
-def _layer_json(desc: Any, where: str) -> dict[str, Any]:
-    from exec_sandbox_assets.release import read_asset_layer
-
+def _layer_json(desc: Descriptor, where: str) -> dict[str, Any]:
     try:
         layer = read_asset_layer(desc, where)
     except FormatError as exc:
@@ -105,9 +112,7 @@ def _layer_json(desc: Any, where: str) -> dict[str, Any]:
     }
 
 
-async def _platforms(source: Source, index: Any) -> list[dict[str, Any]]:
-    from exec_sandbox_assets.oci.model import Manifest
-
+async def _platforms(source: Source, index: Index) -> list[dict[str, Any]]:
     found = []
     for desc in index.manifests:
         where = f"{source.name} manifest {desc.digest}"
@@ -127,8 +132,6 @@ async def _platforms(source: Source, index: Any) -> list[dict[str, Any]]:
 async def _signature(
     source: Source, digest: str, keys: tuple[trust.PublicKey, ...], settings: Settings, tag: str
 ) -> dict[str, Any]:
-    from exec_sandbox_assets.oci.model import signature_tag
-
     report: dict[str, Any] = {
         "tag": signature_tag(digest),
         "present": False,
@@ -187,14 +190,6 @@ async def _signature(
 
 
 async def inspect_ref(text: str, settings: Settings) -> InspectReport:
-    from exec_sandbox_assets.oci.model import (
-        INDEX_MEDIA_TYPES,
-        Descriptor,
-        Index,
-        media_type_of,
-        sha256_digest,
-    )
-
     keys = tuple(trust.load_public_key_file(p) for p in settings.trusted_keys)
     source, pinned = open_source(text, settings)
     reference = pinned or settings.tag
@@ -208,8 +203,6 @@ async def inspect_ref(text: str, settings: Settings) -> InspectReport:
             report.annotations = dict(index.annotations)
         else:
             # A single manifest: show it as a one-platform release.
-            from exec_sandbox_assets.oci.model import Manifest
-
             manifest = Manifest.from_bytes(data, f"{source.name} {reference}")
             report.annotations = dict(manifest.annotations)
             index = Index((Descriptor(media_type, digest, len(data)),))
