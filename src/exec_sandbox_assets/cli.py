@@ -318,7 +318,8 @@ def _mirror_args(p: argparse.ArgumentParser) -> None:
         dest="platforms",
         action="append",
         metavar="OS/ARCH",
-        help="platform the release must hold, repeatable (a check: a signed index is copied whole)",
+        help="repeatable: the release must hold exactly these platforms (a check, not a "
+        "filter: a signed index is copied whole)",
     )
     p.add_argument(
         "--work-dir",
@@ -503,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
             allow_abbrev=False,
         )
         command.add_arguments(p)
-        if command.name not in ("publish",):
+        if command.name != "publish":
             _add_global_options(p, suppress=True)
     return parser
 

@@ -363,6 +363,7 @@ def run_keygen(args: argparse.Namespace) -> int:
 
     password: bytes | None = None
     if args.password_env:
+        # The variable the user named, read at this edge (not a setting: config.py).
         value = os.environ.get(args.password_env)
         if value is None:
             raise ConfigError(f"--password-env {args.password_env}: that variable is not set")
