@@ -660,11 +660,10 @@ async def test_tls_custom_ca(tls_registry: RegistryServer, repo_name: str) -> No
     assert ref.scheme == "https"
     async with RegistryClient(ref, ca_bundle=tls_registry.ca_bundle, retry=FAST) as client:
         assert (await client.get_manifest("v1"))[0] == manifest
+    # Not retried: tests/test_acceptance_gaps.py counts the connections it opens.
     async with RegistryClient(ref, retry=RetryPolicy(attempts=4, base_delay=1.0)) as client:
-        started = time.monotonic()
         with pytest.raises(AssetDownloadError, match="not trusted"):
             await client.get_manifest("v1")
-        assert time.monotonic() - started < 1.0  # a certificate failure is not retried
     with pytest.raises(ConfigError, match="CA bundle"):
         await RegistryClient(ref, ca_bundle=Path("/nonexistent/ca.pem")).ping()
 
