@@ -516,8 +516,8 @@ def read_signature_manifest(data: bytes, where: str) -> tuple[SignatureLayer, ..
     ignored, so manifests written by cosign or other tools are read too."""
     try:
         manifest = Manifest.from_bytes(data, where)
-    except RecursionError:  # json.loads on deeply nested arrays
-        raise FormatError("JSON nested too deeply", where) from None
+    except RecursionError as exc:  # json.loads on deeply nested arrays
+        raise FormatError(f"not valid JSON: {exc}", where) from None
     layers = [layer for layer in manifest.layers if layer.media_type == SIMPLESIGNING_MEDIA_TYPE]
     if len(layers) > MAX_SIGNATURE_LAYERS:
         raise SignatureError(

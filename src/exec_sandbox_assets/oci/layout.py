@@ -148,8 +148,8 @@ def _parse_oci_layout(data: bytes, where: str) -> None:
 def _parse_index(data: bytes, where: str) -> Index:
     try:
         return Index.from_bytes(data, where)
-    except RecursionError:  # json.loads on deeply nested arrays
-        raise FormatError("JSON nested too deeply", where) from None
+    except RecursionError as exc:  # json.loads on deeply nested arrays
+        raise FormatError(f"not valid JSON: {exc}", where) from None
 
 
 def _tags_of(index: Index) -> dict[str, Descriptor]:
