@@ -222,3 +222,9 @@ def test_settings_precedence(tmp_path: Path) -> None:
         load_settings(env={"EXEC_SANDBOX_OFFLINE": "maybe"})
     with pytest.raises(ConfigError, match="invalid asset version"):
         normalize_version("1.0/../../x")
+
+
+def test_deeply_nested_documents_are_format_errors() -> None:
+    deep = b"[" * 100_000 + b"]" * 100_000
+    with pytest.raises(FormatError, match="not valid JSON"):
+        Index.from_bytes(deep, "hostile")

@@ -723,3 +723,15 @@ def test_default_platforms_follow_the_gvproxy_builds(
     vm_files = 6 + 5  # x86_64 (with vmlinux) + aarch64
     gvproxies = 3
     assert result.blobs_uploaded == vm_files + gvproxies + 3  # + empty, sig config, payload
+
+
+@pytest.mark.parametrize(
+    ("version", "message"),
+    [("latest", "add --latest"), ("1.0+build", "letters, digits"), ("", "letters, digits")],
+)
+def test_versions_no_client_can_ask_for_are_refused(version: str, message: str) -> None:
+    from exec_sandbox_assets.publish.publisher import normalize_version
+
+    with pytest.raises(ConfigError, match=message):
+        normalize_version(version)
+    assert normalize_version("v0.22.0") == "0.22.0"

@@ -318,8 +318,8 @@ def _mirror_args(p: argparse.ArgumentParser) -> None:
         dest="platforms",
         action="append",
         metavar="OS/ARCH",
-        help="repeatable: the release must hold exactly these platforms (a check, not a "
-        "filter: a signed index is copied whole)",
+        help="repeatable: a platform the release must hold (a check, not a filter: a "
+        "signed index is copied whole, with every platform it has)",
     )
     p.add_argument(
         "--work-dir",

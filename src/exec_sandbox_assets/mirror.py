@@ -555,12 +555,12 @@ def _check_platforms(
         )
     extra = [p for p in have if p not in wanted]
     if extra:
-        raise ConfigError(
-            f"{where}: release {version} also holds {', '.join(_show(p) for p in extra)}; "
-            f"it cannot be copied with fewer platforms: its index ({listed}) is signed as "
-            "a whole and cannot be rewritten, and a registry refuses an index whose "
-            "platform manifests are missing (MANIFEST_BLOB_UNKNOWN). Mirror every platform "
-            "(no platform filter); clients download only their own platform's files"
+        # The index is signed as a whole and a registry refuses one whose platform
+        # manifests are missing (MANIFEST_BLOB_UNKNOWN): the others are copied too.
+        log.info(
+            "the release also holds %s; copying every platform: its index is signed whole",
+            ", ".join(_show(p) for p in extra),
+            extra={"where": where, "version": version},
         )
 
 

@@ -96,7 +96,8 @@ def _load_json(data: bytes, where: str) -> dict[str, Any]:
         raise FormatError(f"document of {len(data)} bytes exceeds {MAX_MANIFEST_SIZE}", where)
     try:
         obj = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        # RecursionError: deeply nested arrays from a hostile server, not a crash.
         raise FormatError(f"not valid JSON: {exc}", where) from None
     if not isinstance(obj, dict):
         raise FormatError("expected a JSON object", where)

@@ -127,6 +127,11 @@ def normalize_version(version: str) -> str:
     text = version.strip()
     if len(text) > 1 and text[0] in "vV" and text[1].isdigit():
         text = text[1:]
+    if text == LATEST:
+        raise ConfigError(
+            "invalid version 'latest': publish a real version and add --latest to move the "
+            "floating tag"
+        )
     if not text or not TAG_RE.fullmatch(f"v{text}"):
         raise ConfigError(
             f"invalid version {version!r}: letters, digits, '.', '_' and '-' only "
