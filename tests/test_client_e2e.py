@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -699,14 +699,15 @@ async def test_offline_with_an_empty_cache_names_every_place_searched(
     )
     assert esa.is_offline_mode()
 
-    calls = [
-        esa.fetch_kernel(),
-        esa.ensure_assets_available("python"),
-        esa.ensure_assets(download=True, language="python"),
+    # Coroutines made one at a time: a failure leaves none un-awaited behind it.
+    calls: list[Callable[[], Awaitable[object]]] = [
+        lambda: esa.fetch_kernel(),
+        lambda: esa.ensure_assets_available("python"),
+        lambda: esa.ensure_assets(download=True, language="python"),
     ]
     for call in calls:
         with pytest.raises(FileNotFoundError) as info:
-            await call
+            await call()
         message = str(info.value)
         for place in (images, tmp_path / "no-local-build", cache / f"v{VERSION}"):
             assert str(place) in message, (place, message)
