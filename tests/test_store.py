@@ -826,6 +826,7 @@ def test_store_module_imports_nothing_heavy() -> None:
     assert ours == [
         "exec_sandbox_assets",
         "exec_sandbox_assets.errors",
+        "exec_sandbox_assets.fsutil",
         "exec_sandbox_assets.oci",
         "exec_sandbox_assets.oci.model",
         "exec_sandbox_assets.store",

@@ -58,6 +58,7 @@ from exec_sandbox_assets.errors import (
     SizeLimitError,
     TrustError,
 )
+from exec_sandbox_assets.fsutil import atomic_write, fsync_dir
 from exec_sandbox_assets.oci.model import check_digest, digest_hex, new_hasher
 
 log = logging.getLogger(__name__)
@@ -351,44 +352,13 @@ def _read_holder(fd: int) -> str:
 # -- small file-system helpers ---------------------------------------------------------------
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make a rename in `path` durable."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        # Some file systems refuse fsync on directories; the rename itself is still atomic.
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
-            raise
-    finally:
-        os.close(fd)
-
-
 def _tmp_name(directory: Path, name: str) -> Path:
     return directory / f".{name}{_TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
 
 
-def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write `data` to `path`: temp in the same directory, fsync, rename, fsync the dir."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path.parent, path.name)
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-        try:
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        tmp.replace(path)
-    except BaseException as exc:
-        _unlink(tmp)
-        if isinstance(exc, OSError) and exc.errno in _NO_SPACE_ERRNOS:
-            raise _no_space(exc, path, "nothing was changed") from exc
-        raise
-    _fsync_dir(path.parent)
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Durable replace, with a temp name `gc` recognises (see `_TMP_MARK`)."""
+    atomic_write(path, data, tmp=_tmp_name(path.parent, path.name))
 
 
 def _write_all(fd: int, data: bytes | memoryview, offset: int | None = None) -> None:
@@ -1064,7 +1034,7 @@ def _decompress_and_publish(
     except BaseException:
         _unlink(tmp)
         raise
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     return st
 
 
@@ -1101,7 +1071,7 @@ def _verify_and_publish(
             raise _Raced(f"{blob} vanished during its install") from exc
     finally:
         os.close(fd)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     return st
 
 

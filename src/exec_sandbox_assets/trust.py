@@ -41,6 +41,7 @@ from exec_sandbox_assets.errors import (
     SignatureError,
     VersionMismatchError,
 )
+from exec_sandbox_assets.fsutil import fsync_dir
 from exec_sandbox_assets.oci.model import (
     MEDIA_TYPE_IMAGE_CONFIG,
     Descriptor,
@@ -322,7 +323,7 @@ def _write_new_file(path: Path, data: bytes, mode: int) -> None:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
-        _fsync_dir(directory)
+        fsync_dir(directory)
     except FileExistsError:
         raise ConfigError(f"{path}: already exists; refusing to overwrite a key file") from None
     except OSError as exc:
@@ -343,19 +344,6 @@ def _link_no_replace(tmp: Path, path: Path) -> None:
         if path.exists():
             raise FileExistsError(errno.EEXIST, "file exists", str(path)) from None
         tmp.rename(path)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems refuse fsync on directories; the data itself is synced
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------- payloads

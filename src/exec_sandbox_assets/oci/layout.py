@@ -45,6 +45,7 @@ from exec_sandbox_assets.errors import (
     OutOfSpaceError,
     SizeLimitError,
 )
+from exec_sandbox_assets.fsutil import atomic_write, fsync_dir
 from exec_sandbox_assets.oci.model import (
     INDEX_MEDIA_TYPES,
     MANIFEST_MEDIA_TYPES,
@@ -80,20 +81,6 @@ _TMP_PREFIX = ".tmp-"
 # small file-system helpers
 
 
-def _fsync_dir(path: Path) -> None:
-    # The rename is only durable once the directory entry is on disk.
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems refuse fsync on directories; the data itself was synced
-    finally:
-        os.close(fd)
-
-
 def _tmp_name(directory: Path, hint: str) -> Path:
     return directory / f"{_TMP_PREFIX}{secrets.token_hex(8)}-{hint}"
 
@@ -102,25 +89,6 @@ def _no_space(exc: OSError, where: Path) -> OSError | OutOfSpaceError:
     if exc.errno == errno.ENOSPC:
         return OutOfSpaceError(f"disk full while writing {where}")
     return exc
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a temp name in the same directory, fsync, rename."""
-    tmp = _tmp_name(path.parent, path.name)
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.replace(path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise _no_space(exc, path) from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def _blob_relpath(digest: str) -> PurePosixPath:
@@ -214,7 +182,7 @@ class BlobWriter:
             self._tmp.replace(self.final)
         except OSError as exc:
             raise _no_space(exc, self.final) from exc
-        _fsync_dir(self.final.parent)
+        fsync_dir(self.final.parent)
 
     def _discard(self) -> None:
         with contextlib.suppress(OSError):
@@ -240,11 +208,11 @@ class LayoutWriter:
         # oci-layout first: a crash after it leaves a dir we recognise and complete
         # on the next run, never a non-empty dir we would refuse.
         if not layout_file.exists():
-            _atomic_write(layout_file, OCI_LAYOUT_BYTES)
+            atomic_write(layout_file, OCI_LAYOUT_BYTES)
         (self.root / BLOBS_DIR).mkdir(exist_ok=True)
         with self._locked():
             if not (self.root / INDEX_FILE).exists():
-                _atomic_write(self.root / INDEX_FILE, _index_json_bytes({}, []))
+                atomic_write(self.root / INDEX_FILE, _index_json_bytes({}, []))
 
     # -- blobs --
 
@@ -320,7 +288,7 @@ class LayoutWriter:
         with self._locked():
             top, entries = _read_index_json(index_path)
             kept = [e for e in entries if _entry_ref(e) != tag]
-            _atomic_write(index_path, _index_json_bytes(top, [*kept, entry]))
+            atomic_write(index_path, _index_json_bytes(top, [*kept, entry]))
 
     def _check_complete(self, desc: Descriptor, depth: int) -> None:
         if not self.has_blob(desc.digest):
@@ -748,7 +716,7 @@ def write_archive(layout_dir: Path, archive: Path) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(archive.parent)
+    fsync_dir(archive.parent)
 
 
 def _add_blob(tar: tarfile.TarFile, digest: str, path: Path) -> None:
@@ -811,7 +779,7 @@ def extract_archive(archive: Path, dest_dir: Path) -> None:
         raise _no_space(exc, dest_dir) from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    _fsync_dir(dest_dir.parent)
+    fsync_dir(dest_dir.parent)
 
 
 def _sync_tree(root: Path) -> None:
@@ -822,7 +790,7 @@ def _sync_tree(root: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(Path(dirpath))
+        fsync_dir(Path(dirpath))
 
 
 __all__ = [

@@ -26,20 +26,17 @@ threads=0 (single-threaded mode) differs, so neither is ever used.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
-import secrets
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any, BinaryIO, cast
 
 import zstandard
 
-from exec_sandbox_assets.errors import ConfigError, OutOfSpaceError
+from exec_sandbox_assets.errors import ConfigError
+from exec_sandbox_assets.fsutil import atomic_output
 
 log = logging.getLogger(__name__)
 
@@ -99,26 +96,6 @@ def hash_file(path: Path) -> tuple[str, int]:
             hasher.update(chunk)
             size += len(chunk)
     return "sha256:" + hasher.hexdigest(), size
-
-
-@contextlib.contextmanager
-def atomic_output(dest: Path) -> Iterator[BinaryIO]:
-    """A temp file beside `dest` (`.tmp-…-NAME`), fsynced and renamed onto it on a clean
-    exit, removed otherwise; a full disk is an OutOfSpaceError."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".tmp-{secrets.token_hex(6)}-{dest.name}")
-    try:
-        with tmp.open("xb") as out:
-            yield out
-            out.flush()
-            os.fsync(out.fileno())
-        tmp.replace(dest)
-    except OSError as exc:
-        if exc.errno == 28:  # ENOSPC
-            raise OutOfSpaceError(f"disk full while writing {dest}") from exc
-        raise
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def compress_file(src: Path, dest: Path, level: int) -> Blob:
@@ -268,7 +245,6 @@ def compress_cached(src: Path, dest: Path, level: int) -> Blob:
 __all__ = [
     "DEFAULT_LEVEL",
     "Blob",
-    "atomic_output",
     "check_level",
     "compress_cached",
     "compress_file",

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from exec_sandbox_assets import catalog, release
 from exec_sandbox_assets.errors import ConfigError
-from exec_sandbox_assets.publish.compress import CHUNK, atomic_output
+from exec_sandbox_assets.fsutil import atomic_output
+from exec_sandbox_assets.publish.compress import CHUNK
 from exec_sandbox_assets.trust import SignatureManifest
 
 # The names are shared with the client's releases source (release.py).
