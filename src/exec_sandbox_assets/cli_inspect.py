@@ -12,7 +12,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
-from exec_sandbox_assets import catalog, trust
+from exec_sandbox_assets import catalog, sources, trust
 from exec_sandbox_assets.cli_output import (
     EXIT_OK,
     EXIT_TRUST,
@@ -36,7 +36,7 @@ from exec_sandbox_assets.oci.model import (
 )
 from exec_sandbox_assets.oci.reference import LayoutRef, parse_source_ref
 from exec_sandbox_assets.release import read_asset_layer
-from exec_sandbox_assets.sources import LayoutSource, RegistrySource, Source
+from exec_sandbox_assets.sources import Source
 
 
 @dataclass
@@ -71,21 +71,17 @@ class InspectReport:
         }
 
 
-def open_source(text: str, settings: Settings) -> tuple[Source, str | None]:
+def open_ref(text: str, settings: Settings) -> tuple[Source, str | None]:
     """The source a reference names, and the tag or digest it pins (if any)."""
     ref = parse_source_ref(text)
-    if isinstance(ref, LayoutRef):
-        return LayoutSource(ref.path, ref.kind == "oci-archive", text), ref.tag
-    if settings.offline:
+    if settings.offline and not isinstance(ref, LayoutRef):
         raise ConfigError(
             f"{text}: offline mode allows only local references (oci:DIR, oci-archive:FILE)"
         )
-    from exec_sandbox_assets.oci.auth import load_docker_credentials
-    from exec_sandbox_assets.oci.registry import RegistryClient
-
-    credentials = load_docker_credentials(ref.host, settings.docker_config)
-    client = RegistryClient(ref, credentials=credentials, ca_bundle=settings.ca_bundle)
-    return RegistrySource(client, text), ref.reference
+    source = sources.open_source(
+        text, ref, docker_config=settings.docker_config, ca_bundle=settings.ca_bundle
+    )
+    return source, ref.tag if isinstance(ref, LayoutRef) else ref.reference
 
 
 def _layer_json(desc: Descriptor, where: str) -> dict[str, Any]:
@@ -191,7 +187,7 @@ async def _signature(
 
 async def inspect_ref(text: str, settings: Settings) -> InspectReport:
     keys = tuple(trust.load_public_key_file(p) for p in settings.trusted_keys)
-    source, pinned = open_source(text, settings)
+    source, pinned = open_ref(text, settings)
     reference = pinned or settings.tag
     try:
         data = await source.index(reference)
@@ -277,4 +273,4 @@ def run_inspect(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
-__all__ = ["InspectReport", "inspect_ref", "open_source", "print_report", "run_inspect"]
+__all__ = ["InspectReport", "inspect_ref", "open_ref", "print_report", "run_inspect"]

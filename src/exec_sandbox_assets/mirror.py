@@ -68,7 +68,7 @@ from exec_sandbox_assets.errors import (
     TransportError,
     VersionMismatchError,
 )
-from exec_sandbox_assets.oci.auth import Credentials, load_docker_credentials
+from exec_sandbox_assets.oci.auth import Credentials
 from exec_sandbox_assets.oci.model import (
     INDEX_MEDIA_TYPES,
     Descriptor,
@@ -80,7 +80,7 @@ from exec_sandbox_assets.oci.model import (
 )
 from exec_sandbox_assets.oci.reference import LayoutRef, RegistryRef, parse_source_ref
 from exec_sandbox_assets.release import read_asset_layer, read_asset_layers
-from exec_sandbox_assets.sources import BlobOpener, LayoutSource, RegistrySource, Source
+from exec_sandbox_assets.sources import BlobOpener, Source, open_source
 from exec_sandbox_assets.store import BlobRequest, Store
 
 if TYPE_CHECKING:
@@ -387,13 +387,13 @@ def _open_source(
     ca_bundle: Path | None,
     docker_config: Path | None,
 ) -> Source:
-    if isinstance(ref, LayoutRef):
-        return LayoutSource(ref.path, ref.kind == "oci-archive", text)
-    from exec_sandbox_assets.oci.registry import RegistryClient
-
-    if credentials is None:
-        credentials = load_docker_credentials(ref.host, docker_config or docker_config_path())
-    return RegistrySource(RegistryClient(ref, credentials=credentials, ca_bundle=ca_bundle), text)
+    return open_source(
+        text,
+        ref,
+        docker_config=docker_config or docker_config_path(),
+        ca_bundle=ca_bundle,
+        credentials=credentials,
+    )
 
 
 def _open_target(

@@ -46,8 +46,10 @@ from exec_sandbox_assets.release import (
 from exec_sandbox_assets.trust import SignatureLayer
 
 if TYPE_CHECKING:  # the registry stack imports httpx, which a warm boot never needs
+    from exec_sandbox_assets.oci.auth import Credentials
     from exec_sandbox_assets.oci.http import HttpCore
     from exec_sandbox_assets.oci.layout import LayoutReader
+    from exec_sandbox_assets.oci.reference import LayoutRef, RegistryRef
     from exec_sandbox_assets.oci.registry import RegistryClient
 
 # A simple-signing payload is a few hundred bytes; anything near this is not one.
@@ -388,6 +390,27 @@ async def _skip(chunks: AsyncIterator[bytes], count: int) -> AsyncIterator[bytes
         count = 0
 
 
+def open_source(
+    text: str,
+    ref: RegistryRef | LayoutRef,
+    *,
+    docker_config: Path | None,
+    ca_bundle: Path | None,
+    credentials: Credentials | None = None,
+) -> Source:
+    """The source one parsed reference names: a layout on this machine, or a repository
+    on a registry (credentials as given, else docker's config.json entry for its host)."""
+    from exec_sandbox_assets.oci.auth import load_docker_credentials
+    from exec_sandbox_assets.oci.reference import LayoutRef
+    from exec_sandbox_assets.oci.registry import RegistryClient
+
+    if isinstance(ref, LayoutRef):
+        return LayoutSource(ref.path, ref.kind == "oci-archive", text)
+    if credentials is None:
+        credentials = load_docker_credentials(ref.host, docker_config)
+    return RegistrySource(RegistryClient(ref, credentials=credentials, ca_bundle=ca_bundle), text)
+
+
 def build_sources(settings: Settings) -> list[Source]:
     """The remote steps of SPEC.md section 7, in order: mirrors, then the default
     repository, then GitHub Releases.
@@ -397,25 +420,25 @@ def build_sources(settings: Settings) -> list[Source]:
     registry source on ghcr.io and every releases base on github.com is dropped, the
     default repository and the default releases base included, whoever configured them.
     """
-    from exec_sandbox_assets.oci.auth import load_docker_credentials
     from exec_sandbox_assets.oci.http import HttpCore
     from exec_sandbox_assets.oci.reference import LayoutRef, parse_source_ref
-    from exec_sandbox_assets.oci.registry import RegistryClient
 
     entries = [*settings.mirrors, settings.registry]
     sources: list[Source] = []
     for text in dict.fromkeys(entries):  # ordered, without duplicates
         ref = parse_source_ref(text)
-        if isinstance(ref, LayoutRef):
-            sources.append(LayoutSource(ref.path, ref.kind == "oci-archive", text))
-        elif settings.offline:
+        if not isinstance(ref, LayoutRef) and settings.offline:
             continue
-        elif settings.airgap and _is_public_host(ref.host, _PUBLIC_REGISTRY_HOSTS):
+        if not isinstance(ref, LayoutRef) and (
+            settings.airgap and _is_public_host(ref.host, _PUBLIC_REGISTRY_HOSTS)
+        ):
             log.info("air-gapped: not using %s", text, extra={"source": text})
-        else:
-            credentials = load_docker_credentials(ref.host, settings.docker_config)
-            client = RegistryClient(ref, credentials=credentials, ca_bundle=settings.ca_bundle)
-            sources.append(RegistrySource(client, text))
+            continue
+        sources.append(
+            open_source(
+                text, ref, docker_config=settings.docker_config, ca_bundle=settings.ca_bundle
+            )
+        )
     releases = settings.releases_url
     if settings.offline or not releases:
         pass
