@@ -399,11 +399,8 @@ class AssetClient:
             threshold=self.settings.threshold,
             allow_downgrade=self.settings.allow_downgrade,
         )
-        if not policy.keys:
-            # Fail before any remote byte beyond the index is fetched.
-            trust.verify_index(
-                policy, digest, [], expected_version=None, newest_accepted_created=None, where=where
-            )
+        # Fail before any remote byte beyond the index is fetched.
+        trust.require_keys(policy, f"{where}: refusing unverified remote content")
         sig_manifest = await source.signature(digest)
         layers = trust.read_signature_manifest(sig_manifest, f"{where} signature")
         pairs = [

@@ -342,10 +342,7 @@ def _policy(
         threshold=threshold,
         allow_downgrade=allow_downgrade,
     )
-    if not policy.keys:  # fail closed before any network traffic
-        trust.verify_index(
-            policy, "", [], expected_version=None, newest_accepted_created=None, where=src
-        )
+    trust.require_keys(policy, f"{src}: refusing to copy an unverified release")
     return policy
 
 

@@ -583,6 +583,12 @@ class VerifiedRelease:
     key_ids: tuple[str, ...]
 
 
+def require_keys(policy: TrustPolicy, where: str) -> None:
+    """Fail closed, before any remote byte is read, when no trusted key is configured."""
+    if not policy.keys:
+        raise NoTrustedKeysError(f"{where}: no trusted key is configured; {_HOW_TO_CONFIGURE}")
+
+
 def verify_index(
     policy: TrustPolicy,
     index_digest: str,
@@ -594,11 +600,7 @@ def verify_index(
 ) -> VerifiedRelease:
     """Accept the index `index_digest` (computed by the caller over the bytes it fetched)
     or raise. `signatures` are (payload bytes, raw signature) pairs."""
-    if not policy.keys:
-        raise NoTrustedKeysError(
-            f"{where}: refusing unverified remote content (index {index_digest}): "
-            f"no trusted key is configured; {_HOW_TO_CONFIGURE}"
-        )
+    require_keys(policy, f"{where}: refusing unverified remote content (index {index_digest})")
     keys = list({k.key_id: k for k in policy.keys}.values())
 
     # Verify before parsing: untrusted bytes are only interpreted once a trusted key
