@@ -13,10 +13,9 @@ from exec_sandbox_assets.cache_admin import (
     VersionListing,
     blob_digest,
     plan_gc,
-    temp_output_name,
     versions_to_keep,
 )
-from exec_sandbox_assets.store import RecordInfo
+from exec_sandbox_assets.store import RecordInfo, temp_owner
 
 ROOT = Path("/cache")
 NOW = 1_000_000.0
@@ -120,11 +119,9 @@ def test_names_read_back_from_paths() -> None:
     assert blob_digest(Path("/c/blobs/sha256/" + "ab" * 32)) == "sha256:" + "ab" * 32
     assert blob_digest(Path("/c/blobs/sha256/" + "ab" * 32 + ".partial")) == "sha256:" + "ab" * 32
     assert blob_digest(Path("/c/blobs/sha256/junk")) is None
-    assert temp_output_name(Path("/c/v1/.vmlinuz-x86_64.tmp-1-ab")) == "vmlinuz-x86_64"
-    assert temp_output_name(Path("/c/v1/.verified/.vmlinuz-x86_64.json.tmp-1-ab")) == (
-        "vmlinuz-x86_64"
-    )
-    assert temp_output_name(Path("/c/v1/vmlinuz-x86_64")) is None
+    assert temp_owner(Path("/c/v1/.vmlinuz-x86_64.tmp-1-ab")) == "vmlinuz-x86_64"
+    assert temp_owner(Path("/c/v1/.verified/.vmlinuz-x86_64.json.tmp-1-ab")) == ("vmlinuz-x86_64")
+    assert temp_owner(Path("/c/v1/vmlinuz-x86_64")) is None
 
 
 def test_negative_keep_is_refused() -> None:

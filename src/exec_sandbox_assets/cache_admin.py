@@ -24,9 +24,8 @@ from typing import Literal
 
 from exec_sandbox_assets.fetch import FLOATING_REF_PREFIX
 from exec_sandbox_assets.oci.model import is_digest
-from exec_sandbox_assets.store import RecordInfo, Store
+from exec_sandbox_assets.store import RecordInfo, Store, temp_owner
 
-_TMP_MARK = ".tmp-"
 # Writers of small state files (refs/) hold no lock; their temp files live milliseconds.
 STATE_TEMP_MIN_AGE = 3600.0
 
@@ -167,16 +166,6 @@ def blob_digest(path: Path) -> str | None:
     return digest if is_digest(digest) else None
 
 
-def temp_output_name(path: Path) -> str | None:
-    """The output a temp file of `Store` belongs to: `.NAME.tmp-…` or `.verified/.NAME.json.tmp-…`."""
-    if not path.name.startswith(".") or _TMP_MARK not in path.name:
-        return None
-    name = path.name[1:].split(_TMP_MARK, 1)[0]
-    if path.parent.name == ".verified":
-        name = name.removesuffix(".json")
-    return name or None
-
-
 def versions_to_keep(
     versions: Sequence[str], keep: int, protected: Sequence[str] = ()
 ) -> tuple[str, ...]:
@@ -209,14 +198,14 @@ def plan_gc(
     for v in listing.versions:
         if v.version in kept:
             for t in v.temps:
-                name = temp_output_name(t.path)
+                name = temp_owner(t.path)
                 locks = (LockRef("output", v.version, name),) if name else ()
                 items.append(
                     GcItem("temp", t.path, t.size, "temp file of an interrupted write", locks)
                 )
             continue
         names = sorted(
-            {o.name for o in v.outputs} | {n for t in v.temps if (n := temp_output_name(t.path))}
+            {o.name for o in v.outputs} | {n for t in v.temps if (n := temp_owner(t.path))}
         )
         why = "old version" + (f" (keeping {', '.join(kept)})" if kept else "")
         items.append(
@@ -382,7 +371,6 @@ __all__ = [
     "plan_gc",
     "run_gc",
     "scan",
-    "temp_output_name",
     "verify_version",
     "versions_to_keep",
 ]

@@ -352,6 +352,17 @@ def _read_holder(fd: int) -> str:
 # -- small file-system helpers ---------------------------------------------------------------
 
 
+def temp_owner(path: Path) -> str | None:
+    """The output a temp file of the store belongs to (`.NAME.tmp-…`, or a record's
+    `.NAME.json.tmp-…` in `.verified/`), or None for any other file."""
+    if not path.name.startswith(".") or _TMP_MARK not in path.name:
+        return None
+    name = path.name[1:].split(_TMP_MARK, 1)[0]
+    if path.parent.name == ".verified":
+        name = name.removesuffix(".json")
+    return name or None
+
+
 def _tmp_name(directory: Path, name: str) -> Path:
     return directory / f".{name}{_TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
 
