@@ -38,6 +38,7 @@ import functools
 import json
 import logging
 import os
+import random
 import re
 import secrets
 import stat
@@ -76,7 +77,11 @@ _LOCK_ERRNOS_UNSUPPORTED = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOT
 _NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
 _TMP_MARK = ".tmp-"
-_MAX_RACE_RETRIES = 3
+# Without working locks (NFS, ENOLCK) concurrent writers can keep replacing each other's
+# partials; a jittered pause desynchronises them, and each retry first checks whether
+# another writer has finished.
+_MAX_RACE_RETRIES = 8
+_RACE_BACKOFF = 0.1
 # Records and refs are a few hundred bytes.
 _MAX_SMALL_FILE = 64 * 1024
 
@@ -576,6 +581,7 @@ class Store:
                         "error": str(exc),
                     },
                 )
+                await asyncio.sleep(random.uniform(0, _RACE_BACKOFF * (attempt + 1)))  # noqa: S311
         raise AssetDownloadError(
             f"could not install {out.name} {out.version}: other writers kept changing the cache "
             f"at {self.root} (are file locks working on this file system?)"
