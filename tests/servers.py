@@ -802,6 +802,22 @@ class RegistryServer:
         self.close()
 
 
+class RedirectingRegistry(RegistryServer):
+    """distribution with its `redirect` storage middleware: blob GETs answer 307 to
+    `cdn_url` + the blob's storage path, as registries backed by S3/GCS do."""
+
+    def __init__(self, base_dir: Path, cdn_url: str, **kwargs: Any) -> None:
+        super().__init__(base_dir, **kwargs)
+        self.cdn_url = cdn_url
+
+    def _config(self, port: int) -> dict[str, Any]:
+        cfg = super()._config(port)
+        cfg["middleware"] = {
+            "storage": [{"name": "redirect", "options": {"baseurl": self.cdn_url}}]
+        }
+        return cfg
+
+
 class _PortInUse(Exception):
     pass
 

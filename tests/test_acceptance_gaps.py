@@ -50,7 +50,7 @@ from exec_sandbox_assets.oci.model import (
 from exec_sandbox_assets.oci.reference import parse_registry_ref
 from exec_sandbox_assets.oci.registry import RegistryClient
 from exec_sandbox_assets.publish import PublishRequest, PublishResult, make_sample_inputs, publish
-from servers import LOOPBACK, RegistryServer
+from servers import LOOPBACK, FaultProxy, RedirectingRegistry, RegistryServer
 
 ROOT = Path(__file__).resolve().parent.parent
 VERSION = "0.9.1"
@@ -142,6 +142,21 @@ def assert_verified_release(
     )
 
 
+def assert_untagged_then_rerun_completes(
+    registry: RegistryServer,
+    proxy: FaultProxy,
+    repo_name: str,
+    tmp_path: Path,
+    key: tuple[Path, Path],
+) -> None:
+    """No tag names the failed release; once the fault is gone a re-run completes it."""
+    assert manifest_status(registry, repo_name, TAG) == 404
+    assert manifest_status(registry, repo_name, "latest") == 404
+    proxy.reset()
+    result = publish_to(proxy.ref(repo_name), tmp_path, key[0])
+    assert_verified_release(registry, repo_name, result, key[1])
+
+
 def test_a_failed_signature_push_leaves_no_tag_and_a_rerun_completes(
     registry: RegistryServer,
     fault_proxy: FaultProxyFactory,
@@ -165,12 +180,7 @@ def test_a_failed_signature_push_leaves_no_tag_and_a_rerun_completes(
     assert puts, f"the signature PUT was never attempted: {info.value!r}"
     index_puts = [r for r in proxy.requests if r.method == "PUT" and "/manifests/sha256:" in r.path]
     assert index_puts, "the failure came before the manifests: not the case under test"
-    assert manifest_status(registry, repo_name, TAG) == 404
-    assert manifest_status(registry, repo_name, "latest") == 404
-
-    proxy.reset()
-    result = publish_to(proxy.ref(repo_name), tmp_path, key[0])
-    assert_verified_release(registry, repo_name, result, key[1])
+    assert_untagged_then_rerun_completes(registry, proxy, repo_name, tmp_path, key)
 
 
 def test_a_signature_that_reads_back_wrong_leaves_no_tag(
@@ -192,12 +202,7 @@ def test_a_signature_that_reads_back_wrong_leaves_no_tag(
 
     gets = [r for r in proxy.requests if r.method == "GET" and "/manifests/sha256-" in r.path]
     assert [r.status for r in gets][-1] == 200, "the signature was never read back"
-    assert manifest_status(registry, repo_name, TAG) == 404
-    assert manifest_status(registry, repo_name, "latest") == 404
-
-    proxy.reset()
-    result = publish_to(proxy.ref(repo_name), tmp_path, key[0])
-    assert_verified_release(registry, repo_name, result, key[1])
+    assert_untagged_then_rerun_completes(registry, proxy, repo_name, tmp_path, key)
 
 
 def test_second_publish_sends_no_blob_upload_on_the_wire(
@@ -234,22 +239,6 @@ def test_second_publish_sends_no_blob_upload_on_the_wire(
 
 
 # --------------------------------------------------------------------------- #3 client
-
-
-class RedirectingRegistry(RegistryServer):
-    """distribution with its `redirect` storage middleware: blob GETs answer 307 to
-    `cdn_url` + the blob's storage path, as registries backed by S3/GCS do."""
-
-    def __init__(self, base_dir: Path, cdn_url: str, **kwargs: Any) -> None:
-        super().__init__(base_dir, **kwargs)
-        self.cdn_url = cdn_url
-
-    def _config(self, port: int) -> dict[str, Any]:
-        cfg = super()._config(port)
-        cfg["middleware"] = {
-            "storage": [{"name": "redirect", "options": {"baseurl": self.cdn_url}}]
-        }
-        return cfg
 
 
 class _HostileCdn(http.server.BaseHTTPRequestHandler):

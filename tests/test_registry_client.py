@@ -54,7 +54,7 @@ from exec_sandbox_assets.oci.reference import (
     parse_source_ref,
 )
 from exec_sandbox_assets.oci.registry import RegistryClient, RetryPolicy
-from servers import LOOPBACK, RegistryServer, StaticServer
+from servers import LOOPBACK, RedirectingRegistry, RegistryServer, StaticServer
 
 FAST = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.05)
 BLOB = os.urandom(3 * 1024 * 1024 + 12345)  # several 1 MiB chunks plus a tail
@@ -671,22 +671,6 @@ async def test_tls_custom_ca(tls_registry: RegistryServer, repo_name: str) -> No
 # --------------------------------------------------------------------------
 # Redirects to a blob CDN on another host must not carry credentials
 # --------------------------------------------------------------------------
-
-
-class RedirectingRegistry(RegistryServer):
-    """distribution with its `redirect` storage middleware: blob GETs answer 307 to
-    `cdn_url` + the blob's storage path, as registries backed by S3/GCS do."""
-
-    def __init__(self, base_dir: Path, cdn_url: str, **kwargs: Any) -> None:
-        super().__init__(base_dir, **kwargs)
-        self.cdn_url = cdn_url
-
-    def _config(self, port: int) -> dict[str, Any]:
-        cfg = super()._config(port)
-        cfg["middleware"] = {
-            "storage": [{"name": "redirect", "options": {"baseurl": self.cdn_url}}]
-        }
-        return cfg
 
 
 @pytest.fixture
