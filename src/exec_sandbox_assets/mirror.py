@@ -51,12 +51,13 @@ Credentials: `src_credentials` / `dst_credentials`, else the `auths` of the dock
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar
 
 from exec_sandbox_assets import catalog, trust
 from exec_sandbox_assets.config import LATEST, docker_config_path, normalize_version
@@ -87,6 +88,8 @@ if TYPE_CHECKING:
     from exec_sandbox_assets.publish.targets import Target
 
 log = logging.getLogger(__name__)
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 # A download that broke off after making progress is resumed this many times in one call.
 MAX_RESUMES = 4
@@ -191,47 +194,6 @@ class _Plan:
     blobs_mounted: int = 0
 
 
-def mirror(
-    src: str,
-    dst: str,
-    *,
-    versions: Sequence[str],
-    work_dir: Path,
-    platforms: Sequence[tuple[str, str]] | None = None,
-    trusted_keys: Sequence[Path] = (),
-    threshold: int = 1,
-    insecure_skip_verify: bool = False,
-    allow_downgrade: bool = False,
-    src_credentials: Credentials | None = None,
-    dst_credentials: Credentials | None = None,
-    ca_bundle: Path | None = None,
-    docker_config: Path | None = None,
-    progress: ProgressCallback | None = None,
-) -> MirrorResult:
-    """Copy `versions` of a release from `src` to `dst` (see the module docstring).
-
-    Synchronous (it runs its own event loop); from async code use `mirror_async`.
-    """
-    return asyncio.run(
-        mirror_async(
-            src,
-            dst,
-            versions=versions,
-            work_dir=work_dir,
-            platforms=platforms,
-            trusted_keys=trusted_keys,
-            threshold=threshold,
-            insecure_skip_verify=insecure_skip_verify,
-            allow_downgrade=allow_downgrade,
-            src_credentials=src_credentials,
-            dst_credentials=dst_credentials,
-            ca_bundle=ca_bundle,
-            docker_config=docker_config,
-            progress=progress,
-        )
-    )
-
-
 async def mirror_async(
     src: str,
     dst: str,
@@ -249,6 +211,8 @@ async def mirror_async(
     docker_config: Path | None = None,
     progress: ProgressCallback | None = None,
 ) -> MirrorResult:
+    """Copy `versions` of a release from `src` to `dst` (see the module docstring);
+    `mirror` is the same call for synchronous code."""
     tags = _tags_of(versions)
     policy = _policy(trusted_keys, threshold, allow_downgrade, insecure_skip_verify, src)
     src_ref, dst_ref = _parse_side(src, "source"), _parse_side(dst, "destination")
@@ -307,6 +271,22 @@ async def mirror_async(
             for p in plans
         ),
     )
+
+
+def _run_sync(fn: Callable[_P, Coroutine[Any, Any, _T]]) -> Callable[_P, _T]:
+    """A synchronous twin of `fn` (same signature), running its own event loop."""
+
+    @functools.wraps(fn)
+    def run(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        return asyncio.run(fn(*args, **kwargs))
+
+    return run
+
+
+mirror = _run_sync(mirror_async)
+mirror.__doc__ = """Copy `versions` of a release from `src` to `dst` (see the module docstring).
+
+Synchronous (it runs its own event loop); from async code use `mirror_async`."""
 
 
 # --------------------------------------------------------------------------- setup
