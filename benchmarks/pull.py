@@ -30,9 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import httpx
 
-from exec_sandbox_assets import catalog, trust
+from exec_sandbox_assets import catalog
 from exec_sandbox_assets.publish.publisher import PublishRequest, publish
 from exec_sandbox_assets.publish.sample import make_sample_inputs
+from exec_sandbox_assets.release import keys
 from servers import RegistryServer
 
 MiB = 1024 * 1024
@@ -43,7 +44,7 @@ from exec_sandbox_assets import configure, fetch_kernel, fetch_base_image
 configure()
 t = time.perf_counter()
 # The cold path imports the network and crypto stack lazily: timed on its own.
-import exec_sandbox_assets.sources, exec_sandbox_assets.oci.registry, exec_sandbox_assets.trust
+import exec_sandbox_assets.sources, exec_sandbox_assets.oci.registry, exec_sandbox_assets.release.keys
 imports = time.perf_counter() - t
 t = time.perf_counter()
 async def main():
@@ -103,8 +104,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="esa-bench-") as tmp_s:
         tmp = Path(tmp_s)
         inputs = make_sample_inputs(tmp / "in", arches=("x86_64",), size=size)
-        key = trust.generate_key()
-        trust.write_key_pair(key, tmp / "k.key", tmp / "k.pub", None)
+        key = keys.generate_key()
+        keys.write_key_pair(key, tmp / "k.key", tmp / "k.pub", None)
         with RegistryServer(tmp / "reg") as reg:
             ref = reg.ref("bench/assets")
             t = time.perf_counter()

@@ -17,15 +17,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from exec_sandbox_assets import catalog, trust
+from exec_sandbox_assets import catalog
 from exec_sandbox_assets.catalog import AssetSpec
 from exec_sandbox_assets.oci.model import signature_tag
+from exec_sandbox_assets.oci.targets import RegistryOptions, Target, open_target
 from exec_sandbox_assets.publish import PublishRequest, PublishResult, make_sample_inputs, publish
 from exec_sandbox_assets.publish.compress import Blob
 from exec_sandbox_assets.publish.inputs import find_inputs
 from exec_sandbox_assets.publish.publisher import prepare_blobs
 from exec_sandbox_assets.publish.sample import sample_bytes
-from exec_sandbox_assets.publish.targets import RegistryOptions, Target, open_target
+from exec_sandbox_assets.release import keys, signing
 
 SAMPLE_SIZE = 256 * 1024
 PLATFORMS: tuple[tuple[str, str], ...] = (("linux", "amd64"), ("linux", "arm64"))
@@ -42,7 +43,7 @@ def make_key_pair(directory: Path, name: str = "release", algorithm: str = "ecds
     """A fresh signing key written as `<name>.key` (0600) and `<name>.pub` in `directory`."""
     directory.mkdir(parents=True, exist_ok=True)
     pair = KeyPair(directory / f"{name}.key", directory / f"{name}.pub")
-    trust.write_key_pair(trust.generate_key(algorithm), pair.private, pair.public, None)
+    keys.write_key_pair(keys.generate_key(algorithm), pair.private, pair.public, None)
     return pair
 
 
@@ -203,16 +204,16 @@ def flip_stored_blob(registry_data_dir: Path, digest: str, offset: int | None = 
 
 def resign(
     index_digest: str, key: KeyPair, version: str, created: str | None
-) -> trust.SignatureManifest:
+) -> signing.SignatureManifest:
     """A signature manifest over `index_digest` by `key` (e.g. an untrusted one)."""
-    signing_key = trust.load_signing_key_file(key.private, None)
-    return trust.sign_index(
+    signing_key = keys.load_signing_key_file(key.private, None)
+    return signing.sign_index(
         [signing_key], index_digest, catalog.DEFAULT_REPOSITORY, version, created
     )
 
 
 def push_signature(
-    target: str, work_dir: Path, index_digest: str, signature: trust.SignatureManifest
+    target: str, work_dir: Path, index_digest: str, signature: signing.SignatureManifest
 ) -> None:
     """Store `signature` under the cosign tag of `index_digest` (replacing what is there)."""
     from exec_sandbox_assets.oci.model import MEDIA_TYPE_IMAGE_CONFIG, MEDIA_TYPE_MANIFEST
@@ -221,7 +222,7 @@ def push_signature(
     try:
         writer.push_bytes(signature.config, MEDIA_TYPE_IMAGE_CONFIG)
         for payload in signature.payloads:
-            writer.push_bytes(payload, trust.SIMPLESIGNING_MEDIA_TYPE)
+            writer.push_bytes(payload, signing.SIMPLESIGNING_MEDIA_TYPE)
         writer.put_manifest(signature.manifest, MEDIA_TYPE_MANIFEST, signature_tag(index_digest))
     finally:
         writer.close(True)

@@ -34,7 +34,6 @@ import httpx
 import pytest
 
 from conftest import HTPASSWD_USERS, FaultProxyFactory
-from exec_sandbox_assets import trust
 from exec_sandbox_assets.errors import AssetDownloadError, AssetNotFoundError, AuthError
 from exec_sandbox_assets.oci.auth import Credentials
 from exec_sandbox_assets.oci.http import RetryPolicy
@@ -50,6 +49,7 @@ from exec_sandbox_assets.oci.model import (
 from exec_sandbox_assets.oci.reference import parse_registry_ref
 from exec_sandbox_assets.oci.registry import RegistryClient
 from exec_sandbox_assets.publish import PublishRequest, PublishResult, make_sample_inputs, publish
+from exec_sandbox_assets.release import keys, policy, signing
 from servers import LOOPBACK, FaultProxy, RedirectingRegistry, RegistryServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,7 +79,7 @@ def sha256(data: bytes) -> str:
 def key(tmp_path: Path) -> tuple[Path, Path]:
     """(private, public) of a fresh ECDSA P-256 key."""
     private, public = tmp_path / "release.key", tmp_path / "release.pub"
-    trust.write_key_pair(trust.generate_key(), private, public, None)
+    keys.write_key_pair(keys.generate_key(), private, public, None)
     return private, public
 
 
@@ -130,10 +130,10 @@ def assert_verified_release(
             httpx.get(f"{registry.url}/v2/{repo}/blobs/{layer.payload_digest}").content,
             layer.signature,
         )
-        for layer in trust.read_signature_manifest(sig, "test")
+        for layer in signing.read_signature_manifest(sig, "test")
     ]
-    trust.verify_index(
-        trust.TrustPolicy(keys=(trust.load_public_key_file(public),)),
+    policy.verify_index(
+        policy.TrustPolicy(keys=(keys.load_public_key_file(public),)),
         result.index_digest,
         signatures,
         expected_version=VERSION,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from exec_sandbox_assets.cache_admin import (
+from exec_sandbox_assets.cache.admin import (
     CacheListing,
     FileEntry,
     LockRef,
@@ -15,7 +15,7 @@ from exec_sandbox_assets.cache_admin import (
     plan_gc,
     versions_to_keep,
 )
-from exec_sandbox_assets.store import RecordInfo, temp_owner
+from exec_sandbox_assets.cache.store import RecordInfo, temp_owner
 
 ROOT = Path("/cache")
 NOW = 1_000_000.0

@@ -27,7 +27,7 @@ import pytest
 import exec_sandbox_assets as esa
 from conftest import HTPASSWD_USERS, TOKEN_USERS, FaultProxyFactory
 from exec_sandbox_assets import catalog
-from exec_sandbox_assets import fetch as fetch_module
+from exec_sandbox_assets import client as fetch_module
 from exec_sandbox_assets.errors import (
     AllSourcesFailedError,
     AssetChecksumError,

@@ -23,6 +23,7 @@ import pytest
 
 from conftest import HTPASSWD_USERS, FaultProxyFactory
 from exec_sandbox_assets import catalog
+from exec_sandbox_assets.client import AssetClient
 from exec_sandbox_assets.config import Settings, load_settings
 from exec_sandbox_assets.errors import (
     AssetNotFoundError,
@@ -31,7 +32,6 @@ from exec_sandbox_assets.errors import (
     SignatureError,
     TransportError,
 )
-from exec_sandbox_assets.fetch import AssetClient
 from exec_sandbox_assets.mirror import MirrorEvent, MirrorResult, mirror
 from exec_sandbox_assets.oci.layout import LayoutReader, extract_archive
 from exec_sandbox_assets.oci.model import ACCEPT_MANIFESTS, Index, Manifest, signature_tag

@@ -25,7 +25,7 @@ from exec_sandbox_assets.oci.model import (
     signature_tag,
     verify_bytes,
 )
-from exec_sandbox_assets.release import (
+from exec_sandbox_assets.release.documents import (
     LayerFile,
     ReleaseInfo,
     build_release,

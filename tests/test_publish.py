@@ -18,7 +18,7 @@ import httpx
 import pytest
 import zstandard
 
-from exec_sandbox_assets import catalog, trust
+from exec_sandbox_assets import catalog
 from exec_sandbox_assets.errors import (
     AssetDownloadError,
     AuthError,
@@ -36,10 +36,10 @@ from exec_sandbox_assets.oci.model import (
     Manifest,
     signature_tag,
 )
+from exec_sandbox_assets.oci.registry_target import RegistryTarget
 from exec_sandbox_assets.publish import PublishRequest, make_sample_inputs, publish
 from exec_sandbox_assets.publish.cli import KEY_PASSWORD_ENV, main
 from exec_sandbox_assets.publish.compress import compress_file, inspect_zst
-from exec_sandbox_assets.publish.registry_target import RegistryTarget
 from exec_sandbox_assets.publish.release_dir import (
     INDEX_FILE,
     SIGNATURE_FILE,
@@ -47,6 +47,7 @@ from exec_sandbox_assets.publish.release_dir import (
     manifest_file,
     payload_file,
 )
+from exec_sandbox_assets.release import keys, policy, signing
 from servers import RegistryServer, free_port
 
 VERSION = "0.9.1"
@@ -85,16 +86,16 @@ def dist(tmp_path: Path) -> Path:
 @pytest.fixture
 def key_files(tmp_path: Path) -> tuple[Path, Path]:
     """(private, public) of a fresh ECDSA P-256 key."""
-    key = trust.generate_key()
+    key = keys.generate_key()
     private, public = tmp_path / "release.key", tmp_path / "release.pub"
-    trust.write_key_pair(key, private, public, None)
+    keys.write_key_pair(key, private, public, None)
     return private, public
 
 
 @pytest.fixture
 def other_public(tmp_path: Path) -> Path:
-    key = trust.generate_key()
-    trust.write_key_pair(key, tmp_path / "other.key", tmp_path / "other.pub", None)
+    key = keys.generate_key()
+    keys.write_key_pair(key, tmp_path / "other.key", tmp_path / "other.pub", None)
     return tmp_path / "other.pub"
 
 
@@ -145,7 +146,7 @@ def tag_exists(registry: RegistryServer, repo: str, tag: str) -> bool:
 def signatures_of(sig_manifest: bytes, fetch: Any) -> list[tuple[bytes, bytes]]:
     return [
         (fetch(layer.payload_digest), layer.signature)
-        for layer in trust.read_signature_manifest(sig_manifest, "test")
+        for layer in signing.read_signature_manifest(sig_manifest, "test")
     ]
 
 
@@ -154,10 +155,10 @@ def verify_with(
     index_digest: str,
     sigs: list[tuple[bytes, bytes]],
     expected_version: str | None = VERSION,
-) -> trust.VerifiedRelease:
+) -> policy.VerifiedRelease:
     """What a client trusting only `public` makes of the signatures."""
-    return trust.verify_index(
-        trust.TrustPolicy(keys=(trust.load_public_key_file(public),)),
+    return policy.verify_index(
+        policy.TrustPolicy(keys=(keys.load_public_key_file(public),)),
         index_digest,
         sigs,
         expected_version=expected_version,
@@ -448,7 +449,7 @@ def test_bad_input_is_one_clear_line_and_no_tag(
         key = key_files[1]  # the public half
     elif case in ("wrong-password", "no-password"):
         key = tmp_path / "encrypted.key"
-        trust.write_key_pair(trust.generate_key(), key, tmp_path / "encrypted.pub", b"right")
+        keys.write_key_pair(keys.generate_key(), key, tmp_path / "encrypted.pub", b"right")
         if case == "wrong-password":
             monkeypatch.setenv(KEY_PASSWORD_ENV, "wrong")
     elif case == "unreachable":
@@ -475,7 +476,7 @@ def test_cli_publishes_and_prints_a_summary(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     key = tmp_path / "encrypted.key"
-    trust.write_key_pair(trust.generate_key(), key, tmp_path / "encrypted.pub", b"pw")
+    keys.write_key_pair(keys.generate_key(), key, tmp_path / "encrypted.pub", b"pw")
     monkeypatch.setenv(KEY_PASSWORD_ENV, "pw")
     code = main(
         _cli(dist, key, registry.ref(repo_name), tmp_path, "--latest", "--platform", "linux/amd64")
@@ -560,7 +561,7 @@ def test_rotation_signs_with_every_key(
     dist: Path, key_files: tuple[Path, Path], tmp_path: Path
 ) -> None:
     new_key = tmp_path / "new.key"
-    trust.write_key_pair(trust.generate_key("ed25519"), new_key, tmp_path / "new.pub", None)
+    keys.write_key_pair(keys.generate_key("ed25519"), new_key, tmp_path / "new.pub", None)
     layout = tmp_path / "layout"
     result = publish(
         PublishRequest(

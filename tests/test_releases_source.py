@@ -24,6 +24,7 @@ import pytest
 
 from conftest import FaultProxyFactory
 from exec_sandbox_assets import catalog
+from exec_sandbox_assets.client import AssetClient
 from exec_sandbox_assets.config import DEFAULT_RELEASES_DOWNLOAD, Settings, load_settings
 from exec_sandbox_assets.errors import (
     AllSourcesFailedError,
@@ -32,11 +33,10 @@ from exec_sandbox_assets.errors import (
     SignatureError,
     TrustError,
 )
-from exec_sandbox_assets.fetch import AssetClient
 from exec_sandbox_assets.oci.http import HttpCore, RetryPolicy
 from exec_sandbox_assets.oci.model import Index, Manifest
 from exec_sandbox_assets.publish import PublishRequest, make_sample_inputs, publish
-from exec_sandbox_assets.release import RELEASE_INDEX_FILE, release_manifest_file
+from exec_sandbox_assets.release.documents import RELEASE_INDEX_FILE, release_manifest_file
 from exec_sandbox_assets.sources import (
     LayoutSource,
     RegistrySource,
@@ -453,7 +453,7 @@ def test_a_blob_the_registry_lost_comes_from_the_release(
 async def test_unknown_blob_under_latest_is_not_guessed(
     published: Published, static_server: StaticServer
 ) -> None:
-    from exec_sandbox_assets.release import read_asset_layers
+    from exec_sandbox_assets.release.documents import read_asset_layers
 
     serve(static_server, published)
     manifest = Manifest.from_bytes(

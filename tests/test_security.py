@@ -23,12 +23,12 @@ from typing import Any
 
 import pytest
 
+from exec_sandbox_assets.cache.store import Store
 from exec_sandbox_assets.errors import AssetDownloadError, AssetError, SizeLimitError
 from exec_sandbox_assets.oci.auth import Credentials
 from exec_sandbox_assets.oci.http import RetryPolicy
 from exec_sandbox_assets.oci.reference import parse_registry_ref
 from exec_sandbox_assets.oci.registry import RegistryClient
-from exec_sandbox_assets.store import Store
 from test_store import FileOpener, content_bytes, make_fixture
 
 # -- a booby-trapped cache directory ------------------------------------------------------------
@@ -397,7 +397,7 @@ def test_unsafe_layer_titles_are_refused_before_any_file_access(title: str) -> N
     from exec_sandbox_assets import catalog
     from exec_sandbox_assets.errors import FormatError
     from exec_sandbox_assets.oci.model import Descriptor
-    from exec_sandbox_assets.release import read_asset_layer
+    from exec_sandbox_assets.release.documents import read_asset_layer
 
     desc = Descriptor(
         "application/vnd.exec-sandbox.kernel.v1+zstd",
@@ -501,7 +501,7 @@ def test_odd_content_size_annotation_is_a_format_error(size: str) -> None:
     from exec_sandbox_assets import catalog
     from exec_sandbox_assets.errors import FormatError
     from exec_sandbox_assets.oci.model import Descriptor
-    from exec_sandbox_assets.release import read_asset_layer
+    from exec_sandbox_assets.release.documents import read_asset_layer
 
     desc = Descriptor(
         "application/vnd.exec-sandbox.kernel.v1+zstd",

@@ -26,17 +26,17 @@ from typing import Any
 import pytest
 import zstandard
 
-from exec_sandbox_assets import store as store_mod
+from exec_sandbox_assets.cache import store as store_mod
+from exec_sandbox_assets.cache.store import FileLock, OutputSpec, Store
 from exec_sandbox_assets.errors import (
     AssetChecksumError,
     AssetDownloadError,
     OutOfSpaceError,
     SizeLimitError,
 )
-from exec_sandbox_assets.store import FileLock, OutputSpec, Store
 
 CHUNK = 64 * 1024
-LOGGER = "exec_sandbox_assets.store"
+LOGGER = "exec_sandbox_assets.cache.store"
 
 
 def sha256(data: bytes) -> str:
@@ -530,7 +530,7 @@ CHILD = """
 import asyncio, hashlib, json, os, sys
 from contextlib import asynccontextmanager
 from pathlib import Path
-from exec_sandbox_assets.store import OutputSpec, Store
+from exec_sandbox_assets.cache.store import OutputSpec, Store
 
 cfg = json.loads(sys.argv[1])
 out = OutputSpec(**cfg["out"])
@@ -839,12 +839,12 @@ def test_store_module_imports_nothing_heavy() -> None:
         "pkg = types.ModuleType('exec_sandbox_assets')\n"
         "pkg.__path__ = [sys.argv[1]]\n"
         "sys.modules['exec_sandbox_assets'] = pkg\n"
-        "import exec_sandbox_assets.store\n"
+        "import exec_sandbox_assets.cache.store\n"
         "ours = sorted(m for m in sys.modules if m.startswith('exec_sandbox_assets'))\n"
         "heavy = {'zstandard', 'httpx', 'cryptography', 'oras', 'requests', 'platformdirs'}\n"
         "print(json.dumps([ours, sorted(heavy & set(sys.modules))]))\n"
     )
-    src = str(Path(store_mod.__file__).parent)
+    src = str(Path(store_mod.__file__).parent.parent)  # the package dir
     out = subprocess.run(
         [sys.executable, "-c", code, src], capture_output=True, text=True, check=True
     ).stdout
@@ -852,9 +852,10 @@ def test_store_module_imports_nothing_heavy() -> None:
     assert heavy == []
     assert ours == [
         "exec_sandbox_assets",
+        "exec_sandbox_assets.cache",
+        "exec_sandbox_assets.cache.store",
         "exec_sandbox_assets.errors",
         "exec_sandbox_assets.fsutil",
         "exec_sandbox_assets.oci",
         "exec_sandbox_assets.oci.model",
-        "exec_sandbox_assets.store",
     ]

@@ -22,6 +22,7 @@ from typing import Any
 
 from exec_sandbox_assets import catalog
 from exec_sandbox_assets.catalog import AssetSpec, Language
+from exec_sandbox_assets.client import AssetClient
 from exec_sandbox_assets.config import Settings, load_settings
 from exec_sandbox_assets.errors import (
     AllSourcesFailedError,
@@ -35,7 +36,6 @@ from exec_sandbox_assets.errors import (
     TransportError,
     TrustError,
 )
-from exec_sandbox_assets.fetch import AssetClient
 
 __version__ = "0.1.0"
 

@@ -59,7 +59,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar
 
-from exec_sandbox_assets import catalog, trust
+from exec_sandbox_assets import catalog
+from exec_sandbox_assets.cache.store import BlobRequest, Store
 from exec_sandbox_assets.config import LATEST, docker_config_path, normalize_version
 from exec_sandbox_assets.errors import (
     AssetError,
@@ -80,12 +81,14 @@ from exec_sandbox_assets.oci.model import (
     signature_tag,
 )
 from exec_sandbox_assets.oci.reference import LayoutRef, RegistryRef, parse_source_ref
-from exec_sandbox_assets.release import read_asset_layer, read_asset_layers
+from exec_sandbox_assets.release.documents import read_asset_layer, read_asset_layers
+from exec_sandbox_assets.release.keys import load_public_key_file
+from exec_sandbox_assets.release.policy import TrustPolicy, require_keys, verify_index
+from exec_sandbox_assets.release.signing import parse_timestamp, read_signature_manifest
 from exec_sandbox_assets.sources import BlobOpener, Source, open_source
-from exec_sandbox_assets.store import BlobRequest, Store
 
 if TYPE_CHECKING:
-    from exec_sandbox_assets.publish.targets import Target
+    from exec_sandbox_assets.oci.targets import Target
 
 log = logging.getLogger(__name__)
 _P = ParamSpec("_P")
@@ -308,7 +311,7 @@ def _tags_of(versions: Sequence[str]) -> list[str]:
 
 def _policy(
     keys: Sequence[Path], threshold: int, allow_downgrade: bool, insecure: bool, src: str
-) -> trust.TrustPolicy | None:
+) -> TrustPolicy | None:
     if insecure:
         log.warning(
             "SIGNATURE VERIFICATION DISABLED (insecure_skip_verify): mirroring %s without "
@@ -317,12 +320,12 @@ def _policy(
             extra={"source": src},
         )
         return None
-    policy = trust.TrustPolicy(
-        keys=tuple(trust.load_public_key_file(Path(p)) for p in keys),
+    policy = TrustPolicy(
+        keys=tuple(load_public_key_file(Path(p)) for p in keys),
         threshold=threshold,
         allow_downgrade=allow_downgrade,
     )
-    trust.require_keys(policy, f"{src}: refusing to copy an unverified release")
+    require_keys(policy, f"{src}: refusing to copy an unverified release")
     return policy
 
 
@@ -380,7 +383,7 @@ def _open_target(
     ca_bundle: Path | None,
     docker_config: Path | None,
 ) -> Target:
-    from exec_sandbox_assets.publish.targets import RegistryOptions, open_target
+    from exec_sandbox_assets.oci.targets import RegistryOptions, open_target
 
     options = RegistryOptions(
         username=credentials.username if credentials else None,
@@ -407,7 +410,7 @@ def _show(platform: tuple[str, str]) -> str:
 async def _plan(
     source: Source,
     tag: str,
-    policy: trust.TrustPolicy | None,
+    policy: TrustPolicy | None,
     platforms: Sequence[tuple[str, str]] | None,
     insecure: bool,
     progress: ProgressCallback | None,
@@ -479,7 +482,7 @@ async def _verify(
     source: Source,
     tag: str,
     digest: str,
-    policy: trust.TrustPolicy | None,
+    policy: TrustPolicy | None,
     insecure: bool,
     where: str,
 ) -> tuple[bytes | None, dict[str, bytes], tuple[str, ...], str | None, str | None]:
@@ -491,7 +494,7 @@ async def _verify(
             raise
         log.warning("no signature to copy for %s: %s", where, exc)
         return None, {}, (), None, None
-    layers = trust.read_signature_manifest(signature, f"{where} signature")
+    layers = read_signature_manifest(signature, f"{where} signature")
     payloads: dict[str, bytes] = {}
     pairs: list[tuple[bytes, bytes]] = []
     for n, layer in enumerate(layers):
@@ -500,7 +503,7 @@ async def _verify(
         pairs.append((payload, layer.signature))
     if policy is None:
         return signature, payloads, (), None, None
-    verified = trust.verify_index(
+    verified = verify_index(
         policy,
         digest,
         pairs,
@@ -698,7 +701,7 @@ def _newer(current_index: bytes, created: str | None) -> bool:
         theirs = Index.from_bytes(current_index, "latest").annotations.get(catalog.ANN_CREATED)
         if not theirs or not created:
             return False
-        return trust.parse_timestamp(theirs) > trust.parse_timestamp(created)
+        return parse_timestamp(theirs) > parse_timestamp(created)
     except (FormatError, ValueError):
         return False
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from exec_sandbox_assets import catalog
-from exec_sandbox_assets.cli_output import err, human_size
+from exec_sandbox_assets.cli.output import err, human_size
 from exec_sandbox_assets.errors import AssetError, ConfigError, FormatError
 from exec_sandbox_assets.publish.compress import DEFAULT_LEVEL
 from exec_sandbox_assets.publish.publisher import PublishRequest, PublishResult, publish

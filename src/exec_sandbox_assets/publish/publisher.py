@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from exec_sandbox_assets import catalog, trust
+from exec_sandbox_assets import catalog
 from exec_sandbox_assets.config import LATEST
 from exec_sandbox_assets.errors import (
     AssetError,
@@ -45,6 +45,7 @@ from exec_sandbox_assets.oci.model import (
     signature_tag,
 )
 from exec_sandbox_assets.oci.reference import TAG_RE
+from exec_sandbox_assets.oci.targets import RegistryOptions, Target, open_target
 from exec_sandbox_assets.publish.compress import (
     DEFAULT_LEVEL,
     Blob,
@@ -55,8 +56,13 @@ from exec_sandbox_assets.publish.compress import (
 )
 from exec_sandbox_assets.publish.inputs import InputFile, ReleaseInputs, find_inputs
 from exec_sandbox_assets.publish.release_dir import ReleaseFiles, write_release_dir
-from exec_sandbox_assets.publish.targets import RegistryOptions, Target, open_target
-from exec_sandbox_assets.release import BuiltRelease, LayerFile, ReleaseInfo, build_release
+from exec_sandbox_assets.release import keys, policy, signing
+from exec_sandbox_assets.release.documents import (
+    BuiltRelease,
+    LayerFile,
+    ReleaseInfo,
+    build_release,
+)
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +149,7 @@ def normalize_version(version: str) -> str:
 def normalize_created(created: str) -> str:
     """RFC 3339 in UTC with a Z, the form the annotation and the payload carry."""
     try:
-        moment = trust.parse_timestamp(created)
+        moment = signing.parse_timestamp(created)
     except ValueError:
         raise ConfigError(f"created {created!r} is not an RFC 3339 timestamp") from None
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -153,13 +159,13 @@ def now_created() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def load_keys(paths: Sequence[Path], password: bytes | None) -> tuple[trust.SigningKey, ...]:
+def load_keys(paths: Sequence[Path], password: bytes | None) -> tuple[keys.SigningKey, ...]:
     if not paths:
         raise ConfigError(
             "no signing key given (--key FILE): clients refuse unsigned releases; "
             "create one with `exec-sandbox-assets keygen`"
         )
-    return tuple(trust.load_signing_key_file(Path(p), password) for p in paths)
+    return tuple(keys.load_signing_key_file(Path(p), password) for p in paths)
 
 
 # --------------------------------------------------------------------------- blobs
@@ -237,10 +243,10 @@ def _check_no_conflict(
 def _verified_signature(
     target: Target,
     index_digest: str,
-    keys: Sequence[trust.SigningKey],
+    keys: Sequence[keys.SigningKey],
     version: str,
     created: str,
-) -> trust.SignatureManifest:
+) -> signing.SignatureManifest:
     """Read the signature of `index_digest` back from `target` and check that every
     key signed this release; raises SignatureError otherwise."""
     where = f"{target.name}:{signature_tag(index_digest)}"
@@ -252,11 +258,11 @@ def _verified_signature(
     by_digest = {sha256_digest(p): p for p in payloads}
     signatures = [
         (by_digest[layer.payload_digest], layer.signature)
-        for layer in trust.read_signature_manifest(data, where)
+        for layer in signing.read_signature_manifest(data, where)
     ]
     for key in keys:
-        verified = trust.verify_index(
-            trust.TrustPolicy(keys=(key.public,)),
+        verified = policy.verify_index(
+            policy.TrustPolicy(keys=(key.public,)),
             index_digest,
             signatures,
             expected_version=version,
@@ -268,16 +274,16 @@ def _verified_signature(
                 f"{where}: signed created {verified.created!r}, expected {created!r}"
             )
     config = target.read_blob(manifest.config.digest, _MAX_PAYLOAD)
-    return trust.SignatureManifest(data, config, payloads)
+    return signing.SignatureManifest(data, config, payloads)
 
 
 def _reusable_signature(
     targets: Sequence[Target],
     index_digest: str,
-    keys: Sequence[trust.SigningKey],
+    keys: Sequence[keys.SigningKey],
     version: str,
     created: str,
-) -> trust.SignatureManifest | None:
+) -> signing.SignatureManifest | None:
     for target in targets:
         try:
             sig = _verified_signature(target, index_digest, keys, version, created)
@@ -294,8 +300,8 @@ def push_release(
     target: Target,
     blobs: Sequence[Blob],
     built: BuiltRelease,
-    signature: trust.SignatureManifest,
-    keys: Sequence[trust.SigningKey],
+    signature: signing.SignatureManifest,
+    keys: Sequence[keys.SigningKey],
     version: str,
     created: str,
     tags: Sequence[str],
@@ -310,7 +316,7 @@ def push_release(
     target.put_manifest(built.index, MEDIA_TYPE_INDEX, None)
     target.push_bytes(signature.config, MEDIA_TYPE_IMAGE_CONFIG)
     for payload in signature.payloads:
-        target.push_bytes(payload, trust.SIMPLESIGNING_MEDIA_TYPE)
+        target.push_bytes(payload, signing.SIMPLESIGNING_MEDIA_TYPE)
     target.put_manifest(signature.manifest, MEDIA_TYPE_MANIFEST, signature_tag(index_digest))
 
     # Read back before tagging: what clients will fetch must verify with our keys.
@@ -355,7 +361,9 @@ def publish(req: PublishRequest) -> PublishResult:
 
         signature = _reusable_signature(targets, index_digest, keys, version, created)
         if signature is None:
-            signature = trust.sign_index(keys, index_digest, req.docker_reference, version, created)
+            signature = signing.sign_index(
+                keys, index_digest, req.docker_reference, version, created
+            )
 
         unique = list({b.digest: b for b in blobs.values()}.values())
         tags = (version_tag, LATEST) if req.tag_latest else (version_tag,)

@@ -19,11 +19,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from exec_sandbox_assets import catalog, release
+from exec_sandbox_assets import catalog
 from exec_sandbox_assets.errors import ConfigError
 from exec_sandbox_assets.fsutil import atomic_output
 from exec_sandbox_assets.publish.compress import CHUNK
-from exec_sandbox_assets.trust import SignatureManifest
+from exec_sandbox_assets.release import documents as release
+from exec_sandbox_assets.release.signing import SignatureManifest
 
 # The names are shared with the client's releases source (release.py).
 INDEX_FILE = release.RELEASE_INDEX_FILE

@@ -11,8 +11,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from exec_sandbox_assets import catalog
-from exec_sandbox_assets.cli_output import EXIT_OK, emit_json, human_size, out, short_digest
-from exec_sandbox_assets.cli_progress import (
+from exec_sandbox_assets.cli.output import EXIT_OK, emit_json, human_size, out, short_digest
+from exec_sandbox_assets.cli.progress import (
     LogHandler,
     TerminalProgress,
     progress_bars,

@@ -13,13 +13,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from exec_sandbox_assets import catalog, trust
-from exec_sandbox_assets.cli_commands import pull_specs
-from exec_sandbox_assets.cli_output import EXIT_FAILED, EXIT_OK, err, human_size, out
-from exec_sandbox_assets.cli_progress import LogHandler, progress_bars, want_progress
+from exec_sandbox_assets import catalog
+from exec_sandbox_assets.cli.commands import pull_specs
+from exec_sandbox_assets.cli.output import EXIT_FAILED, EXIT_OK, err, human_size, out
+from exec_sandbox_assets.cli.progress import LogHandler, progress_bars, want_progress
+from exec_sandbox_assets.client import AssetClient
 from exec_sandbox_assets.config import Settings
-from exec_sandbox_assets.fetch import AssetClient
 from exec_sandbox_assets.publish.compress import hash_file
+from exec_sandbox_assets.release import keys
 
 DEMO_VERSION = "0.0.1-demo"
 KEY_NAME = "demo"
@@ -30,7 +31,7 @@ def _key_pair(keys_dir: Path) -> tuple[Path, Path, bool]:
     if private.is_file() and public.is_file():
         return private, public, False
     keys_dir.mkdir(parents=True, exist_ok=True)
-    trust.write_key_pair(trust.generate_key(), private, public, None)
+    keys.write_key_pair(keys.generate_key(), private, public, None)
     return private, public, True
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from exec_sandbox_assets.cli_output import (
+from exec_sandbox_assets.cli.output import (
     EXIT_CODES_HELP,
     EXIT_INTERRUPTED,
     EXIT_USAGE,
@@ -25,7 +25,7 @@ from exec_sandbox_assets.cli_output import (
     err,
     exit_code_for,
 )
-from exec_sandbox_assets.cli_progress import LogHandler
+from exec_sandbox_assets.cli.progress import LogHandler
 from exec_sandbox_assets.config import Settings, load_settings
 from exec_sandbox_assets.errors import AssetError
 
@@ -565,7 +565,7 @@ def _run_publish(argv: Sequence[str]) -> int:
 
 
 def _dispatch(args: argparse.Namespace, settings: Settings, log_handler: LogHandler) -> int:
-    from exec_sandbox_assets import cli_commands
+    from exec_sandbox_assets.cli import commands as cli_commands
 
     if args.command == "pull":
         return cli_commands.run_pull(args, settings, log_handler)
@@ -578,15 +578,15 @@ def _dispatch(args: argparse.Namespace, settings: Settings, log_handler: LogHand
     if args.command == "keygen":
         return cli_commands.run_keygen(args)
     if args.command == "inspect":
-        from exec_sandbox_assets.cli_inspect import run_inspect
+        from exec_sandbox_assets.cli.inspect import run_inspect
 
         return run_inspect(args, settings)
     if args.command == "mirror":
-        from exec_sandbox_assets.cli_mirror import run_mirror
+        from exec_sandbox_assets.cli.mirror import run_mirror
 
         return run_mirror(args, settings, log_handler)
     if args.command == "demo":
-        from exec_sandbox_assets.cli_demo import run_demo
+        from exec_sandbox_assets.cli.demo import run_demo
 
         return run_demo(args, settings, log_handler)
     raise AssertionError(f"unhandled command {args.command!r}")

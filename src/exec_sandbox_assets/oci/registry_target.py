@@ -56,7 +56,7 @@ from exec_sandbox_assets.oci.model import (
     verify_bytes,
 )
 from exec_sandbox_assets.oci.reference import parse_registry_ref
-from exec_sandbox_assets.publish.targets import PushStats
+from exec_sandbox_assets.oci.target import PushStats
 
 log = logging.getLogger(__name__)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from exec_sandbox_assets import catalog
+from exec_sandbox_assets.cache.store import OutputSpec, Store
 from exec_sandbox_assets.catalog import AssetSpec, Kind
 from exec_sandbox_assets.config import LATEST, Settings
 from exec_sandbox_assets.errors import (
@@ -32,11 +33,10 @@ from exec_sandbox_assets.errors import (
     FormatError,
     TransportError,
 )
-from exec_sandbox_assets.store import OutputSpec, Store
 
 if TYPE_CHECKING:
     from exec_sandbox_assets.oci.model import Index
-    from exec_sandbox_assets.release import AssetLayer
+    from exec_sandbox_assets.release.documents import AssetLayer
     from exec_sandbox_assets.sources import Source
 
 log = logging.getLogger(__name__)
@@ -385,7 +385,7 @@ class AssetClient:
         return verified
 
     async def _check_signature(self, source: Source, digest: str, where: str) -> SignedInfo | None:
-        from exec_sandbox_assets import trust
+        from exec_sandbox_assets.release import keys, policy, signing
 
         if self.settings.insecure_skip_verify:
             log.warning(
@@ -394,15 +394,15 @@ class AssetClient:
                 extra={"source": source.name, "digest": digest},
             )
             return None
-        policy = trust.TrustPolicy(
-            keys=tuple(trust.load_public_key_file(p) for p in self.settings.trusted_keys),
+        trust_policy = policy.TrustPolicy(
+            keys=tuple(keys.load_public_key_file(p) for p in self.settings.trusted_keys),
             threshold=self.settings.threshold,
             allow_downgrade=self.settings.allow_downgrade,
         )
         # Fail before any remote byte beyond the index is fetched.
-        trust.require_keys(policy, f"{where}: refusing unverified remote content")
+        policy.require_keys(trust_policy, f"{where}: refusing unverified remote content")
         sig_manifest = await source.signature(digest)
-        layers = trust.read_signature_manifest(sig_manifest, f"{where} signature")
+        layers = signing.read_signature_manifest(sig_manifest, f"{where} signature")
         pairs = [
             (await source.payload(layer, n), layer.signature) for n, layer in enumerate(layers)
         ]
@@ -411,8 +411,8 @@ class AssetClient:
             state = self.store.read_state(TRUST_STATE_PREFIX + source.key)
             value = state.get("created") if state else None
             newest = value if isinstance(value, str) else None
-        result = trust.verify_index(
-            policy,
+        result = policy.verify_index(
+            trust_policy,
             digest,
             pairs,
             expected_version=None if self.settings.floating else self.settings.version,
@@ -429,7 +429,7 @@ class AssetClient:
         self, source: Source, verified: VerifiedIndex, platform: tuple[str, str]
     ) -> PlatformRelease:
         from exec_sandbox_assets.oci.model import Manifest
-        from exec_sandbox_assets.release import read_asset_layers
+        from exec_sandbox_assets.release.documents import read_asset_layers
 
         desc = verified.index.for_platform(*platform)
         if desc is None:

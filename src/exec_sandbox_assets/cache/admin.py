@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from exec_sandbox_assets.fetch import FLOATING_REF_PREFIX
+from exec_sandbox_assets.cache.store import RecordInfo, Store, temp_owner
+from exec_sandbox_assets.client import FLOATING_REF_PREFIX
 from exec_sandbox_assets.oci.model import is_digest
-from exec_sandbox_assets.store import RecordInfo, Store, temp_owner
 
 # Writers of small state files (refs/) hold no lock; their temp files live milliseconds.
 STATE_TEMP_MIN_AGE = 3600.0

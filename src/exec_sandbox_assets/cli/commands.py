@@ -14,9 +14,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from exec_sandbox_assets import cache_admin, catalog
+from exec_sandbox_assets import catalog
+from exec_sandbox_assets.cache import admin as cache_admin
+from exec_sandbox_assets.cache.store import RecordInfo
 from exec_sandbox_assets.catalog import AssetSpec, Language
-from exec_sandbox_assets.cli_output import (
+from exec_sandbox_assets.cli.output import (
     EXIT_NOT_FOUND,
     EXIT_OK,
     EXIT_TRUST,
@@ -29,11 +31,10 @@ from exec_sandbox_assets.cli_output import (
     table,
     worst_exit_code,
 )
-from exec_sandbox_assets.cli_progress import LogHandler, progress_bars, want_progress
+from exec_sandbox_assets.cli.progress import LogHandler, progress_bars, want_progress
+from exec_sandbox_assets.client import AssetClient
 from exec_sandbox_assets.config import Settings
 from exec_sandbox_assets.errors import AssetNotFoundError, ConfigError
-from exec_sandbox_assets.fetch import AssetClient
-from exec_sandbox_assets.store import RecordInfo
 
 # -- shared ------------------------------------------------------------------------------------
 
@@ -359,7 +360,7 @@ def run_gc(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def run_keygen(args: argparse.Namespace) -> int:
-    from exec_sandbox_assets import trust
+    from exec_sandbox_assets.release import keys
 
     password: bytes | None = None
     if args.password_env:
@@ -370,8 +371,8 @@ def run_keygen(args: argparse.Namespace) -> int:
         password = value.encode()
     prefix = Path(args.out)
     private, public = Path(f"{prefix}.key"), Path(f"{prefix}.pub")
-    key = trust.generate_key(args.algorithm)
-    trust.write_key_pair(key, private, public, password)
+    key = keys.generate_key(args.algorithm)
+    keys.write_key_pair(key, private, public, password)
     state = "encrypted" if password else "not encrypted"
     out(f"wrote {private} (private {args.algorithm} key, mode 0600, {state})")
     out(f"wrote {public} (public key, id {key.public.key_id[:16]})")

@@ -1,23 +1,12 @@
-"""Where a release is written: a registry, an OCI layout directory, or an archive.
-
-Every target takes the same calls in the same order from the publisher (blobs,
-manifests by digest, the index, the signature, then tags), and can read back what
-it holds, which is how the publisher reuses `created` and checks its signature.
-
-`open_target` parses the target text: `oci:DIR`, `oci-archive:FILE`, else a
-registry reference (`http://127.0.0.1:5000/repo` for plain HTTP, `host/repo` for
-HTTPS). The registry target lives in its own module so that `oras` and `requests`
-are imported only when a registry is written to.
-"""
+"""Write targets on this machine: an OCI image layout directory (`oci:DIR`) and an
+OCI archive (`oci-archive:FILE`)."""
 
 from __future__ import annotations
 
 import logging
 import shutil
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 from exec_sandbox_assets.errors import AssetNotFoundError, ConfigError
 from exec_sandbox_assets.oci.layout import (
@@ -27,59 +16,9 @@ from exec_sandbox_assets.oci.layout import (
     write_archive,
 )
 from exec_sandbox_assets.oci.model import MAX_MANIFEST_SIZE, is_digest, sha256_digest
-from exec_sandbox_assets.oci.reference import LayoutRef, parse_source_ref
+from exec_sandbox_assets.oci.target import PushStats
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PushStats:
-    """What a target had to upload and what it already held (mutable counters)."""
-
-    blobs_uploaded: int = 0
-    bytes_uploaded: int = 0
-    blobs_skipped: int = 0
-
-
-@dataclass(frozen=True)
-class RegistryOptions:
-    """How to reach and log in to registries (unused by layout targets). Without a
-    username, the `auths` of `docker_config` (default: `config.docker_config_path()`)."""
-
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    ca_bundle: Path | None = None
-    docker_config: Path | None = None
-
-
-class Target(Protocol):
-    """One destination of a release; see the module docstring for the call order."""
-
-    name: str
-    stats: PushStats
-
-    def has_blob(self, digest: str) -> bool: ...
-
-    def push_blob(self, path: Path, digest: str, size: int) -> None:
-        """Upload the file unless the target has the blob already (counted either way)."""
-
-    def push_bytes(self, data: bytes, media_type_for_log: str) -> str:
-        """`push_blob` for small in-memory blobs; returns their digest."""
-
-    def put_manifest(self, data: bytes, media_type: str, reference: str | None) -> None:
-        """Store a manifest or index exactly as given, by digest (`None`) or under a tag."""
-
-    def tag(self, data: bytes, media_type: str, tag: str) -> None:
-        """Point `tag` at the (already stored) manifest or index `data`."""
-
-    def read_manifest(self, reference: str) -> bytes | None:
-        """The manifest/index bytes under a tag or digest, or None when absent."""
-
-    def read_blob(self, digest: str, max_size: int) -> bytes:
-        """A small blob, verified against `digest`."""
-
-    def close(self, ok: bool) -> None:
-        """Finish (archives are written here, only when `ok`) and release resources."""
 
 
 class LayoutTarget:
@@ -171,37 +110,3 @@ class ArchiveTarget(LayoutTarget):
                 write_archive(self.root, self.archive)
         finally:
             shutil.rmtree(self._tmp, ignore_errors=True)
-
-
-def open_target(text: str, work_dir: Path, options: RegistryOptions | None = None) -> Target:
-    """A connected target for `text` (registries are probed and logged in to here)."""
-    ref = parse_source_ref(text)
-    if isinstance(ref, LayoutRef):
-        if ref.tag is not None:
-            raise ConfigError(
-                f"target {text!r}: give the layout without a tag; the release is tagged vVERSION"
-            )
-        if ref.kind == "oci-archive":
-            return ArchiveTarget(ref.path, work_dir)
-        return LayoutTarget(ref.path)
-    from exec_sandbox_assets.publish.registry_target import RegistryTarget
-
-    opts = options or RegistryOptions()
-    return RegistryTarget(
-        text,
-        username=opts.username,
-        password=opts.password,
-        ca_bundle=opts.ca_bundle,
-        docker_config=opts.docker_config,
-        work_dir=work_dir,
-    )
-
-
-__all__ = [
-    "ArchiveTarget",
-    "LayoutTarget",
-    "PushStats",
-    "RegistryOptions",
-    "Target",
-    "open_target",
-]

@@ -12,8 +12,8 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
-from exec_sandbox_assets import catalog, sources, trust
-from exec_sandbox_assets.cli_output import (
+from exec_sandbox_assets import catalog, sources
+from exec_sandbox_assets.cli.output import (
     EXIT_OK,
     EXIT_TRUST,
     emit_json,
@@ -35,7 +35,10 @@ from exec_sandbox_assets.oci.model import (
     signature_tag,
 )
 from exec_sandbox_assets.oci.reference import LayoutRef, parse_source_ref
-from exec_sandbox_assets.release import read_asset_layer
+from exec_sandbox_assets.release.documents import read_asset_layer
+from exec_sandbox_assets.release.keys import PublicKey, load_public_key_file
+from exec_sandbox_assets.release.policy import TrustPolicy, verify_index
+from exec_sandbox_assets.release.signing import parse_payload, read_signature_manifest
 from exec_sandbox_assets.sources import Source
 
 
@@ -126,7 +129,7 @@ async def _platforms(source: Source, index: Index) -> list[dict[str, Any]]:
 
 
 async def _signature(
-    source: Source, digest: str, keys: tuple[trust.PublicKey, ...], settings: Settings, tag: str
+    source: Source, digest: str, keys: tuple[PublicKey, ...], settings: Settings, tag: str
 ) -> dict[str, Any]:
     report: dict[str, Any] = {
         "tag": signature_tag(digest),
@@ -144,7 +147,7 @@ async def _signature(
         report["error"] = str(exc)
         return report
     report["present"] = True
-    layers = trust.read_signature_manifest(data, f"{source.name} signature")
+    layers = read_signature_manifest(data, f"{source.name} signature")
     pairs = []
     for n, layer in enumerate(layers):
         payload = await source.payload(layer, n)
@@ -154,7 +157,7 @@ async def _signature(
             "signed_by": [k.key_id for k in keys if k.verify(layer.signature, payload)],
         }
         try:
-            parsed = trust.parse_payload(payload, f"{source.name} signature {n}")
+            parsed = parse_payload(payload, f"{source.name} signature {n}")
         except FormatError as exc:
             entry["error"] = str(exc)
         else:
@@ -168,8 +171,8 @@ async def _signature(
         report["entries"].append(entry)
     expected = tag[1:] if tag.startswith("v") and catalog.is_valid_title(tag[1:]) else None
     try:
-        policy = trust.TrustPolicy(keys=keys, threshold=settings.threshold)
-        result = trust.verify_index(
+        policy = TrustPolicy(keys=keys, threshold=settings.threshold)
+        result = verify_index(
             policy,
             digest,
             pairs,
@@ -186,7 +189,7 @@ async def _signature(
 
 
 async def inspect_ref(text: str, settings: Settings) -> InspectReport:
-    keys = tuple(trust.load_public_key_file(p) for p in settings.trusted_keys)
+    keys = tuple(load_public_key_file(p) for p in settings.trusted_keys)
     source, pinned = open_ref(text, settings)
     reference = pinned or settings.tag
     try:

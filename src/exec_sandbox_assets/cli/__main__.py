@@ -1,0 +1,5 @@
+import sys
+
+from exec_sandbox_assets.cli.app import main
+
+sys.exit(main())

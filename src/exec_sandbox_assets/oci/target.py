@@ -1,0 +1,62 @@
+"""What every write target offers: the `Target` protocol (the call order the publisher
+and `mirror` follow), its counters, and how to reach registries. Implementations:
+`layout_target` (OCI layout directories and archives) and `registry_target`."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PushStats:
+    """What a target had to upload and what it already held (mutable counters)."""
+
+    blobs_uploaded: int = 0
+    bytes_uploaded: int = 0
+    blobs_skipped: int = 0
+
+
+@dataclass(frozen=True)
+class RegistryOptions:
+    """How to reach and log in to registries (unused by layout targets). Without a
+    username, the `auths` of `docker_config` (default: `config.docker_config_path()`)."""
+
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    ca_bundle: Path | None = None
+    docker_config: Path | None = None
+
+
+class Target(Protocol):
+    """One destination of a release; see the module docstring for the call order."""
+
+    name: str
+    stats: PushStats
+
+    def has_blob(self, digest: str) -> bool: ...
+
+    def push_blob(self, path: Path, digest: str, size: int) -> None:
+        """Upload the file unless the target has the blob already (counted either way)."""
+
+    def push_bytes(self, data: bytes, media_type_for_log: str) -> str:
+        """`push_blob` for small in-memory blobs; returns their digest."""
+
+    def put_manifest(self, data: bytes, media_type: str, reference: str | None) -> None:
+        """Store a manifest or index exactly as given, by digest (`None`) or under a tag."""
+
+    def tag(self, data: bytes, media_type: str, tag: str) -> None:
+        """Point `tag` at the (already stored) manifest or index `data`."""
+
+    def read_manifest(self, reference: str) -> bytes | None:
+        """The manifest/index bytes under a tag or digest, or None when absent."""
+
+    def read_blob(self, digest: str, max_size: int) -> bytes:
+        """A small blob, verified against `digest`."""
+
+    def close(self, ok: bool) -> None:
+        """Finish (archives are written here, only when `ok`) and release resources."""

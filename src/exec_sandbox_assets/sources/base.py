@@ -1,0 +1,150 @@
+"""The source interface: the one place that caps sizes and checks digests.
+
+Every source implements a few transport methods (`_index`, `_manifest`, ...); the public
+methods of `Source` wrap them, so no source can hand back unverified bytes. Which
+sources exist for a configuration is decided in `sources.build_sources`; in what order
+they are tried, in the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING
+
+from exec_sandbox_assets.errors import (
+    AssetChecksumError,
+    AssetNotFoundError,
+    SignatureError,
+    SizeLimitError,
+)
+from exec_sandbox_assets.oci.model import (
+    MAX_MANIFEST_SIZE,
+    Descriptor,
+    signature_tag,
+    verify_bytes,
+)
+from exec_sandbox_assets.release.documents import (
+    AssetLayer,
+)
+from exec_sandbox_assets.release.signing import SignatureLayer
+
+if TYPE_CHECKING:  # the registry stack imports httpx, which a warm boot never needs
+    pass
+
+# A simple-signing payload is a few hundred bytes; anything near this is not one.
+
+MAX_PAYLOAD_SIZE = 64 * 1024
+CHUNK = 1024 * 1024
+
+BlobOpener = Callable[[int], AbstractAsyncContextManager[AsyncIterator[bytes]]]
+
+log = logging.getLogger(__name__)
+
+
+class Source(ABC):
+    """One place to read a release from. Public methods return verified bytes only."""
+
+    #: how the source is named in logs and errors (URL or path)
+    name: str
+    #: identifies the repository for per-repository state (rollback)
+    key: str
+    #: true for sources on this machine (layouts): usable in offline mode
+    local: bool = False
+
+    async def index(self, tag: str) -> bytes:
+        """The index bytes the tag points to. The caller digests them itself."""
+        data = await self._index(tag)
+        if len(data) > MAX_MANIFEST_SIZE:
+            raise SizeLimitError(f"{self.name}: index for {tag} exceeds {MAX_MANIFEST_SIZE} bytes")
+        return data
+
+    async def manifest(self, desc: Descriptor) -> bytes:
+        if desc.size > MAX_MANIFEST_SIZE:
+            raise SizeLimitError(f"{self.name}: manifest {desc.digest} is {desc.size} bytes")
+        data = await self._manifest(desc)
+        return verify_bytes(data, desc.digest, f"manifest {desc.digest}", self.name)
+
+    async def signature(self, index_digest: str) -> bytes:
+        """The signature manifest stored under the cosign tag of `index_digest`."""
+        try:
+            data = await self._signature(index_digest)
+        except AssetNotFoundError:
+            raise SignatureError(
+                f"{self.name}: no signature for index {index_digest} "
+                f"(expected tag {signature_tag(index_digest)}; a mirror must copy it too)"
+            ) from None
+        if len(data) > MAX_MANIFEST_SIZE:
+            raise SizeLimitError(f"{self.name}: signature manifest exceeds {MAX_MANIFEST_SIZE}")
+        return data
+
+    async def payload(self, layer: SignatureLayer, n: int) -> bytes:
+        if layer.payload_size > MAX_PAYLOAD_SIZE:
+            raise SizeLimitError(f"{self.name}: signature payload of {layer.payload_size} bytes")
+        try:
+            data = await self._payload(layer, n)
+        except AssetChecksumError as exc:
+            # A transport may check the digest itself; say what the blob was for.
+            raise AssetChecksumError(
+                f"signature payload {n} ({exc.what})", exc.expected, exc.actual, exc.where
+            ) from exc
+        return verify_bytes(data, layer.payload_digest, f"signature payload {n}", self.name)
+
+    def opener(self, layer: AssetLayer) -> BlobOpener:
+        """Open the layer's blob from a byte offset; the store hashes and caps it."""
+        return lambda offset: self._open(layer, offset)
+
+    async def small_blob(self, desc: Descriptor, cap: int = MAX_MANIFEST_SIZE) -> bytes:
+        """A small blob a verified manifest names (a config), verified against `desc`.
+
+        Readers never need configs; `mirror` copies them verbatim."""
+        if desc.size > cap:
+            raise SizeLimitError(f"{self.name}: blob {desc.digest} is {desc.size} bytes")
+        data = await self._small_blob(desc, cap)
+        return verify_bytes(data, desc.digest, f"blob {desc.digest}", self.name)
+
+    async def _small_blob(self, desc: Descriptor, cap: int) -> bytes:
+        raise AssetNotFoundError(
+            f"{self.name}: cannot serve blob {desc.digest} ({desc.media_type})"
+        )
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+    def __str__(self) -> str:
+        return self.name
+
+    @abstractmethod
+    async def _index(self, tag: str) -> bytes: ...
+
+    @abstractmethod
+    async def _manifest(self, desc: Descriptor) -> bytes: ...
+
+    @abstractmethod
+    async def _signature(self, index_digest: str) -> bytes: ...
+
+    @abstractmethod
+    async def _payload(self, layer: SignatureLayer, n: int) -> bytes: ...
+
+    @abstractmethod
+    def _open(
+        self, layer: AssetLayer, offset: int
+    ) -> AbstractAsyncContextManager[AsyncIterator[bytes]]: ...
+
+
+async def _read_chunks(read: Callable[[int], bytes]) -> AsyncIterator[bytes]:
+    while chunk := await asyncio.to_thread(read, CHUNK):
+        yield chunk
+
+
+async def _skip(chunks: AsyncIterator[bytes], count: int) -> AsyncIterator[bytes]:
+    """Drop `count` leading bytes: a server that ignored our Range sent the blob from 0."""
+    async for chunk in chunks:
+        if count >= len(chunk):
+            count -= len(chunk)
+            continue
+        yield chunk[count:] if count else chunk
+        count = 0
