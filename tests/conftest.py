@@ -1,4 +1,4 @@
-"""Shared fixtures: real loopback servers (see tests/servers.py) and an
+"""Shared fixtures: real loopback servers (see tests/servers/) and an
 environment isolated from the developer's home, proxies and EXEC_SANDBOX_* knobs."""
 
 from __future__ import annotations
