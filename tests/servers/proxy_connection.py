@@ -138,9 +138,15 @@ class Connection:
     def _to_client(self, data: bytes | bytearray) -> None:
         if not data:
             return
-        with self.write_lock:
-            self.client.sendall(data)
+        # Counted before sending: a client that has read every byte must find them all
+        # counted (counting after sendall raced with it); a failed send is taken back.
         self.proxy._count_to_client(len(data))
+        with self.write_lock:
+            try:
+                self.client.sendall(data)
+            except OSError:
+                self.proxy._count_to_client(-len(data))
+                raise
 
     # -- client -> upstream -------------------------------------------------
 
