@@ -19,16 +19,11 @@ by breaking the code path and seeing no test fail).
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
-import http.server
 import json
 import re
-import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -50,7 +45,7 @@ from exec_sandbox_assets.oci.reference import parse_registry_ref
 from exec_sandbox_assets.oci.registry import RegistryClient
 from exec_sandbox_assets.publish import PublishRequest, PublishResult, make_sample_inputs, publish
 from exec_sandbox_assets.release import keys, policy, signing
-from servers import LOOPBACK, FaultProxy, RedirectingRegistry, RegistryServer
+from servers import LOOPBACK, FaultProxy, HostileCdn, RedirectingRegistry, RegistryServer, TcpRelay
 
 ROOT = Path(__file__).resolve().parent.parent
 VERSION = "0.9.1"
@@ -241,40 +236,10 @@ def test_second_publish_sends_no_blob_upload_on_the_wire(
 # --------------------------------------------------------------------------- #3 client
 
 
-class _HostileCdn(http.server.BaseHTTPRequestHandler):
-    """Answers 401 with a Bearer challenge whose realm is itself: a client answering it
-    would hand the registry's credentials to this host."""
-
-    protocol_version = "HTTP/1.1"
-    seen: list[tuple[str, str | None]]
-
-    def do_GET(self) -> None:
-        self.seen.append((self.path, self.headers.get("Authorization")))
-        body = b'{"errors":[{"code":"DENIED","message":"cdn says no"}]}'
-        self.send_response(401)
-        realm = f"http://{self.headers['Host']}/steal"
-        self.send_header("WWW-Authenticate", f'Bearer realm="{realm}",service="x",scope="y"')
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture
-def hostile_cdn() -> Iterator[tuple[int, list[tuple[str, str | None]]]]:
-    seen: list[tuple[str, str | None]] = []
-    handler = type("Handler", (_HostileCdn,), {"seen": seen})
-    httpd = http.server.ThreadingHTTPServer((LOOPBACK, 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield httpd.server_address[1], seen
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=5)
+def hostile_cdn() -> Iterator[HostileCdn]:
+    with HostileCdn() as cdn:
+        yield cdn
 
 
 def _push(server: RegistryServer, repo: str, auth: tuple[str, str], blob: bytes) -> None:
@@ -301,13 +266,13 @@ def _push(server: RegistryServer, repo: str, auth: tuple[str, str], blob: bytes)
 
 
 async def test_cdn_challenge_is_ignored_once_the_client_holds_credentials(
-    hostile_cdn: tuple[int, list[tuple[str, str | None]]], tmp_path: Path, repo_name: str
+    hostile_cdn: HostileCdn, tmp_path: Path, repo_name: str
 ) -> None:
     """A first request teaches the client that the registry wants Basic credentials;
     from then on every request carries them at once. A blob GET then ends at a CDN
     that challenges for a token: the client must not answer it (with the registry's
     password in the token request) nor send anything there but the bare redirect."""
-    port, seen = hostile_cdn
+    port, seen = hostile_cdn.port, hostile_cdn.seen
     user, password = next(iter(HTPASSWD_USERS.items()))
     blob = b"kernel bytes " * 1000
     server = RedirectingRegistry(
@@ -328,62 +293,6 @@ async def test_cdn_challenge_is_ignored_once_the_client_holds_credentials(
     assert [auth for _, auth in seen if auth is not None] == []
     basic = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
     assert all(auth != basic for _, auth in seen)
-
-
-class TcpRelay:
-    """Relays TCP connections to `upstream` byte for byte (TLS included) and counts them."""
-
-    def __init__(self, upstream: tuple[str, int]) -> None:
-        self.upstream = upstream
-        self.connections = 0
-        self._listener = socket.create_server((LOOPBACK, 0))
-        self._listener.settimeout(0.1)
-        self._closing = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._sockets: list[socket.socket] = []
-        self._accepter = threading.Thread(target=self._accept, daemon=True)
-        self._accepter.start()
-
-    @property
-    def host(self) -> str:
-        return f"{LOOPBACK}:{self._listener.getsockname()[1]}"
-
-    def _accept(self) -> None:
-        while not self._closing.is_set():
-            try:
-                client, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.connections += 1
-            client.settimeout(None)
-            upstream = socket.create_connection(self.upstream)
-            self._sockets += [client, upstream]
-            for src, dst in ((client, upstream), (upstream, client)):
-                t = threading.Thread(target=self._pump, args=(src, dst), daemon=True)
-                self._threads.append(t)
-                t.start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            with contextlib.suppress(OSError):
-                dst.shutdown(socket.SHUT_WR)
-
-    def close(self) -> None:
-        self._closing.set()
-        self._accepter.join(timeout=5)
-        self._listener.close()
-        for s in self._sockets:
-            s.close()
-        for t in self._threads:
-            t.join(timeout=5)
 
 
 async def test_an_untrusted_certificate_is_not_retried(

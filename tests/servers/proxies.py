@@ -1,8 +1,9 @@
-"""FaultProxy: a TCP proxy in front of a plain-HTTP server that injects faults into its
-answers."""
+"""TCP proxies in front of a server: FaultProxy injects faults into HTTP answers,
+TcpRelay passes bytes through (TLS included) and counts connections."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 from types import TracebackType
@@ -207,3 +208,59 @@ class FaultProxy:
                 return False
             setattr(self, attr, left - 1)
             return True
+
+
+class TcpRelay:
+    """Relays TCP connections to `upstream` byte for byte (TLS included) and counts them."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.connections = 0
+        self._listener = socket.create_server((LOOPBACK, 0))
+        self._listener.settimeout(0.1)
+        self._closing = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._sockets: list[socket.socket] = []
+        self._accepter = threading.Thread(target=self._accept, daemon=True)
+        self._accepter.start()
+
+    @property
+    def host(self) -> str:
+        return f"{LOOPBACK}:{self._listener.getsockname()[1]}"
+
+    def _accept(self) -> None:
+        while not self._closing.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.connections += 1
+            client.settimeout(None)
+            upstream = socket.create_connection(self.upstream)
+            self._sockets += [client, upstream]
+            for src, dst in ((client, upstream), (upstream, client)):
+                t = threading.Thread(target=self._pump, args=(src, dst), daemon=True)
+                self._threads.append(t)
+                t.start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self._closing.set()
+        self._accepter.join(timeout=5)
+        self._listener.close()
+        for s in self._sockets:
+            s.close()
+        for t in self._threads:
+            t.join(timeout=5)
