@@ -272,6 +272,7 @@ class Bench:
     manifest_digest: str = ""
     env: dict[str, str] = field(default_factory=dict)
     _n: int = 0
+    last: Path | None = None  # the directory of the latest fresh() run
 
     @property
     def ref(self) -> str:
@@ -291,7 +292,15 @@ class Bench:
         self._n += 1
         path = self.tmp / "runs" / f"{self._n:03d}-{name}"
         path.mkdir(parents=True)
+        self.last = path
         return path
+
+    def check_outputs(self, directory: Path) -> None:
+        """Every layer's decompressed file is under `directory` with its content size."""
+        for x in self.layers:
+            sizes = {p.stat().st_size for p in directory.rglob(x.output) if p.is_file()}
+            if x.content_size not in sizes:
+                raise RuntimeError(f"{x.output}: no file of {x.content_size} bytes in {directory}")
 
     @property
     def compressed_bytes(self) -> int:
@@ -407,7 +416,7 @@ fetch() {  # URL OUT DIGEST COMPRESSED
     mkfifo "$2.fifo"
     zstd -dqf -o "$2" < "$2.fifo" & z=$!
     got=$(curl -sSf "$1" | tee "$2.fifo" | openssl dgst -sha256 -r)
-    wait $z
+    wait $z || { echo "zstd failed: $2" >&2; exit 1; }
     rm "$2.fifo"
   else
     got=$(curl -sSf "$1" | tee "$2" | openssl dgst -sha256 -r)
@@ -974,7 +983,10 @@ def main(argv: list[str] | None = None) -> int:
         for rep in range(args.reps):
             for name, fn in methods.items():
                 try:
-                    times[name].append(fn())
+                    took = fn()
+                    assert b.last is not None
+                    b.check_outputs(b.last)
+                    times[name].append(took)
                 except Exception as exc:
                     print(f"  {name}: FAILED: {exc}", flush=True)
                 # Keep only the last cache of ours and of 0.22.0 (for warm/disk).
