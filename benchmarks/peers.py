@@ -587,7 +587,18 @@ def legacy_python() -> Path | None:
     print(f"exec-sandbox 0.22.0: installing into {venv} (once)", flush=True)
     steps = [
         [str(base), "-m", "venv", str(venv)],
-        [str(py), "-m", "pip", "install", "-q", f"exec-sandbox=={LEGACY_VERSION}"],
+        [
+            str(py),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--timeout",
+            "20",
+            "--retries",
+            "1",
+            f"exec-sandbox=={LEGACY_VERSION}",
+        ],
         check,
     ]
     for step in steps:
