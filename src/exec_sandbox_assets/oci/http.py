@@ -323,14 +323,13 @@ class HttpCore:
         status = response.status_code
         if status == 206:
             content_range = response.headers.get("content-range", "")
-            m = _CONTENT_RANGE_RE.match(content_range)
-            if not m or int(m.group(1)) != offset:
+            parsed = parse_content_range(content_range)
+            if parsed is None or parsed[0] != offset:
                 raise AssetDownloadError(
                     f"GET {redact_url(url)}: 206 with Content-Range "
                     f"{clean_text(content_range, 100)!r}, asked for bytes={offset}-"
                 )
-            total = None if m.group(3) == "*" else int(m.group(3))
-            return BlobStream(response, url, offset, total, self.policy)
+            return BlobStream(response, url, offset, parsed[2], self.policy)
         if status == 200:
             if offset:
                 log.debug("server ignored Range; restarting at 0", extra={"url": redact_url(url)})
@@ -537,6 +536,19 @@ def tls_verify_failed(exc: BaseException) -> bool:
     return False
 
 
+def parse_content_range(value: str) -> tuple[int, int, int | None] | None:
+    """`bytes FIRST-LAST/TOTAL` (TOTAL may be `*`) -> (first, last, total), or None when
+    malformed or inconsistent (last before first, or past the total)."""
+    m = _CONTENT_RANGE_RE.match(value)
+    if m is None:
+        return None
+    first, last = int(m.group(1)), int(m.group(2))
+    total = None if m.group(3) == "*" else int(m.group(3))
+    if last < first or (total is not None and last >= total):
+        return None
+    return first, last, total
+
+
 def content_length(response: httpx.Response) -> int | None:
     """The announced body size, when it is a plain decimal number."""
     m = _LENGTH_RE.match(response.headers.get("content-length", ""))
@@ -603,5 +615,6 @@ __all__ = [
     "describe",
     "encoding_refused",
     "guard_response",
+    "parse_content_range",
     "read_capped",
 ]
