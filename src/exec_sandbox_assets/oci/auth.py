@@ -342,7 +342,8 @@ class RegistryAuth(httpx.Auth):
         # resumes, and a consumed stream without cached content would raise there. The
         # BODY_CAP extension of the request caps the body (HttpCore's response hook).
         length = response.headers.get("content-length", "")
-        if length.isdigit() and int(length) > _MAX_TOKEN_RESPONSE:
+        # isascii: isdigit() alone admits "²", on which int() raises ValueError.
+        if length.isascii() and length.isdigit() and int(length) > _MAX_TOKEN_RESPONSE:
             raise AuthError(f"{where} sent an oversized response ({length} bytes)")
         try:
             body = await response.aread()
