@@ -440,6 +440,14 @@ def test_redact_url_and_clean_text() -> None:
         "ok\\x1b[2J\\x0d\\x0a\\u202egnp.exe\\ud800"
     )
     assert clean_text("x" * 500, 10) == "x" * 10 + "..."
+    assert redact_url("u:pw@host:5000/repo@sha256:00") == "***@host:5000/repo@sha256:00"
+
+
+def test_a_reference_with_credentials_is_refused_without_echoing_them() -> None:
+    for text in ("https://bob:t0psecret@registry.example/repo", "bob:t0psecret@h.example/r"):
+        with pytest.raises(ConfigError, match="invalid registry reference") as info:
+            parse_registry_ref(text)
+        assert "t0psecret" not in str(info.value) and "***@" in str(info.value)
 
 
 async def test_credentials_in_a_url_stay_out_of_errors_and_logs(

@@ -81,6 +81,13 @@ def redact_url(url: object) -> str:
     """`url` (a str or anything whose str() is a URL, e.g. httpx.URL) for display:
     userinfo replaced by `***`, credential query values by `***`, controls escaped."""
     text = str(url)
+    if "://" not in text:
+        # A reference without a scheme (`user:pw@host/repo@sha256:...`): userinfo is
+        # whatever precedes an `@` before the first `/`.
+        head, slash, rest = text.partition("/")
+        if "@" in head:
+            text = f"{REDACTED}@{head.rpartition('@')[2]}{slash}{rest}"
+        return clean_text(text, 2048)
     try:
         parts = urllib.parse.urlsplit(text)
     except ValueError:  # a malformed bracketed host, say: still hide anything userinfo-like
