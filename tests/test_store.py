@@ -858,4 +858,6 @@ def test_store_module_imports_nothing_heavy() -> None:
         "exec_sandbox_assets.fsutil",
         "exec_sandbox_assets.oci",
         "exec_sandbox_assets.oci.model",
+        "exec_sandbox_assets.safejson",  # stdlib only: the parser of untrusted JSON
+        "exec_sandbox_assets.safetext",
     ]

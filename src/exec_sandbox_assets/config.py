@@ -22,6 +22,8 @@ Environment variables (all optional):
 | EXEC_SANDBOX_CA_BUNDLE | PEM CA bundle for registries with a private CA | system CAs |
 | EXEC_SANDBOX_CONCURRENCY | parallel downloads per call | 4 |
 | EXEC_SANDBOX_LOCK_TIMEOUT | seconds to wait for another process's download | 1800 |
+| EXEC_SANDBOX_SOURCE_TIMEOUT | seconds a metadata read (retries included) or a blob's first answer may take per source | 30 |
+| EXEC_SANDBOX_MIN_RATE | bytes/s a blob body must keep up over each 30 s window (`0`: no minimum) | 1024 |
 | DOCKER_CONFIG | directory holding docker's config.json (registry credentials) | ~/.docker |
 """
 
@@ -35,6 +37,7 @@ from typing import Any
 
 from exec_sandbox_assets import catalog
 from exec_sandbox_assets.errors import ConfigError
+from exec_sandbox_assets.oci.policy import DEFAULT_DEADLINE, DEFAULT_MIN_RATE, TransferPolicy
 
 ENV_PREFIX = "EXEC_SANDBOX_"
 DEFAULT_RELEASES_DOWNLOAD = f"{catalog.DEFAULT_RELEASES_URL}/download"
@@ -44,6 +47,11 @@ LOCAL_BUILD_DIR = Path(__file__).resolve().parent.parent.parent / "images" / "di
 # The gvproxy build output of a checkout; the seed looked here first for dev builds.
 GVPROXY_BUILD_DIR = Path(__file__).resolve().parent.parent.parent / "gvproxy-wrapper" / "bin"
 PACKAGED_KEYS_DIR = Path(__file__).resolve().parent / "keys"
+# What EXEC_SANDBOX_AIRGAP keeps every connection away from, redirects and token realms
+# included (subdomains too: objects., release-assets., pkg-containers.githubusercontent.com
+# are the CDNs that GitHub Releases and ghcr.io redirect to).
+AIRGAP_BLOCKED_HOSTS = ("ghcr.io", "github.com", "githubusercontent.com")
+AIRGAP_REASON = "the air gap (EXEC_SANDBOX_AIRGAP=1) allows no connection to GitHub or ghcr.io"
 
 
 @dataclass(frozen=True)
@@ -66,6 +74,8 @@ class Settings:
     docker_config: Path | None = None
     concurrency: int = 4
     lock_timeout: float = 1800.0
+    source_timeout: float = DEFAULT_DEADLINE
+    min_rate: int = DEFAULT_MIN_RATE
     host_os: str = field(default_factory=catalog.host_os)
     host_goarch: str = field(default_factory=lambda: catalog.host_platform()[1])
 
@@ -79,6 +89,15 @@ class Settings:
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)
+
+    def transfer_policy(self) -> TransferPolicy:
+        """What every HTTP source built from these settings is held to (see oci.policy)."""
+        return TransferPolicy(
+            deadline=self.source_timeout,
+            min_rate=self.min_rate,
+            blocked_hosts=AIRGAP_BLOCKED_HOSTS if self.airgap else (),
+            blocked_reason=AIRGAP_REASON,
+        )
 
 
 def normalize_version(text: str) -> str:
@@ -111,6 +130,19 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1) -> i
         raise ConfigError(f"{ENV_PREFIX}{name}={raw!r}: expected a whole number") from None
     if value < minimum:
         raise ConfigError(f"{ENV_PREFIX}{name}={raw!r}: must be at least {minimum}")
+    return value
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r}: expected a number of seconds") from None
+    if not 0 < value < 1e9:  # NaN fails this too
+        raise ConfigError(f"{name}={raw!r}: must be a positive number of seconds")
     return value
 
 
@@ -174,6 +206,8 @@ def load_settings(env: Mapping[str, str] | None = None, **explicit: Any) -> Sett
         "docker_config": docker_config_path(env),
         "concurrency": _int(env, "CONCURRENCY", 4),
         "lock_timeout": float(_int(env, "LOCK_TIMEOUT", 1800, minimum=0)),
+        "source_timeout": _seconds(env, ENV_PREFIX + "SOURCE_TIMEOUT", DEFAULT_DEADLINE),
+        "min_rate": _int(env, "MIN_RATE", DEFAULT_MIN_RATE, minimum=0),
     }
     if "trusted_keys" in given:
         given["trusted_keys"] = tuple(Path(p) for p in given["trusted_keys"])

@@ -11,6 +11,7 @@
     │   └── RollbackError           floating tag went back in time
     ├── TransportError              retried, then the next source is tried
     │   ├── AssetDownloadError      connection errors, 5xx/429 after retries, truncated bodies
+    │   │   └── BlockedHostError    a request (or redirect) to a host the settings block
     │   ├── AuthError               401/403 after the auth round
     │   └── AssetNotFoundError      404: tag, manifest, blob or release file missing
     ├── SizeLimitError              content exceeds its signed size or a hard cap (a TrustError too)
@@ -88,6 +89,11 @@ class AssetDownloadError(TransportError):
     """Connection failure, 5xx/429 after retries, or a truncated body."""
 
 
+class BlockedHostError(AssetDownloadError):
+    """A request, or a redirect or token realm it led to, named a blocked host (the air
+    gap); refused before any name lookup or connection. The next source is tried."""
+
+
 class AuthError(TransportError):
     """The registry refused our credentials (or their absence)."""
 
@@ -144,6 +150,7 @@ __all__ = [
     "AssetsNotFoundLocally",
     "Attempt",
     "AuthError",
+    "BlockedHostError",
     "ConfigError",
     "FormatError",
     "NoTrustedKeysError",

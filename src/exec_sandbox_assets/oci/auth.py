@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import json
 import logging
 import re
 import time
@@ -33,7 +32,9 @@ from typing import Any
 
 import httpx
 
-from exec_sandbox_assets.errors import AuthError, ConfigError
+from exec_sandbox_assets import safejson
+from exec_sandbox_assets.errors import AuthError, ConfigError, FormatError
+from exec_sandbox_assets.safetext import clean_text, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,10 @@ DEFAULT_TOKEN_TTL = 60.0
 # Refresh a little before the registry would start refusing the token.
 _EXPIRY_MARGIN = 5.0
 _MAX_TOKEN_RESPONSE = 1024 * 1024
-# Request extension naming the most body bytes to accept (see oci.http.cap_body).
+# Request extension naming the most body bytes to accept (see oci.http.guard_response).
 BODY_CAP = "exec_sandbox_assets.body_cap"
+# Response extension: a Content-Encoding the response hook took off, never decoded.
+REFUSED_ENCODING = "exec_sandbox_assets.content_encoding"
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 # `/v2/<name>/(manifests|blobs|tags)/...` -> the repository a request is scoped to.
 _REPO_PATH_RE = re.compile(r"^/v2/(.+?)/(?:manifests|blobs|tags)/")
@@ -81,11 +84,10 @@ def load_docker_credentials(host: str, config_path: Path | None) -> Credentials 
     except OSError as exc:
         raise ConfigError(f"cannot read docker config {config_path}: {exc}") from None
     try:
-        doc = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"docker config {config_path} is not valid JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise ConfigError(f"docker config {config_path}: expected a JSON object")
+        # The user's own file, but often written by other tools: parsed as untrusted.
+        doc = safejson.loads_object(raw, f"docker config {config_path}", what="docker config")
+    except FormatError as exc:
+        raise ConfigError(str(exc)) from None
     auths = doc.get("auths", {})
     if not isinstance(auths, dict):
         raise ConfigError(f"docker config {config_path}: 'auths' must be an object")
@@ -299,13 +301,17 @@ class RegistryAuth(httpx.Auth):
         except httpx.InvalidURL:
             realm_url = httpx.URL("")
         if realm_url.scheme not in ("http", "https") or not realm_url.host:
-            raise AuthError(f"registry {url} sent a Bearer challenge with bad realm {realm!r}")
+            raise AuthError(
+                f"registry {redact_url(url)} sent a Bearer challenge with bad realm "
+                f"{clean_text(realm, 200)!r}"
+            )
         params: list[tuple[str, str | int | float | bool | None]] = []
         if "service" in challenge.params:
             params.append(("service", challenge.params["service"]))
         # Several scopes come space-separated in the challenge, one `scope` param each here.
         params.extend(("scope", s) for s in challenge.params.get("scope", "").split())
-        headers = {"Accept": "application/json"}
+        # identity: a token answer is small, and a compressed one could be a bomb.
+        headers = {"Accept": "application/json", "Accept-Encoding": "identity"}
         if "user-agent" in request_headers:
             headers["User-Agent"] = request_headers["user-agent"]
         basic = self._basic_header()
@@ -320,28 +326,35 @@ class RegistryAuth(httpx.Auth):
         )
 
     async def _store_token(self, key: str, request: httpx.Request, response: httpx.Response) -> str:
-        where = f"token endpoint {request.url.copy_with(query=None)}"
+        where = f"token endpoint {redact_url(request.url.copy_with(query=None))}"
         if response.status_code != 200:
             raise TokenEndpointError(
-                f"{where} answered {response.status_code} {response.reason_phrase}",
+                f"{where} answered {response.status_code} {clean_text(response.reason_phrase, 100)}",
                 response.status_code,
+            )
+        encoding = response.extensions.get(REFUSED_ENCODING)
+        if encoding is not None:  # taken off by the response hook: never decoded
+            raise AuthError(
+                f"{where} sent Content-Encoding {clean_text(str(encoding), 60)!r} though asked "
+                "for identity; not decoding it"
             )
         # aread(), not a capped iteration: httpx reads this response again after the flow
         # resumes, and a consumed stream without cached content would raise there. The
         # BODY_CAP extension of the request caps the body (HttpCore's response hook).
         length = response.headers.get("content-length", "")
-        if length.isdigit() and int(length) > _MAX_TOKEN_RESPONSE:
+        # isascii: isdigit() alone admits "²", on which int() raises ValueError.
+        if length.isascii() and length.isdigit() and int(length) > _MAX_TOKEN_RESPONSE:
             raise AuthError(f"{where} sent an oversized response ({length} bytes)")
         try:
             body = await response.aread()
         except httpx.HTTPError as exc:
-            raise AuthError(f"{where}: {type(exc).__name__}: {exc}") from exc
+            raise AuthError(f"{where}: {type(exc).__name__}: {clean_text(str(exc))}") from exc
         if len(body) > _MAX_TOKEN_RESPONSE:
             raise AuthError(f"{where} sent an oversized response ({len(body)} bytes)")
         try:
-            doc: Any = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # nesting recurses
-            raise AuthError(f"{where} did not answer JSON") from None
+            doc: Any = safejson.loads(body, where, what="token answer")
+        except FormatError as exc:
+            raise AuthError(f"{where} did not answer JSON: {exc}") from None
         token = (doc.get("token") or doc.get("access_token")) if isinstance(doc, dict) else None
         if not isinstance(token, str) or not token:
             raise AuthError(f"{where} answered without a token")
@@ -365,6 +378,7 @@ class TokenEndpointError(AuthError):
 __all__ = [
     "BODY_CAP",
     "DEFAULT_TOKEN_TTL",
+    "REFUSED_ENCODING",
     "Challenge",
     "Credentials",
     "RegistryAuth",

@@ -37,6 +37,7 @@ from pathlib import Path, PurePosixPath
 from types import TracebackType
 from typing import IO, Any, BinaryIO
 
+from exec_sandbox_assets import safejson
 from exec_sandbox_assets.errors import (
     AssetChecksumError,
     AssetNotFoundError,
@@ -102,11 +103,8 @@ def _blob_relpath(digest: str) -> PurePosixPath:
 
 
 def _parse_oci_layout(data: bytes, where: str) -> None:
-    try:
-        obj = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # deep nesting
-        raise FormatError(f"not valid JSON: {exc}", where) from None
-    if not isinstance(obj, dict) or not isinstance(obj.get("imageLayoutVersion"), str):
+    obj = safejson.loads_object(data, where, max_size=MAX_MANIFEST_SIZE)
+    if not isinstance(obj.get("imageLayoutVersion"), str):
         raise FormatError("missing imageLayoutVersion", where)
     version = obj["imageLayoutVersion"]
     if version.split(".")[0] != "1":
@@ -114,10 +112,7 @@ def _parse_oci_layout(data: bytes, where: str) -> None:
 
 
 def _parse_index(data: bytes, where: str) -> Index:
-    try:
-        return Index.from_bytes(data, where)
-    except RecursionError as exc:  # json.loads on deeply nested arrays
-        raise FormatError(f"not valid JSON: {exc}", where) from None
+    return Index.from_bytes(data, where)  # every parse failure is a FormatError
 
 
 def _tags_of(index: Index) -> dict[str, Descriptor]:
@@ -371,7 +366,7 @@ def _read_index_json(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     where = str(path)
     data = _read_capped(path, MAX_MANIFEST_SIZE)
     _parse_index(data, where)  # validates every entry; raises FormatError naming the file
-    obj = json.loads(data)
+    obj = safejson.loads_object(data, where, max_size=MAX_MANIFEST_SIZE)
     entries = obj.pop("manifests")
     return obj, list(entries)
 

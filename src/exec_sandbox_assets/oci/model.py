@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from exec_sandbox_assets import safejson
 from exec_sandbox_assets.errors import AssetChecksumError, FormatError
 
 MEDIA_TYPE_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -92,16 +93,8 @@ def canonical_json(obj: Any) -> bytes:
 
 
 def _load_json(data: bytes, where: str) -> dict[str, Any]:
-    if len(data) > MAX_MANIFEST_SIZE:
-        raise FormatError(f"document of {len(data)} bytes exceeds {MAX_MANIFEST_SIZE}", where)
-    try:
-        obj = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        # RecursionError: deeply nested arrays from a hostile server, not a crash.
-        raise FormatError(f"not valid JSON: {exc}", where) from None
-    if not isinstance(obj, dict):
-        raise FormatError("expected a JSON object", where)
-    return obj
+    # Every way hostile bytes can fail to parse is a FormatError (see safejson).
+    return safejson.loads_object(data, where, max_size=MAX_MANIFEST_SIZE)
 
 
 def _document(

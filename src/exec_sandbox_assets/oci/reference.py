@@ -31,6 +31,7 @@ from typing import Literal
 
 from exec_sandbox_assets.errors import ConfigError
 from exec_sandbox_assets.oci.model import is_digest
+from exec_sandbox_assets.safetext import redact_url
 
 # Grammar of github.com/distribution/reference (2.8).
 _DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
@@ -116,7 +117,9 @@ def parse_registry_ref(text: str) -> RegistryRef:
     """Parse `[scheme://]host[:port]/repository[:tag][@digest]`; default scheme https."""
 
     def bad(why: str) -> ConfigError:
-        return ConfigError(f"invalid registry reference {text!r}: {why}")
+        # Shown redacted: a mirror written as `https://user:token@host/repo` is refused
+        # (credentials belong in docker's config.json), without echoing the token.
+        return ConfigError(f"invalid registry reference {redact_url(text)!r}: {why}")
 
     rest = text.strip()
     scheme = "https"
@@ -132,6 +135,8 @@ def parse_registry_ref(text: str) -> RegistryRef:
     host, slash, remainder = rest.partition("/")
     if not slash or not remainder:
         raise bad("expected HOST/REPOSITORY (a registry host is required)")
+    if "@" in host:
+        raise bad("credentials do not belong in a reference (docker's config.json holds them)")
     if "." not in host and ":" not in host and host != "localhost":
         # Docker would read this as a Docker Hub namespace; we never guess a registry.
         raise bad(f"{host!r} is not a registry host (needs a dot, a port, or 'localhost')")

@@ -17,7 +17,6 @@ a body that broke off by opening the blob again at a new offset.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 
 import httpx
 
+from exec_sandbox_assets import safejson
 from exec_sandbox_assets.errors import AssetNotFoundError, ConfigError, FormatError
 from exec_sandbox_assets.oci.auth import Credentials, RegistryAuth
 from exec_sandbox_assets.oci.http import (
@@ -46,7 +46,9 @@ from exec_sandbox_assets.oci.model import (
     media_type_of,
     verify_bytes,
 )
+from exec_sandbox_assets.oci.policy import DEFAULT_POLICY, TransferPolicy
 from exec_sandbox_assets.oci.reference import TAG_RE, RegistryRef
+from exec_sandbox_assets.safetext import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,8 @@ class RegistryClient:
 
     `ca_bundle`, `timeout` and the connection limits apply to the client created here;
     a caller-provided `client` keeps its own settings and is not closed by `aclose`.
-    Credentials go only to `ref.host` (and to the token realm it names).
+    Credentials go only to `ref.host` (and to the token realm it names). `policy`
+    bounds time and blocks hosts (see `oci.policy`).
     """
 
     def __init__(
@@ -71,6 +74,7 @@ class RegistryClient:
         retry: RetryPolicy = DEFAULT_RETRY,
         client: httpx.AsyncClient | None = None,
         user_agent: str = "exec-sandbox-assets",
+        policy: TransferPolicy = DEFAULT_POLICY,
     ) -> None:
         self.ref = ref
         self._auth = RegistryAuth(ref.host, credentials, scheme=ref.scheme)
@@ -84,6 +88,7 @@ class RegistryClient:
             retry=retry,
             client=client,
             user_agent=user_agent,
+            policy=policy,
         )
 
     async def __aenter__(self) -> RegistryClient:
@@ -109,27 +114,28 @@ class RegistryClient:
             raise ConfigError(f"invalid manifest reference {reference!r} for {self.ref}")
         url = f"{self.ref.repo_url}/manifests/{reference}"
         headers = {"Accept": ", ".join(ACCEPT_MANIFESTS)}
-        response, data = await self._core.read("GET", url, headers, MAX_MANIFEST_SIZE, raw=False)
+        response, data = await self._core.read("GET", url, headers, MAX_MANIFEST_SIZE)
+        shown = redact_url(url)
         if by_digest:
-            verify_bytes(data, reference, f"manifest {reference}", url)
+            verify_bytes(data, reference, f"manifest {reference}", shown)
             digest = reference
         else:
             digest = compute_digest(data)
             claimed = response.headers.get("docker-content-digest", "")
             if is_digest(claimed):
-                verify_bytes(data, claimed, f"manifest {self.ref.repository}:{reference}", url)
+                verify_bytes(data, claimed, f"manifest {self.ref.repository}:{reference}", shown)
             elif claimed:
-                log.debug("ignoring malformed Docker-Content-Digest", extra={"url": url})
+                log.debug("ignoring malformed Docker-Content-Digest", extra={"url": shown})
         media_type = response.headers.get("content-type", "").split(";")[0].strip()
         if not media_type:
-            media_type = media_type_of(data, url)
+            media_type = media_type_of(data, shown)
         return data, media_type, digest
 
     async def get_blob(self, digest: str, max_size: int) -> bytes:
         """A small blob (configs, signature payloads), verified and capped at `max_size`."""
         url = self._blob_url(digest)
-        _, data = await self._core.read("GET", url, IDENTITY, max_size, raw=True)
-        return verify_bytes(data, digest, f"blob {digest}", url)
+        _, data = await self._core.read("GET", url, IDENTITY, max_size)
+        return verify_bytes(data, digest, f"blob {digest}", redact_url(url))
 
     @contextlib.asynccontextmanager
     async def open_blob(self, digest: str, offset: int = 0) -> AsyncIterator[BlobStream]:
@@ -154,31 +160,30 @@ class RegistryClient:
         tags: list[str] = []
         for _ in range(_MAX_TAG_PAGES):
             response, body = await self._core.read(
-                "GET", url, {"Accept": "application/json"}, MAX_MANIFEST_SIZE, raw=False
+                "GET", url, {"Accept": "application/json"}, MAX_MANIFEST_SIZE
             )
-            try:
-                doc: Any = json.loads(body)
-            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-                raise FormatError("tag list is not valid JSON", url) from None
+            doc: Any = safejson.loads(body, redact_url(url), what="tag list")
             page = doc.get("tags") if isinstance(doc, dict) else None
             if page is None and isinstance(doc, dict):
                 page = []  # distribution sends null for a repository without tags
             if not isinstance(page, list) or not all(isinstance(t, str) for t in page):
-                raise FormatError("'tags' must be a list of strings", url)
+                raise FormatError("'tags' must be a list of strings", redact_url(url))
             tags.extend(page)
             link = response.links.get("next", {}).get("url")
             if not link:
                 break
             next_url = response.url.join(link)
             if not self._auth.is_registry_url(next_url):
-                log.warning("not following a tag page on another host", extra={"url": url})
+                log.warning(
+                    "not following a tag page on another host", extra={"url": redact_url(url)}
+                )
                 break
             url = str(next_url)
         return tags
 
     async def ping(self) -> None:
         """GET /v2/: the registry is reachable and accepts us (auth round included)."""
-        await self._core.read("GET", f"{self.ref.base_url}/v2/", {}, MAX_ERROR_BODY, raw=False)
+        await self._core.read("GET", f"{self.ref.base_url}/v2/", {}, MAX_ERROR_BODY)
 
     # -- internals ---------------------------------------------------------------------
 
