@@ -190,7 +190,8 @@ def test_pull_draws_progress_on_a_terminal_and_only_a_summary_on_pipes(
     lines = plain.stdout.splitlines()
     assert lines[0].startswith(f"release 2.0.0 (tag v2.0.0) for {HOST_PLATFORM} into ")
     assert lines[-1].startswith("7 file(s), ") and "7 downloaded" in lines[-1]
-    assert sorted(line.split()[0] for line in lines[1:-1]) == sorted(HOST_FILES)
+    assert re.match(r"  index sha256:[0-9a-f]{64} from .*, signed by [0-9a-f]{16}$", lines[1])
+    assert sorted(line.split()[0] for line in lines[2:-1]) == sorted(HOST_FILES)
     # Both caches hold the inputs, byte for byte.
     for cache in ("tty-cache", "pipe-cache"):
         got = {p.name: p.read_bytes() for p in outputs(tmp_path / cache / "v2.0.0")}

@@ -22,7 +22,9 @@ Environment variables (all optional):
 | EXEC_SANDBOX_CA_BUNDLE | PEM CA bundle for registries with a private CA | system CAs |
 | EXEC_SANDBOX_CONCURRENCY | parallel downloads per call | 4 |
 | EXEC_SANDBOX_LOCK_TIMEOUT | seconds to wait for another process's download | 1800 |
+| EXEC_SANDBOX_DISABLE_PROGRESS_BARS | `1`: the CLI draws no progress (as `--no-progress`) | 0 |
 | DOCKER_CONFIG | directory holding docker's config.json (registry credentials) | ~/.docker |
+| REGISTRY_AUTH_FILE | podman/skopeo auth file, read before docker's config.json | - |
 """
 
 from __future__ import annotations
@@ -66,6 +68,9 @@ class Settings:
     docker_config: Path | None = None
     concurrency: int = 4
     lock_timeout: float = 1800.0
+    progress_bars: bool = True
+    # (host, username, password) given on the command line: used before any auth file.
+    registry_credentials: tuple[tuple[str, str, str], ...] = field(default=(), repr=False)
     host_os: str = field(default_factory=catalog.host_os)
     host_goarch: str = field(default_factory=lambda: catalog.host_platform()[1])
 
@@ -126,6 +131,22 @@ def docker_config_path(env: Mapping[str, str] | None = None) -> Path:
     return base / "config.json" if base else Path.home() / ".docker" / "config.json"
 
 
+def auth_files(docker_config: Path | None, env: Mapping[str, str] | None = None) -> list[Path]:
+    """Registry auth files, in the order they are searched: $REGISTRY_AUTH_FILE, docker's
+    config.json (`docker_config`), then podman's $XDG_RUNTIME_DIR/containers/auth.json and
+    $XDG_CONFIG_HOME/containers/auth.json (~/.config). `docker_config=None`: none at all."""
+    if docker_config is None:
+        return []
+    env = os.environ if env is None else env
+    files = [_path(env, "REGISTRY_AUTH_FILE"), docker_config]
+    runtime = _path(env, "XDG_RUNTIME_DIR")
+    if runtime is not None:
+        files.append(runtime / "containers" / "auth.json")
+    config_home = _path(env, "XDG_CONFIG_HOME") or Path.home() / ".config"
+    files.append(config_home / "containers" / "auth.json")
+    return list(dict.fromkeys(f for f in files if f is not None))
+
+
 def default_cache_dir() -> Path:
     import platformdirs  # only when no cache dir was given: keeps the warm path lean
 
@@ -174,6 +195,7 @@ def load_settings(env: Mapping[str, str] | None = None, **explicit: Any) -> Sett
         "docker_config": docker_config_path(env),
         "concurrency": _int(env, "CONCURRENCY", 4),
         "lock_timeout": float(_int(env, "LOCK_TIMEOUT", 1800, minimum=0)),
+        "progress_bars": not _flag(env, "DISABLE_PROGRESS_BARS"),
     }
     if "trusted_keys" in given:
         given["trusted_keys"] = tuple(Path(p) for p in given["trusted_keys"])
