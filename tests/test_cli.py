@@ -68,15 +68,19 @@ def run(*args: str | Path, timeout: float = 60) -> Result:
 
 
 def run_in_pty(
-    *args: str | Path, timeout: float = 60, interrupt_when: re.Pattern[str] | None = None
+    *args: str | Path,
+    timeout: float = 60,
+    interrupt_when: re.Pattern[str] | None = None,
+    command: list[str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> tuple[int, str]:
-    """The CLI with stdin, stdout and stderr on a pseudo-terminal (120x40); all it drew.
-    With `interrupt_when`, SIGINT (Ctrl-C) is sent once the screen matches it."""
+    """The CLI (or `command`) with stdin, stdout and stderr on a pseudo-terminal (120x40);
+    all it drew. With `interrupt_when`, SIGINT (Ctrl-C) is sent once the screen matches."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
-    env = dict(os.environ, TERM="xterm-256color")
+    env = dict(os.environ if env is None else env, TERM="xterm-256color")
     proc = subprocess.Popen(
-        [*CLI, *map(str, args)], stdin=slave, stdout=slave, stderr=slave, env=env
+        [*(command or CLI), *map(str, args)], stdin=slave, stdout=slave, stderr=slave, env=env
     )
     os.close(slave)
     chunks: list[bytes] = []
