@@ -7,7 +7,6 @@ plain-HTTP registry, a cache that cannot be written, a closed stdout), completio
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import subprocess
