@@ -160,7 +160,7 @@ def test_username_and_password_stdin_wherever_a_registry_is_contacted(
     )
     assert inspect.code == 0 and "verdict: VERIFIED" in inspect.stdout, inspect.stderr
 
-    common = ["--cache-dir", tmp_path / "cache", "--trusted-key", key, "--airgap"]
+    common: list[str | Path] = ["--cache-dir", tmp_path / "cache", "--trusted-key", key, "--airgap"]
     pulled = cli(
         *common,
         "--asset-version",
