@@ -315,3 +315,37 @@ def test_help_lists_the_new_commands(capsys: pytest.CaptureFixture[str]) -> None
     text = capsys.readouterr().out
     for name in ("versions", "login", "completion"):
         assert re.search(rf"^    {name}\s", text, re.MULTILINE), name
+
+
+# -- publish ---------------------------------------------------------------------------------
+
+
+def test_publish_shows_progress_prints_json_and_has_examples(tmp_path: Path, key: KeyPair) -> None:
+    from exec_sandbox_assets import catalog
+    from exec_sandbox_assets.publish import make_sample_inputs
+
+    dist = make_sample_inputs(
+        tmp_path / "dist", arches=(catalog.ARCH_OF_GOARCH[HOST[1]],), oses=(HOST[0],)
+    )
+    target = f"oci:{tmp_path / 'published'}"
+    base = ["publish", "-i", dist, "--version", "3.0.0", "--key", key.private, "--level", "3"]
+    code, screen = run_in_pty(*base, "--to", target, command=NO_RICH)
+    text = ANSI.sub("", screen)
+    assert code == 0, text
+    assert re.search(r"^compress vmlinuz-x86_64: started \(", text, re.MULTILINE), text
+    assert re.search(rf"^push vmlinuz-x86_64.zst -> {re.escape(target)}: done", text, re.MULTILINE)
+    assert "published 3.0.0" in text
+
+    result = run(*base, "--to", target, "--json", "--work-dir", tmp_path / "w")
+    assert result.code == 0, result.stderr
+    doc = result.json()
+    assert doc["ok"] and doc["version"] == "3.0.0" and doc["signers"] == 1
+    listed = run("--trusted-key", key.public, "versions", target, "--json").json()
+    assert listed["releases"][0]["digest"] == doc["index_digest"]
+    assert [t["name"] for t in doc["targets"]] == [target]
+
+    failed = run(*base, "--to", "oci-archive:", "--json")
+    assert failed.code == 2 and failed.json()["ok"] is False
+
+    help_text = run("publish", "--help").stdout
+    assert "examples:" in help_text and "--password-stdin --json" in help_text

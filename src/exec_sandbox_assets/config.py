@@ -131,6 +131,11 @@ def docker_config_path(env: Mapping[str, str] | None = None) -> Path:
     return base / "config.json" if base else Path.home() / ".docker" / "config.json"
 
 
+def progress_bars_enabled(env: Mapping[str, str] | None = None) -> bool:
+    """False when EXEC_SANDBOX_DISABLE_PROGRESS_BARS=1 (as HF_HUB_DISABLE_PROGRESS_BARS)."""
+    return not _flag(os.environ if env is None else env, "DISABLE_PROGRESS_BARS")
+
+
 def auth_files(docker_config: Path | None, env: Mapping[str, str] | None = None) -> list[Path]:
     """Registry auth files, in the order they are searched: $REGISTRY_AUTH_FILE, docker's
     config.json (`docker_config`), then podman's $XDG_RUNTIME_DIR/containers/auth.json and
@@ -195,7 +200,7 @@ def load_settings(env: Mapping[str, str] | None = None, **explicit: Any) -> Sett
         "docker_config": docker_config_path(env),
         "concurrency": _int(env, "CONCURRENCY", 4),
         "lock_timeout": float(_int(env, "LOCK_TIMEOUT", 1800, minimum=0)),
-        "progress_bars": not _flag(env, "DISABLE_PROGRESS_BARS"),
+        "progress_bars": progress_bars_enabled(env),
     }
     if "trusted_keys" in given:
         given["trusted_keys"] = tuple(Path(p) for p in given["trusted_keys"])
