@@ -328,7 +328,8 @@ def test_publish_shows_progress_prints_json_and_has_examples(tmp_path: Path, key
         tmp_path / "dist", arches=(catalog.ARCH_OF_GOARCH[HOST[1]],), oses=(HOST[0],)
     )
     target = f"oci:{tmp_path / 'published'}"
-    base = ["publish", "-i", dist, "--version", "3.0.0", "--key", key.private, "--level", "3"]
+    base: list[str | Path] = ["publish", "-i", dist, "--version", "3.0.0"]
+    base += ["--key", key.private, "--level", "3"]
     code, screen = run_in_pty(*base, "--to", target, command=NO_RICH)
     text = ANSI.sub("", screen)
     assert code == 0, text
