@@ -133,7 +133,8 @@ def docker_config_path(env: Mapping[str, str] | None = None) -> Path:
 
 def progress_bars_enabled(env: Mapping[str, str] | None = None) -> bool:
     """False when EXEC_SANDBOX_DISABLE_PROGRESS_BARS=1 (as HF_HUB_DISABLE_PROGRESS_BARS)."""
-    return not _flag(os.environ if env is None else env, "DISABLE_PROGRESS_BARS")
+    env = os.environ if env is None else env
+    return not _flag(env, "DISABLE_PROGRESS_BARS")
 
 
 def auth_files(docker_config: Path | None, env: Mapping[str, str] | None = None) -> list[Path]:
