@@ -14,7 +14,6 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Sequence
 
 from exec_sandbox_assets.cli.arguments import merge_global_options
 from exec_sandbox_assets.cli.logs import restore_logging, setup_logging
@@ -43,7 +42,7 @@ _merge_global_options = merge_global_options
 log = logging.getLogger(__name__)
 
 
-def run_publish(argv: Sequence[str]) -> int:
+def run_publish(ctx: Context) -> int:
     """`publish ARGS`: the publisher's own parser and run (needs the 'publish' extra)."""
     try:
         from exec_sandbox_assets.publish import cli as publish_cli
@@ -54,37 +53,40 @@ def run_publish(argv: Sequence[str]) -> int:
         )
         return EXIT_USAGE
     parser = publish_cli.build_parser(prog=f"{PROG} publish")
+    # Output options given before `publish` reach its parser too.
+    args = ctx.args
+    flags = ["-v"] * args.verbose + ["--quiet"] * args.quiet + ["--no-progress"] * args.no_progress
     try:
-        args = parser.parse_args(list(argv))
+        own = parser.parse_args([*flags, *args.rest])
     except SystemExit as exc:  # --help or a usage error, already printed
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    return publish_cli.run(args)
+    return publish_cli.run(own)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code (see EXIT_CODES_HELP)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    rest: list[str] | None = None
+    rest: list[str] = []
     at = command_index(parser, argv)
     if at is not None and argv[at] in BY_NAME and BY_NAME[argv[at]].own_parser:
         argv, rest = argv[: at + 1], argv[at + 1 :]
     try:
-        args = merge_global_options(parser.parse_args(argv))
-    except SystemExit as exc:  # --help, --version, usage errors: argparse already printed
-        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
-    log_handler, saved = setup_logging(args.verbose, args.quiet)
-    try:
-        if rest is not None:
-            # Options given before `publish` reach its parser too.
-            flags = ["-v"] * args.verbose + ["--quiet"] * args.quiet
-            flags += ["--no-progress"] * args.no_progress
-            return run_publish([*flags, *rest])
-        return _run(args, log_handler)
+        try:
+            args = merge_global_options(parser.parse_args(argv))
+        except SystemExit as exc:  # --help, --version, usage errors: argparse printed them
+            sys.stdout.flush()
+            return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+        args.rest = rest
+        log_handler, saved = setup_logging(args.verbose, args.quiet)
+        try:
+            code = _run(args, log_handler)
+            sys.stdout.flush()  # here, where a closed pipe is still ours to handle
+            return code
+        finally:
+            restore_logging(log_handler, saved)
     except BrokenPipeError:
         return _broken_pipe()
-    finally:
-        restore_logging(log_handler, saved)
 
 
 def _broken_pipe() -> int:

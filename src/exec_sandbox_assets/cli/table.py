@@ -51,7 +51,7 @@ class Command:
     json: bool = False  # has --json: one JSON document on stdout, errors included
     registry: str = ""  # contacts a registry: --username/--password-stdin, for this one
     progress: bool = False  # draws progress (bars on a terminal, lines without rich)
-    own_parser: bool = False  # parses its own arguments (publish)
+    own_parser: bool = False  # parses its own arguments (publish): `args.rest`
 
     def load(self) -> Handler:
         module, _, function = self.handler.partition(":")
