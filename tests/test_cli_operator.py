@@ -20,7 +20,18 @@ from exec_sandbox_assets import __version__
 from exec_sandbox_assets.release.keys import load_public_key_file
 from releases import KeyPair, SampleRelease, make_key_pair, publish_sample_release
 from servers import RegistryServer
-from test_cli import ANSI, CLI, HOST, HOST_FILES, Result, layout_args, run, run_in_pty
+from test_cli import (
+    ANSI,
+    CLI,
+    HOST,
+    HOST_FILES,
+    Result,
+    key,
+    layout_args,
+    layout_release,
+    run,
+    run_in_pty,
+)
 
 # The CLI with `rich` made unimportable, as on an install without the `cli` extra.
 NO_RICH = [
@@ -43,20 +54,18 @@ def cli(*args: str | Path, stdin: str = "", env: dict[str, str] | None = None) -
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
 
+# test_cli's fixtures, used here under their names.
+SHARED_FIXTURES = (key, layout_release)
+
+
 def args_for(release: SampleRelease, cache: Path) -> list[str]:
     return [*layout_args(release, cache), "--asset-version", release.version]
 
 
 @pytest.fixture
-def key(tmp_path: Path) -> KeyPair:
-    return make_key_pair(tmp_path / "keys")
-
-
-@pytest.fixture
-def release(tmp_path: Path, key: KeyPair) -> SampleRelease:
-    return publish_sample_release(
-        f"oci:{tmp_path / 'layout'}", "1.0.0", tmp_path / "work", key=key, platforms=[HOST]
-    )
+def release(layout_release: SampleRelease) -> SampleRelease:
+    """1.0.0 for this host in an OCI layout (test_cli's fixture)."""
+    return layout_release
 
 
 # -- progress --------------------------------------------------------------------------------

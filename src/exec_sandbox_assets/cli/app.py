@@ -21,10 +21,9 @@ from exec_sandbox_assets.cli.output import (
     EXIT_BROKEN_PIPE,
     EXIT_INTERRUPTED,
     EXIT_USAGE,
-    emit_json,
     err,
-    error_message,
     exit_code_for,
+    report_error,
 )
 from exec_sandbox_assets.cli.parser import (
     PROG,
@@ -115,19 +114,8 @@ def _run(args: argparse.Namespace, log_handler: LogHandler) -> int:
     except BrokenPipeError:
         raise
     except (AssetError, OSError, ValueError) as exc:
-        code = exit_code_for(exc)
         log.debug("command failed", exc_info=True)
-        err(f"error: {error_message(exc)}")
-        if as_json:
-            emit_json(
-                {
-                    "ok": False,
-                    "error": error_message(exc),
-                    "type": type(exc).__name__,
-                    "exit_code": code,
-                }
-            )
-        return code
+        return report_error(exc, exit_code_for(exc), as_json)
 
 
 __all__ = ["build_parser", "main", "run_publish", "settings_from_args"]

@@ -101,6 +101,16 @@ def group_failures(failures: Iterable[tuple[str, BaseException]]) -> list[Failur
     return [Failure(pairs[0][1], tuple(n for n, _ in pairs)) for pairs in groups.values()]
 
 
+def report_error(exc: BaseException, code: int, as_json: bool) -> int:
+    """A command's failure: one `error:` message on stderr, and with --json the document
+    scripts read instead of the result. Returns `code`."""
+    message = error_message(exc)
+    err(f"error: {message}")
+    if as_json:
+        emit_json({"ok": False, "error": message, "type": type(exc).__name__, "exit_code": code})
+    return code
+
+
 def worst_exit_code(errors: Iterable[BaseException]) -> int:
     """One exit code for several failures: trust beats usage beats failure beats not-found."""
     codes = {exit_code_for(e) for e in errors}
@@ -183,6 +193,7 @@ __all__ = [
     "human_size",
     "jsonable",
     "out",
+    "report_error",
     "short_digest",
     "table",
     "worst_exit_code",

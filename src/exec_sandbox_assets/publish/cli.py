@@ -22,7 +22,7 @@ from typing import Any
 from exec_sandbox_assets import catalog
 from exec_sandbox_assets.cli.arguments import add_json, add_output_options
 from exec_sandbox_assets.cli.login import read_registry_password
-from exec_sandbox_assets.cli.output import emit_json, err, error_message, human_size
+from exec_sandbox_assets.cli.output import emit_json, err, human_size, report_error
 from exec_sandbox_assets.cli.progress import LogHandler, Ui, progress_bars
 from exec_sandbox_assets.config import progress_bars_enabled
 from exec_sandbox_assets.errors import AssetError, ConfigError, FormatError
@@ -250,17 +250,7 @@ def run(args: argparse.Namespace) -> int:
                 result = publish(replace(request, progress=bars))
     except (AssetError, OSError) as exc:
         code = EXIT_BAD_INPUT if isinstance(exc, ConfigError | FormatError) else EXIT_FAILURE
-        err(f"error: {error_message(exc)}")
-        if args.json:
-            emit_json(
-                {
-                    "ok": False,
-                    "error": error_message(exc),
-                    "type": type(exc).__name__,
-                    "exit_code": code,
-                }
-            )
-        return code
+        return report_error(exc, code, args.json)
     except KeyboardInterrupt:
         err("interrupted; tags were not moved (a re-run resumes)")
         return EXIT_INTERRUPTED
