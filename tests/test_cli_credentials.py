@@ -215,3 +215,17 @@ def test_login_stores_credentials_like_docker(
     assert json.loads(config.read_text()) == {"credsStore": "test", "auths": {host: {}}}
     assert versions(release)[0] == 0
     assert run("login", "--help").code == 0
+
+
+def test_login_to_a_token_registry_checks_through_the_token_endpoint(
+    token_registry: RegistryServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker"))
+    server = f"http://{token_registry.host}"
+    bad = cli("login", server, "-u", "pusher", "--password-stdin", stdin="wrong")
+    assert bad.code == 1 and "token endpoint" in bad.stderr and "401" in bad.stderr
+    assert not (tmp_path / "docker" / "config.json").exists()
+    good = cli("login", server, "-u", "pusher", "--password-stdin", stdin="s3cret")
+    assert good.code == 0, good.stderr
+    auths = json.loads((tmp_path / "docker" / "config.json").read_text())["auths"]
+    assert base64.b64decode(auths[token_registry.host]["auth"]) == b"pusher:s3cret"

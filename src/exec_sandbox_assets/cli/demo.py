@@ -14,7 +14,8 @@ from pathlib import Path
 
 from exec_sandbox_assets import catalog
 from exec_sandbox_assets.cli.commands import pull_specs
-from exec_sandbox_assets.cli.output import EXIT_FAILED, EXIT_OK, err, human_size, out
+from exec_sandbox_assets.cli.output import EXIT_FAILED, EXIT_OK, err, human_size
+from exec_sandbox_assets.cli.output import out as print_line
 from exec_sandbox_assets.cli.progress import progress_bars
 from exec_sandbox_assets.cli.table import Context
 from exec_sandbox_assets.client import AssetClient
@@ -36,6 +37,11 @@ def _key_pair(keys_dir: Path) -> tuple[Path, Path, bool]:
 
 def run_demo(ctx: Context) -> int:
     args, settings = ctx.args, ctx.settings
+
+    def out(line: str = "") -> None:
+        if not ctx.ui.quiet:
+            print_line(line)
+
     from exec_sandbox_assets.publish import PublishRequest, make_sample_inputs, publish
 
     base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="exec-sandbox-demo-"))
