@@ -229,3 +229,34 @@ def test_login_to_a_token_registry_checks_through_the_token_endpoint(
     assert good.code == 0, good.stderr
     auths = json.loads((tmp_path / "docker" / "config.json").read_text())["auths"]
     assert base64.b64decode(auths[token_registry.host]["auth"]) == b"pusher:s3cret"
+
+
+def test_a_failing_or_hanging_helper_is_an_error_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from exec_sandbox_assets.errors import ConfigError
+    from exec_sandbox_assets.oci import credentials
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (
+        ("broken", "import sys; sys.stderr.write('keychain is locked'); sys.exit(3)"),
+        ("slow", "import time; time.sleep(30)"),
+        ("garbled", "print('not json')"),
+    ):
+        exe = bin_dir / f"docker-credential-{name}"
+        exe.write_text(f"#!{sys.executable}\n{body}\n")
+        exe.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(credentials, "HELPER_TIMEOUT", 0.5)
+    config = tmp_path / "config.json"
+    for name, expected in (
+        ("broken", "failed for h.io (exit 3): keychain is locked"),
+        ("slow", "did not answer within"),
+        ("garbled", "without a JSON object holding 'Username' and 'Secret'"),
+    ):
+        write_json(config, {"credsStore": name})
+        with pytest.raises(ConfigError) as info:
+            credentials.find_credentials("h.io", config)
+        assert f"docker-credential-{name} (credsStore in {config})" in str(info.value)
+        assert expected in str(info.value)

@@ -124,7 +124,7 @@ def run_helper(name: str, action: str, stdin: bytes, where: str) -> tuple[int, b
     except subprocess.TimeoutExpired:
         raise ConfigError(
             f"docker credential helper {program} ({where}) did not answer within "
-            f"{HELPER_TIMEOUT:.0f}s"
+            f"{HELPER_TIMEOUT:g}s"
         ) from None
     except OSError as exc:
         raise ConfigError(
