@@ -68,15 +68,19 @@ def run(*args: str | Path, timeout: float = 60) -> Result:
 
 
 def run_in_pty(
-    *args: str | Path, timeout: float = 60, interrupt_when: re.Pattern[str] | None = None
+    *args: str | Path,
+    timeout: float = 60,
+    interrupt_when: re.Pattern[str] | None = None,
+    command: list[str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> tuple[int, str]:
-    """The CLI with stdin, stdout and stderr on a pseudo-terminal (120x40); all it drew.
-    With `interrupt_when`, SIGINT (Ctrl-C) is sent once the screen matches it."""
+    """The CLI (or `command`) with stdin, stdout and stderr on a pseudo-terminal (120x40);
+    all it drew. With `interrupt_when`, SIGINT (Ctrl-C) is sent once the screen matches."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
-    env = dict(os.environ, TERM="xterm-256color")
+    env = dict(os.environ if env is None else env, TERM="xterm-256color")
     proc = subprocess.Popen(
-        [*CLI, *map(str, args)], stdin=slave, stdout=slave, stderr=slave, env=env
+        [*(command or CLI), *map(str, args)], stdin=slave, stdout=slave, stderr=slave, env=env
     )
     os.close(slave)
     chunks: list[bytes] = []
@@ -190,7 +194,8 @@ def test_pull_draws_progress_on_a_terminal_and_only_a_summary_on_pipes(
     lines = plain.stdout.splitlines()
     assert lines[0].startswith(f"release 2.0.0 (tag v2.0.0) for {HOST_PLATFORM} into ")
     assert lines[-1].startswith("7 file(s), ") and "7 downloaded" in lines[-1]
-    assert sorted(line.split()[0] for line in lines[1:-1]) == sorted(HOST_FILES)
+    assert re.match(r"  index sha256:[0-9a-f]{64} from .*, signed by [0-9a-f]{16}$", lines[1])
+    assert sorted(line.split()[0] for line in lines[2:-1]) == sorted(HOST_FILES)
     # Both caches hold the inputs, byte for byte.
     for cache in ("tty-cache", "pipe-cache"):
         got = {p.name: p.read_bytes() for p in outputs(tmp_path / cache / "v2.0.0")}

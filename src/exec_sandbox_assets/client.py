@@ -71,6 +71,7 @@ class VerifiedIndex:
     created: str | None
     source: str
     signed: bool
+    key_ids: tuple[str, ...] = ()  # the trusted keys whose signatures verified
 
 
 @dataclass(frozen=True)
@@ -373,7 +374,14 @@ class AssetClient:
                 f"{where}: holds release {version}, but {self.settings.version} was asked for"
             )
         verified = VerifiedIndex(
-            tag, _strip_v(version), digest, index, created, source.name, signed is not None
+            tag,
+            _strip_v(version),
+            digest,
+            index,
+            created,
+            source.name,
+            signed is not None,
+            signed.key_ids if signed else (),
         )
         if self.settings.floating:
             self._remember_floating(source, verified)
@@ -419,7 +427,7 @@ class AssetClient:
             newest_accepted_created=newest,
             where=where,
         )
-        return SignedInfo(result.version, result.created)
+        return SignedInfo(result.version, result.created, tuple(result.key_ids))
 
     def _remember_floating(self, source: Source, verified: VerifiedIndex) -> None:
         if verified.created:
@@ -443,6 +451,10 @@ class AssetClient:
         manifest = Manifest.from_bytes(data, where)
         return PlatformRelease(verified, platform, desc.digest, read_asset_layers(manifest, where))
 
+    def verified_index(self, tag: str) -> VerifiedIndex | None:
+        """The index this client verified for `tag` (after a fetch), else None."""
+        return self._indexes.get(tag)
+
     def commit_floating(self) -> None:
         """After a successful fetch of a floating tag, point the cache's ref at its version."""
         verified = self._indexes.get(LATEST)
@@ -457,6 +469,7 @@ class AssetClient:
 class SignedInfo:
     version: str | None
     created: str | None
+    key_ids: tuple[str, ...] = ()
 
 
 def _strip_v(version: str) -> str:

@@ -24,7 +24,9 @@ Environment variables (all optional):
 | EXEC_SANDBOX_LOCK_TIMEOUT | seconds to wait for another process's download | 1800 |
 | EXEC_SANDBOX_SOURCE_TIMEOUT | seconds a metadata read (retries included) or a blob's first answer may take per source | 30 |
 | EXEC_SANDBOX_MIN_RATE | bytes/s a blob body must keep up over each 30 s window (`0`: no minimum) | 1024 |
+| EXEC_SANDBOX_DISABLE_PROGRESS_BARS | `1`: the CLI draws no progress (as `--no-progress`) | 0 |
 | DOCKER_CONFIG | directory holding docker's config.json (registry credentials) | ~/.docker |
+| REGISTRY_AUTH_FILE | podman/skopeo auth file, read before docker's config.json | - |
 """
 
 from __future__ import annotations
@@ -76,6 +78,9 @@ class Settings:
     lock_timeout: float = 1800.0
     source_timeout: float = DEFAULT_DEADLINE
     min_rate: int = DEFAULT_MIN_RATE
+    progress_bars: bool = True
+    # (host, username, password) given on the command line: used before any auth file.
+    registry_credentials: tuple[tuple[str, str, str], ...] = field(default=(), repr=False)
     host_os: str = field(default_factory=catalog.host_os)
     host_goarch: str = field(default_factory=lambda: catalog.host_platform()[1])
 
@@ -158,6 +163,28 @@ def docker_config_path(env: Mapping[str, str] | None = None) -> Path:
     return base / "config.json" if base else Path.home() / ".docker" / "config.json"
 
 
+def progress_bars_enabled(env: Mapping[str, str] | None = None) -> bool:
+    """False when EXEC_SANDBOX_DISABLE_PROGRESS_BARS=1 (as HF_HUB_DISABLE_PROGRESS_BARS)."""
+    env = os.environ if env is None else env
+    return not _flag(env, "DISABLE_PROGRESS_BARS")
+
+
+def auth_files(docker_config: Path | None, env: Mapping[str, str] | None = None) -> list[Path]:
+    """Registry auth files, in the order they are searched: $REGISTRY_AUTH_FILE, docker's
+    config.json (`docker_config`), then podman's $XDG_RUNTIME_DIR/containers/auth.json and
+    $XDG_CONFIG_HOME/containers/auth.json (~/.config). `docker_config=None`: none at all."""
+    if docker_config is None:
+        return []
+    env = os.environ if env is None else env
+    files = [_path(env, "REGISTRY_AUTH_FILE"), docker_config]
+    runtime = _path(env, "XDG_RUNTIME_DIR")
+    if runtime is not None:
+        files.append(runtime / "containers" / "auth.json")
+    config_home = _path(env, "XDG_CONFIG_HOME") or Path.home() / ".config"
+    files.append(config_home / "containers" / "auth.json")
+    return list(dict.fromkeys(f for f in files if f is not None))
+
+
 def default_cache_dir() -> Path:
     import platformdirs  # only when no cache dir was given: keeps the warm path lean
 
@@ -208,6 +235,7 @@ def load_settings(env: Mapping[str, str] | None = None, **explicit: Any) -> Sett
         "lock_timeout": float(_int(env, "LOCK_TIMEOUT", 1800, minimum=0)),
         "source_timeout": _seconds(env, ENV_PREFIX + "SOURCE_TIMEOUT", DEFAULT_DEADLINE),
         "min_rate": _int(env, "MIN_RATE", DEFAULT_MIN_RATE, minimum=0),
+        "progress_bars": progress_bars_enabled(env),
     }
     if "trusted_keys" in given:
         given["trusted_keys"] = tuple(Path(p) for p in given["trusted_keys"])

@@ -1,7 +1,7 @@
 """The cache commands of the CLI: pull, status, verify, gc, keygen.
 
-Each `run_*` takes the parsed arguments and the resolved `Settings`, prints either a
-human summary or one JSON document, and returns an exit code (see `cli_output`).
+Each `run_*` takes the command's `Context` (arguments, settings, output choices), prints
+either a human summary or one JSON document, and returns an exit code (see `output`).
 """
 
 from __future__ import annotations
@@ -18,20 +18,23 @@ from exec_sandbox_assets import catalog
 from exec_sandbox_assets.cache import admin as cache_admin
 from exec_sandbox_assets.cache.store import RecordInfo
 from exec_sandbox_assets.catalog import AssetSpec, Language
+from exec_sandbox_assets.cli.login import with_given_credentials
 from exec_sandbox_assets.cli.output import (
     EXIT_NOT_FOUND,
     EXIT_OK,
     EXIT_TRUST,
     emit_json,
     err,
-    exit_code_for,
+    error_message,
+    group_failures,
     human_size,
     out,
     short_digest,
     table,
     worst_exit_code,
 )
-from exec_sandbox_assets.cli.progress import LogHandler, progress_bars, want_progress
+from exec_sandbox_assets.cli.progress import progress_bars
+from exec_sandbox_assets.cli.table import Context
 from exec_sandbox_assets.client import AssetClient
 from exec_sandbox_assets.config import Settings
 from exec_sandbox_assets.errors import AssetNotFoundError, ConfigError
@@ -53,9 +56,8 @@ def record_json(info: RecordInfo) -> dict[str, Any]:
     }
 
 
-def first_line(exc: BaseException, width: int = 0) -> str:
-    text = (str(exc).strip() or type(exc).__name__).splitlines()[0]
-    return text[: width - 3] + "..." if width and len(text) > width else text
+def first_line(exc: BaseException) -> str:
+    return error_message(exc).splitlines()[0]
 
 
 # -- pull --------------------------------------------------------------------------------------
@@ -90,8 +92,9 @@ def pull_settings(args: argparse.Namespace, settings: Settings) -> Settings:
     return settings
 
 
-def run_pull(args: argparse.Namespace, settings: Settings, log_handler: LogHandler | None) -> int:
-    settings = pull_settings(args, settings)
+def run_pull(ctx: Context) -> int:
+    args = ctx.args
+    settings = with_given_credentials(args, pull_settings(args, ctx.settings))
     languages = None if args.all else args.language
     for lang in languages or ():
         catalog.parse_language(lang)
@@ -99,7 +102,7 @@ def run_pull(args: argparse.Namespace, settings: Settings, log_handler: LogHandl
     client = AssetClient(settings)
     cached_before = {s.output_name for s in specs if client.find_cached(s.output_name)}
     started = time.monotonic()
-    with progress_bars(want_progress(), log_handler) as bars:
+    with progress_bars(ctx.ui.wants_progress(), ctx.log_handler) as bars:
         results = asyncio.run(client.fetch_each(specs, use_local=False, progress=bars))
     seconds = time.monotonic() - started
 
@@ -107,14 +110,14 @@ def run_pull(args: argparse.Namespace, settings: Settings, log_handler: LogHandl
     records = {r.name: r for r in client.store.outputs(version)} if version else {}
     files: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
-    errors: list[tuple[AssetSpec, BaseException]] = []
+    errors: list[tuple[str, BaseException]] = []
     for spec in specs:
         result = results[spec.output_name]
         if isinstance(result, BaseException):
             if not spec.required and isinstance(result, AssetNotFoundError):
                 skipped.append({"name": spec.output_name, "reason": first_line(result)})
             else:
-                errors.append((spec, result))
+                errors.append((spec.output_name, result))
             continue
         record = records.get(spec.output_name)
         entry = (
@@ -125,9 +128,13 @@ def run_pull(args: argparse.Namespace, settings: Settings, log_handler: LogHandl
         entry["kind"] = spec.kind.value
         entry["downloaded"] = spec.output_name not in cached_before
         files.append(entry)
-    code = worst_exit_code(e for _, e in errors)
+    failures = group_failures(errors)
+    code = worst_exit_code(f.error for f in failures)
     platform = f"{settings.host_os}/{settings.host_goarch}"
     vdir = client.store.version_dir(version) if version else None
+    verified = client.verified_index(settings.tag)
+    index_digest = verified.digest if verified else None
+    key_ids = list(verified.key_ids) if verified else []
 
     if args.json:
         emit_json(
@@ -136,20 +143,27 @@ def run_pull(args: argparse.Namespace, settings: Settings, log_handler: LogHandl
                 "version": version,
                 "tag": settings.tag,
                 "platform": platform,
+                "index_digest": index_digest,
+                "signed_by": key_ids,
+                "source": verified.source if verified else None,
                 "cache_dir": settings.cache_dir,
                 "dir": vdir,
                 "seconds": round(seconds, 3),
                 "files": files,
                 "skipped": skipped,
-                "errors": [
-                    {"name": s.output_name, "error": str(e), "exit_code": exit_code_for(e)}
-                    for s, e in errors
-                ],
+                "errors": [f.to_json() for f in failures],
             }
         )
-    else:
+    elif not ctx.ui.quiet:
         where = f" into {vdir}" if vdir else ""
         out(f"release {version or '?'} (tag {settings.tag}) for {platform}{where}")
+        if verified is not None:
+            signer = (
+                f"signed by {', '.join(k[:16] for k in key_ids)}"
+                if key_ids
+                else "signature NOT verified (--insecure-skip-verify)"
+            )
+            out(f"  index {verified.digest} from {verified.source}, {signer}")
         rows = [
             (
                 f["name"],
@@ -160,7 +174,12 @@ def run_pull(args: argparse.Namespace, settings: Settings, log_handler: LogHandl
             for f in files
         ]
         rows += [(s["name"], "-", "skipped", s["reason"]) for s in skipped]
-        rows += [(s.output_name, "-", "FAILED", first_line(e, 80)) for s, e in errors]
+        # Per-file failures get a row; a release-level one is reported once, below.
+        rows += [
+            (f.names[0], "-", "FAILED", first_line(f.error))
+            for f in failures
+            if not f.release_level
+        ]
         for line in table(rows):
             out(line)
         total = sum(int(f["size"]) for f in files)
@@ -169,12 +188,9 @@ def run_pull(args: argparse.Namespace, settings: Settings, log_handler: LogHandl
             f"{len(files)} file(s), {human_size(total)}: {fetched} downloaded, "
             f"{len(files) - fetched} already cached ({seconds:.1f}s)"
         )
-    # One message per distinct failure: a missing release fails every file the same way.
-    grouped: dict[str, list[str]] = {}
-    for spec, exc in errors:
-        grouped.setdefault(str(exc), []).append(spec.output_name)
-    for message, names in grouped.items():
-        err(f"error: {', '.join(names)}: {message}")
+    for failure in failures:
+        names = "every file" if len(failure.names) == len(specs) > 1 else ", ".join(failure.names)
+        err(f"error: {names}: {error_message(failure.error)}")
     return code
 
 
@@ -213,11 +229,14 @@ def status_json(listing: cache_admin.CacheListing, settings: Settings) -> dict[s
     }
 
 
-def run_status(args: argparse.Namespace, settings: Settings) -> int:
+def run_status(ctx: Context) -> int:
+    args, settings = ctx.args, ctx.settings
     client = AssetClient(settings)
     listing = cache_admin.scan(client.store)
     if args.json:
         emit_json(status_json(listing, settings))
+        return EXIT_OK
+    if ctx.ui.quiet:
         return EXIT_OK
     out(f"cache {listing.root} ({human_size(listing.total_size)})")
     if not listing.versions:
@@ -254,7 +273,8 @@ def run_status(args: argparse.Namespace, settings: Settings) -> int:
 # -- verify ------------------------------------------------------------------------------------
 
 
-def run_verify(args: argparse.Namespace, settings: Settings) -> int:
+def run_verify(ctx: Context) -> int:
+    args, settings = ctx.args, ctx.settings
     client = AssetClient(settings)
     cached = client.store.versions()
     if settings.floating:
@@ -289,7 +309,7 @@ def run_verify(args: argparse.Namespace, settings: Settings) -> int:
                 ],
             }
         )
-    else:
+    elif not ctx.ui.quiet:
         how = "content digests (full)" if args.full else "stat against verification records"
         out(f"checked {len(results)} file(s) in {len(versions)} version(s): {how}")
         for r in results:
@@ -307,7 +327,8 @@ def run_verify(args: argparse.Namespace, settings: Settings) -> int:
 # -- gc ----------------------------------------------------------------------------------------
 
 
-def run_gc(args: argparse.Namespace, settings: Settings) -> int:
+def run_gc(ctx: Context) -> int:
+    args, settings = ctx.args, ctx.settings
     if args.keep < 0:
         raise ConfigError(f"--keep must be 0 or more, not {args.keep}")
     client = AssetClient(settings)
@@ -335,6 +356,8 @@ def run_gc(args: argparse.Namespace, settings: Settings) -> int:
             }
         )
         return EXIT_OK
+    if ctx.ui.quiet:
+        return EXIT_OK
     verb = "would remove" if report.dry_run else "removed"
     kept = ", ".join(report.kept_versions) or "none"
     out(f"cache {listing.root}: keeping version(s) {kept}")
@@ -359,7 +382,8 @@ def run_gc(args: argparse.Namespace, settings: Settings) -> int:
 # -- keygen ------------------------------------------------------------------------------------
 
 
-def run_keygen(args: argparse.Namespace) -> int:
+def run_keygen(ctx: Context) -> int:
+    args = ctx.args
     from exec_sandbox_assets.release import keys
 
     password: bytes | None = None
@@ -374,6 +398,8 @@ def run_keygen(args: argparse.Namespace) -> int:
     key = keys.generate_key(args.algorithm)
     keys.write_key_pair(key, private, public, password)
     state = "encrypted" if password else "not encrypted"
+    if ctx.ui.quiet:
+        return EXIT_OK
     out(f"wrote {private} (private {args.algorithm} key, mode 0600, {state})")
     out(f"wrote {public} (public key, id {key.public.key_id[:16]})")
     out(f"sign:  exec-sandbox-assets publish --key {private} ...")

@@ -7,7 +7,6 @@ sample build -> key pair -> signed release in oci:DIR/layout (or a registry)
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import tempfile
 import time
@@ -15,10 +14,11 @@ from pathlib import Path
 
 from exec_sandbox_assets import catalog
 from exec_sandbox_assets.cli.commands import pull_specs
-from exec_sandbox_assets.cli.output import EXIT_FAILED, EXIT_OK, err, human_size, out
-from exec_sandbox_assets.cli.progress import LogHandler, progress_bars, want_progress
+from exec_sandbox_assets.cli.output import EXIT_FAILED, EXIT_OK, err, human_size
+from exec_sandbox_assets.cli.output import out as print_line
+from exec_sandbox_assets.cli.progress import progress_bars
+from exec_sandbox_assets.cli.table import Context
 from exec_sandbox_assets.client import AssetClient
-from exec_sandbox_assets.config import Settings
 from exec_sandbox_assets.publish.compress import hash_file
 from exec_sandbox_assets.release import keys
 
@@ -35,7 +35,13 @@ def _key_pair(keys_dir: Path) -> tuple[Path, Path, bool]:
     return private, public, True
 
 
-def run_demo(args: argparse.Namespace, settings: Settings, log_handler: LogHandler | None) -> int:
+def run_demo(ctx: Context) -> int:
+    args, settings = ctx.args, ctx.settings
+
+    def out(line: str = "") -> None:
+        if not ctx.ui.quiet:
+            print_line(line)
+
     from exec_sandbox_assets.publish import PublishRequest, make_sample_inputs, publish
 
     base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="exec-sandbox-demo-"))
@@ -86,7 +92,7 @@ def run_demo(args: argparse.Namespace, settings: Settings, log_handler: LogHandl
     )
     client = AssetClient(pull_settings)
     specs = pull_specs(os_, goarch, None)
-    with progress_bars(want_progress(), log_handler) as bars:
+    with progress_bars(ctx.ui.wants_progress(), ctx.log_handler) as bars:
         paths = asyncio.run(client.fetch(specs, use_local=False, progress=bars))
     vdir = client.store.version_dir(DEMO_VERSION)
     out(

@@ -7,12 +7,12 @@ only `--require-signature` turns that into exit code 3.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
 from exec_sandbox_assets import catalog, sources
+from exec_sandbox_assets.cli.login import given_credentials
 from exec_sandbox_assets.cli.output import (
     EXIT_OK,
     EXIT_TRUST,
@@ -23,8 +23,10 @@ from exec_sandbox_assets.cli.output import (
     short_digest,
     table,
 )
+from exec_sandbox_assets.cli.table import Context
 from exec_sandbox_assets.config import Settings
 from exec_sandbox_assets.errors import ConfigError, FormatError, SignatureError, TrustError
+from exec_sandbox_assets.oci.auth import Credentials
 from exec_sandbox_assets.oci.model import (
     INDEX_MEDIA_TYPES,
     Descriptor,
@@ -74,7 +76,9 @@ class InspectReport:
         }
 
 
-def open_ref(text: str, settings: Settings) -> tuple[Source, str | None]:
+def open_ref(
+    text: str, settings: Settings, credentials: Credentials | None = None
+) -> tuple[Source, str | None]:
     """The source a reference names, and the tag or digest it pins (if any)."""
     ref = parse_source_ref(text)
     if settings.offline and not isinstance(ref, LayoutRef):
@@ -82,7 +86,11 @@ def open_ref(text: str, settings: Settings) -> tuple[Source, str | None]:
             f"{text}: offline mode allows only local references (oci:DIR, oci-archive:FILE)"
         )
     source = sources.open_source(
-        text, ref, docker_config=settings.docker_config, ca_bundle=settings.ca_bundle
+        text,
+        ref,
+        docker_config=settings.docker_config,
+        ca_bundle=settings.ca_bundle,
+        credentials=credentials,
     )
     return source, ref.tag if isinstance(ref, LayoutRef) else ref.reference
 
@@ -188,9 +196,11 @@ async def _signature(
     return report
 
 
-async def inspect_ref(text: str, settings: Settings) -> InspectReport:
+async def inspect_ref(
+    text: str, settings: Settings, credentials: Credentials | None = None
+) -> InspectReport:
     keys = tuple(load_public_key_file(p) for p in settings.trusted_keys)
-    source, pinned = open_ref(text, settings)
+    source, pinned = open_ref(text, settings, credentials)
     reference = pinned or settings.tag
     try:
         data = await source.index(reference)
@@ -264,11 +274,12 @@ def print_report(report: InspectReport) -> None:
         out(f"verdict: NOT VERIFIED: {sig.get('error')}")
 
 
-def run_inspect(args: argparse.Namespace, settings: Settings) -> int:
-    report = asyncio.run(inspect_ref(args.ref, settings))
+def run_inspect(ctx: Context) -> int:
+    args = ctx.args
+    report = asyncio.run(inspect_ref(args.ref, ctx.settings, given_credentials(args)))
     if args.json:
         emit_json(report.to_json())
-    else:
+    elif not ctx.ui.quiet:
         print_report(report)
     if args.require_signature and not report.verified:
         err(f"error: {report.ref}: signature not verified: {report.signature.get('error')}")

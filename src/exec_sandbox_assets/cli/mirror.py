@@ -6,19 +6,14 @@ terminal, a summary or one JSON document out.
 
 from __future__ import annotations
 
-import argparse
 import time
 from typing import TYPE_CHECKING, Any
 
 from exec_sandbox_assets import catalog
+from exec_sandbox_assets.cli.login import given_credentials, registry_host
 from exec_sandbox_assets.cli.output import EXIT_OK, emit_json, human_size, out, short_digest
-from exec_sandbox_assets.cli.progress import (
-    LogHandler,
-    TerminalProgress,
-    progress_bars,
-    want_progress,
-)
-from exec_sandbox_assets.config import Settings
+from exec_sandbox_assets.cli.progress import ProgressDisplay, progress_bars
+from exec_sandbox_assets.cli.table import Context
 
 if TYPE_CHECKING:
     from exec_sandbox_assets.mirror import MirrorEvent, MirrorResult
@@ -27,7 +22,7 @@ if TYPE_CHECKING:
 class MirrorProgress:
     """Turns mirror events into bars: one per blob being downloaded, plus the overall one."""
 
-    def __init__(self, bars: TerminalProgress, several_versions: bool) -> None:
+    def __init__(self, bars: ProgressDisplay, several_versions: bool) -> None:
         self._bars = bars
         self._prefix = several_versions
         self._labels: dict[tuple[str, str], str] = {}  # (version, digest) -> bar label
@@ -82,14 +77,19 @@ def result_json(result: MirrorResult, seconds: float) -> dict[str, Any]:
     }
 
 
-def run_mirror(args: argparse.Namespace, settings: Settings, log_handler: LogHandler | None) -> int:
+def run_mirror(ctx: Context) -> int:
     from exec_sandbox_assets.mirror import mirror
+
+    args, settings = ctx.args, ctx.settings
+    creds = given_credentials(args)
+    # Explicit credentials go to the destination when it is a registry, else the source.
+    to_dst = creds is not None and registry_host(args.dst) is not None
 
     versions = list(args.versions) if args.versions else [settings.version]
     platforms = [catalog.parse_platform(p) for p in args.platforms] if args.platforms else None
     work_dir = args.work_dir or settings.cache_dir / "mirror-work"
     started = time.monotonic()
-    with progress_bars(want_progress(), log_handler) as bars:
+    with progress_bars(ctx.ui.wants_progress(), ctx.log_handler) as bars:
         result = mirror(
             args.src,
             args.dst,
@@ -102,11 +102,15 @@ def run_mirror(args: argparse.Namespace, settings: Settings, log_handler: LogHan
             allow_downgrade=settings.allow_downgrade,
             ca_bundle=settings.ca_bundle,
             docker_config=settings.docker_config,
+            src_credentials=None if to_dst else creds,
+            dst_credentials=creds if to_dst else None,
             progress=MirrorProgress(bars, len(versions) > 1) if bars is not None else None,
         )
     seconds = time.monotonic() - started
     if args.json:
         emit_json(result_json(result, seconds))
+        return EXIT_OK
+    if ctx.ui.quiet:
         return EXIT_OK
     out(f"mirrored {result.source} -> {result.destination} ({seconds:.1f}s)")
     for r in result.releases:

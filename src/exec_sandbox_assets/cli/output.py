@@ -8,11 +8,13 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from exec_sandbox_assets.errors import (
     AllSourcesFailedError,
+    AssetError,
     AssetNotFoundError,
     ConfigError,
     TrustError,
@@ -24,6 +26,7 @@ EXIT_USAGE = 2
 EXIT_TRUST = 3
 EXIT_NOT_FOUND = 4
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what `cat` reports when `| head` stops reading
 
 EXIT_CODES_HELP = """\
 exit codes:
@@ -33,6 +36,7 @@ exit codes:
   3    verification or trust failure (signature, digest, size, version, rollback)
   4    not found (tag, file, or an offline/air-gapped miss)
   130  interrupted (partial downloads are kept; a re-run resumes)
+  141  stdout was closed early (`| head`): stopped quietly
 """
 
 
@@ -49,6 +53,62 @@ def exit_code_for(exc: BaseException) -> int:
     if isinstance(exc, AssetNotFoundError | FileNotFoundError):
         return EXIT_NOT_FOUND
     return EXIT_FAILED
+
+
+def error_message(exc: BaseException) -> str:
+    """The whole message of an error, never cut. An OSError from the filesystem names the
+    path first ("/var/cache/x: Not a directory") instead of Python's "[Errno 20] ..."."""
+    if isinstance(exc, OSError) and not isinstance(exc, AssetError) and exc.strerror:
+        where = exc.filename if exc.filename is not None else ""
+        if exc.filename2 is not None:
+            where = f"{where} -> {exc.filename2}"
+        return f"{where}: {exc.strerror}" if where else exc.strerror
+    return str(exc).strip() or type(exc).__name__
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One failure and every file it failed: a release-level one (tag missing, signature
+    refused, every source down) fails all of them with the same error, once."""
+
+    error: BaseException
+    names: tuple[str, ...]
+
+    @property
+    def release_level(self) -> bool:
+        return len(self.names) > 1
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "scope": "release" if self.release_level else "file",
+            "files": list(self.names),
+            "error": error_message(self.error),
+            "type": type(self.error).__name__,
+            "exit_code": exit_code_for(self.error),
+        }
+        if not self.release_level:
+            doc["name"] = self.names[0]
+        return doc
+
+
+def group_failures(failures: Iterable[tuple[str, BaseException]]) -> list[Failure]:
+    """(file, error) pairs grouped by error: the same exception object, or one of the same
+    type and message (a release-level error raised once per file), in first-seen order."""
+    groups: dict[tuple[str, str], list[tuple[str, BaseException]]] = {}
+    for name, exc in failures:
+        key = (type(exc).__name__, error_message(exc))
+        groups.setdefault(key, []).append((name, exc))
+    return [Failure(pairs[0][1], tuple(n for n, _ in pairs)) for pairs in groups.values()]
+
+
+def report_error(exc: BaseException, code: int, as_json: bool) -> int:
+    """A command's failure: one `error:` message on stderr, and with --json the document
+    scripts read instead of the result. Returns `code`."""
+    message = error_message(exc)
+    err(f"error: {message}")
+    if as_json:
+        emit_json({"ok": False, "error": message, "type": type(exc).__name__, "exit_code": code})
+    return code
 
 
 def worst_exit_code(errors: Iterable[BaseException]) -> int:
@@ -116,6 +176,7 @@ def table(rows: Iterable[tuple[str, ...]], indent: str = "  ") -> list[str]:
 
 
 __all__ = [
+    "EXIT_BROKEN_PIPE",
     "EXIT_CODES_HELP",
     "EXIT_FAILED",
     "EXIT_INTERRUPTED",
@@ -123,12 +184,16 @@ __all__ = [
     "EXIT_OK",
     "EXIT_TRUST",
     "EXIT_USAGE",
+    "Failure",
     "emit_json",
     "err",
+    "error_message",
     "exit_code_for",
+    "group_failures",
     "human_size",
     "jsonable",
     "out",
+    "report_error",
     "short_digest",
     "table",
     "worst_exit_code",

@@ -1,7 +1,10 @@
-"""Progress bars on a terminal: one bar per file (bytes, rate, time left) and one overall.
+"""Progress on a terminal: one bar per file (bytes, rate, time left) and one overall.
 
 `rich` is imported here, and only when a bar is actually drawn: not on a pipe, not in
-the library. The object implements `fetch.Progress` (start/advance/finish).
+the library. Without `rich` (the `cli` extra), a terminal gets plain lines instead: one
+when a file starts and one when it is done. Both implement `client.Progress`
+(start/advance/finish). `Ui` holds what the user chose: --quiet, --no-progress or
+EXEC_SANDBOX_DISABLE_PROGRESS_BARS=1.
 """
 
 from __future__ import annotations
@@ -11,8 +14,9 @@ import logging
 import os
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 OVERALL = "all files"
 
@@ -25,6 +29,25 @@ def want_progress(stream: IO[str] | None = None) -> bool:
     except (AttributeError, ValueError):
         return False
     return tty and os.environ.get("TERM", "") != "dumb"
+
+
+@dataclass(frozen=True)
+class Ui:
+    """Output choices of one command run."""
+
+    quiet: bool = False  # errors (and --json) only
+    progress: bool = True  # False: --no-progress, --quiet or the environment said so
+
+    def wants_progress(self, stream: IO[str] | None = None) -> bool:
+        return self.progress and not self.quiet and want_progress(stream)
+
+
+class ProgressDisplay(Protocol):
+    def start(self, name: str, total: int) -> None: ...
+
+    def advance(self, name: str, nbytes: int) -> None: ...
+
+    def finish(self, name: str) -> None: ...
 
 
 class LogHandler(logging.Handler):
@@ -139,16 +162,74 @@ class TerminalProgress:
         self._sync_overall()
 
 
+class PlainProgress:
+    """Progress as plain lines, for a terminal without `rich`: a line when a file starts
+    and one when it is done (never one per chunk), each file once."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream = stream
+        self._totals: dict[str, int] = {}
+        self._done: set[str] = set()
+
+    def _line(self, text: str) -> None:
+        self._stream.write(text + "\n")
+        self._stream.flush()
+
+    def start(self, name: str, total: int) -> None:
+        if name not in self._totals:
+            self._line(f"{name}: started ({_size(total)})")
+        self._totals[name] = total
+
+    def advance(self, name: str, nbytes: int) -> None:
+        if name not in self._totals:
+            self.start(name, nbytes)
+
+    def finish(self, name: str) -> None:
+        if name in self._done:
+            return
+        self._done.add(name)
+        self._line(f"{name}: done ({_size(self._totals.get(name, 0))})")
+
+
+def _size(n: int) -> str:
+    from exec_sandbox_assets.cli.output import human_size
+
+    return human_size(n)
+
+
+def rich_available() -> bool:
+    try:
+        import rich.progress  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 @contextlib.contextmanager
 def progress_bars(
     enabled: bool, log_handler: LogHandler | None = None, stream: IO[str] | None = None
-) -> Iterator[TerminalProgress | None]:
-    """Bars on `stream` (stderr) when `enabled`, else None (the caller prints a summary only)."""
+) -> Iterator[ProgressDisplay | None]:
+    """Bars on `stream` (stderr) when `enabled`, plain lines there when `rich` is not
+    installed, else None (the caller prints a summary only)."""
     if not enabled:
         yield None
         return
-    with TerminalProgress(sys.stderr if stream is None else stream, log_handler) as bars:
+    stream = sys.stderr if stream is None else stream
+    if not rich_available():
+        yield PlainProgress(stream)
+        return
+    with TerminalProgress(stream, log_handler) as bars:
         yield bars
 
 
-__all__ = ["OVERALL", "LogHandler", "TerminalProgress", "progress_bars", "want_progress"]
+__all__ = [
+    "OVERALL",
+    "LogHandler",
+    "PlainProgress",
+    "ProgressDisplay",
+    "TerminalProgress",
+    "Ui",
+    "progress_bars",
+    "rich_available",
+    "want_progress",
+]

@@ -379,7 +379,7 @@ class HttpCore:
             except AuthError as exc:  # a bad challenge or token answer
                 raise AuthError(f"{method} {shown}: {exc}") from exc
             except RETRYABLE_ERRORS as exc:
-                if last or tls_verify_failed(exc):
+                if last or tls_verify_failed(exc) or tls_to_plain_http(exc):
                     raise self._transport_error(method, url, exc, attempt) from exc
                 delay = policy.backoff(attempt)
                 reason = describe(exc)
@@ -461,6 +461,13 @@ class HttpCore:
                 f"{method} {shown}: TLS certificate of {where} not trusted "
                 f"(a private CA needs a CA bundle): {describe(exc)}"
             )
+        if tls_to_plain_http(exc):
+            plain = target.copy_with(scheme="http")
+            return AssetDownloadError(
+                f"{method} {shown}: {where} answered a TLS handshake in plain "
+                f"HTTP: it serves http, not https; name it http://{where}/... "
+                f"(here: {redact_url(str(plain))}): {describe(exc)}"
+            )
         if isinstance(exc, httpx.ConnectError):
             base = f"{target.scheme}://{where}"
             return AssetDownloadError(
@@ -531,6 +538,25 @@ def tls_verify_failed(exc: BaseException) -> bool:
     while current is not None and id(current) not in seen:
         if isinstance(current, ssl.SSLCertVerificationError):
             return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
+# What OpenSSL says when the server answers the ClientHello in plain HTTP.
+_PLAIN_HTTP_REPLY = ("wrong_version_number", "wrong version number", "http_request")
+
+
+def tls_to_plain_http(exc: BaseException) -> bool:
+    """A TLS connection to a plain-HTTP server (a registry on http:// named without the
+    scheme): never retried, it will not change."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ssl.SSLError | httpx.ConnectError):
+            text = f"{getattr(current, 'reason', '')} {current}".lower()
+            if any(marker in text for marker in _PLAIN_HTTP_REPLY):
+                return True
         seen.add(id(current))
         current = current.__cause__ or current.__context__
     return False

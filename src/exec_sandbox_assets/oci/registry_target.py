@@ -48,7 +48,8 @@ from exec_sandbox_assets.errors import (
     SizeLimitError,
     TransportError,
 )
-from exec_sandbox_assets.oci.auth import Credentials, load_docker_credentials
+from exec_sandbox_assets.oci.auth import Credentials
+from exec_sandbox_assets.oci.credentials import find_credentials
 from exec_sandbox_assets.oci.model import (
     ACCEPT_MANIFESTS,
     MAX_MANIFEST_SIZE,
@@ -164,7 +165,7 @@ class RegistryTarget:
         else:
             config = docker_config or docker_config_path()
             creds, self._creds_source = (
-                load_docker_credentials(parsed.host, config),
+                find_credentials(parsed.host, config),
                 f"from {config}",
             )
         if scheme == "basic" and creds is None:

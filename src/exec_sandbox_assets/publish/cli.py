@@ -15,10 +15,16 @@ import os
 import sys
 import tempfile
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from exec_sandbox_assets import catalog
-from exec_sandbox_assets.cli.output import err, human_size
+from exec_sandbox_assets.cli.arguments import add_json, add_output_options
+from exec_sandbox_assets.cli.login import read_registry_password
+from exec_sandbox_assets.cli.output import emit_json, err, human_size, report_error
+from exec_sandbox_assets.cli.progress import LogHandler, Ui, progress_bars
+from exec_sandbox_assets.config import progress_bars_enabled
 from exec_sandbox_assets.errors import AssetError, ConfigError, FormatError
 from exec_sandbox_assets.publish.compress import DEFAULT_LEVEL
 from exec_sandbox_assets.publish.publisher import PublishRequest, PublishResult, publish
@@ -118,9 +124,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="allow moving an existing vV tag to different content",
     )
-    parser.add_argument(
-        "--verbose", "-v", action="count", default=0, help="progress logs (-vv: debug)"
-    )
+    add_json(parser)
+    add_output_options(parser)
 
 
 def _key_is_encrypted(path: Path) -> bool:
@@ -157,14 +162,35 @@ def _parse_platforms(values: Sequence[str] | None) -> tuple[tuple[str, str], ...
 
 
 def _registry_password(args: argparse.Namespace) -> str | None:
-    if not args.password_stdin:
-        return None
-    if not args.username:
-        raise ConfigError("--password-stdin needs --username")
-    password = sys.stdin.readline().rstrip("\r\n")
-    if not password:
-        raise ConfigError("--password-stdin: no password on stdin")
-    return password
+    if not args.username and not args.password_stdin:
+        return None  # docker's or podman's credentials for each registry target
+    return read_registry_password(args.username, args.password_stdin)
+
+
+def result_json(result: PublishResult) -> dict[str, Any]:
+    """`publish --json`: what was published where, with every digest."""
+    return {
+        "ok": True,
+        "version": result.version,
+        "created": result.created,
+        "index_digest": result.index_digest,
+        "manifests": {f"{o}/{a}": d for (o, a), d in result.manifest_digests.items()},
+        "signature_tag": result.signature_tag,
+        "signature_digest": result.signature_digest,
+        "signers": result.signers,
+        "targets": [
+            {
+                "name": t.name,
+                "blobs_uploaded": t.blobs_uploaded,
+                "bytes_uploaded": t.bytes_uploaded,
+                "blobs_skipped": t.blobs_skipped,
+                "tags": list(t.tags),
+            }
+            for t in result.targets
+        ],
+        "release_dir": result.release_dir,
+        "release_files": list(result.release_files),
+    }
 
 
 def format_summary(result: PublishResult) -> str:
@@ -186,12 +212,19 @@ def format_summary(result: PublishResult) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    level = logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING
+    if args.quiet and not args.verbose:
+        level = logging.ERROR
+    else:
+        level = (
+            logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING
+        )
     root = logging.getLogger()
     if not root.handlers:
         logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     elif level < root.level:  # under the main CLI: its handler prints, this -v sets the level
         root.setLevel(level)
+    log_handler = next((h for h in root.handlers if isinstance(h, LogHandler)), None)
+    ui = Ui(quiet=args.quiet, progress=not args.no_progress and progress_bars_enabled())
     try:
         with tempfile.TemporaryDirectory(prefix="exec-sandbox-publish-") as tmp:
             request = PublishRequest(
@@ -213,15 +246,37 @@ def run(args: argparse.Namespace) -> int:
                 ca_bundle=args.ca_bundle,
                 replace=args.replace,
             )
-            result = publish(request)
+            with progress_bars(ui.wants_progress(), log_handler) as bars:
+                result = publish(replace(request, progress=bars))
     except (AssetError, OSError) as exc:
-        err(f"error: {exc}")
-        return EXIT_BAD_INPUT if isinstance(exc, ConfigError | FormatError) else EXIT_FAILURE
+        code = EXIT_BAD_INPUT if isinstance(exc, ConfigError | FormatError) else EXIT_FAILURE
+        return report_error(exc, code, args.json)
     except KeyboardInterrupt:
         err("interrupted; tags were not moved (a re-run resumes)")
         return EXIT_INTERRUPTED
-    print(format_summary(result))
+    if args.json:
+        emit_json(result_json(result))
+    elif not args.quiet:
+        print(format_summary(result))
     return 0
+
+
+EPILOG = """\
+examples:
+  # sign with release.key (password from $EXEC_SANDBOX_SIGNING_KEY_PASSWORD) and push
+  %(prog)s --input images/dist --input gvproxy-wrapper/bin --version 0.22.0 \\
+      --key release.key --to ghcr.io/dualeai/exec-sandbox-assets --latest
+  # a local registry (plain HTTP), a layout and an archive, plus the GitHub Release folder
+  %(prog)s -i dist --version 0.22.0 --key release.key --to http://127.0.0.1:5000/assets \\
+      --to oci:/srv/assets --to oci-archive:assets.tar --release-dir release/
+  # quick local run: fast compression, a registry login, the result as JSON
+  echo "$TOKEN" | %(prog)s -i dist --version 0.22.0-rc1 --key release.key --level 3 \\
+      --to registry.internal/assets --username ci --password-stdin --json
+
+exit codes: 0 published, 1 failed (network, registry, auth), 2 bad input (arguments,
+files, keys, passwords, a conflicting tag), 130 interrupted (tags not moved; a re-run
+resumes).
+"""
 
 
 def build_parser(prog: str = "python -m exec_sandbox_assets.publish") -> argparse.ArgumentParser:
@@ -229,6 +284,8 @@ def build_parser(prog: str = "python -m exec_sandbox_assets.publish") -> argpars
         prog=prog,
         description="Publish exec-sandbox assets as signed OCI artifacts "
         "(registry, OCI layout, archive) and a GitHub Release folder.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(parser)
     return parser
@@ -238,4 +295,12 @@ def main(argv: list[str] | None = None) -> int:
     return run(build_parser().parse_args(argv))
 
 
-__all__ = ["KEY_PASSWORD_ENV", "add_arguments", "build_parser", "format_summary", "main", "run"]
+__all__ = [
+    "KEY_PASSWORD_ENV",
+    "add_arguments",
+    "build_parser",
+    "format_summary",
+    "main",
+    "result_json",
+    "run",
+]

@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any, BinaryIO, cast
@@ -98,7 +99,11 @@ def hash_file(path: Path) -> tuple[str, int]:
     return "sha256:" + hasher.hexdigest(), size
 
 
-def compress_file(src: Path, dest: Path, level: int) -> Blob:
+# Called with the number of input bytes each chunk consumed (the CLI's progress).
+OnBytes = Callable[[int], None]
+
+
+def compress_file(src: Path, dest: Path, level: int, on_bytes: OnBytes | None = None) -> Blob:
     """zstd-compress `src` into `dest` (atomically), hashing both sides in one pass."""
     check_level(level)
     content = hashlib.sha256()
@@ -115,6 +120,8 @@ def compress_file(src: Path, dest: Path, level: int) -> Blob:
                 content.update(chunk)
                 read += len(chunk)
                 z.write(chunk)
+                if on_bytes is not None:
+                    on_bytes(len(chunk))
         if read != content_size:
             raise ConfigError(f"{src} changed size while being compressed")
     return Blob(
@@ -206,7 +213,7 @@ def _load_record(dest: Path) -> _CacheRecord | None:
         return None
 
 
-def compress_cached(src: Path, dest: Path, level: int) -> Blob:
+def compress_cached(src: Path, dest: Path, level: int, on_bytes: OnBytes | None = None) -> Blob:
     """`compress_file`, reusing `dest` from an earlier run when it was made from the
     same source bytes at the same level by the same zstd.
 
@@ -228,7 +235,7 @@ def compress_cached(src: Path, dest: Path, level: int) -> Blob:
             return Blob(dest, record.digest, record.size, source_digest, source_size)
     _sidecar(dest).unlink(missing_ok=True)
     log.info("compressing %s (zstd level %d)", src, level)
-    blob = compress_file(src, dest, level)
+    blob = compress_file(src, dest, level, on_bytes)
     record = _CacheRecord(
         blob.content_digest,
         blob.content_size,
@@ -245,6 +252,7 @@ def compress_cached(src: Path, dest: Path, level: int) -> Blob:
 __all__ = [
     "DEFAULT_LEVEL",
     "Blob",
+    "OnBytes",
     "check_level",
     "compress_cached",
     "compress_file",

@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from exec_sandbox_assets import catalog
 from exec_sandbox_assets.config import LATEST
@@ -64,6 +65,9 @@ from exec_sandbox_assets.release.documents import (
     build_release,
 )
 
+if TYPE_CHECKING:
+    from exec_sandbox_assets.client import Progress
+
 log = logging.getLogger(__name__)
 
 _MAX_PAYLOAD = 64 * 1024
@@ -88,6 +92,8 @@ class PublishRequest:
     password: str | None = field(default=None, repr=False)
     ca_bundle: Path | None = None
     replace: bool = False  # allow moving an existing vV to different content
+    # Told about compressing (input bytes) and pushing (one step per blob); the CLI's bars.
+    progress: Progress | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -171,21 +177,33 @@ def load_keys(paths: Sequence[Path], password: bytes | None) -> tuple[keys.Signi
 # --------------------------------------------------------------------------- blobs
 
 
-def prepare_blobs(inputs: ReleaseInputs, work_dir: Path, level: int) -> dict[str, Blob]:
+def prepare_blobs(
+    inputs: ReleaseInputs, work_dir: Path, level: int, progress: Progress | None = None
+) -> dict[str, Blob]:
     """Catalog name -> blob file (compressed in `work_dir`, or the input as is)."""
     out: dict[str, Blob] = {}
     for item in inputs.files:
-        out[item.spec.name] = _prepare_one(item, work_dir / "compressed", level)
+        out[item.spec.name] = _prepare_one(item, work_dir / "compressed", level, progress)
     return out
 
 
-def _prepare_one(item: InputFile, dest_dir: Path, level: int) -> Blob:
+def _prepare_one(
+    item: InputFile, dest_dir: Path, level: int, progress: Progress | None = None
+) -> Blob:
     spec = item.spec
     if not spec.compressed:
         return raw_blob(item.path)
     if item.precompressed:
         return inspect_zst(item.path)
-    return compress_cached(item.path, dest_dir / spec.name, level)
+    if progress is None:
+        return compress_cached(item.path, dest_dir / spec.name, level)
+    label = f"compress {spec.output_name}"
+    progress.start(label, item.path.stat().st_size)
+    blob = compress_cached(
+        item.path, dest_dir / spec.name, level, lambda n: progress.advance(label, n)
+    )
+    progress.finish(label)
+    return blob
 
 
 def build_documents(
@@ -305,11 +323,17 @@ def push_release(
     version: str,
     created: str,
     tags: Sequence[str],
+    progress: Progress | None = None,
 ) -> None:
     """SPEC.md section 2 order: blobs, manifests, index, signature, verify, tags."""
     index_digest = sha256_digest(built.index)
     for blob in blobs:
+        label = f"push {blob.path.name} -> {target.name}"
+        if progress is not None:
+            progress.start(label, blob.size)
         target.push_blob(blob.path, blob.digest, blob.size)
+        if progress is not None:
+            progress.finish(label)
     target.push_bytes(EMPTY_JSON, MEDIA_TYPE_EMPTY)
     for data in built.manifests.values():
         target.put_manifest(data, MEDIA_TYPE_MANIFEST, None)
@@ -350,7 +374,7 @@ def publish(req: PublishRequest) -> PublishResult:
         for text in dict.fromkeys(req.targets):
             targets.append(open_target(text, req.work_dir, options))
 
-        blobs = prepare_blobs(inputs, req.work_dir, req.level)
+        blobs = prepare_blobs(inputs, req.work_dir, req.level, req.progress)
         existing = [(target, target.read_manifest(version_tag)) for target in targets]
         created = created_arg or _existing_created(existing, version_tag) or now_created()
         info = ReleaseInfo(version=version, created=created, revision=req.revision)
@@ -370,7 +394,9 @@ def publish(req: PublishRequest) -> PublishResult:
         results: list[TargetResult] = []
         for target in targets:
             log.info("pushing %s to %s", index_digest, target.name)
-            push_release(target, unique, built, signature, keys, version, created, tags)
+            push_release(
+                target, unique, built, signature, keys, version, created, tags, req.progress
+            )
             results.append(
                 TargetResult(
                     target.name,

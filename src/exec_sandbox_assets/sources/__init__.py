@@ -45,15 +45,16 @@ def open_source(
     credentials: Credentials | None = None,
 ) -> Source:
     """The source one parsed reference names: a layout on this machine, or a repository
-    on a registry (credentials as given, else docker's config.json entry for its host)."""
-    from exec_sandbox_assets.oci.auth import load_docker_credentials
+    on a registry (credentials as given, else as docker finds them for its host:
+    `oci.credentials`)."""
+    from exec_sandbox_assets.oci.credentials import find_credentials
     from exec_sandbox_assets.oci.reference import LayoutRef
     from exec_sandbox_assets.oci.registry import RegistryClient
 
     if isinstance(ref, LayoutRef):
         return LayoutSource(ref.path, ref.kind == "oci-archive", text)
     if credentials is None:
-        credentials = load_docker_credentials(ref.host, docker_config)
+        credentials = find_credentials(ref.host, docker_config)
     return RegistrySource(RegistryClient(ref, credentials=credentials, ca_bundle=ca_bundle), text)
 
 
@@ -82,7 +83,11 @@ def build_sources(settings: Settings) -> list[Source]:
             continue
         sources.append(
             open_source(
-                text, ref, docker_config=settings.docker_config, ca_bundle=settings.ca_bundle
+                text,
+                ref,
+                docker_config=settings.docker_config,
+                ca_bundle=settings.ca_bundle,
+                credentials=_given_credentials(settings, ref),
             )
         )
     releases = settings.releases_url
@@ -94,6 +99,14 @@ def build_sources(settings: Settings) -> list[Source]:
         http = HttpCore(peer="release server", ca_bundle=settings.ca_bundle)
         sources.append(ReleasesSource(http, releases, settings.tag))
     return sources
+
+
+def _given_credentials(settings: Settings, ref: RegistryRef | LayoutRef) -> Credentials | None:
+    """Credentials given explicitly (the CLI's --username) for this source's host."""
+    from exec_sandbox_assets.oci.credentials import given_credentials
+
+    host = getattr(ref, "host", "")
+    return given_credentials(host, settings.registry_credentials) if host else None
 
 
 # What EXEC_SANDBOX_AIRGAP keeps the client away from (subdomains included).
