@@ -22,6 +22,9 @@ Environment variables (all optional):
 | EXEC_SANDBOX_CA_BUNDLE | PEM CA bundle for registries with a private CA | system CAs |
 | EXEC_SANDBOX_CONCURRENCY | parallel downloads per call | 4 |
 | EXEC_SANDBOX_LOCK_TIMEOUT | seconds to wait for another process's download | 1800 |
+| EXEC_SANDBOX_ALLOW_LEGACY_RELEASES | `1`: accept exec-sandbox <= 0.22.0 GitHub releases (no signature: TLS + GitHub API digest only) | 0 |
+| EXEC_SANDBOX_GITHUB_API_URL | GitHub API base for legacy releases | https://api.github.com |
+| GITHUB_TOKEN | token for GitHub API requests (legacy releases only; raises the rate limit) | - |
 | DOCKER_CONFIG | directory holding docker's config.json (registry credentials) | ~/.docker |
 """
 
@@ -39,6 +42,7 @@ from exec_sandbox_assets.errors import ConfigError
 ENV_PREFIX = "EXEC_SANDBOX_"
 DEFAULT_RELEASES_DOWNLOAD = f"{catalog.DEFAULT_RELEASES_URL}/download"
 LATEST = "latest"
+DEFAULT_GITHUB_API = "https://api.github.com"
 # The seed's "images/dist relative to the package root": a checkout's build output.
 LOCAL_BUILD_DIR = Path(__file__).resolve().parent.parent.parent / "images" / "dist"
 # The gvproxy build output of a checkout; the seed looked here first for dev builds.
@@ -66,6 +70,11 @@ class Settings:
     docker_config: Path | None = None
     concurrency: int = 4
     lock_timeout: float = 1800.0
+    # Where exec-sandbox <= 0.22.0 left decompressed files (adopted by hash, docs/compat.md).
+    legacy_dirs: tuple[Path, ...] = ()
+    allow_legacy_releases: bool = False
+    github_api_url: str = DEFAULT_GITHUB_API
+    github_token: str | None = field(default=None, repr=False)
     host_os: str = field(default_factory=catalog.host_os)
     host_goarch: str = field(default_factory=lambda: catalog.host_platform()[1])
 
@@ -139,6 +148,18 @@ def packaged_keys() -> tuple[Path, ...]:
     return tuple(sorted(PACKAGED_KEYS_DIR.glob("*.pub")))
 
 
+def legacy_dirs(
+    cache_dir: Path, env_cache_dir: Path | None, app_version: str | None
+) -> tuple[Path, ...]:
+    """Where exec-sandbox 0.22.0 kept its files: flat in EXEC_SANDBOX_CACHE_DIR when that is
+    set, else `v{app version}` under the default cache dir (our version dir for that release)."""
+    if env_cache_dir is not None:
+        return (env_cache_dir,)
+    if app_version:
+        return (cache_dir / f"v{app_version}",)
+    return ()
+
+
 def load_settings(env: Mapping[str, str] | None = None, **explicit: Any) -> Settings:
     """Build settings from explicit arguments (None = not given), the environment, defaults.
 
@@ -155,8 +176,9 @@ def load_settings(env: Mapping[str, str] | None = None, **explicit: Any) -> Sett
     mirrors_raw = env.get(ENV_PREFIX + "REGISTRY_MIRRORS", "")
     keys_raw = env.get(ENV_PREFIX + "TRUSTED_KEYS", "")
 
+    env_cache_dir = _path(env, ENV_PREFIX + "CACHE_DIR")
     values: dict[str, Any] = {
-        "cache_dir": _path(env, ENV_PREFIX + "CACHE_DIR") or None,
+        "cache_dir": env_cache_dir,
         "images_dir": _path(env, ENV_PREFIX + "IMAGES_DIR"),
         "offline": _flag(env, "OFFLINE"),
         "version": normalize_version(version_text),
@@ -174,6 +196,10 @@ def load_settings(env: Mapping[str, str] | None = None, **explicit: Any) -> Sett
         "docker_config": docker_config_path(env),
         "concurrency": _int(env, "CONCURRENCY", 4),
         "lock_timeout": float(_int(env, "LOCK_TIMEOUT", 1800, minimum=0)),
+        "allow_legacy_releases": _flag(env, "ALLOW_LEGACY_RELEASES"),
+        "github_api_url": env.get(ENV_PREFIX + "GITHUB_API_URL", "").strip().rstrip("/")
+        or DEFAULT_GITHUB_API,
+        "github_token": env.get("GITHUB_TOKEN", "").strip() or None,
     }
     if "trusted_keys" in given:
         given["trusted_keys"] = tuple(Path(p) for p in given["trusted_keys"])
@@ -190,6 +216,10 @@ def load_settings(env: Mapping[str, str] | None = None, **explicit: Any) -> Sett
     values.update(given)
     if values["cache_dir"] is None:
         values["cache_dir"] = default_cache_dir()
+    if "legacy_dirs" in given:
+        values["legacy_dirs"] = tuple(Path(p).expanduser() for p in given["legacy_dirs"])
+    else:
+        values["legacy_dirs"] = legacy_dirs(values["cache_dir"], env_cache_dir, app_version)
     unknown = set(values) - set(Settings.__dataclass_fields__)
     if unknown:
         raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
