@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+COLD_PATH_PACKAGES = ("httpx", "cryptography", "zstandard")
+
 
 def apply_stubs() -> None:
     from exec_sandbox import overlay_pool, vm_manager  # type: ignore[import-not-found]
@@ -56,6 +58,10 @@ async def start_scheduler() -> dict[str, Any]:
             "images_dir": str(images_dir),
             "files": files,
             "assets_module": getattr(assets, "__name__", ""),
+            # The network and crypto stack of the cold path (exec-sandbox brings aiohttp).
+            "cold_path_modules": sorted(
+                m for m in sys.modules if m.partition(".")[0] in COLD_PATH_PACKAGES
+            ),
         }
 
 

@@ -123,6 +123,11 @@ def test_scheduler_prefetch_and_offline_run_on_a_signed_release(
     assert f"Done. Cache: {cache_dir(home)}" in prefetch.stdout
     assert (cache_dir(home) / PYTHON_BASE).read_bytes() == signed.expected(PYTHON_BASE)
 
+    # A warm start reads no release document and loads no network or crypto code.
+    warm = started(run(["scheduler"], env=env, shim=shim))
+    assert warm["images_dir"] == str(cache_dir(home))
+    assert warm["cold_path_modules"] == []
+
     # The documented container recipe: `RUN sbx prefetch` then EXEC_SANDBOX_OFFLINE=1.
     offline = run(["sbx", "run", "print(1)"], env={**env, "EXEC_SANDBOX_OFFLINE": "1"}, shim=shim)
     assert_boot_reached(offline, cache_dir(home))
