@@ -26,8 +26,18 @@ TESTS = Path(__file__).resolve().parent
 SWITCH = (
     "from exec_sandbox_assets.compat import install; install(__name__, __file__)  # noqa: E702\n"
 )
-DEPS = ("httpx>=0.27", "zstandard>=0.22", "cryptography>=42", "platformdirs>=4")
-READY_MARK = VENV / f".exec-sandbox-{ES_VERSION}-ready"
+# This package's dependencies, and what exec-sandbox's own tests run with.
+DEPS = (
+    "httpx>=0.27",
+    "zstandard>=0.22",
+    "cryptography>=42",
+    "platformdirs>=4",
+    "pytest~=8.0",
+    "pytest-asyncio~=1.1",
+)
+READY_MARK = VENV / f".exec-sandbox-{ES_VERSION}-ready-2"
+SDIST_DIR = VENV.parent / "sdist"
+UPSTREAM = SDIST_DIR / f"exec_sandbox-{ES_VERSION}"
 
 
 def _runs(python: str) -> bool:
@@ -99,6 +109,86 @@ def shim_tree(dest: Path) -> Path:
     return dest
 
 
+def upstream_sources() -> Path | None:
+    """exec-sandbox 0.22.0's source distribution (it carries tests/), downloaded once
+    with pip into ~/.cache/esa-compat/sdist; None when it cannot be had."""
+    if (UPSTREAM / "tests" / "test_assets.py").is_file():
+        return UPSTREAM
+    SDIST_DIR.mkdir(parents=True, exist_ok=True)
+    got = subprocess.run(
+        [
+            str(venv_python()),
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-binary",
+            ":all:",
+            "--no-deps",
+            "-d",
+            str(SDIST_DIR),
+            f"exec-sandbox=={ES_VERSION}",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    archive = SDIST_DIR / f"exec_sandbox-{ES_VERSION}.tar.gz"
+    if got.returncode != 0 or not archive.is_file():
+        return None
+    import tarfile
+
+    with tarfile.open(archive) as tar:
+        tar.extractall(SDIST_DIR, filter="data")
+    return UPSTREAM if (UPSTREAM / "tests" / "test_assets.py").is_file() else None
+
+
+def run_upstream_tests(shim: Path | None, junit: Path, env: dict[str, str]) -> Run:
+    """exec-sandbox's own tests/test_assets.py, as its CI runs it (asyncio auto mode),
+    serially and without its addopts (xdist is not installed)."""
+    paths = [str(shim), str(SRC)] if shim else []
+    base = {k: v for k, v in os.environ.items() if not k.startswith("EXEC_SANDBOX_")}
+    base.pop("PYTHONPATH", None)
+    full = {**base, **env, "PYTHONPATH": os.pathsep.join(paths), "PYTHONDONTWRITEBYTECODE": "1"}
+    proc = subprocess.run(
+        [
+            str(venv_python()),
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-o",
+            "addopts=",
+            f"--junitxml={junit}",
+            "tests/test_assets.py",
+        ],
+        cwd=UPSTREAM,
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    return Run(proc.returncode, proc.stdout, proc.stderr)
+
+
+def junit_outcomes(junit: Path) -> dict[str, str]:
+    """test id (Class::test) -> passed / failed / skipped."""
+    import xml.etree.ElementTree as ET
+
+    outcomes: dict[str, str] = {}
+    for case in ET.parse(junit).getroot().iter("testcase"):
+        name = f"{case.get('classname', '').rpartition('.')[2]}::{case.get('name')}"
+        if case.find("failure") is not None or case.find("error") is not None:
+            outcomes[name] = "failed"
+        elif case.find("skipped") is not None:
+            outcomes[name] = "skipped"
+        else:
+            outcomes[name] = "passed"
+    return outcomes
+
+
 @dataclass(frozen=True)
 class Run:
     returncode: int
@@ -136,7 +226,18 @@ def run(
     return Run(proc.returncode, proc.stdout, proc.stderr)
 
 
-__all__ = ["ES_VERSION", "SWITCH", "Run", "ensure_venv", "find_python312", "run", "shim_tree"]
+__all__ = [
+    "ES_VERSION",
+    "SWITCH",
+    "Run",
+    "ensure_venv",
+    "find_python312",
+    "junit_outcomes",
+    "run",
+    "run_upstream_tests",
+    "shim_tree",
+    "upstream_sources",
+]
 
 if __name__ == "__main__":  # `python tests/es022.py`: build the venv (CI does this up front)
     py = find_python312()
@@ -144,3 +245,4 @@ if __name__ == "__main__":  # `python tests/es022.py`: build the venv (CI does t
         print("no Python 3.12 found; the exec-sandbox 0.22.0 tests will skip", file=sys.stderr)
         sys.exit(0)
     print(ensure_venv(py))
+    print(upstream_sources() or "exec-sandbox's sdist (its own tests) could not be downloaded")
