@@ -177,6 +177,8 @@ def test_online_a_matching_0_22_0_file_is_adopted_without_download(
     proxy = fault_proxy(registry)
     env = env_for(home, release, EXEC_SANDBOX_REGISTRY=proxy.ref(repo_name))
 
+    # The original starts too (without looking at the bytes: it would boot the bad file).
+    assert started(run(["scheduler"], env=env, shim=None))["images_dir"] == str(legacy)
     state = started(run(["scheduler"], env=env, shim=shim))
     assert state["images_dir"] == str(legacy)
     gets = [r.path for r in proxy.requests if r.method == "GET" and "/blobs/" in r.path]

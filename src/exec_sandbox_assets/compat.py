@@ -30,25 +30,21 @@ import functools
 import logging
 import sys
 import threading
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import Any
 
 from exec_sandbox_assets import PrefetchResult, catalog
 from exec_sandbox_assets.cache import legacy
 from exec_sandbox_assets.client import AssetClient
+from exec_sandbox_assets.compat_registry import CompatAssets
 from exec_sandbox_assets.config import Settings, load_settings
 from exec_sandbox_assets.errors import (
-    AllSourcesFailedError,
     AssetError,
-    AssetNotFoundError,
     AssetsNotFoundLocally,
 )
-from exec_sandbox_assets.translate import translate
-
-if TYPE_CHECKING:
-    from exec_sandbox_assets.sources.legacy import LegacyRelease
+from exec_sandbox_assets.translate import translate, translating
 
 logger = logging.getLogger(__name__)
 
@@ -71,14 +67,6 @@ GITHUB_OWNER = catalog.GITHUB_OWNER
 GITHUB_REPO = catalog.GITHUB_REPO
 APP_DISTRIBUTION = "exec-sandbox"
 APP_MODULE = "exec_sandbox"
-LEGACY_HINT = (
-    "If this release was published before signed OCI assets (exec-sandbox <= 0.22.0 on "
-    "GitHub), set EXEC_SANDBOX_ALLOW_LEGACY_RELEASES=1 to accept it with 0.22.0's weaker "
-    "trust (TLS and the GitHub API digest; see docs/compat.md)."
-)
-
-_P = ParamSpec("_P")
-_T = TypeVar("_T")
 
 
 def install(name: str = f"{APP_MODULE}.assets", file: str | None = None) -> ModuleType:
@@ -140,102 +128,6 @@ def _local() -> AssetClient:
     return AssetClient(_settings())
 
 
-class CompatAssets:
-    """What `get_assets()` returns: the client for the current environment (re-read on each
-    use, as 0.22.0 read it) and `registry`, the verified release's files (name -> digest)."""
-
-    def __init__(self) -> None:
-        self._client: AssetClient | None = None
-        self._lock = threading.Lock()
-        self._warned: set[Path] = set()
-        self._legacy: LegacyRelease | None = None
-        self.registry: dict[str, str] = {}
-
-    @property
-    def client(self) -> AssetClient:
-        settings = _settings()
-        with self._lock:
-            if self._client is None or self._client.settings != settings:
-                self._client = AssetClient(settings)
-                self.registry = {}
-                self._legacy = None
-            return self._client
-
-    @property
-    def settings(self) -> Settings:
-        return self.client.settings
-
-    async def load_registry(self) -> None:
-        """Verify the release index and read this host OS's platform manifests; with
-        EXEC_SANDBOX_ALLOW_LEGACY_RELEASES=1, a release without one is read from GitHub."""
-        client = self.client
-        try:
-            await self._load_signed(client)
-        except AllSourcesFailedError as exc:
-            if not (exc.not_found and client.settings.allow_legacy_releases):
-                raise _with_legacy_hint(exc) from exc
-            from exec_sandbox_assets.sources import legacy as legacy_source
-
-            logger.warning("no signed release found; using the legacy release (weaker trust)")
-            self._legacy = await legacy_source.load_release(client.settings)
-            self.registry.update({a.name: a.digest for a in self._legacy.assets.values()})
-
-    async def _load_signed(self, client: AssetClient) -> None:
-        from exec_sandbox_assets.sources import build_sources
-
-        settings = client.settings
-        sources = build_sources(settings)
-        host = (settings.host_os, settings.host_goarch)
-        others = [(settings.host_os, g) for g in catalog.GOARCH.values() if g != host[1]]
-        try:
-            for platform in [host, *others]:
-                try:
-                    part = await client.platform_release(sources, platform)
-                except AssetError:
-                    if platform == host:
-                        raise
-                    continue  # another CPU's files are optional (cross-arch prefetch)
-                self.registry.update({t: layer.digest for t, layer in part.layers.items()})
-        finally:
-            await asyncio.gather(*(s.aclose() for s in sources), return_exceptions=True)
-
-    async def fetch(self, fname: str, processor: object = None, progressbar: bool = True) -> Path:
-        """The verified, decompressed file of release asset `fname` (AsyncPooch.fetch's
-        signature; the processor is implied: the store decompresses after verifying)."""
-        spec = catalog.spec_for_name(fname)
-        if spec is None or spec.name != fname:
-            raise AssetNotFoundError(f"File '{fname}' not in registry")
-        client = self.client
-        if self._legacy is not None and client.settings.allow_legacy_releases:
-            from exec_sandbox_assets.sources import legacy as legacy_source
-
-            return await legacy_source.fetch(client, self._legacy, spec)
-        try:
-            return (await client.fetch([spec], use_local=False))[spec.output_name]
-        except AllSourcesFailedError as exc:
-            raise _with_legacy_hint(exc) from exc
-
-    async def load_registry_from_github(self, owner: str, repo: str, tag: str) -> None:
-        """0.22.0's name for `load_registry` (the release is the one the settings name)."""
-        await self.load_registry()
-
-    def warn_unverified(self, directory: Path) -> None:
-        if directory not in self._warned:
-            self._warned.add(directory)
-            logger.warning(
-                "offline: using files exec-sandbox 0.22.0 left in %s without verifying them "
-                "(go online once to have them checked against the signed release)",
-                directory,
-                extra={"dir": str(directory)},
-            )
-
-
-def _with_legacy_hint(exc: AllSourcesFailedError) -> AssetError:
-    if not exc.not_found:
-        return exc
-    return AllSourcesFailedError(f"{exc.what}. {LEGACY_HINT}", exc.attempts)
-
-
 # The seed-compatible singleton: reset to None to start afresh (exec-sandbox's tests do).
 _assets_singleton: CompatAssets | None = None
 _assets_lock = threading.Lock()
@@ -247,26 +139,8 @@ def get_assets() -> CompatAssets:
     if _assets_singleton is None:
         with _assets_lock:
             if _assets_singleton is None:
-                _assets_singleton = CompatAssets()
+                _assets_singleton = CompatAssets(_settings)
     return _assets_singleton
-
-
-def _translating(
-    fn: Callable[_P, Coroutine[Any, Any, _T]],
-) -> Callable[_P, Coroutine[Any, Any, _T]]:
-    """Raise exec-sandbox's class for each of our errors, `from` the original."""
-
-    @functools.wraps(fn)
-    async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _T:
-        try:
-            return await fn(*args, **kwargs)
-        except AssetError as exc:
-            translated = translate(exc)
-            if translated is exc:
-                raise
-            raise translated from exc
-
-    return wrapper
 
 
 def is_offline_mode() -> bool:
@@ -363,7 +237,7 @@ def _base_image_name(language: str, arch: str) -> str:
 # --------------------------------------------------------------------------- fetches
 
 
-@_translating
+@translating
 async def ensure_registry_loaded() -> None:
     """Load the verified release's file list (a no-op offline, without local layouts)."""
     assets = get_assets()
@@ -382,7 +256,7 @@ def _local_sources() -> bool:
     return any(m.startswith(("oci:", "oci-archive:")) for m in _settings().mirrors)
 
 
-@_translating
+@translating
 async def fetch_kernel(arch: str | None = None, override: Path | None = None) -> Path:
     """Fetch the kernel; on x86_64 the PVH vmlinux is preferred when available."""
     arch = arch or get_current_arch()
@@ -408,14 +282,14 @@ async def _fetch_named(fname: str, override: Path | None, what: str) -> Path:
     return await get_assets().fetch(fname)
 
 
-@_translating
+@translating
 async def fetch_initramfs(arch: str | None = None, override: Path | None = None) -> Path:
     """Fetch the initramfs for `arch` (default: this machine)."""
     arch = arch or get_current_arch()
     return await _fetch_named(catalog.initramfs(arch).name, override, "initramfs")
 
 
-@_translating
+@translating
 async def fetch_base_image(
     language: str, arch: str | None = None, override: Path | None = None
 ) -> Path:
@@ -424,7 +298,7 @@ async def fetch_base_image(
     return await _fetch_named(_base_image_name(language, arch), override, "base image")
 
 
-@_translating
+@translating
 async def get_gvproxy_path(override: Path | None = None) -> Path | None:
     """gvproxy-wrapper for this host without downloading: override, the app's
     gvproxy-wrapper/bin/ (development builds), then as `_find_asset`."""
@@ -443,7 +317,7 @@ def _make_executable(path: Path) -> None:
         path.chmod(mode | 0o111)
 
 
-@_translating
+@translating
 async def fetch_gvproxy(override: Path | None = None) -> Path:
     """Fetch gvproxy-wrapper for this host (made executable)."""
     if (local := await get_gvproxy_path(override)) is not None:
@@ -464,7 +338,7 @@ async def _gather(tasks: Sequence[Coroutine[Any, Any, Path]]) -> list[Path]:
     return [r for r in results if isinstance(r, Path)]
 
 
-@_translating
+@translating
 async def ensure_assets_available(
     language: str | None = None,
     override: Path | None = None,
@@ -494,7 +368,7 @@ def _has_kernel(directory: Path, arch: str) -> bool:
     return any((directory / n).exists() for n in names)
 
 
-@_translating
+@translating
 async def ensure_assets(
     override: Path | None = None,
     download: bool = True,

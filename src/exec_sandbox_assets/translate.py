@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import functools
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from types import ModuleType
+from typing import Any, ParamSpec, TypeVar
 
 from exec_sandbox_assets.errors import (
     AllSourcesFailedError,
@@ -38,6 +39,9 @@ from exec_sandbox_assets.errors import (
 )
 
 APP_EXCEPTIONS = "exec_sandbox.exceptions"
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 
 def _exceptions() -> ModuleType | None:
@@ -82,4 +86,22 @@ def translate(exc: AssetError) -> BaseException:
     return cls(str(exc), context=context)
 
 
-__all__ = ["translate"]
+def translating(
+    fn: Callable[_P, Coroutine[Any, Any, _T]],
+) -> Callable[_P, Coroutine[Any, Any, _T]]:
+    """Raise exec-sandbox's class for each of our errors, `from` the original (the edge)."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        try:
+            return await fn(*args, **kwargs)
+        except AssetError as exc:
+            translated = translate(exc)
+            if translated is exc:
+                raise
+            raise translated from exc
+
+    return wrapper
+
+
+__all__ = ["translate", "translating"]
