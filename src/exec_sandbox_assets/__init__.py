@@ -1,7 +1,8 @@
 """exec-sandbox VM assets, distributed as signed OCI artifacts.
 
-The public functions keep the names, arguments and return types of exec-sandbox's
-original `assets` module, so the scheduler switches by changing an import:
+This is the typed API for new code. The drop-in for exec-sandbox 0.22.0's own
+`exec_sandbox.assets` (its defaults, search order, exception classes) is
+`exec_sandbox_assets.compat` (docs/compat.md). The names here follow the original module:
 
     from exec_sandbox_assets import ensure_assets, fetch_kernel, ...
 

@@ -146,6 +146,13 @@ def pvh_kernel(arch: str) -> AssetSpec | None:
     return AssetSpec(f"vmlinux-{arch}{ZST}", Kind.KERNEL, arch, required=False)
 
 
+def kernels(arch: str) -> tuple[AssetSpec, ...]:
+    """The kernels of `arch` in boot preference order: on x86_64 the PVH `vmlinux` (direct
+    boot, faster) before `vmlinuz`, as exec-sandbox's scheduler and 0.22.0's fetch_kernel."""
+    pvh = pvh_kernel(arch)
+    return (kernel(arch),) if pvh is None else (pvh, kernel(arch))
+
+
 def initramfs(arch: str) -> AssetSpec:
     return AssetSpec(f"initramfs-{check_arch(arch)}{ZST}", Kind.INITRAMFS, arch)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from exec_sandbox_assets import catalog
+from exec_sandbox_assets.cache import legacy
 from exec_sandbox_assets.cache.store import OutputSpec, Store
 from exec_sandbox_assets.catalog import AssetSpec, Kind
 from exec_sandbox_assets.config import LATEST, Settings
@@ -281,6 +282,12 @@ class AssetClient:
         )
         bar = None if progress is None else _BlobProgress(progress, layer.output_name, layer.size)
         async with limit:
+            # A file exec-sandbox <= 0.22.0 left is hashed against the signed digest and
+            # adopted on a match: no download (cache/legacy.py).
+            if (
+                adopted := await legacy.adopt(self.store, out, self.settings.legacy_dirs)
+            ) is not None:
+                return adopted
             # Blobs are content-addressed: any source may serve one, starting with the one
             # whose index we verified; a partial download resumes across sources.
             attempts: list[Attempt] = []

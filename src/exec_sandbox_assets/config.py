@@ -25,6 +25,9 @@ Environment variables (all optional):
 | EXEC_SANDBOX_SOURCE_TIMEOUT | seconds a metadata read (retries included) or a blob's first answer may take per source | 30 |
 | EXEC_SANDBOX_MIN_RATE | bytes/s a blob body must keep up over each 30 s window (`0`: no minimum) | 1024 |
 | EXEC_SANDBOX_DISABLE_PROGRESS_BARS | `1`: the CLI draws no progress (as `--no-progress`) | 0 |
+| EXEC_SANDBOX_ALLOW_LEGACY_RELEASES | `1`: accept exec-sandbox <= 0.22.0 GitHub releases (no signature: TLS + GitHub API digest only) | 0 |
+| EXEC_SANDBOX_GITHUB_API_URL | GitHub API base for legacy releases | https://api.github.com |
+| GITHUB_TOKEN | token for GitHub API requests (legacy releases only; raises the rate limit) | - |
 | DOCKER_CONFIG | directory holding docker's config.json (registry credentials) | ~/.docker |
 | REGISTRY_AUTH_FILE | podman/skopeo auth file, read before docker's config.json | - |
 """
@@ -44,6 +47,7 @@ from exec_sandbox_assets.oci.policy import DEFAULT_DEADLINE, DEFAULT_MIN_RATE, T
 ENV_PREFIX = "EXEC_SANDBOX_"
 DEFAULT_RELEASES_DOWNLOAD = f"{catalog.DEFAULT_RELEASES_URL}/download"
 LATEST = "latest"
+DEFAULT_GITHUB_API = "https://api.github.com"
 # The seed's "images/dist relative to the package root": a checkout's build output.
 LOCAL_BUILD_DIR = Path(__file__).resolve().parent.parent.parent / "images" / "dist"
 # The gvproxy build output of a checkout; the seed looked here first for dev builds.
@@ -81,6 +85,11 @@ class Settings:
     progress_bars: bool = True
     # (host, username, password) given on the command line: used before any auth file.
     registry_credentials: tuple[tuple[str, str, str], ...] = field(default=(), repr=False)
+    # Where exec-sandbox <= 0.22.0 left decompressed files (adopted by hash, docs/compat.md).
+    legacy_dirs: tuple[Path, ...] = ()
+    allow_legacy_releases: bool = False
+    github_api_url: str = DEFAULT_GITHUB_API
+    github_token: str | None = field(default=None, repr=False)
     host_os: str = field(default_factory=catalog.host_os)
     host_goarch: str = field(default_factory=lambda: catalog.host_platform()[1])
 
@@ -198,6 +207,18 @@ def packaged_keys() -> tuple[Path, ...]:
     return tuple(sorted(PACKAGED_KEYS_DIR.glob("*.pub")))
 
 
+def legacy_dirs(
+    cache_dir: Path, env_cache_dir: Path | None, app_version: str | None
+) -> tuple[Path, ...]:
+    """Where exec-sandbox 0.22.0 kept its files: flat in EXEC_SANDBOX_CACHE_DIR when that is
+    set, else `v{app version}` under the default cache dir (our version dir for that release)."""
+    if env_cache_dir is not None:
+        return (env_cache_dir,)
+    if app_version:
+        return (cache_dir / f"v{app_version}",)
+    return ()
+
+
 def load_settings(env: Mapping[str, str] | None = None, **explicit: Any) -> Settings:
     """Build settings from explicit arguments (None = not given), the environment, defaults.
 
@@ -214,8 +235,9 @@ def load_settings(env: Mapping[str, str] | None = None, **explicit: Any) -> Sett
     mirrors_raw = env.get(ENV_PREFIX + "REGISTRY_MIRRORS", "")
     keys_raw = env.get(ENV_PREFIX + "TRUSTED_KEYS", "")
 
+    env_cache_dir = _path(env, ENV_PREFIX + "CACHE_DIR")
     values: dict[str, Any] = {
-        "cache_dir": _path(env, ENV_PREFIX + "CACHE_DIR") or None,
+        "cache_dir": env_cache_dir,
         "images_dir": _path(env, ENV_PREFIX + "IMAGES_DIR"),
         "offline": _flag(env, "OFFLINE"),
         "version": normalize_version(version_text),
@@ -236,6 +258,10 @@ def load_settings(env: Mapping[str, str] | None = None, **explicit: Any) -> Sett
         "source_timeout": _seconds(env, ENV_PREFIX + "SOURCE_TIMEOUT", DEFAULT_DEADLINE),
         "min_rate": _int(env, "MIN_RATE", DEFAULT_MIN_RATE, minimum=0),
         "progress_bars": progress_bars_enabled(env),
+        "allow_legacy_releases": _flag(env, "ALLOW_LEGACY_RELEASES"),
+        "github_api_url": env.get(ENV_PREFIX + "GITHUB_API_URL", "").strip().rstrip("/")
+        or DEFAULT_GITHUB_API,
+        "github_token": env.get("GITHUB_TOKEN", "").strip() or None,
     }
     if "trusted_keys" in given:
         given["trusted_keys"] = tuple(Path(p) for p in given["trusted_keys"])
@@ -252,6 +278,10 @@ def load_settings(env: Mapping[str, str] | None = None, **explicit: Any) -> Sett
     values.update(given)
     if values["cache_dir"] is None:
         values["cache_dir"] = default_cache_dir()
+    if "legacy_dirs" in given:
+        values["legacy_dirs"] = tuple(Path(p).expanduser() for p in given["legacy_dirs"])
+    else:
+        values["legacy_dirs"] = legacy_dirs(values["cache_dir"], env_cache_dir, app_version)
     unknown = set(values) - set(Settings.__dataclass_fields__)
     if unknown:
         raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
