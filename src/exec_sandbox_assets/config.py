@@ -35,10 +35,11 @@ from typing import Any
 
 from exec_sandbox_assets import catalog
 from exec_sandbox_assets.errors import ConfigError
+from exec_sandbox_assets.release.version import LATEST as LATEST
+from exec_sandbox_assets.release.version import normalize_version as normalize_version
 
 ENV_PREFIX = "EXEC_SANDBOX_"
 DEFAULT_RELEASES_DOWNLOAD = f"{catalog.DEFAULT_RELEASES_URL}/download"
-LATEST = "latest"
 # The seed's "images/dist relative to the package root": a checkout's build output.
 LOCAL_BUILD_DIR = Path(__file__).resolve().parent.parent.parent / "images" / "dist"
 # The gvproxy build output of a checkout; the seed looked here first for dev builds.
@@ -79,17 +80,6 @@ class Settings:
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)
-
-
-def normalize_version(text: str) -> str:
-    """`v1.2.3` and `1.2.3` -> `1.2.3`; `latest` stays; anything unsafe is refused."""
-    text = text.strip()
-    if text in ("", LATEST):
-        return LATEST
-    version = text[1:] if text.startswith("v") else text
-    if not catalog.is_valid_title(version):
-        raise ConfigError(f"invalid asset version {text!r}")
-    return version
 
 
 def _flag(env: Mapping[str, str], name: str) -> bool:

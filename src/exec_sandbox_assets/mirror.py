@@ -23,7 +23,7 @@ For each version, in this order:
    target (oras-py for registries: chunked uploads the registry checks again);
 3. the platform manifests, the index by digest, the signature manifest (its config and
    payload blobs first) under `sha256-H.sig`, and only then the tag `vV` (and `latest`
-   when `latest` was asked for): SPEC.md section 2. An interrupted mirror leaves no tag
+   when `latest` was asked for): docs/format.md §2. An interrupted mirror leaves no tag
    naming an incomplete or unsigned release; running it again skips what arrived.
 
 Documents are copied as the exact bytes read (never re-serialized), so every digest,
@@ -32,7 +32,7 @@ and with it the signature, is the same at the destination.
 `platforms` is a check, not a filter. The index is signed as a whole and cannot be
 rewritten; a registry refuses an index whose platform manifests are missing
 (distribution: MANIFEST_BLOB_UNKNOWN) and a manifest whose layers are missing, and an
-OCI layout written here refuses to tag either (SPEC.md section 2: a tag never names an
+OCI layout written here refuses to tag either (docs/format.md §2: a tag never names an
 incomplete release). So a copy of a release always holds all of its platforms. Given
 `platforms`, the mirror fails before copying anything when a release lacks one of them,
 and when the release holds others too (a copy with fewer platforms cannot be made
@@ -61,18 +61,15 @@ from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar
 
 from exec_sandbox_assets import catalog
 from exec_sandbox_assets.cache.store import BlobRequest, Store
-from exec_sandbox_assets.config import LATEST, docker_config_path, normalize_version
+from exec_sandbox_assets.config import docker_config_path
 from exec_sandbox_assets.errors import (
-    AssetError,
     AssetNotFoundError,
     ConfigError,
     FormatError,
     TransportError,
-    VersionMismatchError,
 )
 from exec_sandbox_assets.oci.auth import Credentials
 from exec_sandbox_assets.oci.model import (
-    INDEX_MEDIA_TYPES,
     Descriptor,
     Index,
     Manifest,
@@ -81,11 +78,12 @@ from exec_sandbox_assets.oci.model import (
     signature_tag,
 )
 from exec_sandbox_assets.oci.reference import LayoutRef, RegistryRef, parse_source_ref
-from exec_sandbox_assets.release.documents import read_asset_layer, read_asset_layers
-from exec_sandbox_assets.release.keys import load_public_key_file
-from exec_sandbox_assets.release.policy import TrustPolicy, require_keys, verify_index
-from exec_sandbox_assets.release.signing import parse_timestamp, read_signature_manifest
+from exec_sandbox_assets.release.documents import read_asset_layer
+from exec_sandbox_assets.release.policy import TrustPolicy, load_policy, require_keys
+from exec_sandbox_assets.release.signing import parse_timestamp
+from exec_sandbox_assets.release.version import LATEST, Version
 from exec_sandbox_assets.sources import BlobOpener, Source, open_source
+from exec_sandbox_assets.sources.reader import ReleaseReader
 
 if TYPE_CHECKING:
     from exec_sandbox_assets.oci.targets import Target
@@ -228,10 +226,7 @@ async def mirror_async(
     target: Target | None = None
     ok = False
     try:
-        plans = [
-            await _plan(source, tag, policy, platforms, insecure_skip_verify, progress)
-            for tag in tags
-        ]
+        plans = [await _plan(source, tag, policy, platforms, progress) for tag in tags]
         target = await asyncio.to_thread(
             _open_target, dst, work_dir, dst_credentials, ca_bundle, docker_config
         )
@@ -302,8 +297,7 @@ def _tags_of(versions: Sequence[str]) -> list[str]:
         raise ConfigError("no version to mirror: give at least one (e.g. 0.22.0 or latest)")
     tags: list[str] = []
     for text in versions:
-        version = normalize_version(text)
-        tag = LATEST if version == LATEST else f"v{version}"
+        tag = LATEST if text.strip() in ("", LATEST) else Version.parse(text).tag
         if tag not in tags:
             tags.append(tag)
     return tags
@@ -320,11 +314,7 @@ def _policy(
             extra={"source": src},
         )
         return None
-    policy = TrustPolicy(
-        keys=tuple(load_public_key_file(Path(p)) for p in keys),
-        threshold=threshold,
-        allow_downgrade=allow_downgrade,
-    )
+    policy = load_policy(keys, threshold, allow_downgrade)
     require_keys(policy, f"{src}: refusing to copy an unverified release")
     return policy
 
@@ -412,54 +402,38 @@ async def _plan(
     tag: str,
     policy: TrustPolicy | None,
     platforms: Sequence[tuple[str, str]] | None,
-    insecure: bool,
     progress: ProgressCallback | None,
 ) -> _Plan:
-    """Read, verify and check one release; nothing is written."""
-    data = await source.index(tag)
-    digest = sha256_digest(data)
+    """Read, verify and check one release (through the one `ReleaseReader`); nothing
+    is written."""
+    reader = ReleaseReader(source, policy, keep_signature=True)
+    release = await reader.read(tag)
+    version, digest = release.version, release.digest
     where = f"{source.name} tag {tag} (index {digest})"
-    signature, payloads, signed_by, version, created = await _verify(
-        source, tag, digest, policy, insecure, where
-    )
-    index = Index.from_bytes(data, where)
-    if version is None:
-        version = index.annotations.get(catalog.ANN_VERSION)
-    if not version:
-        raise FormatError(f"index has no {catalog.ANN_VERSION} annotation", where)
-    version = version.removeprefix("v")
-    if tag != LATEST and f"v{version}" != tag:
-        raise VersionMismatchError(f"{where}: holds release {version}, not {tag}")
     if progress is not None:
         progress(MirrorEvent("verified", version, digest, version))
-
-    for desc in index.manifests:
-        if desc.media_type in INDEX_MEDIA_TYPES:
-            raise FormatError(f"nested index {desc.digest}: not an exec-sandbox release", where)
-    have = [_platform_of(d, where) for d in index.manifests]
+    have = [_platform_of(d, where) for d in release.index.manifests]
     _check_platforms(have, platforms, version, where)
 
     manifests: list[tuple[Descriptor, bytes]] = []
     blobs: dict[str, _Blob] = {}
-    for desc in index.manifests:
-        mbytes = await source.manifest(desc)  # verified against the signed index
-        mwhere = f"{source.name} manifest {desc.digest}"
-        manifest = Manifest.from_bytes(mbytes, mwhere)
-        read_asset_layers(manifest, mwhere)  # an exec-sandbox release: titles are safe
-        manifests.append((desc, mbytes))
+    for desc, part in await reader.platforms(release):
+        manifests.append((desc, part.manifest))
+        manifest = Manifest.from_bytes(part.manifest, f"{source.name} manifest {desc.digest}")
         config = manifest.config
         if config.digest not in blobs:
             blobs[config.digest] = _Blob(
-                config, f"config of {_show(_platform_of(desc))}", await source.small_blob(config)
+                config, f"config of {_show(part.platform)}", await source.small_blob(config)
             )
         for layer in manifest.layers:
             blobs.setdefault(layer.digest, _Blob(layer, layer.title or layer.digest))
 
+    signature = release.signature
     signature_blobs: list[_Blob] = []
     if signature is not None:
-        sig = Manifest.from_bytes(signature, f"{where} signature")
+        sig = Manifest.from_bytes(signature.manifest, f"{where} signature")
         for desc in (sig.config, *sig.layers):
-            blob = payloads.get(desc.digest)
+            blob = signature.payloads.get(desc.digest)
             if blob is None:
                 blob = await source.small_blob(desc)
             signature_blobs.append(_Blob(desc, "signature blob", blob))
@@ -467,55 +441,15 @@ async def _plan(
     return _Plan(
         version=version,
         tags=tags,
-        index=data,
+        index=release.data,
         index_digest=digest,
         manifests=manifests,
         blobs=list(blobs.values()),
-        signature=signature,
+        signature=signature.manifest if signature is not None else None,
         signature_blobs=signature_blobs,
-        signed_by=signed_by,
-        created=created,
+        signed_by=release.key_ids,
+        created=release.created,
     )
-
-
-async def _verify(
-    source: Source,
-    tag: str,
-    digest: str,
-    policy: TrustPolicy | None,
-    insecure: bool,
-    where: str,
-) -> tuple[bytes | None, dict[str, bytes], tuple[str, ...], str | None, str | None]:
-    """(signature manifest, payloads by digest, signer key ids, signed version, created)."""
-    try:
-        signature = await source.signature(digest)
-    except AssetError as exc:
-        if not insecure:
-            raise
-        log.warning("no signature to copy for %s: %s", where, exc)
-        return None, {}, (), None, None
-    layers = read_signature_manifest(signature, f"{where} signature")
-    payloads: dict[str, bytes] = {}
-    pairs: list[tuple[bytes, bytes]] = []
-    for n, layer in enumerate(layers):
-        payload = await source.payload(layer, n)  # verified against its digest
-        payloads[layer.payload_digest] = payload
-        pairs.append((payload, layer.signature))
-    if policy is None:
-        return signature, payloads, (), None, None
-    verified = verify_index(
-        policy,
-        digest,
-        pairs,
-        expected_version=None if tag == LATEST else tag,
-        newest_accepted_created=None,
-        where=where,
-    )
-    log.info(
-        "release index verified",
-        extra={"source": source.name, "tag": tag, "digest": digest, "version": verified.version},
-    )
-    return signature, payloads, verified.key_ids, verified.version, verified.created
 
 
 def _check_platforms(

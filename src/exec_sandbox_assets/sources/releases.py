@@ -27,13 +27,12 @@ from exec_sandbox_assets.release.documents import (
     release_manifest_file,
     release_payload_file,
 )
-from exec_sandbox_assets.release.signing import SignatureLayer
+from exec_sandbox_assets.release.signing import MAX_PAYLOAD_SIZE, SignatureLayer
 
 if TYPE_CHECKING:  # the registry stack imports httpx, which a warm boot never needs
     from exec_sandbox_assets.oci.http import HttpCore
 
-# A simple-signing payload is a few hundred bytes; anything near this is not one.
-from exec_sandbox_assets.sources.base import MAX_PAYLOAD_SIZE, Source, _skip
+from exec_sandbox_assets.sources.base import Source, _skip
 
 
 class ReleasesSource(Source):
