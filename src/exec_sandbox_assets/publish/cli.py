@@ -119,6 +119,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="allow moving an existing vV tag to different content",
     )
     parser.add_argument(
+        "--replace-signatures",
+        action="store_true",
+        help="keep only signatures by the given keys (default: add to the existing ones)",
+    )
+    parser.add_argument(
         "--verbose", "-v", action="count", default=0, help="progress logs (-vv: debug)"
     )
 
@@ -212,6 +217,7 @@ def run(args: argparse.Namespace) -> int:
                 password=_registry_password(args),
                 ca_bundle=args.ca_bundle,
                 replace=args.replace,
+                replace_signatures=args.replace_signatures,
             )
             result = publish(request)
     except (AssetError, OSError) as exc:
