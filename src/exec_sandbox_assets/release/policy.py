@@ -1,4 +1,4 @@
-"""The trust policy: whether a release index is accepted (docs/format.md §5.3).
+"""The trust policy: whether a release index is accepted (docs/format.md §5.2).
 
 Pure, as python-tuf's trusted metadata set: it takes bytes already fetched (the index
 digest, the signature payloads) and state already read (`RollbackState`, what was
@@ -188,7 +188,7 @@ def _check_rollback(index_digest: str, created: str | None, newest: str, where: 
 @dataclass(frozen=True)
 class RollbackState:
     """What was accepted before under a floating tag: kept per tag, across all sources
-    (docs/format.md §7), so an outage of the source that served the newest release
+    (docs/format.md §5.2), so an outage of the source that served the newest release
     cannot make an older one acceptable from another."""
 
     created: str | None = None  # the newest signed creation time accepted

@@ -1,5 +1,5 @@
 """cosign "simple signing" payloads and signature manifests (the wire format of a
-release signature; docs/format.md).
+release signature; docs/format.md §5).
 
 Pure: bytes in, parsed objects or a `FormatError` out; building a signature manifest
 is the publisher's half of the same format.

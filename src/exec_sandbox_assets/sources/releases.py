@@ -1,4 +1,4 @@
-"""A GitHub Release folder as a release source (docs/format.md, "Release folder")."""
+"""A GitHub Release folder as a release source (docs/format.md §6)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from exec_sandbox_assets.sources.base import Source, _skip
 
 
 class ReleasesSource(Source):
-    """A GitHub Release download base (SPEC.md section 6): `{base}/vV/{name}`.
+    """A GitHub Release download base (docs/format.md §6): `{base}/vV/{name}`.
 
     The release folder holds the same bytes as the registry: `oci-index.json`,
     `oci-manifest-{os}-{arch}.json` (found by the platform of the index entry),

@@ -1,7 +1,7 @@
 """Which release the client uses: the asked tag, read from the first source that has
 it, accepted by the policy against what was accepted before under that tag.
 
-Rollback state is kept per tag across all sources (docs/format.md §7): after
+Rollback state is kept per tag across all sources (docs/format.md §5.2): after
 `latest` = 2.0.0 was accepted from a mirror, an outage of that mirror cannot make
 another source's older `latest` acceptable. The state lives in the cache's refs
 (`trust-tag-latest.json`); the per-source files older clients wrote
