@@ -72,6 +72,11 @@ _BASE_IMAGE_STEM = {
     Language.RAW: "raw-base",
 }
 
+# The longest asset name (layer title) a client accepts: the store names lock and temp
+# files after an output (with the version, up to 128 characters), and a longer title
+# would not fit a 255-byte file name. Real ones are < 40. The one definition of it.
+MAX_NAME_LENGTH = 100
+
 ZST = ".zst"
 
 

@@ -37,6 +37,7 @@ from exec_sandbox_assets.errors import (
 )
 from exec_sandbox_assets.sources import Source, build_sources
 from exec_sandbox_assets.sources.reader import PlatformRelease
+from exec_sandbox_assets.sources.resolver import FLOATING_REF_PREFIX as FLOATING_REF_PREFIX
 from exec_sandbox_assets.sources.resolver import ReleaseResolver
 
 if TYPE_CHECKING:
@@ -44,7 +45,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FLOATING_REF_PREFIX = "tag-"
 # A blob body that broke off after making progress is resumed from the same source this
 # many times (with exponential backoff) before the next source is tried.
 MAX_RESUMES = 4
@@ -197,12 +197,9 @@ class AssetClient:
                     self.searched_places(),
                     "no source is configured (offline or air-gapped, and no mirror)",
                 )
-            by_platform: dict[tuple[str, str], list[AssetSpec]] = {}
-            for spec in specs:
-                by_platform.setdefault(self.platform_for(spec), []).append(spec)
             parts = [
                 (await self.platform_release(sources, platform), group)
-                for platform, group in by_platform.items()
+                for platform, group in _by_platform(specs, self.settings.host_os).items()
             ]
             limit = asyncio.Semaphore(self.settings.concurrency)
             outcomes = await asyncio.gather(
@@ -223,15 +220,8 @@ class AssetClient:
                 raise outcome  # cancellation, KeyboardInterrupt: not a per-asset failure
             results[spec.output_name] = outcome
         if self.settings.floating and any(isinstance(v, Path) for v in results.values()):
-            self.commit_floating()
+            self.releases.commit_floating(self.settings.tag)
         return results
-
-    def platform_for(self, spec: AssetSpec) -> tuple[str, str]:
-        """Which platform manifest carries `spec`: the host's os with the asset's CPU."""
-        if spec.kind is Kind.GVPROXY:
-            os_, _, goarch = spec.arch.partition("-")
-            return os_, goarch
-        return self.settings.host_os, catalog.GOARCH[spec.arch]
 
     async def _fetch_one(
         self,
@@ -323,14 +313,22 @@ class AssetClient:
         that has it (see `sources.resolver`)."""
         return await self.releases.platform_release(sources, platform)
 
-    def commit_floating(self) -> None:
-        """After a successful fetch of a floating tag, point the cache's ref at its version."""
-        verified = self.releases.accepted(LATEST)
-        if verified is not None:
-            self.store.write_state(
-                FLOATING_REF_PREFIX + LATEST,
-                {"version": verified.version, "digest": verified.digest},
-            )
+
+def platform_for(spec: AssetSpec, host_os: str) -> tuple[str, str]:
+    """Which platform manifest carries `spec`: the host's os with the asset's CPU."""
+    if spec.kind is Kind.GVPROXY:
+        os_, _, goarch = spec.arch.partition("-")
+        return os_, goarch
+    return host_os, catalog.GOARCH[spec.arch]
+
+
+def _by_platform(
+    specs: Sequence[AssetSpec], host_os: str
+) -> dict[tuple[str, str], list[AssetSpec]]:
+    groups: dict[tuple[str, str], list[AssetSpec]] = {}
+    for spec in specs:
+        groups.setdefault(platform_for(spec, host_os), []).append(spec)
+    return groups
 
 
 def _prefer(sources: Sequence[Source], first: str) -> Iterable[Source]:

@@ -122,9 +122,7 @@ def release_payload_file(n: int) -> str:
     return f"oci-signature-payload-{n}.json"
 
 
-# The store names lock and temp files after an output (with the version, up to 128
-# characters): a longer title would not fit a 255-byte file name. Real ones are < 40.
-MAX_TITLE_LENGTH = 100
+MAX_TITLE_LENGTH = catalog.MAX_NAME_LENGTH
 
 
 @dataclass(frozen=True)

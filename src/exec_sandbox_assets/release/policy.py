@@ -117,7 +117,12 @@ def verify_index(
         try:
             parsed = parse_payload(payload, f"{where} signature {n}")
         except FormatError as exc:
-            logger.debug("signed payload unparsable", extra={"where": where, "error": str(exc)})
+            logger.debug(
+                "%s: signed payload unparsable: %s",
+                where,
+                exc,
+                extra={"where": where, "error": str(exc)},
+            )
             continue
         if parsed.digest != index_digest:
             other_digest += 1

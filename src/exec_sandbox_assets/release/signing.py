@@ -221,7 +221,9 @@ def read_signature_manifest(data: bytes, where: str) -> tuple[SignatureLayer, ..
         # Not fatal: another layer may still carry a valid signature.
         if not encoded:
             logger.debug(
-                "signature layer without signature annotation skipped",
+                "%s: signature layer %s without signature annotation skipped",
+                where,
+                layer.digest,
                 extra={"where": where, "layer_digest": layer.digest},
             )
             continue
@@ -230,7 +232,9 @@ def read_signature_manifest(data: bytes, where: str) -> tuple[SignatureLayer, ..
             signature = base64.b64decode("".join(encoded.split()), validate=True)
         except (binascii.Error, ValueError):
             logger.debug(
-                "signature layer with invalid base64 skipped",
+                "%s: signature layer %s with invalid base64 skipped",
+                where,
+                layer.digest,
                 extra={"where": where, "layer_digest": layer.digest},
             )
             continue
