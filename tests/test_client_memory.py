@@ -19,6 +19,7 @@ from exec_sandbox_assets.errors import (
     AllSourcesFailedError,
     AssetNotFoundError,
     FormatError,
+    NoTrustedKeysError,
     ReleaseNotFoundError,
     RollbackError,
     SignatureError,
@@ -305,3 +306,17 @@ def test_rollback_state_reads_old_and_odd_files_and_never_moves_back() -> None:
     assert RollbackState(FEB).after(RollbackState(JAN, "1.0.0")).created == FEB
     assert RollbackState(JAN).after(RollbackState(FEB, "2.0.0")).version == "2.0.0"
     assert RollbackState(JAN).after(RollbackState(None, "3.0.0")) == RollbackState(JAN)
+
+
+def test_without_a_trusted_key_the_hint_names_every_way_to_configure_one(
+    tmp_path: Path, key: SigningKey
+) -> None:
+    source = FakeSource("mirror").add(make_release("1.0.0", JAN, [key]))
+
+    with pytest.raises(NoTrustedKeysError) as info:
+        fetch(client(tmp_path, [source], []))
+
+    text = str(info.value)
+    for way in ("EXEC_SANDBOX_TRUSTED_KEYS=", "--trusted-key FILE", "configure(trusted_keys="):
+        assert way in text
+    assert source.requests == ["tag v1.0.0"]  # nothing beyond the index was fetched
