@@ -1,4 +1,4 @@
-"""Shared fixtures: real loopback servers (see tests/servers.py) and an
+"""Shared fixtures: real loopback servers (see tests/servers/) and an
 environment isolated from the developer's home, proxies and EXEC_SANDBOX_* knobs."""
 
 from __future__ import annotations
@@ -139,3 +139,13 @@ def fault_proxy() -> Iterator[FaultProxyFactory]:
     finally:
         for proxy in proxies:
             proxy.close()
+
+
+@pytest.fixture
+def no_docker_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """An empty DOCKER_CONFIG dir, so no credentials of the machine leak in (isolated_env
+    only unsets it, which leaves ~/.docker/config.json readable)."""
+    path = tmp_path / "docker-config"
+    path.mkdir()
+    monkeypatch.setenv("DOCKER_CONFIG", str(path))
+    return path

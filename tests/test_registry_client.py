@@ -1,7 +1,8 @@
 """RegistryClient, RegistryAuth and reference parsing.
 
-Transports are tested against real CNCF distribution 2.8.2 processes (tests/servers.py);
-the only hand-written HTTP servers here play a hostile blob CDN, which no registry is.
+Transports are tested against real CNCF distribution 2.8.2 processes (tests/servers/);
+the only hand-written HTTP server (servers.HostileCdn) plays a hostile blob CDN, which no
+registry is.
 Faults (429, 5xx, cut bodies, flipped bytes) come from the FaultProxy between the
 client and a real registry. Only 127.0.0.1/localhost are contacted.
 """
@@ -12,11 +13,9 @@ import asyncio
 import base64
 import email.utils
 import hashlib
-import http.server
 import json
 import os
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,7 +53,7 @@ from exec_sandbox_assets.oci.reference import (
     parse_source_ref,
 )
 from exec_sandbox_assets.oci.registry import RegistryClient, RetryPolicy
-from servers import LOOPBACK, RedirectingRegistry, RegistryServer, StaticServer
+from servers import LOOPBACK, HostileCdn, RedirectingRegistry, RegistryServer, StaticServer
 
 FAST = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.05)
 BLOB = os.urandom(3 * 1024 * 1024 + 12345)  # several 1 MiB chunks plus a tail
@@ -660,7 +659,7 @@ async def test_tls_custom_ca(tls_registry: RegistryServer, repo_name: str) -> No
     assert ref.scheme == "https"
     async with RegistryClient(ref, ca_bundle=tls_registry.ca_bundle, retry=FAST) as client:
         assert (await client.get_manifest("v1"))[0] == manifest
-    # Not retried: tests/test_acceptance_gaps.py counts the connections it opens.
+    # Not retried: tests/test_tls_trust.py counts the connections it opens.
     async with RegistryClient(ref, retry=RetryPolicy(attempts=4, base_delay=1.0)) as client:
         with pytest.raises(AssetDownloadError, match="not trusted"):
             await client.get_manifest("v1")
@@ -707,39 +706,11 @@ async def test_redirect_to_other_host_drops_authorization(
     assert cdn.requests[1].headers["range"] == "bytes=100-"
 
 
-class _HostileCdnHandler(http.server.BaseHTTPRequestHandler):
-    """A CDN that answers 401 with a Bearer challenge pointing at itself: a client
-    that answered it would send registry credentials to this host."""
-
-    protocol_version = "HTTP/1.1"
-    seen: list[tuple[str, str | None]]
-
-    def do_GET(self) -> None:
-        self.seen.append((self.path, self.headers.get("Authorization")))
-        host = self.headers["Host"]
-        body = b'{"errors":[{"code":"DENIED","message":"cdn says no"}]}'
-        self.send_response(401)
-        self.send_header(
-            "WWW-Authenticate", f'Bearer realm="http://{host}/steal",service="x",scope="y"'
-        )
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
 async def test_challenge_from_redirect_target_is_ignored(tmp_path: Path, repo_name: str) -> None:
-    seen: list[tuple[str, str | None]] = []
-    handler = type("Handler", (_HostileCdnHandler,), {"seen": seen})
-    httpd = http.server.ThreadingHTTPServer((LOOPBACK, 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with HostileCdn() as cdn:
         server = RedirectingRegistry(
             tmp_path / "reg",
-            f"http://localhost:{httpd.server_address[1]}",
+            f"http://localhost:{cdn.port}",
             auth="htpasswd",
             users=dict(HTPASSWD_USERS),
         )
@@ -751,9 +722,7 @@ async def test_challenge_from_redirect_target_is_ignored(tmp_path: Path, repo_na
             ) as client:
                 with pytest.raises(AuthError) as info:
                     await client.get_blob(sha256(BLOB), len(BLOB))
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    seen = cdn.seen
     message = str(info.value)
     assert "redirected to http://localhost:" in message and "DENIED" in message
     assert "redirect target" in message

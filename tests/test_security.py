@@ -29,6 +29,7 @@ from exec_sandbox_assets.oci.auth import Credentials
 from exec_sandbox_assets.oci.http import RetryPolicy
 from exec_sandbox_assets.oci.reference import parse_registry_ref
 from exec_sandbox_assets.oci.registry import RegistryClient
+from servers import RawServer, endless_chunked
 from test_store import FileOpener, content_bytes, make_fixture
 
 # -- a booby-trapped cache directory ------------------------------------------------------------
@@ -147,75 +148,6 @@ async def test_source_over_sending_after_a_resume_keeps_the_earlier_bytes(
 
 
 # -- a hostile HTTP server ------------------------------------------------------------------------
-
-
-Handler = Callable[[socket.socket, str, dict[str, str], "RawServer"], None]
-
-
-class RawServer:
-    """Loopback HTTP/1.1 server whose answers are raw bytes written by `handler`."""
-
-    def __init__(self, handler: Handler) -> None:
-        self.handler = handler
-        self.sent = 0
-        self.requests: list[tuple[str, dict[str, str]]] = []
-        self._sock = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-
-    def __enter__(self) -> RawServer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._sock.close()
-
-    def _serve(self) -> None:
-        self._sock.settimeout(0.2)
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except (TimeoutError, OSError):
-                continue
-            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
-
-    def _one(self, conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(10)
-            try:
-                while True:
-                    head = b""
-                    while b"\r\n\r\n" not in head:
-                        data = conn.recv(65536)
-                        if not data:
-                            return
-                        head += data
-                    lines = head.split(b"\r\n\r\n", 1)[0].decode().split("\r\n")
-                    target = lines[0].split(" ")[1]
-                    headers = {
-                        k.strip().lower(): v.strip()
-                        for k, _, v in (line.partition(":") for line in lines[1:])
-                    }
-                    self.requests.append((target, headers))
-                    self.handler(conn, target, headers, self)
-            except OSError:
-                return
-
-    def send(self, conn: socket.socket, data: bytes) -> None:
-        conn.sendall(data)
-        self.sent += len(data)
-
-
-def endless_chunked(conn: socket.socket, server: RawServer, head: bytes, limit: int) -> None:
-    """Send `head` (status line + headers, chunked) then chunks until `limit` or a close."""
-    server.send(conn, head + b"Transfer-Encoding: chunked\r\n\r\n")
-    piece = b"x" * 65536
-    chunk = b"%x\r\n%s\r\n" % (len(piece), piece)
-    while server.sent < limit:
-        server.send(conn, chunk)
-    server.send(conn, b"0\r\n\r\n")
 
 
 SENT_LIMIT = 256 * 1024 * 1024

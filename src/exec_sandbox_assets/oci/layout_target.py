@@ -3,7 +3,9 @@ OCI archive (`oci-archive:FILE`)."""
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -94,14 +96,22 @@ class ArchiveTarget(LayoutTarget):
     def __init__(self, archive: Path, work_dir: Path) -> None:
         self.archive = Path(archive)
         work_dir.mkdir(parents=True, exist_ok=True)
-        self._tmp = Path(tempfile.mkdtemp(prefix="archive-", dir=work_dir))
+        # Unpack, add, replace is a read-modify-write of the whole file: a second writer
+        # that unpacked the old archive would drop the first writer's release. The lock
+        # is held from before the unpack until the new archive has replaced the old.
+        self._lock_fd = _lock_exclusive(self.archive.with_name(f".{self.archive.name}.lock"))
+        try:
+            self._tmp = Path(tempfile.mkdtemp(prefix="archive-", dir=work_dir))
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
         layout = self._tmp / "layout"
         try:
             if self.archive.exists():
                 extract_archive(self.archive, layout)
             super().__init__(layout, name=f"oci-archive:{self.archive}")
         except BaseException:
-            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._release()
             raise
 
     def close(self, ok: bool) -> None:
@@ -109,4 +119,23 @@ class ArchiveTarget(LayoutTarget):
             if ok:
                 write_archive(self.root, self.archive)
         finally:
-            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._release()
+
+    def _release(self) -> None:
+        shutil.rmtree(self._tmp, ignore_errors=True)
+        os.close(self._lock_fd)  # closing releases the flock
+
+
+def _lock_exclusive(path: Path) -> int:
+    """An fd holding an exclusive flock on `path` (created if absent), waiting for the
+    holder if there is one. A writer that dies releases it with its fd."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        log.info("waiting for another writer of %s to finish", path.with_name(path.name[1:-5]))
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError as exc:  # no locking on this file system: concurrent writers may race
+        log.warning("cannot lock %s (%s); continuing unlocked", path, exc)
+    return fd

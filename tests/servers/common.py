@@ -1,0 +1,50 @@
+"""What every test server shares: the loopback address, free ports, the request log."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from typing import Protocol
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (bind 0, read, close)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+class HasHost(Protocol):
+    """Anything exposing ``host`` as ``"127.0.0.1:PORT"`` (all servers here do)."""
+
+    @property
+    def host(self) -> str: ...
+
+
+@dataclass
+class RequestRecord:
+    """One HTTP request seen by a StaticServer or FaultProxy.
+
+    ``headers`` keys are lower-cased (``rec.headers.get("range")``); repeated
+    headers are joined with ", ". ``status`` is filled in once the response
+    head is seen (None if the connection died first).
+    """
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    status: int | None = None
+    answered_by_proxy: bool = False
+    connection_id: int = 0
+
+
+def loopback_upstream(upstream: str | HasHost) -> tuple[str, int]:
+    """(address, port) of a loopback server; anything else is refused."""
+    host = upstream if isinstance(upstream, str) else upstream.host
+    host = host.removeprefix("http://")
+    name, _, port = host.rpartition(":")
+    if name not in (LOOPBACK, "localhost"):
+        raise ValueError(f"only loopback upstreams are allowed, got {host!r}")
+    return LOOPBACK, int(port)

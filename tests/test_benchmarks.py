@@ -1,0 +1,68 @@
+"""benchmarks/peers.py runs end to end at a tiny scale and prints every row.
+
+No timing is asserted: the figures are for docs/performance.md, not for CI. The
+exec-sandbox 0.22.0 row (a PyPI install into its own venv) is skipped with
+--no-legacy, so this stays fast and needs no network.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+ROWS = (
+    "shell (curl+openssl+zstd, 4 parallel)",
+    "skopeo copy + zstd -d",
+    "oras-py pull + zstd -d",
+    "ours: pull --all from registry (verified)",
+    "ours: pull --all from releases folder (verified)",
+    "warm ensure_assets()",
+    'warm ensure_assets_available("python")',
+    "peak RSS fetching",
+    "resume:",
+    "throttled link",
+    "disk:",
+    "publish (level 3)",
+)
+
+
+def test_peers_benchmark_runs_at_tiny_scale(tmp_path: Path) -> None:
+    out = tmp_path / "peers.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EXEC_SANDBOX_")}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "peers.py"),
+            "--scale",
+            "0.01",
+            "--reps",
+            "1",
+            "--no-legacy",
+            "--warm-calls",
+            "50",
+            "--rss-mib",
+            "200",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout[-4000:]
+    assert "FAILED" not in proc.stdout, proc.stdout
+    assert "exec-sandbox 0.22.0: skipped (--no-legacy)" in proc.stdout
+    for row in ROWS:
+        assert row in proc.stdout, f"missing {row!r} in:\n{proc.stdout}"
+    results = json.loads(out.read_text())
+    assert set(results["cold"]) >= set(ROWS[:5])
+    for key in ("warm_ours_us", "rss", "resume", "throttle", "disk", "publish"):
+        assert key in results, key
+    assert results["warm_ours_us"]["ensure_assets_connections"] == 0
