@@ -18,6 +18,7 @@ reached through the one `sources.reader.ReleaseReader`; sources come from a fact
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -35,15 +36,17 @@ from exec_sandbox_assets.errors import (
     Attempt,
     TransportError,
 )
-from exec_sandbox_assets.sources import Source, build_sources
-from exec_sandbox_assets.sources.reader import PlatformRelease
-from exec_sandbox_assets.sources.resolver import FLOATING_REF_PREFIX as FLOATING_REF_PREFIX
-from exec_sandbox_assets.sources.resolver import ReleaseResolver
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the cold path: imported when a fetch needs it (scheduler boot stays lean)
     from exec_sandbox_assets.release.documents import AssetLayer
+    from exec_sandbox_assets.sources import Source
+    from exec_sandbox_assets.sources.reader import PlatformRelease
+    from exec_sandbox_assets.sources.resolver import ReleaseResolver
 
 log = logging.getLogger(__name__)
+
+# The cache's ref of a floating tag: `tag-latest` -> the version pulled last.
+FLOATING_REF_PREFIX = "tag-"
 
 # A blob body that broke off after making progress is resumed from the same source this
 # many times (with exponential backoff) before the next source is tried.
@@ -52,7 +55,7 @@ RESUME_BASE_DELAY = 0.1
 RESUME_MAX_DELAY = 2.0
 
 #: settings -> the ordered sources to try (default: `sources.build_sources`)
-SourcesFactory = Callable[[Settings], Sequence[Source]]
+SourcesFactory = Callable[[Settings], "Sequence[Source]"]
 
 
 class Progress(Protocol):
@@ -72,8 +75,14 @@ class AssetClient:
     def __init__(self, settings: Settings, *, sources: SourcesFactory | None = None) -> None:
         self.settings = settings
         self.store = Store(settings.cache_dir, lock_timeout=settings.lock_timeout)
-        self.sources: SourcesFactory = sources or build_sources
-        self.releases = ReleaseResolver(settings, self.store)
+        self.sources: SourcesFactory = sources or _default_sources
+
+    @functools.cached_property
+    def releases(self) -> ReleaseResolver:
+        """Which release is used: failover, the policy, rollback state (the cold path)."""
+        from exec_sandbox_assets.sources.resolver import ReleaseResolver
+
+        return ReleaseResolver(self.settings, self.store)
 
     # -- steps 1-4: no network, no hashing ---------------------------------------------
 
@@ -122,8 +131,7 @@ class AssetClient:
         The scheduler is handed one directory, so a mix of places will not do.
         """
         version = self.cached_version()
-        dirs = self.search_dirs(override)
-        for directory in dirs:
+        for directory in self.search_dirs(override):
             if all((directory / s.output_name).is_file() for s in specs):
                 return directory
         if version and all(self.store.lookup(version, s.output_name) for s in specs):
@@ -161,30 +169,23 @@ class AssetClient:
     ) -> dict[str, Path | BaseException]:
         """Like `fetch`, but one result or exception per output name."""
         results: dict[str, Path | BaseException] = {}
-        missing: list[AssetSpec] = []
         for spec in specs:
-            path = (
-                self.find(spec.output_name, override)
-                if use_local
-                else self.find_cached(spec.output_name)
-            )
+            name = spec.output_name
+            path = self.find(name, override) if use_local else self.find_cached(name)
             if path is not None:
-                results[spec.output_name] = path
-            else:
-                missing.append(spec)
+                results[name] = path
+        missing = [s for s in specs if s.output_name not in results]
         if not missing:
             return results
-        names = ", ".join(s.output_name for s in missing)
-        if self.settings.offline and not self._local_sources_configured():
+        local = any(m.startswith(("oci:", "oci-archive:")) for m in self.settings.mirrors)
+        if self.settings.offline and not local:
+            names = ", ".join(s.output_name for s in missing)
             error = AssetsNotFoundLocally(
                 names, self.searched_places(override), "offline mode (EXEC_SANDBOX_OFFLINE=1)"
             )
             return results | {s.output_name: error for s in missing}
         results.update(await self._fetch_remote(missing, progress))
         return results
-
-    def _local_sources_configured(self) -> bool:
-        return any(m.startswith(("oci:", "oci-archive:")) for m in self.settings.mirrors)
 
     async def _fetch_remote(
         self, specs: Sequence[AssetSpec], progress: Progress | None
@@ -219,8 +220,11 @@ class AssetClient:
             if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
                 raise outcome  # cancellation, KeyboardInterrupt: not a per-asset failure
             results[spec.output_name] = outcome
-        if self.settings.floating and any(isinstance(v, Path) for v in results.values()):
-            self.releases.commit_floating(self.settings.tag)
+        accepted = self.releases.accepted(LATEST) if self.settings.floating else None
+        if accepted is not None and any(isinstance(v, Path) for v in results.values()):
+            # The cache's `latest` moves to the release just fetched, never before.
+            ref = {"version": accepted.version, "digest": accepted.digest}
+            self.store.write_state(FLOATING_REF_PREFIX + LATEST, ref)
         return results
 
     async def _fetch_one(
@@ -312,6 +316,12 @@ class AssetClient:
         """The accepted release for the asked tag and `platform`, from the first source
         that has it (see `sources.resolver`)."""
         return await self.releases.platform_release(sources, platform)
+
+
+def _default_sources(settings: Settings) -> Sequence[Source]:
+    from exec_sandbox_assets.sources import build_sources
+
+    return build_sources(settings)
 
 
 def platform_for(spec: AssetSpec, host_os: str) -> tuple[str, str]:

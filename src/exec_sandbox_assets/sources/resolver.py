@@ -28,8 +28,6 @@ from exec_sandbox_assets.sources.reader import PlatformRelease, ReleaseReader, V
 
 log = logging.getLogger(__name__)
 
-# The cache's ref of a floating tag: `tag-latest` -> the version pulled last.
-FLOATING_REF_PREFIX = "tag-"
 TRUST_STATE_PREFIX = "trust-"
 # Per tag, across sources: `trust-tag-latest` (older clients kept `trust-<source key>`).
 TAG_STATE_PREFIX = TRUST_STATE_PREFIX + "tag-"
@@ -111,12 +109,3 @@ class ReleaseResolver:
         keys = [TAG_STATE_PREFIX + self.settings.tag]
         keys += [TRUST_STATE_PREFIX + s.key for s in sources]
         return RollbackState.newest(RollbackState.from_json(self.store.read_state(k)) for k in keys)
-
-    def commit_floating(self, tag: str) -> None:
-        """After a successful fetch of a floating tag, point the cache's ref at its version."""
-        verified = self._indexes.get(tag)
-        if verified is not None:
-            self.store.write_state(
-                FLOATING_REF_PREFIX + tag,
-                {"version": verified.version, "digest": verified.digest},
-            )
