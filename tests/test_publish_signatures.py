@@ -79,6 +79,7 @@ def test_a_second_key_adds_its_signature_and_the_flag_replaces_them(
     second = _publish(target, dist, b, work)
 
     assert second.index_digest == first.index_digest
+    assert (first.signatures, second.signatures) == (1, 2)
     assert _signature_layers(target, tmp_path / "read", first.index_digest) == 2
     _client_fetches(target, a, tmp_path / "cache-a")
     _client_fetches(target, b, tmp_path / "cache-b")

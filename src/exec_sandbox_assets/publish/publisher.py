@@ -113,6 +113,7 @@ class PublishResult:
     targets: tuple[TargetResult, ...]
     release_dir: Path | None = None
     release_files: tuple[str, ...] = ()
+    signatures: int = 0  # in the signature manifest: ours, and those kept from before
 
     @property
     def blobs_uploaded(self) -> int:
@@ -349,6 +350,7 @@ def publish(req: PublishRequest) -> PublishResult:
         targets=tuple(results),
         release_dir=req.release_dir,
         release_files=release_files,
+        signatures=len(signature.payloads),
     )
 
 
