@@ -40,7 +40,7 @@ from exec_sandbox_assets.errors import (
 if TYPE_CHECKING:  # the cold path: imported when a fetch needs it (scheduler boot stays lean)
     from exec_sandbox_assets.release.documents import AssetLayer
     from exec_sandbox_assets.sources import Source
-    from exec_sandbox_assets.sources.reader import PlatformRelease
+    from exec_sandbox_assets.sources.reader import PlatformRelease, VerifiedIndex
     from exec_sandbox_assets.sources.resolver import ReleaseResolver
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,10 @@ class AssetClient:
         from exec_sandbox_assets.sources.resolver import ReleaseResolver
 
         return ReleaseResolver(self.settings, self.store)
+
+    def verified_index(self, tag: str) -> VerifiedIndex | None:
+        """The index this client verified for `tag` (after a fetch), else None."""
+        return self.releases.accepted(tag)
 
     # -- steps 1-4: no network, no hashing ---------------------------------------------
 

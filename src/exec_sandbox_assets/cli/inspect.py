@@ -26,6 +26,7 @@ from exec_sandbox_assets.cli.output import (
 )
 from exec_sandbox_assets.config import Settings
 from exec_sandbox_assets.errors import ConfigError, FormatError
+from exec_sandbox_assets.oci.auth import Credentials
 from exec_sandbox_assets.oci.model import Descriptor, signature_tag
 from exec_sandbox_assets.oci.reference import LayoutRef, parse_source_ref
 from exec_sandbox_assets.release.documents import read_asset_layer
@@ -66,7 +67,9 @@ class InspectReport:
         }
 
 
-def open_ref(text: str, settings: Settings) -> tuple[Source, str | None]:
+def open_ref(
+    text: str, settings: Settings, credentials: Credentials | None = None
+) -> tuple[Source, str | None]:
     """The source a reference names, and the tag or digest it pins (if any)."""
     ref = parse_source_ref(text)
     if settings.offline and not isinstance(ref, LayoutRef):
@@ -74,7 +77,11 @@ def open_ref(text: str, settings: Settings) -> tuple[Source, str | None]:
             f"{text}: offline mode allows only local references (oci:DIR, oci-archive:FILE)"
         )
     source = sources.open_source(
-        text, ref, docker_config=settings.docker_config, ca_bundle=settings.ca_bundle
+        text,
+        ref,
+        docker_config=settings.docker_config,
+        ca_bundle=settings.ca_bundle,
+        credentials=credentials,
     )
     return source, ref.tag if isinstance(ref, LayoutRef) else ref.reference
 
@@ -134,9 +141,11 @@ def _signature_json(found: Findings, keys: Sequence[PublicKey], threshold: int) 
     }
 
 
-async def inspect_ref(text: str, settings: Settings) -> InspectReport:
+async def inspect_ref(
+    text: str, settings: Settings, credentials: Credentials | None = None
+) -> InspectReport:
     keys = tuple(load_public_key_file(p) for p in settings.trusted_keys)
-    source, pinned = open_ref(text, settings)
+    source, pinned = open_ref(text, settings, credentials)
     reference = pinned or settings.tag
     try:
         # Report mode: the client's reader and policy, findings instead of errors.
