@@ -141,6 +141,15 @@ def _signature_json(found: Findings, keys: Sequence[PublicKey], threshold: int) 
     }
 
 
+async def _signature(
+    source: Source, digest: str, keys: tuple[PublicKey, ...], settings: Settings, tag: str
+) -> dict[str, Any]:
+    """The signature part of a report, for index `digest` read under `tag` (`versions`)."""
+    found = Findings(tag, digest)
+    await ReleaseReader(source, None).examine_signature(found, keys, settings.threshold)
+    return _signature_json(found, keys, settings.threshold)
+
+
 async def inspect_ref(
     text: str, settings: Settings, credentials: Credentials | None = None
 ) -> InspectReport:

@@ -101,9 +101,9 @@ class Findings:
 
     reference: str
     digest: str
-    media_type: str
-    size: int
-    annotations: dict[str, str]
+    media_type: str = ""
+    size: int = 0
+    annotations: dict[str, str] = field(default_factory=dict)
     manifests: list[tuple[Descriptor, Manifest]] = field(default_factory=list)
     signature_present: bool = False
     signatures: list[SignatureFinding] = field(default_factory=list)
@@ -266,11 +266,20 @@ class ReleaseReader:
             found.manifests.append(
                 (desc, Manifest.from_bytes(mdata, f"{source.name} manifest {desc.digest}"))
             )
+        await self.examine_signature(found, keys, threshold)
+        return found
+
+    async def examine_signature(
+        self, found: Findings, keys: Sequence[PublicKey], threshold: int
+    ) -> None:
+        """Report mode for the signature of `found.digest` alone: fills the signature
+        findings and the verdict (or the reason there is none) of `found`."""
+        source = self.source
         try:
-            signature = await self.signature(digest, source.name)
-        except TrustError as exc:  # no signature manifest
+            signature = await self.signature(found.digest, source.name)
+        except TrustError as exc:  # no signature manifest, or one no client reads
             found.error = str(exc)
-            return found
+            return
         found.signature_present = True
         found.signatures = [
             describe_signature(
@@ -285,16 +294,15 @@ class ReleaseReader:
         try:
             found.verdict = accept_index(
                 TrustPolicy(keys=tuple(keys), threshold=threshold),
-                tag=reference,
-                index_digest=digest,
+                tag=found.reference,
+                index_digest=found.digest,
                 signatures=signature.pairs(),
-                annotated_version=annotations.get(catalog.ANN_VERSION),
-                annotated_created=annotations.get(catalog.ANN_CREATED),
+                annotated_version=found.annotations.get(catalog.ANN_VERSION),
+                annotated_created=found.annotations.get(catalog.ANN_CREATED),
                 where=source.name,
             )
         except (TrustError, ConfigError, FormatError) as exc:
             found.error = str(exc)
-        return found
 
 
 __all__ = [
