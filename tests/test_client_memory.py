@@ -270,8 +270,7 @@ def test_unverified_releases_are_still_bound_to_their_tag() -> None:
             tag="v1.0.0",
             index_digest="sha256:" + "0" * 64,
             signatures=(),
-            annotated_version="2.0.0",
-            annotated_created=JAN,
+            annotations=lambda: {catalog.ANN_VERSION: "2.0.0", catalog.ANN_CREATED: JAN},
             where="test",
         )
 
@@ -285,8 +284,7 @@ def test_a_signed_version_that_is_no_valid_version_is_refused(key: SigningKey) -
             tag="latest",
             index_digest=release.digest,
             signatures=[(release.signature.payloads[0], _signature_of(release))],
-            annotated_version="1.0.0",
-            annotated_created=JAN,
+            annotations=lambda: {catalog.ANN_VERSION: "1.0.0"},
             where="test",
         )
 
@@ -320,3 +318,14 @@ def test_without_a_trusted_key_the_hint_names_every_way_to_configure_one(
     for way in ("EXEC_SANDBOX_TRUSTED_KEYS=", "--trusted-key FILE", "configure(trusted_keys="):
         assert way in text
     assert source.requests == ["tag v1.0.0"]  # nothing beyond the index was fetched
+
+
+def test_index_bytes_are_parsed_only_after_a_trusted_key_vouched(
+    tmp_path: Path, key: SigningKey
+) -> None:
+    source = FakeSource("hostile")
+    source.tags["v1.0.0"] = b'{"schemaVersion": 2, "manifests": [' + b"[" * 5000
+
+    # Unsigned garbage is refused for its missing signature, never parsed.
+    with pytest.raises(SignatureError, match="no signature for index"):
+        fetch(client(tmp_path, [source], [key]))

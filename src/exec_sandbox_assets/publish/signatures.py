@@ -15,6 +15,7 @@ from collections.abc import Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from exec_sandbox_assets.catalog import ANN_CREATED, ANN_VERSION
 from exec_sandbox_assets.errors import (
     AssetNotFoundError,
     ConfigError,
@@ -133,8 +134,7 @@ def _check_signed(
         tag=index_digest,
         index_digest=index_digest,
         signatures=signatures,
-        annotated_version=version,
-        annotated_created=created,
+        annotations=lambda: {ANN_VERSION: version, ANN_CREATED: created},
         expected_version=version,
         where=where,
     )

@@ -12,12 +12,12 @@ publisher's read-back) goes through it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from exec_sandbox_assets.catalog import ANN_VERSION
+from exec_sandbox_assets.catalog import ANN_CREATED, ANN_VERSION
 from exec_sandbox_assets.errors import (
     ConfigError,
     FormatError,
@@ -275,8 +275,7 @@ def accept_index(
     tag: str,
     index_digest: str,
     signatures: Sequence[tuple[bytes, bytes]],
-    annotated_version: str | None,
-    annotated_created: str | None,
+    annotations: Callable[[], Mapping[str, str]],
     expected_version: str | None = None,
     rollback: RollbackState | None = None,
     where: str,
@@ -287,12 +286,14 @@ def accept_index(
     the index's own annotations then say what it is. Otherwise `verify_index` decides
     (threshold, signed digest, signed version, rollback against `rollback`). Either way
     the release's version must be a valid one and, for a `vX` tag (or an explicit
-    `expected_version`), be X.
+    `expected_version`), be X. `annotations` parses the index: it is called only after
+    the signatures verified, so untrusted index bytes are read once a key vouched.
     """
     expected = expected_version if expected_version is not None else version_of_tag(tag)
     key_ids: tuple[str, ...] = ()
     if policy is None:
-        version, created = annotated_version, annotated_created
+        annotated = annotations()
+        version, created = annotated.get(ANN_VERSION), annotated.get(ANN_CREATED)
     else:
         verified = verify_index(
             policy,
@@ -302,7 +303,7 @@ def accept_index(
             newest_accepted_created=rollback.created if rollback else None,
             where=where,
         )
-        version = verified.version or annotated_version
+        version = verified.version or annotations().get(ANN_VERSION)
         created, key_ids = verified.created, verified.key_ids
     return Verdict(tag, index_digest, bind_version(version, expected, where), created, key_ids)
 

@@ -18,7 +18,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from exec_sandbox_assets import catalog
 from exec_sandbox_assets.errors import (
     AssetChecksumError,
     AssetError,
@@ -144,19 +143,25 @@ class ReleaseReader:
             raise AssetChecksumError(f"index {tag}", tag, digest, source.name)
         where = f"{source.name} tag {tag} (index {digest})"
         signature = await self._signature_for(digest, where)
-        # Parsed only now: untrusted bytes are interpreted once a trusted key vouched.
-        index = Index.from_bytes(data, where)
+        parsed: list[Index] = []
+
+        def annotations() -> Mapping[str, str]:
+            # Called by the policy once the signature verified: untrusted bytes are
+            # interpreted only after a trusted key vouched for them.
+            parsed.append(Index.from_bytes(data, where))
+            return parsed[-1].annotations
+
         verdict = accept_index(
             self.policy,
             tag=tag,
             index_digest=digest,
             signatures=signature.pairs() if signature is not None else (),
-            annotated_version=index.annotations.get(catalog.ANN_VERSION),
-            annotated_created=index.annotations.get(catalog.ANN_CREATED),
+            annotations=annotations,
             expected_version=expected_version,
             rollback=rollback,
             where=where,
         )
+        index = parsed[-1] if parsed else Index.from_bytes(data, where)
         log.info(
             "release index verified: %s %s is %s (%s)",
             source.name,
@@ -297,8 +302,7 @@ class ReleaseReader:
                 tag=found.reference,
                 index_digest=found.digest,
                 signatures=signature.pairs(),
-                annotated_version=found.annotations.get(catalog.ANN_VERSION),
-                annotated_created=found.annotations.get(catalog.ANN_CREATED),
+                annotations=lambda: found.annotations,
                 where=source.name,
             )
         except (TrustError, ConfigError, FormatError) as exc:
