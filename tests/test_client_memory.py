@@ -18,6 +18,7 @@ from exec_sandbox_assets.config import Settings
 from exec_sandbox_assets.errors import (
     AllSourcesFailedError,
     AssetNotFoundError,
+    ConfigError,
     FormatError,
     NoTrustedKeysError,
     ReleaseNotFoundError,
@@ -28,6 +29,7 @@ from exec_sandbox_assets.errors import (
 from exec_sandbox_assets.release import keys, policy
 from exec_sandbox_assets.release.keys import SigningKey
 from exec_sandbox_assets.release.policy import RollbackState
+from exec_sandbox_assets.release.version import Version, normalize_version, version_of_tag
 from exec_sandbox_assets.sources import Source
 from exec_sandbox_assets.sources.reader import ReleaseReader
 from fake_source import FakeSource, MemoryRelease, make_release
@@ -329,3 +331,19 @@ def test_index_bytes_are_parsed_only_after_a_trusted_key_vouched(
     # Unsigned garbage is refused for its missing signature, never parsed.
     with pytest.raises(SignatureError, match="no signature for index"):
         fetch(client(tmp_path, [source], [key]))
+
+
+@pytest.mark.parametrize("text", ["-1.0", ".1", "1..2", "1.0+build", "a" * 128, "", "latest"])
+def test_versions_no_tag_or_cache_directory_can_hold_are_refused(text: str) -> None:
+    with pytest.raises(ConfigError, match="invalid version"):
+        Version.parse(text)
+
+
+def test_one_version_rule_for_settings_and_tags() -> None:
+    assert Version.parse("v0.22.0") == Version("0.22.0") and Version("0.22.0").tag == "v0.22.0"
+    assert normalize_version("") == normalize_version(" latest ") == "latest"
+    assert (version_of_tag("v1.2"), version_of_tag("latest"), version_of_tag("vx")) == (
+        "1.2",
+        None,
+        None,
+    )

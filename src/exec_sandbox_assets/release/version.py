@@ -47,8 +47,14 @@ class Version:
 
 
 def is_valid(version: str) -> bool:
-    """Whether `version` (without `v`) makes a valid tag and a safe path component."""
-    return bool(version) and bool(TAG_RE.fullmatch(TAG_PREFIX + version)) and ".." not in version
+    """Whether `version` (without `v`) makes a valid tag and a safe path component
+    (starting with a letter or digit, as the cache's version directories do)."""
+    return (
+        bool(TAG_RE.fullmatch(TAG_PREFIX + version))
+        and version[:1].isascii()
+        and version[:1].isalnum()
+        and ".." not in version
+    )
 
 
 def normalize_version(text: str, what: str = "asset version") -> str:
