@@ -27,7 +27,10 @@ For each version, in this order:
    naming an incomplete or unsigned release; running it again skips what arrived.
 
 Documents are copied as the exact bytes read (never re-serialized), so every digest,
-and with it the signature, is the same at the destination.
+and with it the signature, is the same at the destination. One exception: a signature
+manifest that lists layers other than signatures (it is unsigned; a source may pad it
+with junk) is rebuilt from its signature layers alone, so junk is neither fetched nor
+written.
 
 `platforms` is a check, not a filter. The index is signed as a whole and cannot be
 rewritten; a registry refuses an index whose platform manifests are missing
@@ -83,9 +86,10 @@ from exec_sandbox_assets.oci.model import (
 )
 from exec_sandbox_assets.oci.reference import LayoutRef, RegistryRef, parse_source_ref
 from exec_sandbox_assets.release.policy import TrustPolicy, load_policy, require_keys
+from exec_sandbox_assets.release.signing import build_signature_manifest
 from exec_sandbox_assets.release.version import LATEST, Version
 from exec_sandbox_assets.sources import Source, open_source
-from exec_sandbox_assets.sources.reader import ReleaseReader
+from exec_sandbox_assets.sources.reader import ReleaseReader, VerifiedIndex
 
 if TYPE_CHECKING:
     from exec_sandbox_assets.oci.targets import Target
@@ -358,15 +362,7 @@ async def _plan(
         for layer in manifest.layers:
             blobs.setdefault(layer.digest, Blob(layer, layer.title or layer.digest))
 
-    signature = release.signature
-    signature_blobs: list[Blob] = []
-    if signature is not None:
-        sig = Manifest.from_bytes(signature.manifest, f"{where} signature")
-        for desc in (sig.config, *sig.layers):
-            blob = signature.payloads.get(desc.digest)
-            if blob is None:
-                blob = await source.small_blob(desc)
-            signature_blobs.append(Blob(desc, "signature blob", blob))
+    signature_manifest, signature_blobs = await _signature_copy(source, release, where)
     tags = (tag,) if tag != LATEST else (f"v{version}", LATEST)
     return Plan(
         version=version,
@@ -375,11 +371,48 @@ async def _plan(
         index_digest=digest,
         manifests=manifests,
         blobs=list(blobs.values()),
-        signature=signature.manifest if signature is not None else None,
+        signature=signature_manifest,
         signature_blobs=signature_blobs,
         signed_by=release.key_ids,
         created=release.created,
     )
+
+
+async def _signature_copy(
+    source: Source, release: VerifiedIndex, where: str
+) -> tuple[bytes | None, list[Blob]]:
+    """The signature manifest to write and its blobs (config, payloads read already).
+
+    Copied byte for byte when it holds signature layers only. A manifest that also
+    lists other layers is unsigned junk a source may add (each up to the manifest
+    cap, fetched whole): it is rebuilt from its signature layers alone, in cosign's
+    layout, so the mirror neither fetches nor writes what no client reads.
+    """
+    signature = release.signature
+    if signature is None:
+        return None, []
+    sig = Manifest.from_bytes(signature.manifest, f"{where} signature")
+    wanted = {layer.payload_digest for layer in signature.layers}
+    junk = [d for d in sig.layers if d.digest not in wanted]
+    if junk:
+        log.warning(
+            "%s: the signature manifest lists %d layer(s) that are no signature; "
+            "writing its %d signature(s) alone",
+            where,
+            len(junk),
+            len(signature.layers),
+        )
+        rebuilt = build_signature_manifest(signature.pairs())
+        clean = Manifest.from_bytes(rebuilt.manifest, "rebuilt signature")
+        return rebuilt.manifest, [
+            Blob(clean.config, "signature blob", rebuilt.config),
+            *(Blob(d, "signature blob", signature.payloads[d.digest]) for d in clean.layers),
+        ]
+    config = await source.small_blob(sig.config)
+    return signature.manifest, [
+        Blob(sig.config, "signature blob", config),
+        *(Blob(d, "signature blob", signature.payloads[d.digest]) for d in sig.layers),
+    ]
 
 
 def _check_platforms(
