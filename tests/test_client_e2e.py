@@ -971,6 +971,51 @@ async def test_latest_follows_releases_and_refuses_a_rollback(
     assert_exact(v1, raw)
 
 
+async def test_an_outage_of_the_mirror_does_not_roll_latest_back_to_the_default(
+    registry: RegistryServer,
+    repo_name: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue #12 item 6: rollback state is per tag across sources, not per source."""
+    mirror_registry = RegistryServer(tmp_path / "mirror-registry")
+    mirror_registry.start()
+    try:
+        work = tmp_path / "work"
+        default, mirror = registry.ref(repo_name), mirror_registry.ref(repo_name)
+        old = publish_sample_release(
+            default, "1.0.0", work, created="2026-01-01T00:00:00Z", tag_latest=True
+        )
+        new = publish_sample_release(
+            mirror,
+            "2.0.0",
+            work,
+            key=old.key,
+            created="2026-02-01T00:00:00Z",
+            tag_latest=True,
+        )
+        cache = use(
+            monkeypatch,
+            tmp_path,
+            default,
+            old.key.public,
+            version=None,
+            EXEC_SANDBOX_REGISTRY_MIRRORS=mirror,
+        )
+        assert (await esa.fetch_kernel()).parent == cache / "v2.0.0"
+        assert_exact(new, cache / "v2.0.0" / KERNEL)
+
+        mirror_registry.stop()
+        reconfigure(tmp_path)
+        with pytest.raises(RollbackError) as info:
+            await esa.fetch_initramfs()
+        assert old.index_digest in str(info.value)
+        assert esa.get_assets().cached_version() == "2.0.0"  # the cache's latest stays
+        assert not (cache / "v1.0.0").exists()
+    finally:
+        mirror_registry.close()
+
+
 # --------------------------------------------------------------------------- imports
 
 _NOT_ON_THE_IMPORT_PATH = (

@@ -34,12 +34,23 @@ from exec_sandbox_assets.errors import (
 )
 from exec_sandbox_assets.mirror import MirrorEvent, MirrorResult, mirror
 from exec_sandbox_assets.oci.layout import LayoutReader, extract_archive
-from exec_sandbox_assets.oci.model import ACCEPT_MANIFESTS, Index, Manifest, signature_tag
+from exec_sandbox_assets.oci.model import (
+    ACCEPT_MANIFESTS,
+    MEDIA_TYPE_IMAGE_CONFIG,
+    MEDIA_TYPE_MANIFEST,
+    Descriptor,
+    Index,
+    Manifest,
+    signature_tag,
+)
+from exec_sandbox_assets.release.signing import SIMPLESIGNING_MEDIA_TYPE
 from releases import (
     KeyPair,
     SampleRelease,
     make_key_pair,
+    open_writer,
     publish_sample_release,
+    resign,
     stored_blob_path,
 )
 from servers import RegistryServer
@@ -376,6 +387,38 @@ def test_signature_is_verified_before_anything_is_copied(
         insecure_skip_verify=True,
     )
     assert result.releases[0].signed_by == () and result.releases[0].signature_digest
+
+
+def test_junk_layers_in_a_signature_manifest_are_neither_fetched_nor_written(
+    tmp_path: Path, key: KeyPair
+) -> None:
+    """Issue #12 item 4: a source may list any blobs in the (unsigned) signature
+    manifest; the mirror writes the signatures alone, and the copy still verifies."""
+    src, dst = f"oci:{tmp_path / 'src'}", f"oci:{tmp_path / 'dst'}"
+    rel = release(src, "0.9.3", tmp_path, key, platforms=(("linux", "amd64"),))
+    clean = resign(rel.index_digest, key, rel.version, rel.created)
+    sig = Manifest.from_bytes(clean.manifest, "clean")
+    junk = [bytes([n]) * (64 * 1024) for n in range(3)]
+    junk_layers = tuple(Descriptor.for_bytes("application/octet-stream", j) for j in junk)
+    dirty = Manifest(config=sig.config, layers=(*sig.layers, *junk_layers)).to_bytes()
+    writer = open_writer(src, tmp_path / "tamper")
+    try:
+        writer.push_bytes(clean.config, MEDIA_TYPE_IMAGE_CONFIG)
+        for blob in (*clean.payloads, *junk):
+            writer.push_bytes(blob, "application/octet-stream")
+        writer.put_manifest(dirty, MEDIA_TYPE_MANIFEST, signature_tag(rel.index_digest))
+    finally:
+        writer.close(True)
+
+    result = copy(src, dst, tmp_path, key, ["0.9.3"])
+
+    with LayoutReader.open(tmp_path / "dst") as reader:
+        written = reader.read_blob(reader.resolve(signature_tag(rel.index_digest)).digest, 1 << 20)
+        layers = Manifest.from_bytes(written, "dst signature").layers
+        assert [d.media_type for d in layers] == [SIMPLESIGNING_MEDIA_TYPE]
+        assert not any(reader.has_blob(d.digest) for d in junk_layers)
+    assert result.releases[0].blobs_copied < len(junk) + 20
+    pull(client_settings(tmp_path, key, dst, "0.9.3"), rel)
 
 
 def test_platform_filter_cannot_split_a_signed_index(

@@ -6,7 +6,7 @@ This is the typed API for new code. The drop-in for exec-sandbox 0.22.0's own
 
     from exec_sandbox_assets import ensure_assets, fetch_kernel, ...
 
-Resolution order (SPEC.md section 7): explicit override dir, EXEC_SANDBOX_IMAGES_DIR,
+Resolution order (docs/format.md §7): explicit override dir, EXEC_SANDBOX_IMAGES_DIR,
 the local build dir `images/dist/`, the verified cache, then OCI registries (mirrors
 first, `oci:` layouts count as registries), then GitHub Releases. Everything remote is
 verified (signature, then digests) before it is decompressed or made visible.

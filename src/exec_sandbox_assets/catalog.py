@@ -1,4 +1,4 @@
-"""What a release contains: asset names, kinds, languages, arch/os naming (SPEC.md section 1).
+"""What a release contains: asset names, kinds, languages, arch/os naming (docs/format.md §1).
 
 Pure: no I/O, no settings. Both the publisher and the client derive every file name
 and media type from here, so they cannot disagree.
@@ -19,7 +19,7 @@ GITHUB_OWNER = "dualeai"
 GITHUB_REPO = "exec-sandbox"
 DEFAULT_RELEASES_URL = f"https://github.com/{GITHUB_OWNER}/{GITHUB_REPO}/releases"
 
-# Layer annotation keys (SPEC.md section 4).
+# Layer annotation keys (docs/format.md §4).
 ANN_TITLE = "org.opencontainers.image.title"
 ANN_VERSION = "org.opencontainers.image.version"
 ANN_CREATED = "org.opencontainers.image.created"
@@ -72,11 +72,16 @@ _BASE_IMAGE_STEM = {
     Language.RAW: "raw-base",
 }
 
+# The longest asset name (layer title) a client accepts: the store names lock and temp
+# files after an output (with the version, up to 128 characters), and a longer title
+# would not fit a 255-byte file name. Real ones are < 40. The one definition of it.
+MAX_NAME_LENGTH = 100
+
 ZST = ".zst"
 
 
 def is_valid_title(name: str) -> bool:
-    """True when `name` is a safe single path component (SPEC.md section 1)."""
+    """True when `name` is a safe single path component (docs/format.md §1)."""
     return bool(_TITLE_RE.fullmatch(name)) and ".." not in name
 
 
@@ -180,7 +185,7 @@ def vm_assets(arch: str) -> tuple[AssetSpec, ...]:
 
 
 def platform_assets(os_: str, goarch: str) -> tuple[AssetSpec, ...]:
-    """Everything a host of `os_/goarch` needs (SPEC.md section 3)."""
+    """Everything a host of `os_/goarch` needs (docs/format.md §3)."""
     arch = ARCH_OF_GOARCH[goarch]
     return (*vm_assets(arch), gvproxy(os_, goarch))
 

@@ -1,4 +1,4 @@
-"""Resolution order (SPEC.md section 7) and the verified, parallel fetch.
+"""Resolution order (docs/format.md §7) and the verified, parallel fetch.
 
 1. explicit override dir, 2. EXEC_SANDBOX_IMAGES_DIR, 3. local build dir: trusted as is;
 4. the cache (a stat against the record written when the file was verified);
@@ -9,14 +9,18 @@ The warm path (steps 1-4) imports nothing of the network or crypto stack and has
 nothing. The cold path verifies the index signature, then every manifest by digest,
 then every blob by digest, then the decompressed content, before a file appears under
 its final name. Trust errors stop the fetch; transport errors move on to the next source.
+
+Orchestration only: which release is accepted is decided by `release.policy.accept_index`,
+reached through the one `sources.reader.ReleaseReader`; sources come from a factory
+(`AssetClient(settings, sources=...)`), so tests can run the client on sources in memory.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -31,24 +35,28 @@ from exec_sandbox_assets.errors import (
     AssetNotFoundError,
     AssetsNotFoundLocally,
     Attempt,
-    FormatError,
     TransportError,
 )
 
-if TYPE_CHECKING:
-    from exec_sandbox_assets.oci.model import Index
+if TYPE_CHECKING:  # the cold path: imported when a fetch needs it (scheduler boot stays lean)
     from exec_sandbox_assets.release.documents import AssetLayer
     from exec_sandbox_assets.sources import Source
+    from exec_sandbox_assets.sources.reader import PlatformRelease, VerifiedIndex
+    from exec_sandbox_assets.sources.resolver import ReleaseResolver
 
 log = logging.getLogger(__name__)
 
+# The cache's ref of a floating tag: `tag-latest` -> the version pulled last.
 FLOATING_REF_PREFIX = "tag-"
+
 # A blob body that broke off after making progress is resumed from the same source this
 # many times (with exponential backoff) before the next source is tried.
 MAX_RESUMES = 4
 RESUME_BASE_DELAY = 0.1
 RESUME_MAX_DELAY = 2.0
-TRUST_STATE_PREFIX = "trust-"
+
+#: settings -> the ordered sources to try (default: `sources.build_sources`)
+SourcesFactory = Callable[[Settings], "Sequence[Source]"]
 
 
 class Progress(Protocol):
@@ -61,39 +69,25 @@ class Progress(Protocol):
     def finish(self, name: str) -> None: ...
 
 
-@dataclass(frozen=True)
-class VerifiedIndex:
-    """An index whose signature verified (or that the user chose not to verify)."""
-
-    tag: str
-    version: str
-    digest: str
-    index: Index
-    created: str | None
-    source: str
-    signed: bool
-    key_ids: tuple[str, ...] = ()  # the trusted keys whose signatures verified
-
-
-@dataclass(frozen=True)
-class PlatformRelease:
-    """The verified layers of one platform manifest of a verified index."""
-
-    release: VerifiedIndex
-    platform: tuple[str, str]
-    manifest_digest: str
-    layers: dict[str, AssetLayer] = field(hash=False)
-
-
 class AssetClient:
     """Finds, fetches and verifies assets. Built from `Settings`; holds no event-loop state,
     so one client serves calls from any loop (the scheduler may run several)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, sources: SourcesFactory | None = None) -> None:
         self.settings = settings
         self.store = Store(settings.cache_dir, lock_timeout=settings.lock_timeout)
-        self._indexes: dict[str, VerifiedIndex] = {}
-        self._platforms: dict[tuple[str, str, str], PlatformRelease] = {}
+        self.sources: SourcesFactory = sources or _default_sources
+
+    @functools.cached_property
+    def releases(self) -> ReleaseResolver:
+        """Which release is used: failover, the policy, rollback state (the cold path)."""
+        from exec_sandbox_assets.sources.resolver import ReleaseResolver
+
+        return ReleaseResolver(self.settings, self.store)
+
+    def verified_index(self, tag: str) -> VerifiedIndex | None:
+        """The index this client verified for `tag` (after a fetch), else None."""
+        return self.releases.accepted(tag)
 
     # -- steps 1-4: no network, no hashing ---------------------------------------------
 
@@ -102,7 +96,7 @@ class AssetClient:
         return [d for d in dirs if d is not None]
 
     def find_local(self, output_name: str, override: Path | None = None) -> Path | None:
-        """An operator-provided file (steps 1-3); trusted as it is (SPEC.md section 7)."""
+        """An operator-provided file (steps 1-3); trusted as it is (docs/format.md §7)."""
         for directory in self.search_dirs(override):
             path = directory / output_name
             if path.is_file():
@@ -142,8 +136,7 @@ class AssetClient:
         The scheduler is handed one directory, so a mix of places will not do.
         """
         version = self.cached_version()
-        dirs = self.search_dirs(override)
-        for directory in dirs:
+        for directory in self.search_dirs(override):
             if all((directory / s.output_name).is_file() for s in specs):
                 return directory
         if version and all(self.store.lookup(version, s.output_name) for s in specs):
@@ -181,21 +174,17 @@ class AssetClient:
     ) -> dict[str, Path | BaseException]:
         """Like `fetch`, but one result or exception per output name."""
         results: dict[str, Path | BaseException] = {}
-        missing: list[AssetSpec] = []
         for spec in specs:
-            path = (
-                self.find(spec.output_name, override)
-                if use_local
-                else self.find_cached(spec.output_name)
-            )
+            name = spec.output_name
+            path = self.find(name, override) if use_local else self.find_cached(name)
             if path is not None:
-                results[spec.output_name] = path
-            else:
-                missing.append(spec)
+                results[name] = path
+        missing = [s for s in specs if s.output_name not in results]
         if not missing:
             return results
-        names = ", ".join(s.output_name for s in missing)
-        if self.settings.offline and not self._local_sources_configured():
+        local = any(m.startswith(("oci:", "oci-archive:")) for m in self.settings.mirrors)
+        if self.settings.offline and not local:
+            names = ", ".join(s.output_name for s in missing)
             error = AssetsNotFoundLocally(
                 names, self.searched_places(override), "offline mode (EXEC_SANDBOX_OFFLINE=1)"
             )
@@ -203,15 +192,10 @@ class AssetClient:
         results.update(await self._fetch_remote(missing, progress))
         return results
 
-    def _local_sources_configured(self) -> bool:
-        return any(m.startswith(("oci:", "oci-archive:")) for m in self.settings.mirrors)
-
     async def _fetch_remote(
         self, specs: Sequence[AssetSpec], progress: Progress | None
     ) -> dict[str, Path | BaseException]:
-        from exec_sandbox_assets.sources import build_sources
-
-        sources = build_sources(self.settings)
+        sources = list(self.sources(self.settings))
         try:
             if not sources:
                 raise AssetsNotFoundLocally(
@@ -219,12 +203,9 @@ class AssetClient:
                     self.searched_places(),
                     "no source is configured (offline or air-gapped, and no mirror)",
                 )
-            by_platform: dict[tuple[str, str], list[AssetSpec]] = {}
-            for spec in specs:
-                by_platform.setdefault(self.platform_for(spec), []).append(spec)
             parts = [
                 (await self.platform_release(sources, platform), group)
-                for platform, group in by_platform.items()
+                for platform, group in _by_platform(specs, self.settings.host_os).items()
             ]
             limit = asyncio.Semaphore(self.settings.concurrency)
             outcomes = await asyncio.gather(
@@ -244,16 +225,12 @@ class AssetClient:
             if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
                 raise outcome  # cancellation, KeyboardInterrupt: not a per-asset failure
             results[spec.output_name] = outcome
-        if self.settings.floating and any(isinstance(v, Path) for v in results.values()):
-            self.commit_floating()
+        accepted = self.releases.accepted(LATEST) if self.settings.floating else None
+        if accepted is not None and any(isinstance(v, Path) for v in results.values()):
+            # The cache's `latest` moves to the release just fetched, never before.
+            ref = {"version": accepted.version, "digest": accepted.digest}
+            self.store.write_state(FLOATING_REF_PREFIX + LATEST, ref)
         return results
-
-    def platform_for(self, spec: AssetSpec) -> tuple[str, str]:
-        """Which platform manifest carries `spec`: the host's os with the asset's CPU."""
-        if spec.kind is Kind.GVPROXY:
-            os_, _, goarch = spec.arch.partition("-")
-            return os_, goarch
-        return self.settings.host_os, catalog.GOARCH[spec.arch]
 
     async def _fetch_one(
         self,
@@ -296,7 +273,10 @@ class AssetClient:
                     path = await self._ensure_resuming(out, source, layer, bar)
                 except TransportError as exc:
                     log.warning(
-                        "blob download failed, trying next source",
+                        "%s: download from %s failed, trying the next source: %s",
+                        spec.name,
+                        source.name,
+                        exc,
                         extra={"source": source.name, "asset": spec.name, "error": str(exc)},
                     )
                     attempts.append(
@@ -329,9 +309,12 @@ class AssetClient:
                     raise
                 delay = min(RESUME_MAX_DELAY, RESUME_BASE_DELAY * 2**resume)
                 log.info(
-                    "download broke off at %d of %d bytes; resuming from the same source in %.2fs",
+                    "%s: download from %s broke off at %d of %d bytes (%s); resuming in %.2fs",
+                    layer.title,
+                    source.name,
                     got,
                     layer.size,
+                    exc,
                     delay,
                     extra={"source": source.name, "asset": layer.title, "error": str(exc)},
                 )
@@ -341,153 +324,32 @@ class AssetClient:
     async def platform_release(
         self, sources: Sequence[Source], platform: tuple[str, str]
     ) -> PlatformRelease:
-        tag = self.settings.tag
-        cache_key = (tag, *platform)
-        if (hit := self._platforms.get(cache_key)) is not None:
-            return hit
-        attempts: list[Attempt] = []
-        for source in sources:
-            try:
-                verified = await self._verified_index(source, tag)
-                part = await self._platform_manifest(source, verified, platform)
-            except TransportError as exc:
-                log.warning(
-                    "source failed, trying the next one",
-                    extra={"source": source.name, "tag": tag, "error": str(exc)},
-                )
-                attempts.append(Attempt(source.name, str(exc), isinstance(exc, AssetNotFoundError)))
-                continue
-            self._platforms[cache_key] = part
-            return part
-        raise AllSourcesFailedError(f"release {tag} for {'/'.join(platform)}", attempts)
-
-    async def _verified_index(self, source: Source, tag: str) -> VerifiedIndex:
-        from exec_sandbox_assets.oci.model import Index, sha256_digest
-
-        cached = self._indexes.get(tag)
-        if cached is not None and cached.source == source.name:
-            return cached
-        data = await source.index(tag)
-        digest = sha256_digest(data)
-        where = f"{source.name} tag {tag} (index {digest})"
-        signed = await self._check_signature(source, digest, where)
-        index = Index.from_bytes(data, where)
-        version = signed.version if signed and signed.version else _index_version(index, where)
-        created = signed.created if signed else index.annotations.get(catalog.ANN_CREATED)
-        if not self.settings.floating and _strip_v(version) != self.settings.version:
-            from exec_sandbox_assets.errors import VersionMismatchError
-
-            raise VersionMismatchError(
-                f"{where}: holds release {version}, but {self.settings.version} was asked for"
-            )
-        verified = VerifiedIndex(
-            tag,
-            _strip_v(version),
-            digest,
-            index,
-            created,
-            source.name,
-            signed is not None,
-            signed.key_ids if signed else (),
-        )
-        if self.settings.floating:
-            self._remember_floating(source, verified)
-        self._indexes[tag] = verified
-        log.info(
-            "release index verified",
-            extra={"source": source.name, "tag": tag, "digest": digest, "version": version},
-        )
-        return verified
-
-    async def _check_signature(self, source: Source, digest: str, where: str) -> SignedInfo | None:
-        from exec_sandbox_assets.release import keys, policy, signing
-
-        if self.settings.insecure_skip_verify:
-            log.warning(
-                "SIGNATURE VERIFICATION DISABLED (EXEC_SANDBOX_INSECURE_SKIP_VERIFY=1): "
-                "accepting an unverified release index",
-                extra={"source": source.name, "digest": digest},
-            )
-            return None
-        trust_policy = policy.TrustPolicy(
-            keys=tuple(keys.load_public_key_file(p) for p in self.settings.trusted_keys),
-            threshold=self.settings.threshold,
-            allow_downgrade=self.settings.allow_downgrade,
-        )
-        # Fail before any remote byte beyond the index is fetched.
-        policy.require_keys(trust_policy, f"{where}: refusing unverified remote content")
-        sig_manifest = await source.signature(digest)
-        layers = signing.read_signature_manifest(sig_manifest, f"{where} signature")
-        pairs = [
-            (await source.payload(layer, n), layer.signature) for n, layer in enumerate(layers)
-        ]
-        newest = None
-        if self.settings.floating:
-            state = self.store.read_state(TRUST_STATE_PREFIX + source.key)
-            value = state.get("created") if state else None
-            newest = value if isinstance(value, str) else None
-        result = policy.verify_index(
-            trust_policy,
-            digest,
-            pairs,
-            expected_version=None if self.settings.floating else self.settings.version,
-            newest_accepted_created=newest,
-            where=where,
-        )
-        return SignedInfo(result.version, result.created, tuple(result.key_ids))
-
-    def _remember_floating(self, source: Source, verified: VerifiedIndex) -> None:
-        if verified.created:
-            self.store.write_state(TRUST_STATE_PREFIX + source.key, {"created": verified.created})
-
-    async def _platform_manifest(
-        self, source: Source, verified: VerifiedIndex, platform: tuple[str, str]
-    ) -> PlatformRelease:
-        from exec_sandbox_assets.oci.model import Manifest
-        from exec_sandbox_assets.release.documents import read_asset_layers
-
-        desc = verified.index.for_platform(*platform)
-        if desc is None:
-            have = ", ".join(str(d.platform) for d in verified.index.manifests if d.platform)
-            raise AssetNotFoundError(
-                f"{source.name}: release {verified.version} has no {'/'.join(platform)} "
-                f"manifest (it has: {have or 'none'})"
-            )
-        data = await source.manifest(desc)
-        where = f"{source.name} manifest {desc.digest}"
-        manifest = Manifest.from_bytes(data, where)
-        return PlatformRelease(verified, platform, desc.digest, read_asset_layers(manifest, where))
-
-    def verified_index(self, tag: str) -> VerifiedIndex | None:
-        """The index this client verified for `tag` (after a fetch), else None."""
-        return self._indexes.get(tag)
-
-    def commit_floating(self) -> None:
-        """After a successful fetch of a floating tag, point the cache's ref at its version."""
-        verified = self._indexes.get(LATEST)
-        if verified is not None:
-            self.store.write_state(
-                FLOATING_REF_PREFIX + LATEST,
-                {"version": verified.version, "digest": verified.digest},
-            )
+        """The accepted release for the asked tag and `platform`, from the first source
+        that has it (see `sources.resolver`)."""
+        return await self.releases.platform_release(sources, platform)
 
 
-@dataclass(frozen=True)
-class SignedInfo:
-    version: str | None
-    created: str | None
-    key_ids: tuple[str, ...] = ()
+def _default_sources(settings: Settings) -> Sequence[Source]:
+    from exec_sandbox_assets.sources import build_sources
+
+    return build_sources(settings)
 
 
-def _strip_v(version: str) -> str:
-    return version[1:] if version.startswith("v") else version
+def platform_for(spec: AssetSpec, host_os: str) -> tuple[str, str]:
+    """Which platform manifest carries `spec`: the host's os with the asset's CPU."""
+    if spec.kind is Kind.GVPROXY:
+        os_, _, goarch = spec.arch.partition("-")
+        return os_, goarch
+    return host_os, catalog.GOARCH[spec.arch]
 
 
-def _index_version(index: Index, where: str) -> str:
-    version = index.annotations.get(catalog.ANN_VERSION)
-    if not version:
-        raise FormatError(f"index has no {catalog.ANN_VERSION} annotation", where)
-    return version
+def _by_platform(
+    specs: Sequence[AssetSpec], host_os: str
+) -> dict[tuple[str, str], list[AssetSpec]]:
+    groups: dict[tuple[str, str], list[AssetSpec]] = {}
+    for spec in specs:
+        groups.setdefault(platform_for(spec, host_os), []).append(spec)
+    return groups
 
 
 def _prefer(sources: Sequence[Source], first: str) -> Iterable[Source]:

@@ -43,10 +43,11 @@ from typing import Any
 from exec_sandbox_assets import catalog
 from exec_sandbox_assets.errors import ConfigError
 from exec_sandbox_assets.oci.policy import DEFAULT_DEADLINE, DEFAULT_MIN_RATE, TransferPolicy
+from exec_sandbox_assets.release.version import LATEST as LATEST
+from exec_sandbox_assets.release.version import normalize_version as normalize_version
 
 ENV_PREFIX = "EXEC_SANDBOX_"
 DEFAULT_RELEASES_DOWNLOAD = f"{catalog.DEFAULT_RELEASES_URL}/download"
-LATEST = "latest"
 DEFAULT_GITHUB_API = "https://api.github.com"
 # The seed's "images/dist relative to the package root": a checkout's build output.
 LOCAL_BUILD_DIR = Path(__file__).resolve().parent.parent.parent / "images" / "dist"
@@ -112,17 +113,6 @@ class Settings:
             blocked_hosts=AIRGAP_BLOCKED_HOSTS if self.airgap else (),
             blocked_reason=AIRGAP_REASON,
         )
-
-
-def normalize_version(text: str) -> str:
-    """`v1.2.3` and `1.2.3` -> `1.2.3`; `latest` stays; anything unsafe is refused."""
-    text = text.strip()
-    if text in ("", LATEST):
-        return LATEST
-    version = text[1:] if text.startswith("v") else text
-    if not catalog.is_valid_title(version):
-        raise ConfigError(f"invalid asset version {text!r}")
-    return version
 
 
 def _flag(env: Mapping[str, str], name: str) -> bool:

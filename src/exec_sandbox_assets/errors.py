@@ -14,6 +14,7 @@
     │   │   └── BlockedHostError    a request (or redirect) to a host the settings block
     │   ├── AuthError               401/403 after the auth round
     │   └── AssetNotFoundError      404: tag, manifest, blob or release file missing
+    │       └── ReleaseNotFoundError  no source has the release (each answered "not found")
     ├── SizeLimitError              content exceeds its signed size or a hard cap (a TrustError too)
     ├── OutOfSpaceError             ENOSPC while writing; partial data is kept for resume
     └── AllSourcesFailedError       every source failed; `.attempts` says each one and why
@@ -115,14 +116,28 @@ class Attempt:
     not_found: bool = False  # the source answered that it does not have it (404, no tag)
 
 
+def _tried(attempts: Sequence[Attempt]) -> str:
+    return "\n".join(f"  - {a.source}: {a.error}" for a in attempts)
+
+
+class ReleaseNotFoundError(AssetNotFoundError):
+    """Every source answered that it does not have the release; `attempts` says each."""
+
+    def __init__(self, what: str, attempts: Sequence[Attempt]) -> None:
+        self.what = what
+        self.attempts = tuple(attempts)
+        super().__init__(f"{what} not found on any source; tried:\n{_tried(self.attempts)}")
+
+    not_found = True
+
+
 class AllSourcesFailedError(AssetDownloadError):
     """Every configured source failed; `attempts` lists each with its reason."""
 
     def __init__(self, what: str, attempts: Sequence[Attempt]) -> None:
         self.what = what
         self.attempts = tuple(attempts)
-        lines = "\n".join(f"  - {a.source}: {a.error}" for a in self.attempts)
-        super().__init__(f"could not fetch {what}; tried:\n{lines}")
+        super().__init__(f"could not fetch {what}; tried:\n{_tried(self.attempts)}")
 
     @property
     def not_found(self) -> bool:
@@ -155,6 +170,7 @@ __all__ = [
     "FormatError",
     "NoTrustedKeysError",
     "OutOfSpaceError",
+    "ReleaseNotFoundError",
     "RollbackError",
     "SignatureError",
     "SizeLimitError",

@@ -23,16 +23,19 @@ For each version, in this order:
    target (oras-py for registries: chunked uploads the registry checks again);
 3. the platform manifests, the index by digest, the signature manifest (its config and
    payload blobs first) under `sha256-H.sig`, and only then the tag `vV` (and `latest`
-   when `latest` was asked for): SPEC.md section 2. An interrupted mirror leaves no tag
+   when `latest` was asked for): docs/format.md §2. An interrupted mirror leaves no tag
    naming an incomplete or unsigned release; running it again skips what arrived.
 
 Documents are copied as the exact bytes read (never re-serialized), so every digest,
-and with it the signature, is the same at the destination.
+and with it the signature, is the same at the destination. One exception: a signature
+manifest that lists layers other than signatures (it is unsigned; a source may pad it
+with junk) is rebuilt from its signature layers alone, so junk is neither fetched nor
+written.
 
 `platforms` is a check, not a filter. The index is signed as a whole and cannot be
 rewritten; a registry refuses an index whose platform manifests are missing
 (distribution: MANIFEST_BLOB_UNKNOWN) and a manifest whose layers are missing, and an
-OCI layout written here refuses to tag either (SPEC.md section 2: a tag never names an
+OCI layout written here refuses to tag either (docs/format.md §2: a tag never names an
 incomplete release). So a copy of a release always holds all of its platforms. Given
 `platforms`, the mirror fails before copying anything when a release lacks one of them,
 and when the release holds others too (a copy with fewer platforms cannot be made
@@ -57,35 +60,36 @@ import shutil
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
-from exec_sandbox_assets import catalog
-from exec_sandbox_assets.cache.store import BlobRequest, Store
-from exec_sandbox_assets.config import LATEST, docker_config_path, normalize_version
+from exec_sandbox_assets.cache.store import Store
+from exec_sandbox_assets.config import docker_config_path
 from exec_sandbox_assets.errors import (
-    AssetError,
     AssetNotFoundError,
     ConfigError,
-    FormatError,
-    TransportError,
-    VersionMismatchError,
+)
+from exec_sandbox_assets.mirror_copy import (
+    Blob,
+    Copier,
+    EventKind,
+    MirrorEvent,
+    Plan,
+    ProgressCallback,
+    platform_of,
+    show,
 )
 from exec_sandbox_assets.oci.auth import Credentials
 from exec_sandbox_assets.oci.model import (
-    INDEX_MEDIA_TYPES,
     Descriptor,
-    Index,
     Manifest,
-    media_type_of,
     sha256_digest,
-    signature_tag,
 )
 from exec_sandbox_assets.oci.reference import LayoutRef, RegistryRef, parse_source_ref
-from exec_sandbox_assets.release.documents import read_asset_layer, read_asset_layers
-from exec_sandbox_assets.release.keys import load_public_key_file
-from exec_sandbox_assets.release.policy import TrustPolicy, require_keys, verify_index
-from exec_sandbox_assets.release.signing import parse_timestamp, read_signature_manifest
-from exec_sandbox_assets.sources import BlobOpener, Source, open_source
+from exec_sandbox_assets.release.policy import TrustPolicy, load_policy, require_keys
+from exec_sandbox_assets.release.signing import build_signature_manifest
+from exec_sandbox_assets.release.version import LATEST, Version
+from exec_sandbox_assets.sources import Source, open_source
+from exec_sandbox_assets.sources.reader import ReleaseReader, VerifiedIndex
 
 if TYPE_CHECKING:
     from exec_sandbox_assets.oci.targets import Target
@@ -93,40 +97,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _P = ParamSpec("_P")
 _T = TypeVar("_T")
-
-# A download that broke off after making progress is resumed this many times in one call.
-MAX_RESUMES = 4
-_RESUME_BASE_DELAY = 0.1
-_RESUME_MAX_DELAY = 2.0
-# Downloads started ahead of the blob being pushed (each holds one blob in work_dir).
-_PREFETCH = 1
-
-EventKind = Literal[
-    "verified",  # a release's signature verified (name: the version)
-    "blob-start",  # size: the blob's size; name: its title or role
-    "blob-progress",  # size: bytes just downloaded (or found in a partial)
-    "blob-done",  # copied
-    "blob-skipped",  # the destination had it
-    "blob-mounted",  # cross-repository mount on the same registry
-    "manifest",  # a platform manifest stored (name: os/arch)
-    "index",  # the index stored by digest
-    "signature",  # the signature manifest stored under sha256-H.sig
-    "tag",  # name: the tag written (the release is complete)
-]
-
-
-@dataclass(frozen=True)
-class MirrorEvent:
-    """One step of a mirror, for a progress display (the library logs too)."""
-
-    kind: EventKind
-    version: str
-    digest: str = ""
-    name: str = ""
-    size: int = 0
-
-
-ProgressCallback = Callable[[MirrorEvent], None]
 
 
 @dataclass(frozen=True)
@@ -169,34 +139,6 @@ class MirrorResult:
         return sum(r.blobs_mounted for r in self.releases)
 
 
-@dataclass(frozen=True)
-class _Blob:
-    desc: Descriptor
-    name: str  # title, or what the blob is ("config of linux/amd64")
-    data: bytes | None = None  # small blobs, read (and verified) already
-
-
-@dataclass
-class _Plan:
-    """A verified release, read and checked, ready to be written (then the counts)."""
-
-    version: str
-    tags: tuple[str, ...]
-    index: bytes
-    index_digest: str
-    manifests: list[tuple[Descriptor, bytes]]
-    blobs: list[_Blob]
-    signature: bytes | None
-    signature_blobs: list[_Blob]
-    signed_by: tuple[str, ...]
-    created: str | None
-    latest_kept: bool = False
-    blobs_copied: int = 0
-    bytes_copied: int = 0
-    blobs_skipped: int = 0
-    blobs_mounted: int = 0
-
-
 async def mirror_async(
     src: str,
     dst: str,
@@ -228,14 +170,11 @@ async def mirror_async(
     target: Target | None = None
     ok = False
     try:
-        plans = [
-            await _plan(source, tag, policy, platforms, insecure_skip_verify, progress)
-            for tag in tags
-        ]
+        plans = [await _plan(source, tag, policy, platforms, progress) for tag in tags]
         target = await asyncio.to_thread(
             _open_target, dst, work_dir, dst_credentials, ca_bundle, docker_config
         )
-        copier = _Copier(
+        copier = Copier(
             source,
             target,
             Store(work_dir / "download"),
@@ -262,7 +201,7 @@ async def mirror_async(
                 version=p.version,
                 tags=p.tags,
                 index_digest=p.index_digest,
-                manifest_digests={_platform_of(d): d.digest for d, _ in p.manifests},
+                manifest_digests={platform_of(d): d.digest for d, _ in p.manifests},
                 signature_digest=sha256_digest(p.signature) if p.signature else None,
                 signed_by=p.signed_by,
                 blobs_copied=p.blobs_copied,
@@ -302,8 +241,7 @@ def _tags_of(versions: Sequence[str]) -> list[str]:
         raise ConfigError("no version to mirror: give at least one (e.g. 0.22.0 or latest)")
     tags: list[str] = []
     for text in versions:
-        version = normalize_version(text)
-        tag = LATEST if version == LATEST else f"v{version}"
+        tag = LATEST if text.strip() in ("", LATEST) else Version.parse(text).tag
         if tag not in tags:
             tags.append(tag)
     return tags
@@ -320,11 +258,7 @@ def _policy(
             extra={"source": src},
         )
         return None
-    policy = TrustPolicy(
-        keys=tuple(load_public_key_file(Path(p)) for p in keys),
-        threshold=threshold,
-        allow_downgrade=allow_downgrade,
-    )
+    policy = load_policy(keys, threshold, allow_downgrade)
     require_keys(policy, f"{src}: refusing to copy an unverified release")
     return policy
 
@@ -394,16 +328,6 @@ def _open_target(
     return open_target(text, work_dir, options)
 
 
-def _platform_of(desc: Descriptor, where: str = "") -> tuple[str, str]:
-    if desc.platform is None:
-        raise FormatError(f"index entry {desc.digest} has no platform", where)
-    return desc.platform.os, desc.platform.architecture
-
-
-def _show(platform: tuple[str, str]) -> str:
-    return "/".join(platform)
-
-
 # --------------------------------------------------------------------------- reading
 
 
@@ -412,110 +336,83 @@ async def _plan(
     tag: str,
     policy: TrustPolicy | None,
     platforms: Sequence[tuple[str, str]] | None,
-    insecure: bool,
     progress: ProgressCallback | None,
-) -> _Plan:
-    """Read, verify and check one release; nothing is written."""
-    data = await source.index(tag)
-    digest = sha256_digest(data)
+) -> Plan:
+    """Read, verify and check one release (through the one `ReleaseReader`); nothing
+    is written."""
+    reader = ReleaseReader(source, policy, keep_signature=True)
+    release = await reader.read(tag)
+    version, digest = release.version, release.digest
     where = f"{source.name} tag {tag} (index {digest})"
-    signature, payloads, signed_by, version, created = await _verify(
-        source, tag, digest, policy, insecure, where
-    )
-    index = Index.from_bytes(data, where)
-    if version is None:
-        version = index.annotations.get(catalog.ANN_VERSION)
-    if not version:
-        raise FormatError(f"index has no {catalog.ANN_VERSION} annotation", where)
-    version = version.removeprefix("v")
-    if tag != LATEST and f"v{version}" != tag:
-        raise VersionMismatchError(f"{where}: holds release {version}, not {tag}")
     if progress is not None:
         progress(MirrorEvent("verified", version, digest, version))
-
-    for desc in index.manifests:
-        if desc.media_type in INDEX_MEDIA_TYPES:
-            raise FormatError(f"nested index {desc.digest}: not an exec-sandbox release", where)
-    have = [_platform_of(d, where) for d in index.manifests]
+    have = [platform_of(d, where) for d in release.index.manifests]
     _check_platforms(have, platforms, version, where)
 
     manifests: list[tuple[Descriptor, bytes]] = []
-    blobs: dict[str, _Blob] = {}
-    for desc in index.manifests:
-        mbytes = await source.manifest(desc)  # verified against the signed index
-        mwhere = f"{source.name} manifest {desc.digest}"
-        manifest = Manifest.from_bytes(mbytes, mwhere)
-        read_asset_layers(manifest, mwhere)  # an exec-sandbox release: titles are safe
-        manifests.append((desc, mbytes))
+    blobs: dict[str, Blob] = {}
+    for desc, part in await reader.platforms(release):
+        manifests.append((desc, part.manifest))
+        manifest = Manifest.from_bytes(part.manifest, f"{source.name} manifest {desc.digest}")
         config = manifest.config
         if config.digest not in blobs:
-            blobs[config.digest] = _Blob(
-                config, f"config of {_show(_platform_of(desc))}", await source.small_blob(config)
+            blobs[config.digest] = Blob(
+                config, f"config of {show(part.platform)}", await source.small_blob(config)
             )
         for layer in manifest.layers:
-            blobs.setdefault(layer.digest, _Blob(layer, layer.title or layer.digest))
+            blobs.setdefault(layer.digest, Blob(layer, layer.title or layer.digest))
 
-    signature_blobs: list[_Blob] = []
-    if signature is not None:
-        sig = Manifest.from_bytes(signature, f"{where} signature")
-        for desc in (sig.config, *sig.layers):
-            blob = payloads.get(desc.digest)
-            if blob is None:
-                blob = await source.small_blob(desc)
-            signature_blobs.append(_Blob(desc, "signature blob", blob))
+    signature_manifest, signature_blobs = await _signature_copy(source, release, where)
     tags = (tag,) if tag != LATEST else (f"v{version}", LATEST)
-    return _Plan(
+    return Plan(
         version=version,
         tags=tags,
-        index=data,
+        index=release.data,
         index_digest=digest,
         manifests=manifests,
         blobs=list(blobs.values()),
-        signature=signature,
+        signature=signature_manifest,
         signature_blobs=signature_blobs,
-        signed_by=signed_by,
-        created=created,
+        signed_by=release.key_ids,
+        created=release.created,
     )
 
 
-async def _verify(
-    source: Source,
-    tag: str,
-    digest: str,
-    policy: TrustPolicy | None,
-    insecure: bool,
-    where: str,
-) -> tuple[bytes | None, dict[str, bytes], tuple[str, ...], str | None, str | None]:
-    """(signature manifest, payloads by digest, signer key ids, signed version, created)."""
-    try:
-        signature = await source.signature(digest)
-    except AssetError as exc:
-        if not insecure:
-            raise
-        log.warning("no signature to copy for %s: %s", where, exc)
-        return None, {}, (), None, None
-    layers = read_signature_manifest(signature, f"{where} signature")
-    payloads: dict[str, bytes] = {}
-    pairs: list[tuple[bytes, bytes]] = []
-    for n, layer in enumerate(layers):
-        payload = await source.payload(layer, n)  # verified against its digest
-        payloads[layer.payload_digest] = payload
-        pairs.append((payload, layer.signature))
-    if policy is None:
-        return signature, payloads, (), None, None
-    verified = verify_index(
-        policy,
-        digest,
-        pairs,
-        expected_version=None if tag == LATEST else tag,
-        newest_accepted_created=None,
-        where=where,
-    )
-    log.info(
-        "release index verified",
-        extra={"source": source.name, "tag": tag, "digest": digest, "version": verified.version},
-    )
-    return signature, payloads, verified.key_ids, verified.version, verified.created
+async def _signature_copy(
+    source: Source, release: VerifiedIndex, where: str
+) -> tuple[bytes | None, list[Blob]]:
+    """The signature manifest to write and its blobs (config, payloads read already).
+
+    Copied byte for byte when it holds signature layers only. A manifest that also
+    lists other layers is unsigned junk a source may add (each up to the manifest
+    cap, fetched whole): it is rebuilt from its signature layers alone, in cosign's
+    layout, so the mirror neither fetches nor writes what no client reads.
+    """
+    signature = release.signature
+    if signature is None:
+        return None, []
+    sig = Manifest.from_bytes(signature.manifest, f"{where} signature")
+    wanted = {layer.payload_digest for layer in signature.layers}
+    junk = [d for d in sig.layers if d.digest not in wanted]
+    if junk:
+        log.warning(
+            "%s: the signature manifest lists %d layer(s) that are no signature; "
+            "writing its %d signature(s) alone",
+            where,
+            len(junk),
+            len(signature.layers),
+        )
+        rebuilt = build_signature_manifest(signature.pairs())
+        clean = Manifest.from_bytes(rebuilt.manifest, "rebuilt signature")
+        return rebuilt.manifest, [
+            Blob(clean.config, "signature blob", rebuilt.config),
+            *(Blob(d, "signature blob", signature.payloads[d.digest]) for d in clean.layers),
+        ]
+    config = await source.small_blob(sig.config)
+    return signature.manifest, [
+        Blob(sig.config, "signature blob", config),
+        *(Blob(d, "signature blob", signature.payloads[d.digest]) for d in sig.layers),
+    ]
 
 
 def _check_platforms(
@@ -526,11 +423,11 @@ def _check_platforms(
 ) -> None:
     if wanted is None:
         return
-    listed = ", ".join(_show(p) for p in have) or "none"
+    listed = ", ".join(show(p) for p in have) or "none"
     missing = [p for p in dict.fromkeys(wanted) if p not in have]
     if missing:
         raise AssetNotFoundError(
-            f"{where}: release {version} has no {', '.join(_show(p) for p in missing)} "
+            f"{where}: release {version} has no {', '.join(show(p) for p in missing)} "
             f"(it has: {listed})"
         )
     extra = [p for p in have if p not in wanted]
@@ -539,171 +436,9 @@ def _check_platforms(
         # manifests are missing (MANIFEST_BLOB_UNKNOWN): the others are copied too.
         log.info(
             "the release also holds %s; copying every platform: its index is signed whole",
-            ", ".join(_show(p) for p in extra),
+            ", ".join(show(p) for p in extra),
             extra={"where": where, "version": version},
         )
-
-
-# --------------------------------------------------------------------------- writing
-
-
-class _Copier:
-    def __init__(
-        self,
-        source: Source,
-        target: Target,
-        store: Store,
-        *,
-        mount_from: str | None,
-        keep_downloads: bool,
-        progress: ProgressCallback | None,
-    ) -> None:
-        self.source = source
-        self.target = target
-        self.store = store
-        self.mount_from = mount_from
-        self.keep_downloads = keep_downloads
-        self.progress = progress
-
-    def _emit(
-        self, plan: _Plan, kind: EventKind, digest: str = "", name: str = "", size: int = 0
-    ) -> None:
-        if self.progress is not None:
-            self.progress(MirrorEvent(kind, plan.version, digest, name, size))
-
-    async def check_tags(self, plan: _Plan, allow_downgrade: bool) -> None:
-        """Refuse to move a version tag; keep a newer `latest`."""
-        version_tag = f"v{plan.version}"
-        existing = await asyncio.to_thread(self.target.read_manifest, version_tag)
-        if existing is not None and sha256_digest(existing) != plan.index_digest:
-            raise ConfigError(
-                f"{self.target.name}:{version_tag} already names index "
-                f"{sha256_digest(existing)}, not {plan.index_digest} as in {self.source.name}; "
-                "a release never changes, so the mirror does not move its tag (remove the "
-                "tag at the destination first if the source is the one to keep)"
-            )
-        if LATEST in plan.tags and not allow_downgrade:
-            current = await asyncio.to_thread(self.target.read_manifest, LATEST)
-            if current is not None and _newer(current, plan.created):
-                log.warning(
-                    "%s:latest names a newer release than %s; not moving it back",
-                    self.target.name,
-                    plan.version,
-                )
-                plan.tags = tuple(t for t in plan.tags if t != LATEST)
-                plan.latest_kept = True
-
-    async def copy(self, plan: _Plan) -> None:
-        await self._blobs(plan, plan.blobs)
-        for desc, data in plan.manifests:
-            await asyncio.to_thread(self.target.put_manifest, data, desc.media_type, None)
-            self._emit(plan, "manifest", desc.digest, _show(_platform_of(desc)))
-        index_type = media_type_of(plan.index, plan.index_digest)
-        await asyncio.to_thread(self.target.put_manifest, plan.index, index_type, None)
-        self._emit(plan, "index", plan.index_digest)
-        if plan.signature is not None:
-            await self._blobs(plan, plan.signature_blobs)
-            sig_type = media_type_of(plan.signature, "signature")
-            await asyncio.to_thread(
-                self.target.put_manifest,
-                plan.signature,
-                sig_type,
-                signature_tag(plan.index_digest),
-            )
-            self._emit(
-                plan, "signature", sha256_digest(plan.signature), signature_tag(plan.index_digest)
-            )
-        for tag in plan.tags:
-            await asyncio.to_thread(self.target.tag, plan.index, index_type, tag)
-            self._emit(plan, "tag", plan.index_digest, tag)
-            log.info("mirrored %s:%s -> %s", self.target.name, tag, plan.index_digest)
-
-    async def _blobs(self, plan: _Plan, blobs: Sequence[_Blob]) -> None:
-        """Copy what the destination lacks. Pushes run one at a time (the target is not
-        shared between threads); the next download runs while the current blob is pushed,
-        so a copy takes about as long as the slower side instead of the sum of both."""
-        todo: list[_Blob] = []
-        for blob in blobs:
-            desc = blob.desc
-            if await asyncio.to_thread(self.target.has_blob, desc.digest):
-                plan.blobs_skipped += 1
-                self._emit(plan, "blob-skipped", desc.digest, blob.name, desc.size)
-            elif await self._mount(desc.digest):
-                plan.blobs_mounted += 1
-                self._emit(plan, "blob-mounted", desc.digest, blob.name, desc.size)
-            elif blob.data is not None:
-                self._emit(plan, "blob-start", desc.digest, blob.name, desc.size)
-                await asyncio.to_thread(self.target.push_bytes, blob.data, desc.media_type)
-                self._done(plan, blob)
-            else:
-                todo.append(blob)
-        downloads: dict[int, asyncio.Task[Path]] = {}
-        try:
-            for i, blob in enumerate(todo):
-                for j in range(i, min(i + 1 + _PREFETCH, len(todo))):
-                    if j not in downloads:
-                        downloads[j] = asyncio.create_task(self._download(plan, todo[j]))
-                path = await downloads.pop(i)
-                desc = blob.desc
-                await asyncio.to_thread(self.target.push_blob, path, desc.digest, desc.size)
-                if not self.keep_downloads:
-                    path.unlink(missing_ok=True)
-                self._done(plan, blob)
-        finally:
-            for task in downloads.values():
-                task.cancel()
-            await asyncio.gather(*downloads.values(), return_exceptions=True)
-
-    def _done(self, plan: _Plan, blob: _Blob) -> None:
-        plan.blobs_copied += 1
-        plan.bytes_copied += blob.desc.size
-        self._emit(plan, "blob-done", blob.desc.digest, blob.name, blob.desc.size)
-
-    async def _mount(self, digest: str) -> bool:
-        # Not part of `Target`: only the registry target can mount.
-        mount = getattr(self.target, "mount_blob", None)
-        if mount is None or self.mount_from is None:
-            return False
-        return bool(await asyncio.to_thread(mount, digest, self.mount_from))
-
-    async def _download(self, plan: _Plan, blob: _Blob) -> Path:
-        """The blob as a verified file under work_dir (a partial from before is resumed)."""
-        desc = blob.desc
-        self._emit(plan, "blob-start", desc.digest, blob.name, desc.size)
-        req = BlobRequest(desc.digest, desc.size, self.source.name)
-        opener = self._opener(blob)
-
-        def advance(n: int) -> None:
-            self._emit(plan, "blob-progress", desc.digest, blob.name, n)
-
-        for attempt in range(MAX_RESUMES + 1):
-            before = self.store.partial_size(desc.digest)
-            try:
-                async with self.store.blob_lock(desc.digest):
-                    return await self.store.fetch_blob(req, opener, advance)
-            except TransportError as exc:
-                grown = self.store.partial_size(desc.digest) > before
-                if not grown or attempt == MAX_RESUMES:
-                    raise
-                delay = min(_RESUME_MAX_DELAY, _RESUME_BASE_DELAY * 2**attempt)
-                log.info("download of %s broke off (%s); resuming in %.2fs", blob.name, exc, delay)
-                await asyncio.sleep(delay)
-        raise AssertionError("unreachable")
-
-    def _opener(self, blob: _Blob) -> BlobOpener:
-        layer = read_asset_layer(blob.desc, f"{self.source.name} layer {blob.desc.digest}")
-        return self.source.opener(layer)
-
-
-def _newer(current_index: bytes, created: str | None) -> bool:
-    """Whether the destination's `latest` index was created after `created`."""
-    try:
-        theirs = Index.from_bytes(current_index, "latest").annotations.get(catalog.ANN_CREATED)
-        if not theirs or not created:
-            return False
-        return parse_timestamp(theirs) > parse_timestamp(created)
-    except (FormatError, ValueError):
-        return False
 
 
 __all__ = [

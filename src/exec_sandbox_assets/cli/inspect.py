@@ -8,6 +8,7 @@ only `--require-signature` turns that into exit code 3.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,23 +26,17 @@ from exec_sandbox_assets.cli.output import (
 )
 from exec_sandbox_assets.cli.table import Context
 from exec_sandbox_assets.config import Settings
-from exec_sandbox_assets.errors import ConfigError, FormatError, SignatureError, TrustError
+from exec_sandbox_assets.errors import ConfigError, FormatError
 from exec_sandbox_assets.oci.auth import Credentials
 from exec_sandbox_assets.oci.model import (
-    INDEX_MEDIA_TYPES,
     Descriptor,
-    Index,
-    Manifest,
-    media_type_of,
-    sha256_digest,
     signature_tag,
 )
 from exec_sandbox_assets.oci.reference import LayoutRef, parse_source_ref
 from exec_sandbox_assets.release.documents import read_asset_layer
 from exec_sandbox_assets.release.keys import PublicKey, load_public_key_file
-from exec_sandbox_assets.release.policy import TrustPolicy, verify_index
-from exec_sandbox_assets.release.signing import parse_payload, read_signature_manifest
 from exec_sandbox_assets.sources import Source
+from exec_sandbox_assets.sources.reader import Findings, ReleaseReader
 
 
 @dataclass
@@ -119,81 +114,44 @@ def _layer_json(desc: Descriptor, where: str) -> dict[str, Any]:
     }
 
 
-async def _platforms(source: Source, index: Index) -> list[dict[str, Any]]:
-    found = []
-    for desc in index.manifests:
-        where = f"{source.name} manifest {desc.digest}"
-        data = await source.manifest(desc)
-        manifest = Manifest.from_bytes(data, where)
-        found.append(
-            {
-                "platform": str(desc.platform) if desc.platform else None,
-                "digest": desc.digest,
-                "size": desc.size,
-                "files": [_layer_json(layer, where) for layer in manifest.layers],
-            }
-        )
-    return found
+def _signature_json(found: Findings, keys: Sequence[PublicKey], threshold: int) -> dict[str, Any]:
+    entries: list[dict[str, Any]] = []
+    for finding in found.signatures:
+        entry: dict[str, Any] = {
+            "payload_digest": finding.payload_digest,
+            "signed_by": list(finding.signed_by),
+        }
+        if finding.payload is None:
+            entry["error"] = finding.error
+        else:
+            parsed = finding.payload
+            entry.update(
+                signed_digest=parsed.digest,
+                matches_index=parsed.digest == found.digest,
+                version=parsed.version,
+                created=parsed.created,
+                docker_reference=parsed.docker_reference,
+            )
+        entries.append(entry)
+    return {
+        "tag": signature_tag(found.digest),
+        "present": found.signature_present,
+        "entries": entries,
+        "trusted_keys": [k.describe() for k in keys],
+        "threshold": threshold,
+        "verified": found.verdict is not None,
+        "verified_by": list(found.verdict.key_ids) if found.verdict else [],
+        "error": found.error,
+    }
 
 
 async def _signature(
     source: Source, digest: str, keys: tuple[PublicKey, ...], settings: Settings, tag: str
 ) -> dict[str, Any]:
-    report: dict[str, Any] = {
-        "tag": signature_tag(digest),
-        "present": False,
-        "entries": [],
-        "trusted_keys": [k.describe() for k in keys],
-        "threshold": settings.threshold,
-        "verified": False,
-        "verified_by": [],
-        "error": None,
-    }
-    try:
-        data = await source.signature(digest)
-    except SignatureError as exc:
-        report["error"] = str(exc)
-        return report
-    report["present"] = True
-    layers = read_signature_manifest(data, f"{source.name} signature")
-    pairs = []
-    for n, layer in enumerate(layers):
-        payload = await source.payload(layer, n)
-        pairs.append((payload, layer.signature))
-        entry: dict[str, Any] = {
-            "payload_digest": layer.payload_digest,
-            "signed_by": [k.key_id for k in keys if k.verify(layer.signature, payload)],
-        }
-        try:
-            parsed = parse_payload(payload, f"{source.name} signature {n}")
-        except FormatError as exc:
-            entry["error"] = str(exc)
-        else:
-            entry.update(
-                signed_digest=parsed.digest,
-                matches_index=parsed.digest == digest,
-                version=parsed.version,
-                created=parsed.created,
-                docker_reference=parsed.docker_reference,
-            )
-        report["entries"].append(entry)
-    expected = tag[1:] if tag.startswith("v") and catalog.is_valid_title(tag[1:]) else None
-    try:
-        policy = TrustPolicy(keys=keys, threshold=settings.threshold)
-        result = verify_index(
-            policy,
-            digest,
-            pairs,
-            expected_version=expected,
-            newest_accepted_created=None,
-            where=source.name,
-        )
-    except (TrustError, ConfigError) as exc:
-        report["error"] = str(exc)
-    else:
-        report["verified"] = True
-        report["verified_by"] = list(result.key_ids)
-    return report
+    """The signature part of a report, for index `digest` read under `tag` (`versions`)."""
+    found = Findings(tag, digest)
+    await ReleaseReader(source, None).examine_signature(found, keys, settings.threshold)
+    return _signature_json(found, keys, settings.threshold)
 
 
 async def inspect_ref(
@@ -203,22 +161,25 @@ async def inspect_ref(
     source, pinned = open_ref(text, settings, credentials)
     reference = pinned or settings.tag
     try:
-        data = await source.index(reference)
-        digest = sha256_digest(data)
-        media_type = media_type_of(data, source.name)
-        report = InspectReport(text, source.name, reference, digest, media_type, len(data))
-        if media_type in INDEX_MEDIA_TYPES:
-            index = Index.from_bytes(data, f"{source.name} {reference}")
-            report.annotations = dict(index.annotations)
-        else:
-            # A single manifest: show it as a one-platform release.
-            manifest = Manifest.from_bytes(data, f"{source.name} {reference}")
-            report.annotations = dict(manifest.annotations)
-            index = Index((Descriptor(media_type, digest, len(data)),))
-        report.platforms = await _platforms(source, index)
-        report.signature = await _signature(source, digest, keys, settings, reference)
+        # Report mode: the client's reader and policy, findings instead of errors.
+        found = await ReleaseReader(source, None).examine(reference, keys, settings.threshold)
     finally:
         await source.aclose()
+    report = InspectReport(text, source.name, reference, found.digest, found.media_type, found.size)
+    report.annotations = found.annotations
+    report.platforms = [
+        {
+            "platform": str(desc.platform) if desc.platform else None,
+            "digest": desc.digest,
+            "size": desc.size,
+            "files": [
+                _layer_json(layer, f"{source.name} manifest {desc.digest}")
+                for layer in manifest.layers
+            ],
+        }
+        for desc, manifest in found.manifests
+    ]
+    report.signature = _signature_json(found, keys, settings.threshold)
     return report
 
 

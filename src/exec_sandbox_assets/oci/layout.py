@@ -61,6 +61,7 @@ from exec_sandbox_assets.oci.model import (
     new_hasher,
     verify_bytes,
 )
+from exec_sandbox_assets.oci.reference import TAG_RE
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,6 @@ OCI_LAYOUT_BYTES = b'{"imageLayoutVersion":"1.0.0"}'
 
 CHUNK = 1024 * 1024
 # The distribution-spec tag grammar: what skopeo and registries accept as a tag.
-_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 _HEX_RE = {"sha256": re.compile(r"^[a-f0-9]{64}$"), "sha512": re.compile(r"^[a-f0-9]{128}$")}
 _TMP_PREFIX = ".tmp-"
 
@@ -126,8 +126,8 @@ def _tags_of(index: Index) -> dict[str, Descriptor]:
 
 
 def check_tag(tag: str) -> str:
-    if not _TAG_RE.fullmatch(tag):
-        raise ConfigError(f"invalid tag {tag!r} (expected [A-Za-z0-9_][A-Za-z0-9._-]{{0,127}})")
+    if not TAG_RE.fullmatch(tag):
+        raise ConfigError(f"invalid tag {tag!r} (expected {TAG_RE.pattern.strip('^$')})")
     return tag
 
 

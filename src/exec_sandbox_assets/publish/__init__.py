@@ -1,4 +1,4 @@
-"""Release-side tooling: turn build outputs into signed OCI artifacts (SPEC.md).
+"""Release-side tooling: turn build outputs into signed OCI artifacts (docs/format.md).
 
 Not on the scheduler's import path: nothing in the client imports this package,
 and `oras`/`requests` are imported only when a registry is written to.

@@ -126,6 +126,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_json(parser)
     add_output_options(parser)
+    parser.add_argument(
+        "--replace-signatures",
+        action="store_true",
+        help="keep only signatures by the given keys (default: add to the existing ones)",
+    )
 
 
 def _key_is_encrypted(path: Path) -> bool:
@@ -245,6 +250,7 @@ def run(args: argparse.Namespace) -> int:
                 password=_registry_password(args),
                 ca_bundle=args.ca_bundle,
                 replace=args.replace,
+                replace_signatures=args.replace_signatures,
             )
             with progress_bars(ui.wants_progress(), log_handler) as bars:
                 result = publish(replace(request, progress=bars))

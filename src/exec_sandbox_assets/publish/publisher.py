@@ -1,4 +1,4 @@
-"""Publish a release: build output in, signed OCI artifacts out (SPEC.md sections 2-6).
+"""Publish a release: build output in, signed OCI artifacts out (docs/format.md §2-§6).
 
     keys -> inputs -> targets (connect, log in) -> compress -> documents -> sign
          -> per target: blobs, manifests, index, signature, read back + verify, tags
@@ -13,6 +13,11 @@ Re-running is a no-op: compression is deterministic, `created` is taken from the
 over the same payload is kept (ECDSA signatures differ on every signing), so the
 second run uploads no blob and yields the same digests, signature included.
 A `vV` that points at different content is not moved unless `replace` is set.
+
+Signatures accumulate, as cosign appends them (publish/signatures.py);
+`replace_signatures` keeps only the given keys'. A signature that does not verify
+with its key is never written, and what the targets serve is read back through the
+client's `ReleaseReader` before any tag is moved.
 """
 
 from __future__ import annotations
@@ -22,17 +27,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from exec_sandbox_assets import catalog
-from exec_sandbox_assets.config import LATEST
 from exec_sandbox_assets.errors import (
     AssetError,
-    AssetNotFoundError,
     ConfigError,
     FormatError,
-    SignatureError,
-    TrustError,
 )
 from exec_sandbox_assets.oci.model import (
     EMPTY_JSON,
@@ -41,11 +42,9 @@ from exec_sandbox_assets.oci.model import (
     MEDIA_TYPE_INDEX,
     MEDIA_TYPE_MANIFEST,
     Index,
-    Manifest,
     sha256_digest,
     signature_tag,
 )
-from exec_sandbox_assets.oci.reference import TAG_RE
 from exec_sandbox_assets.oci.targets import RegistryOptions, Target, open_target
 from exec_sandbox_assets.publish.compress import (
     DEFAULT_LEVEL,
@@ -57,20 +56,21 @@ from exec_sandbox_assets.publish.compress import (
 )
 from exec_sandbox_assets.publish.inputs import InputFile, ReleaseInputs, find_inputs
 from exec_sandbox_assets.publish.release_dir import ReleaseFiles, write_release_dir
-from exec_sandbox_assets.release import keys, policy, signing
+from exec_sandbox_assets.publish.signatures import existing_signatures, plan_signature, read_back
+from exec_sandbox_assets.release import keys, signing
 from exec_sandbox_assets.release.documents import (
     BuiltRelease,
     LayerFile,
     ReleaseInfo,
     build_release,
 )
+from exec_sandbox_assets.release.version import LATEST, Version
 
 if TYPE_CHECKING:
     from exec_sandbox_assets.client import Progress
 
 log = logging.getLogger(__name__)
-
-_MAX_PAYLOAD = 64 * 1024
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,6 +94,7 @@ class PublishRequest:
     replace: bool = False  # allow moving an existing vV to different content
     # Told about compressing (input bytes) and pushing (one step per blob); the CLI's bars.
     progress: Progress | None = field(default=None, repr=False, compare=False)
+    replace_signatures: bool = False  # drop the targets' signatures by other keys
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,7 @@ class PublishResult:
     targets: tuple[TargetResult, ...]
     release_dir: Path | None = None
     release_files: tuple[str, ...] = ()
+    signatures: int = 0  # in the signature manifest: ours, and those kept from before
 
     @property
     def blobs_uploaded(self) -> int:
@@ -136,20 +138,12 @@ class PublishResult:
 
 def normalize_version(version: str) -> str:
     """ "0.22.0" (a leading "v" is dropped: the tag adds it); refuses what no tag can hold."""
-    text = version.strip()
-    if len(text) > 1 and text[0] in "vV" and text[1].isdigit():
-        text = text[1:]
-    if text == LATEST:
+    if version.strip() == LATEST:
         raise ConfigError(
             "invalid version 'latest': publish a real version and add --latest to move the "
             "floating tag"
         )
-    if not text or not TAG_RE.fullmatch(f"v{text}"):
-        raise ConfigError(
-            f"invalid version {version!r}: letters, digits, '.', '_' and '-' only "
-            "(it becomes the tag v<version>)"
-        )
-    return text
+    return Version.parse(version).text
 
 
 def normalize_created(created: str) -> str:
@@ -258,62 +252,6 @@ def _check_no_conflict(
         )
 
 
-def _verified_signature(
-    target: Target,
-    index_digest: str,
-    keys: Sequence[keys.SigningKey],
-    version: str,
-    created: str,
-) -> signing.SignatureManifest:
-    """Read the signature of `index_digest` back from `target` and check that every
-    key signed this release; raises SignatureError otherwise."""
-    where = f"{target.name}:{signature_tag(index_digest)}"
-    data = target.read_manifest(signature_tag(index_digest))
-    if data is None:
-        raise SignatureError(f"{where}: no signature manifest")
-    manifest = Manifest.from_bytes(data, where)
-    payloads = tuple(target.read_blob(layer.digest, _MAX_PAYLOAD) for layer in manifest.layers)
-    by_digest = {sha256_digest(p): p for p in payloads}
-    signatures = [
-        (by_digest[layer.payload_digest], layer.signature)
-        for layer in signing.read_signature_manifest(data, where)
-    ]
-    for key in keys:
-        verified = policy.verify_index(
-            policy.TrustPolicy(keys=(key.public,)),
-            index_digest,
-            signatures,
-            expected_version=version,
-            newest_accepted_created=None,
-            where=where,
-        )
-        if verified.created != created:
-            raise SignatureError(
-                f"{where}: signed created {verified.created!r}, expected {created!r}"
-            )
-    config = target.read_blob(manifest.config.digest, _MAX_PAYLOAD)
-    return signing.SignatureManifest(data, config, payloads)
-
-
-def _reusable_signature(
-    targets: Sequence[Target],
-    index_digest: str,
-    keys: Sequence[keys.SigningKey],
-    version: str,
-    created: str,
-) -> signing.SignatureManifest | None:
-    for target in targets:
-        try:
-            sig = _verified_signature(target, index_digest, keys, version, created)
-        except (TrustError, FormatError, AssetNotFoundError) as exc:
-            # Missing, foreign or stale: sign afresh (transport errors still stop us).
-            log.debug("existing signature on %s not reused: %s", target.name, exc)
-            continue
-        log.info("reusing the existing signature on %s", target.name)
-        return sig
-    return None
-
-
 def push_release(
     target: Target,
     blobs: Sequence[Blob],
@@ -325,7 +263,7 @@ def push_release(
     tags: Sequence[str],
     progress: Progress | None = None,
 ) -> None:
-    """SPEC.md section 2 order: blobs, manifests, index, signature, verify, tags."""
+    """docs/format.md §2 order: blobs, manifests, index, signature, verify, tags."""
     index_digest = sha256_digest(built.index)
     for blob in blobs:
         label = f"push {blob.path.name} -> {target.name}"
@@ -344,9 +282,7 @@ def push_release(
     target.put_manifest(signature.manifest, MEDIA_TYPE_MANIFEST, signature_tag(index_digest))
 
     # Read back before tagging: what clients will fetch must verify with our keys.
-    if target.read_manifest(index_digest) != built.index:
-        raise SignatureError(f"{target.name}: index {index_digest} reads back differently")
-    _verified_signature(target, index_digest, keys, version, created)
+    read_back(target, built, keys, version, created)
     for tag in tags:
         target.tag(built.index, MEDIA_TYPE_INDEX, tag)
         log.info("tagged %s:%s -> %s", target.name, tag, index_digest)
@@ -383,11 +319,15 @@ def publish(req: PublishRequest) -> PublishResult:
         if not req.replace:
             _check_no_conflict(existing, version_tag, index_digest)
 
-        signature = _reusable_signature(targets, index_digest, keys, version, created)
-        if signature is None:
-            signature = signing.sign_index(
-                keys, index_digest, req.docker_reference, version, created
-            )
+        signature = plan_signature(
+            existing_signatures(targets, index_digest, version, created),
+            keys,
+            index_digest,
+            req.docker_reference,
+            version,
+            created,
+            replace=req.replace_signatures,
+        )
 
         unique = list({b.digest: b for b in blobs.values()}.values())
         tags = (version_tag, LATEST) if req.tag_latest else (version_tag,)
@@ -435,6 +375,7 @@ def publish(req: PublishRequest) -> PublishResult:
         targets=tuple(results),
         release_dir=req.release_dir,
         release_files=release_files,
+        signatures=len(signature.payloads),
     )
 
 
@@ -443,9 +384,12 @@ __all__ = [
     "PublishResult",
     "TargetResult",
     "build_documents",
+    "existing_signatures",
     "normalize_created",
     "normalize_version",
+    "plan_signature",
     "prepare_blobs",
     "publish",
     "push_release",
+    "read_back",
 ]

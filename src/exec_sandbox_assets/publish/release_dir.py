@@ -1,4 +1,4 @@
-"""The GitHub Release asset folder (SPEC.md section 6).
+"""The GitHub Release asset folder (docs/format.md §6).
 
 Every layer file under its title (byte-identical to its blob), the index and each
 platform manifest exactly as pushed, the signature manifest and its payloads, and a

@@ -1,4 +1,4 @@
-"""A release as OCI documents (SPEC.md sections 3-4): build them, and read them back.
+"""A release as OCI documents (docs/format.md §3-§4): build them, and read them back.
 
 Pure. The publisher calls `build_release`; the client calls `read_asset_layers` on a
 platform manifest whose digest it has already verified. Both sides use the catalog,
@@ -88,7 +88,7 @@ def build_release(
 ) -> BuiltRelease:
     """One manifest per host platform plus the index, in HOST_PLATFORMS order.
 
-    Index entries carry no artifactType: skopeo 1.9 rewrites such an index (SPEC.md s3).
+    Index entries carry no artifactType: skopeo 1.9 rewrites such an index (docs/format.md §3).
     """
     manifests: dict[tuple[str, str], bytes] = {}
     entries: list[Descriptor] = []
@@ -106,7 +106,7 @@ def build_release(
     return BuiltRelease(index.to_bytes(), manifests)
 
 
-# GitHub Release file names (SPEC.md section 6), written by the publisher's release
+# GitHub Release file names (docs/format.md §6), written by the publisher's release
 # folder and read by the client's releases source.
 RELEASE_INDEX_FILE = "oci-index.json"
 RELEASE_SIGNATURE_FILE = "oci-signature.json"
@@ -122,9 +122,7 @@ def release_payload_file(n: int) -> str:
     return f"oci-signature-payload-{n}.json"
 
 
-# The store names lock and temp files after an output (with the version, up to 128
-# characters): a longer title would not fit a 255-byte file name. Real ones are < 40.
-MAX_TITLE_LENGTH = 100
+MAX_TITLE_LENGTH = catalog.MAX_NAME_LENGTH
 
 
 @dataclass(frozen=True)

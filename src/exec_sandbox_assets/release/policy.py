@@ -1,18 +1,23 @@
-"""The trust policy: whether a release index is accepted (docs/format.md, "Acceptance").
+"""The trust policy: whether a release index is accepted (docs/format.md §5.2).
 
 Pure, as python-tuf's trusted metadata set: it takes bytes already fetched (the index
-digest, the signature payloads) and state already read (the newest accepted creation
-time), and returns a verdict or raises a `TrustError`. No network, no files, no
-environment: the `ReleaseReader` (sources/reader.py) does the fetching and the caller
-keeps the state.
+digest, the signature payloads) and state already read (`RollbackState`, what was
+accepted before under the tag), and returns a `Verdict` or raises a `TrustError`. No
+network, no files, no environment: the `ReleaseReader` (sources/reader.py) does the
+fetching and the caller keeps the state. `accept_index` is the one function that
+decides whether a release is accepted; every reader (client, mirror, inspect, the
+publisher's read-back) goes through it.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
+from exec_sandbox_assets.catalog import ANN_CREATED, ANN_VERSION
 from exec_sandbox_assets.errors import (
     ConfigError,
     FormatError,
@@ -21,14 +26,18 @@ from exec_sandbox_assets.errors import (
     SignatureError,
     VersionMismatchError,
 )
-from exec_sandbox_assets.release.keys import PublicKey
 from exec_sandbox_assets.release.signing import SignedPayload, parse_payload, parse_timestamp
+from exec_sandbox_assets.release.version import is_valid, same_version, version_of_tag
+
+if TYPE_CHECKING:  # keys are objects here; cryptography is loaded by whoever made them
+    from exec_sandbox_assets.release.keys import PublicKey
 
 logger = logging.getLogger(__name__)
 
 _HOW_TO_CONFIGURE = (
     "configure a trusted public key (PEM 'PUBLIC KEY', as `cosign verify --key` takes): "
-    "set EXEC_SANDBOX_TRUSTED_KEYS=/path/key.pub or pass trusted_keys=[...]; "
+    "set EXEC_SANDBOX_TRUSTED_KEYS=/path/key.pub, or give --trusted-key FILE on the "
+    "command line, or configure(trusted_keys=[...]) in Python; "
     "to skip verification anyway (insecure), set EXEC_SANDBOX_INSECURE_SKIP_VERIFY=1"
 )
 
@@ -64,6 +73,19 @@ class VerifiedRelease:
     key_ids: tuple[str, ...]
 
 
+def load_policy(
+    key_files: Sequence[Path], threshold: int = 1, allow_downgrade: bool = False
+) -> TrustPolicy:
+    """A policy from PEM public key files (ConfigError naming an unreadable one)."""
+    from exec_sandbox_assets.release.keys import load_public_key_file  # cryptography
+
+    return TrustPolicy(
+        keys=tuple(load_public_key_file(Path(p)) for p in key_files),
+        threshold=threshold,
+        allow_downgrade=allow_downgrade,
+    )
+
+
 def require_keys(policy: TrustPolicy, where: str) -> None:
     """Fail closed, before any remote byte is read, when no trusted key is configured."""
     if not policy.keys:
@@ -95,7 +117,12 @@ def verify_index(
         try:
             parsed = parse_payload(payload, f"{where} signature {n}")
         except FormatError as exc:
-            logger.debug("signed payload unparsable", extra={"where": where, "error": str(exc)})
+            logger.debug(
+                "%s: signed payload unparsable: %s",
+                where,
+                exc,
+                extra={"where": where, "error": str(exc)},
+            )
             continue
         if parsed.digest != index_digest:
             other_digest += 1
@@ -158,3 +185,162 @@ def _check_rollback(index_digest: str, created: str | None, newest: str, where: 
             f"{where}: index {index_digest} was created {created}, older than the release "
             f"accepted before ({newest}): possible rollback; {how}"
         )
+
+
+# --------------------------------------------------------------------------- state
+
+
+@dataclass(frozen=True)
+class RollbackState:
+    """What was accepted before under a floating tag: kept per tag, across all sources
+    (docs/format.md §5.2), so an outage of the source that served the newest release
+    cannot make an older one acceptable from another."""
+
+    created: str | None = None  # the newest signed creation time accepted
+    version: str | None = None
+    digest: str | None = None
+    source: str | None = None
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, object] | None) -> RollbackState:
+        """From a state file's object (this format, or the old per-source `{"created"}`);
+        fields of the wrong type are dropped, as a missing file is."""
+        if not obj:
+            return cls()
+
+        def text(key: str) -> str | None:
+            value = obj.get(key)
+            return value if isinstance(value, str) else None
+
+        return cls(text("created"), text("version"), text("digest"), text("source"))
+
+    def to_json(self) -> dict[str, str]:
+        fields = {
+            "created": self.created,
+            "version": self.version,
+            "digest": self.digest,
+            "source": self.source,
+        }
+        return {k: v for k, v in fields.items() if v is not None}
+
+    @staticmethod
+    def newest(states: Iterable[RollbackState]) -> RollbackState:
+        """The state with the latest valid creation time (merging old per-source files)."""
+        best = RollbackState()
+        for state in states:
+            if state.created is None:
+                continue
+            try:
+                at = parse_timestamp(state.created)
+            except ValueError:
+                if best.created is None:
+                    best = state  # kept: accept_index reports it, rather than forget it
+                continue
+            try:
+                better = best.created is None or at > parse_timestamp(best.created)
+            except ValueError:
+                better = True
+            if better:
+                best = state
+        return best
+
+    def after(self, accepted: RollbackState) -> RollbackState:
+        """The state to record once `accepted` was: it never moves back in time."""
+        if accepted.created is None:
+            return self
+        return RollbackState.newest((accepted, self)) if self.created else accepted
+
+
+# --------------------------------------------------------------------------- verdict
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """An accepted release index: what it is, and who vouched for it."""
+
+    tag: str
+    index_digest: str
+    version: str  # bound to the tag, without the leading "v"
+    created: str | None
+    key_ids: tuple[str, ...]  # trusted keys whose signatures counted; () when unverified
+
+    @property
+    def signed(self) -> bool:
+        return bool(self.key_ids)
+
+
+def accept_index(
+    policy: TrustPolicy | None,
+    *,
+    tag: str,
+    index_digest: str,
+    signatures: Sequence[tuple[bytes, bytes]],
+    annotations: Callable[[], Mapping[str, str]],
+    expected_version: str | None = None,
+    rollback: RollbackState | None = None,
+    where: str,
+) -> Verdict:
+    """THE decision whether the index `index_digest`, read under `tag`, is accepted.
+
+    `policy` None means verification was switched off (insecure; the caller logged it):
+    the index's own annotations then say what it is. Otherwise `verify_index` decides
+    (threshold, signed digest, signed version, rollback against `rollback`). Either way
+    the release's version must be a valid one and, for a `vX` tag (or an explicit
+    `expected_version`), be X. `annotations` parses the index: it is called only after
+    the signatures verified, so untrusted index bytes are read once a key vouched.
+    """
+    expected = expected_version if expected_version is not None else version_of_tag(tag)
+    key_ids: tuple[str, ...] = ()
+    if policy is None:
+        annotated = annotations()
+        version, created = annotated.get(ANN_VERSION), annotated.get(ANN_CREATED)
+    else:
+        verified = verify_index(
+            policy,
+            index_digest,
+            signatures,
+            expected_version=expected,
+            newest_accepted_created=rollback.created if rollback else None,
+            where=where,
+        )
+        version = verified.version or annotations().get(ANN_VERSION)
+        created, key_ids = verified.created, verified.key_ids
+    return Verdict(tag, index_digest, bind_version(version, expected, where), created, key_ids)
+
+
+def bind_version(version: str | None, expected: str | None, where: str) -> str:
+    """The release's version (without "v"), checked against the one the tag names."""
+    if not version:
+        raise FormatError(f"index has no {ANN_VERSION} annotation", where)
+    if expected is not None and not same_version(version, expected):
+        raise VersionMismatchError(
+            f"{where}: holds release {version}, but {expected.removeprefix('v')} was asked for"
+        )
+    bare = version.removeprefix("v")
+    if not is_valid(bare):
+        raise FormatError(f"release version {version[:140]!r} is not a valid version", where)
+    return bare
+
+
+# --------------------------------------------------------------------------- report
+
+
+@dataclass(frozen=True)
+class SignatureFinding:
+    """What one signature layer says, for a report (`inspect`): not a decision."""
+
+    payload_digest: str
+    signed_by: tuple[str, ...]  # trusted key ids whose check passed
+    payload: SignedPayload | None  # None when the payload does not parse
+    error: str | None = None
+
+
+def describe_signature(
+    keys: Sequence[PublicKey], payload_digest: str, payload: bytes, signature: bytes, where: str
+) -> SignatureFinding:
+    signed_by = tuple(k.key_id for k in keys if k.verify(signature, payload))
+    try:
+        parsed = parse_payload(payload, where)
+    except FormatError as exc:
+        return SignatureFinding(payload_digest, signed_by, None, str(exc))
+    return SignatureFinding(payload_digest, signed_by, parsed)

@@ -1,5 +1,5 @@
 """cosign "simple signing" payloads and signature manifests (the wire format of a
-release signature; docs/format.md).
+release signature; docs/format.md §5).
 
 Pure: bytes in, parsed objects or a `FormatError` out; building a signature manifest
 is the publisher's half of the same format.
@@ -14,7 +14,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from exec_sandbox_assets.errors import (
     ConfigError,
@@ -29,7 +29,9 @@ from exec_sandbox_assets.oci.model import (
     check_digest,
     is_digest,
 )
-from exec_sandbox_assets.release.keys import SigningKey
+
+if TYPE_CHECKING:  # cryptography is needed to sign, not to parse
+    from exec_sandbox_assets.release.keys import SigningKey
 
 logger = logging.getLogger(__name__)
 
@@ -39,8 +41,9 @@ PAYLOAD_TYPE = "cosign container image signature"
 OPT_VERSION = "dev.exec-sandbox.version"
 OPT_CREATED = "dev.exec-sandbox.created"
 
-# Payloads are ~300 bytes; anything near this is not a simple-signing payload.
-_MAX_PAYLOAD = 64 * 1024
+# Payloads are ~300 bytes; anything near this is not a simple-signing payload. The one
+# cap every reader of a payload applies (sources, the publisher's read-back).
+MAX_PAYLOAD_SIZE = 64 * 1024
 # Each signature layer costs the caller one payload fetch and one check per key; a
 # rotation needs two or three. The signature manifest is unsigned: anyone serving it
 # could otherwise make the client fetch thousands of payloads.
@@ -61,7 +64,7 @@ class SignedPayload:
 def make_payload(
     index_digest: str, docker_reference: str, version: str | None, created: str | None
 ) -> bytes:
-    """The simple-signing payload, byte for byte as cosign writes it (SPEC.md section 5).
+    """The simple-signing payload, byte for byte as cosign writes it (docs/format.md §5).
 
     With neither version nor created, `optional` is `null`, as cosign writes it.
     """
@@ -100,7 +103,7 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def parse_payload(data: bytes, where: str) -> SignedPayload:
-    if len(data) > _MAX_PAYLOAD:
+    if len(data) > MAX_PAYLOAD_SIZE:
         raise FormatError(f"signature payload of {len(data)} bytes is too large", where)
     try:
         doc = json.loads(data, object_pairs_hook=_no_duplicate_keys)
@@ -218,7 +221,9 @@ def read_signature_manifest(data: bytes, where: str) -> tuple[SignatureLayer, ..
         # Not fatal: another layer may still carry a valid signature.
         if not encoded:
             logger.debug(
-                "signature layer without signature annotation skipped",
+                "%s: signature layer %s without signature annotation skipped",
+                where,
+                layer.digest,
                 extra={"where": where, "layer_digest": layer.digest},
             )
             continue
@@ -227,7 +232,9 @@ def read_signature_manifest(data: bytes, where: str) -> tuple[SignatureLayer, ..
             signature = base64.b64decode("".join(encoded.split()), validate=True)
         except (binascii.Error, ValueError):
             logger.debug(
-                "signature layer with invalid base64 skipped",
+                "%s: signature layer %s with invalid base64 skipped",
+                where,
+                layer.digest,
                 extra={"where": where, "layer_digest": layer.digest},
             )
             continue

@@ -59,7 +59,7 @@ def open_source(
 
 
 def build_sources(settings: Settings) -> list[Source]:
-    """The remote steps of SPEC.md section 7, in order: mirrors, then the default
+    """The remote steps of docs/format.md §7, in order: mirrors, then the default
     repository, then GitHub Releases.
 
     Offline keeps only `oci:`/`oci-archive:` layouts (they are on this machine).

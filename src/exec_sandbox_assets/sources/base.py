@@ -13,7 +13,6 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
-from typing import TYPE_CHECKING
 
 from exec_sandbox_assets.errors import (
     AssetChecksumError,
@@ -30,14 +29,8 @@ from exec_sandbox_assets.oci.model import (
 from exec_sandbox_assets.release.documents import (
     AssetLayer,
 )
-from exec_sandbox_assets.release.signing import SignatureLayer
+from exec_sandbox_assets.release.signing import MAX_PAYLOAD_SIZE, SignatureLayer
 
-if TYPE_CHECKING:  # the registry stack imports httpx, which a warm boot never needs
-    pass
-
-# A simple-signing payload is a few hundred bytes; anything near this is not one.
-
-MAX_PAYLOAD_SIZE = 64 * 1024
 CHUNK = 1024 * 1024
 
 BlobOpener = Callable[[int], AbstractAsyncContextManager[AsyncIterator[bytes]]]

@@ -13,13 +13,12 @@ from exec_sandbox_assets.oci.model import (
 from exec_sandbox_assets.release.documents import (
     AssetLayer,
 )
-from exec_sandbox_assets.release.signing import SignatureLayer
+from exec_sandbox_assets.release.signing import MAX_PAYLOAD_SIZE, SignatureLayer
 
 if TYPE_CHECKING:  # the registry stack imports httpx, which a warm boot never needs
     from exec_sandbox_assets.oci.registry import RegistryClient
 
-# A simple-signing payload is a few hundred bytes; anything near this is not one.
-from exec_sandbox_assets.sources.base import MAX_PAYLOAD_SIZE, Source, _skip
+from exec_sandbox_assets.sources.base import Source, _skip
 
 
 class RegistrySource(Source):

@@ -1,4 +1,4 @@
-"""A GitHub Release folder as a release source (docs/format.md, "Release folder")."""
+"""A GitHub Release folder as a release source (docs/format.md §6)."""
 
 from __future__ import annotations
 
@@ -27,17 +27,16 @@ from exec_sandbox_assets.release.documents import (
     release_manifest_file,
     release_payload_file,
 )
-from exec_sandbox_assets.release.signing import SignatureLayer
+from exec_sandbox_assets.release.signing import MAX_PAYLOAD_SIZE, SignatureLayer
 
 if TYPE_CHECKING:  # the registry stack imports httpx, which a warm boot never needs
     from exec_sandbox_assets.oci.http import HttpCore
 
-# A simple-signing payload is a few hundred bytes; anything near this is not one.
-from exec_sandbox_assets.sources.base import MAX_PAYLOAD_SIZE, Source, _skip
+from exec_sandbox_assets.sources.base import Source, _skip
 
 
 class ReleasesSource(Source):
-    """A GitHub Release download base (SPEC.md section 6): `{base}/vV/{name}`.
+    """A GitHub Release download base (docs/format.md §6): `{base}/vV/{name}`.
 
     The release folder holds the same bytes as the registry: `oci-index.json`,
     `oci-manifest-{os}-{arch}.json` (found by the platform of the index entry),

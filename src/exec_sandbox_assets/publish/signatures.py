@@ -1,0 +1,166 @@
+"""The publisher's signatures: what to write (existing ones kept, as cosign appends),
+checked before it is written, and read back through the client's `ReleaseReader`.
+
+Signatures accumulate: publishing the same release again with another key keeps the
+signatures the targets hold for it (those whose payload names this very index,
+version and created) and adds one by the new key, one layer per signature in one
+signature manifest. `replace` (`--replace-signatures`) keeps only the given keys'.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from exec_sandbox_assets.catalog import ANN_CREATED, ANN_VERSION
+from exec_sandbox_assets.errors import (
+    AssetNotFoundError,
+    ConfigError,
+    FormatError,
+    SignatureError,
+    TrustError,
+)
+from exec_sandbox_assets.oci.model import sha256_digest, signature_tag
+from exec_sandbox_assets.oci.target import Target
+from exec_sandbox_assets.release import keys, policy, signing
+from exec_sandbox_assets.release.documents import BuiltRelease
+from exec_sandbox_assets.release.version import same_version
+from exec_sandbox_assets.sources.reader import ReleaseReader
+from exec_sandbox_assets.sources.target import TargetSource
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+
+def _run(coro: Coroutine[Any, Any, _T]) -> _T:
+    """Run a reader coroutine from this synchronous code (on a thread when the caller
+    already runs an event loop)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+def _for_this_release(payload: bytes, index_digest: str, version: str, created: str) -> bool:
+    """Whether a payload describes exactly this release (others are dropped, not kept)."""
+    try:
+        parsed = signing.parse_payload(payload, "existing signature")
+    except FormatError:
+        return False
+    return (
+        parsed.digest == index_digest
+        and parsed.version is not None
+        and same_version(parsed.version, version)
+        and parsed.created == created
+    )
+
+
+def existing_signatures(
+    targets: Sequence[Target], index_digest: str, version: str, created: str
+) -> list[tuple[bytes, bytes]]:
+    """(payload, signature) pairs the targets hold for this release, in order, once each."""
+    found: dict[tuple[str, bytes], tuple[bytes, bytes]] = {}
+    for target in targets:
+        reader = ReleaseReader(TargetSource(target), None)
+        try:
+            record = _run(reader.signature(index_digest))
+        except (TrustError, FormatError, AssetNotFoundError) as exc:
+            # Missing or unreadable: nothing to keep (transport errors still stop us).
+            log.debug("no signature kept from %s: %s", target.name, exc)
+            continue
+        for payload, signature in record.pairs():
+            if _for_this_release(payload, index_digest, version, created):
+                found.setdefault((sha256_digest(payload), signature), (payload, signature))
+    return list(found.values())
+
+
+def plan_signature(
+    existing: Sequence[tuple[bytes, bytes]],
+    keys: Sequence[keys.SigningKey],
+    index_digest: str,
+    docker_reference: str,
+    version: str,
+    created: str,
+    *,
+    replace: bool = False,
+) -> signing.SignatureManifest:
+    """The signature manifest to write: the existing signatures (only our keys' with
+    `replace`), plus one by each key that has none yet. Checked before it is written."""
+    unique = list({k.public.key_id: k for k in keys}.values())
+    if not unique:
+        raise ConfigError("no signing key given")
+
+    def ours(pair: tuple[bytes, bytes]) -> bool:
+        return any(k.public.verify(pair[1], pair[0]) for k in unique)
+
+    entries = [pair for pair in existing if ours(pair)] if replace else list(existing)
+    payload: bytes | None = None
+    for key in unique:
+        if any(key.public.verify(sig, data) for data, sig in entries):
+            continue  # kept as it is: re-signing would change the manifest's digest
+        payload = payload or signing.make_payload(index_digest, docker_reference, version, created)
+        entries.append((payload, key.sign(payload)))
+    if len(entries) > signing.MAX_SIGNATURE_LAYERS:
+        raise ConfigError(
+            f"index {index_digest} would carry {len(entries)} signatures, more than the "
+            f"{signing.MAX_SIGNATURE_LAYERS} a client checks; pass --replace-signatures"
+        )
+    _check_signed(entries, unique, index_digest, version, created, "the new signature")
+    return signing.build_signature_manifest(entries)
+
+
+def _every_key(keys: Sequence[keys.SigningKey]) -> policy.TrustPolicy:
+    """The read-back policy: every one of our keys must have signed."""
+    publics = tuple({k.public.key_id: k.public for k in keys}.values())
+    return policy.TrustPolicy(keys=publics, threshold=len(publics))
+
+
+def _check_signed(
+    signatures: Sequence[tuple[bytes, bytes]],
+    keys: Sequence[keys.SigningKey],
+    index_digest: str,
+    version: str,
+    created: str,
+    where: str,
+) -> None:
+    """Refuse signatures that do not verify, each key, with the client's own policy."""
+    verdict = policy.accept_index(
+        _every_key(keys),
+        tag=index_digest,
+        index_digest=index_digest,
+        signatures=signatures,
+        annotations=lambda: {ANN_VERSION: version, ANN_CREATED: created},
+        expected_version=version,
+        where=where,
+    )
+    _check_created(verdict.created, created, where)
+
+
+def _check_created(signed: str | None, created: str, where: str) -> None:
+    if signed != created:
+        raise SignatureError(f"{where}: signed created {signed!r}, expected {created!r}")
+
+
+def read_back(
+    target: Target,
+    built: BuiltRelease,
+    keys: Sequence[keys.SigningKey],
+    version: str,
+    created: str,
+) -> None:
+    """Read the release back from `target` as a client would (the one `ReleaseReader`),
+    and check that it is the index we built, signed by every one of our keys."""
+    index_digest = sha256_digest(built.index)
+    reader = ReleaseReader(TargetSource(target), _every_key(keys))
+    verified = _run(reader.read(index_digest, expected_version=version))
+    if verified.data != built.index:
+        raise SignatureError(f"{target.name}: index {index_digest} reads back differently")
+    _check_created(verified.created, created, f"{target.name}:{signature_tag(index_digest)}")
+
+
+__all__ = ["existing_signatures", "plan_signature", "read_back"]

@@ -1,0 +1,318 @@
+"""The one reader of a release: index by tag, signature, payloads, the policy's verdict,
+then platform manifests and their asset layers (docs/format.md §5-§7).
+
+    reader = ReleaseReader(source, policy)          # policy None: verification skipped
+    release = await reader.read("v0.22.0")          # raises unless accepted
+    part = await reader.platform(release, ("linux", "amd64"))
+
+Every caller reads a release through this class: the client, `mirror`, `inspect` (its
+report mode, `examine`, collects findings instead of raising) and the publisher's
+read-back. Sizes are capped and digests checked by `Source`; whether the release is
+accepted is decided by `release.policy.accept_index` alone, on bytes read here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from exec_sandbox_assets.errors import (
+    AssetChecksumError,
+    AssetError,
+    AssetNotFoundError,
+    ConfigError,
+    FormatError,
+    TrustError,
+)
+from exec_sandbox_assets.oci.model import (
+    INDEX_MEDIA_TYPES,
+    Descriptor,
+    Index,
+    Manifest,
+    is_digest,
+    media_type_of,
+    sha256_digest,
+)
+from exec_sandbox_assets.release.documents import AssetLayer, read_asset_layers
+from exec_sandbox_assets.release.policy import (
+    RollbackState,
+    SignatureFinding,
+    TrustPolicy,
+    Verdict,
+    accept_index,
+    describe_signature,
+    require_keys,
+)
+from exec_sandbox_assets.release.signing import SignatureLayer, read_signature_manifest
+from exec_sandbox_assets.sources.base import Source
+
+if TYPE_CHECKING:
+    from exec_sandbox_assets.release.keys import PublicKey
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SignatureRecord:
+    """A signature manifest as read: its bytes, its signature layers, their payloads."""
+
+    manifest: bytes
+    layers: tuple[SignatureLayer, ...]
+    payloads: Mapping[str, bytes] = field(hash=False)  # payload digest -> bytes
+
+    def pairs(self) -> list[tuple[bytes, bytes]]:
+        """(payload, signature) per layer, as the policy takes them."""
+        return [(self.payloads[layer.payload_digest], layer.signature) for layer in self.layers]
+
+
+@dataclass(frozen=True)
+class VerifiedIndex:
+    """An index whose signature verified (or that the user chose not to verify)."""
+
+    tag: str
+    version: str
+    digest: str
+    index: Index
+    created: str | None
+    source: str
+    signed: bool
+    key_ids: tuple[str, ...] = ()
+    data: bytes = field(default=b"", repr=False)
+    signature: SignatureRecord | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class PlatformRelease:
+    """The verified layers of one platform manifest of a verified index."""
+
+    release: VerifiedIndex
+    platform: tuple[str, str]
+    manifest_digest: str
+    layers: dict[str, AssetLayer] = field(hash=False)
+    manifest: bytes = field(default=b"", repr=False)
+
+
+@dataclass
+class Findings:
+    """What `examine` found: everything it could read, and the verdict or why not."""
+
+    reference: str
+    digest: str
+    media_type: str = ""
+    size: int = 0
+    annotations: dict[str, str] = field(default_factory=dict)
+    manifests: list[tuple[Descriptor, Manifest]] = field(default_factory=list)
+    signature_present: bool = False
+    signatures: list[SignatureFinding] = field(default_factory=list)
+    verdict: Verdict | None = None
+    error: str | None = None
+
+
+class ReleaseReader:
+    """Reads releases from one source, accepting them under one trust policy.
+
+    `policy` None means verification is switched off (EXEC_SANDBOX_INSECURE_SKIP_VERIFY,
+    `insecure_skip_verify`): logged loudly on every read. `keep_signature` (the mirror)
+    also reads the signature when not verifying, to copy it.
+    """
+
+    def __init__(
+        self, source: Source, policy: TrustPolicy | None, *, keep_signature: bool = False
+    ) -> None:
+        self.source = source
+        self.policy = policy
+        self.keep_signature = keep_signature
+
+    async def read(
+        self,
+        tag: str,
+        *,
+        rollback: RollbackState | None = None,
+        expected_version: str | None = None,
+    ) -> VerifiedIndex:
+        """The index under `tag` (or digest), accepted by the policy; raises otherwise.
+
+        `rollback`: what was accepted before under a floating tag. `expected_version`:
+        the version the release must be when `tag` does not say (a digest)."""
+        source = self.source
+        data = await source.index(tag)
+        digest = sha256_digest(data)
+        if is_digest(tag) and digest != tag:
+            raise AssetChecksumError(f"index {tag}", tag, digest, source.name)
+        where = f"{source.name} tag {tag} (index {digest})"
+        signature = await self._signature_for(digest, where)
+        parsed: list[Index] = []
+
+        def annotations() -> Mapping[str, str]:
+            # Called by the policy once the signature verified: untrusted bytes are
+            # interpreted only after a trusted key vouched for them.
+            parsed.append(Index.from_bytes(data, where))
+            return parsed[-1].annotations
+
+        verdict = accept_index(
+            self.policy,
+            tag=tag,
+            index_digest=digest,
+            signatures=signature.pairs() if signature is not None else (),
+            annotations=annotations,
+            expected_version=expected_version,
+            rollback=rollback,
+            where=where,
+        )
+        index = parsed[-1] if parsed else Index.from_bytes(data, where)
+        log.info(
+            "release index verified: %s %s is %s (%s)",
+            source.name,
+            tag,
+            verdict.version,
+            digest,
+            extra={"source": source.name, "tag": tag, "digest": digest, "version": verdict.version},
+        )
+        return VerifiedIndex(
+            tag=tag,
+            version=verdict.version,
+            digest=digest,
+            index=index,
+            created=verdict.created,
+            source=source.name,
+            signed=verdict.signed,
+            key_ids=verdict.key_ids,
+            data=data,
+            signature=signature,
+        )
+
+    async def _signature_for(self, digest: str, where: str) -> SignatureRecord | None:
+        if self.policy is not None:
+            # Fail before any remote byte beyond the index is fetched.
+            require_keys(self.policy, f"{where}: refusing unverified remote content")
+            return await self.signature(digest, where)
+        log.warning(
+            "SIGNATURE VERIFICATION DISABLED: accepting an unverified release index from %s (%s)",
+            self.source.name,
+            digest,
+            extra={"source": self.source.name, "digest": digest},
+        )
+        if not self.keep_signature:
+            return None
+        try:
+            return await self.signature(digest, where)
+        except AssetError as exc:
+            log.warning("no signature to copy for %s: %s", where, exc)
+            return None
+
+    async def signature(self, digest: str, where: str = "") -> SignatureRecord:
+        """The signature manifest of index `digest` and every payload it lists (capped
+        in number and size, each checked against its digest); nothing is verified."""
+        where = where or f"{self.source.name} index {digest}"
+        manifest = await self.source.signature(digest)
+        layers = read_signature_manifest(manifest, f"{where} signature")
+        payloads: dict[str, bytes] = {}
+        for n, layer in enumerate(layers):
+            if layer.payload_digest not in payloads:
+                payloads[layer.payload_digest] = await self.source.payload(layer, n)
+        return SignatureRecord(manifest, layers, payloads)
+
+    async def platform(self, release: VerifiedIndex, platform: tuple[str, str]) -> PlatformRelease:
+        """The asset layers of `release` for one platform (AssetNotFoundError if absent)."""
+        desc = release.index.for_platform(*platform)
+        if desc is None:
+            have = ", ".join(str(d.platform) for d in release.index.manifests if d.platform)
+            raise AssetNotFoundError(
+                f"{self.source.name}: release {release.version} has no {'/'.join(platform)} "
+                f"manifest (it has: {have or 'none'})"
+            )
+        return await self._platform_of(release, desc, platform)
+
+    async def platforms(self, release: VerifiedIndex) -> list[tuple[Descriptor, PlatformRelease]]:
+        """Every platform manifest of `release`, read and checked (the mirror copies all)."""
+        where = f"{self.source.name} index {release.digest}"
+        out: list[tuple[Descriptor, PlatformRelease]] = []
+        for desc in release.index.manifests:
+            if desc.media_type in INDEX_MEDIA_TYPES:
+                raise FormatError(f"nested index {desc.digest}: not an exec-sandbox release", where)
+            if desc.platform is None:
+                raise FormatError(f"index entry {desc.digest} has no platform", where)
+            platform = (desc.platform.os, desc.platform.architecture)
+            out.append((desc, await self._platform_of(release, desc, platform)))
+        return out
+
+    async def _platform_of(
+        self, release: VerifiedIndex, desc: Descriptor, platform: tuple[str, str]
+    ) -> PlatformRelease:
+        data = await self.source.manifest(desc)  # checked against the verified index
+        where = f"{self.source.name} manifest {desc.digest}"
+        manifest = Manifest.from_bytes(data, where)
+        layers = read_asset_layers(manifest, where)
+        return PlatformRelease(release, platform, desc.digest, layers, data)
+
+    # -- report mode ------------------------------------------------------------------
+
+    async def examine(self, reference: str, keys: Sequence[PublicKey], threshold: int) -> Findings:
+        """Report mode (`inspect`): read what `reference` holds and whether `keys` (at
+        `threshold`) would accept it, collecting findings instead of raising trust
+        errors. A single manifest is shown as a one-platform release."""
+        source = self.source
+        data = await source.index(reference)
+        digest = sha256_digest(data)
+        media_type = media_type_of(data, source.name)
+        where = f"{source.name} {reference}"
+        annotations: dict[str, str]
+        if media_type in INDEX_MEDIA_TYPES:
+            index = Index.from_bytes(data, where)
+            annotations = dict(index.annotations)
+        else:
+            annotations = dict(Manifest.from_bytes(data, where).annotations)
+            index = Index((Descriptor(media_type, digest, len(data)),))
+        found = Findings(reference, digest, media_type, len(data), annotations)
+        for desc in index.manifests:
+            mdata = await source.manifest(desc)
+            found.manifests.append(
+                (desc, Manifest.from_bytes(mdata, f"{source.name} manifest {desc.digest}"))
+            )
+        await self.examine_signature(found, keys, threshold)
+        return found
+
+    async def examine_signature(
+        self, found: Findings, keys: Sequence[PublicKey], threshold: int
+    ) -> None:
+        """Report mode for the signature of `found.digest` alone: fills the signature
+        findings and the verdict (or the reason there is none) of `found`."""
+        source = self.source
+        try:
+            signature = await self.signature(found.digest, source.name)
+        except TrustError as exc:  # no signature manifest, or one no client reads
+            found.error = str(exc)
+            return
+        found.signature_present = True
+        found.signatures = [
+            describe_signature(
+                keys,
+                layer.payload_digest,
+                signature.payloads[layer.payload_digest],
+                layer.signature,
+                f"{source.name} signature {n}",
+            )
+            for n, layer in enumerate(signature.layers)
+        ]
+        try:
+            found.verdict = accept_index(
+                TrustPolicy(keys=tuple(keys), threshold=threshold),
+                tag=found.reference,
+                index_digest=found.digest,
+                signatures=signature.pairs(),
+                annotations=lambda: found.annotations,
+                where=source.name,
+            )
+        except (TrustError, ConfigError, FormatError) as exc:
+            found.error = str(exc)
+
+
+__all__ = [
+    "Findings",
+    "PlatformRelease",
+    "ReleaseReader",
+    "SignatureRecord",
+    "VerifiedIndex",
+]
