@@ -20,9 +20,9 @@ import pytest
 from conftest import FaultProxyFactory
 from exec_sandbox_assets import AssetClient, catalog, compat, load_settings
 from exec_sandbox_assets.errors import (
-    AllSourcesFailedError,
     AssetChecksumError,
     AssetsNotFoundLocally,
+    ReleaseNotFoundError,
 )
 from releases import SampleRelease, publish_sample_release
 from servers import RegistryServer, StaticServer
@@ -295,7 +295,7 @@ async def test_legacy_release_is_refused_by_default_naming_the_opt_in(
     legacy_env: SampleRelease, static_server: StaticServer
 ) -> None:
     serve_legacy_release(static_server, legacy_env)
-    with pytest.raises(AllSourcesFailedError, match="EXEC_SANDBOX_ALLOW_LEGACY_RELEASES=1"):
+    with pytest.raises(ReleaseNotFoundError, match="EXEC_SANDBOX_ALLOW_LEGACY_RELEASES=1"):
         await compat.fetch_initramfs()
     assert not [r for r in static_server.requests if "/repos/" in r.path]
 

@@ -505,12 +505,6 @@ def test_every_error_here_is_an_asset_error() -> None:
         assert issubclass(cls, AssetError)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sources.build_sources does not pass settings.transfer_policy() to HttpCore / "
-    "RegistryClient yet (sources.py is being restructured on another branch); drop this "
-    "marker when it does",
-)
 def test_airgap_holds_end_to_end_when_the_release_server_redirects(
     server: HostileServer, network_log: list[str], tmp_path: Path
 ) -> None:

@@ -179,7 +179,7 @@ def _payload_doc(**critical: object) -> dict[str, object]:
     ("data", "message"),
     [
         (b"not json", "not valid JSON"),
-        (b"[]", "must be a JSON object"),
+        (b"[]", "expected a JSON object"),
         (json.dumps(_payload_doc(type="atomic container signature")).encode(), "type"),
         (json.dumps(_payload_doc(image={})).encode(), "docker-manifest-digest"),
         (

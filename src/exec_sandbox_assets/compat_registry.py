@@ -17,7 +17,12 @@ from typing import TYPE_CHECKING
 from exec_sandbox_assets import catalog
 from exec_sandbox_assets.client import AssetClient
 from exec_sandbox_assets.config import Settings
-from exec_sandbox_assets.errors import AllSourcesFailedError, AssetError, AssetNotFoundError
+from exec_sandbox_assets.errors import (
+    AllSourcesFailedError,
+    AssetError,
+    AssetNotFoundError,
+    ReleaseNotFoundError,
+)
 
 if TYPE_CHECKING:
     from exec_sandbox_assets.sources.legacy import LegacyRelease
@@ -63,7 +68,7 @@ class CompatAssets:
         client = self.client
         try:
             await self._load_signed(client)
-        except AllSourcesFailedError as exc:
+        except (ReleaseNotFoundError, AllSourcesFailedError) as exc:
             if not (exc.not_found and client.settings.allow_legacy_releases):
                 raise _with_legacy_hint(exc) from exc
             from exec_sandbox_assets.sources import legacy as legacy_source
@@ -104,7 +109,7 @@ class CompatAssets:
             return await legacy_source.fetch(client, self._legacy, spec)
         try:
             return (await client.fetch([spec], use_local=False))[spec.output_name]
-        except AllSourcesFailedError as exc:
+        except (ReleaseNotFoundError, AllSourcesFailedError) as exc:
             raise _with_legacy_hint(exc) from exc
 
     async def load_registry_from_github(self, owner: str, repo: str, tag: str) -> None:
@@ -122,10 +127,11 @@ class CompatAssets:
             )
 
 
-def _with_legacy_hint(exc: AllSourcesFailedError) -> AssetError:
+def _with_legacy_hint(exc: ReleaseNotFoundError | AllSourcesFailedError) -> AssetError:
+    """No signed release anywhere: say how to accept exec-sandbox's older releases."""
     if not exc.not_found:
         return exc
-    return AllSourcesFailedError(f"{exc.what}. {LEGACY_HINT}", exc.attempts)
+    return type(exc)(f"{exc.what}. {LEGACY_HINT}", exc.attempts)
 
 
 __all__ = ["LEGACY_HINT", "CompatAssets"]

@@ -34,6 +34,7 @@ from exec_sandbox_assets.errors import (
     AssetsNotFoundLocally,
     FormatError,
     OutOfSpaceError,
+    ReleaseNotFoundError,
     TransportError,
     TrustError,
 )
@@ -76,7 +77,7 @@ def translate(exc: AssetError) -> BaseException:
     if module is None:
         return exc
     context = {"cause": type(exc).__name__}
-    if isinstance(exc, AllSourcesFailedError):
+    if isinstance(exc, AllSourcesFailedError | ReleaseNotFoundError):
         context["tried"] = "; ".join(f"{a.source}: {a.error}" for a in exc.attempts)
     if isinstance(exc, AssetsNotFoundLocally):
         cls: Callable[..., BaseException] = _missing_locally_class(module.AssetNotFoundError)

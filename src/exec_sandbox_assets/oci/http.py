@@ -267,13 +267,12 @@ class HttpCore:
     # -- requests ----------------------------------------------------------------------
 
     async def read(
-        self, method: str, url: str, headers: Mapping[str, str], cap: int, *, raw: bool = True
+        self, method: str, url: str, headers: Mapping[str, str], cap: int
     ) -> tuple[httpx.Response, bytes]:
         """A whole (small) body, capped; body failures are retried like head failures.
 
-        The whole read, retries included, must end within the policy's deadline. `raw`
-        is kept for callers that pass it: bodies are never content-decoded (the module
-        docstring says why), so it changes nothing.
+        The whole read, retries included, must end within the policy's deadline. Bodies
+        are never content-decoded (the module docstring says why).
         """
         try:
             async with asyncio.timeout(self.policy.deadline):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from exec_sandbox_assets import safejson
 from exec_sandbox_assets.errors import (
     ConfigError,
     FormatError,
@@ -92,24 +93,10 @@ def make_payload(
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # Parsers disagree on which duplicate wins; a signed document must not be ambiguous.
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
-
-
 def parse_payload(data: bytes, where: str) -> SignedPayload:
-    if len(data) > MAX_PAYLOAD_SIZE:
-        raise FormatError(f"signature payload of {len(data)} bytes is too large", where)
-    try:
-        doc = json.loads(data, object_pairs_hook=_no_duplicate_keys)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # deep nesting recurses
-        raise FormatError(f"signature payload is not valid JSON: {exc}", where) from None
-    doc = _obj(doc, "payload", where)
+    # Duplicate keys are refused: parsers disagree on which one wins, and a signed
+    # document must not be ambiguous.
+    doc = safejson.loads_object(data, where, what="signature payload", max_size=MAX_PAYLOAD_SIZE)
     critical = _obj(doc.get("critical"), "critical", where)
     if critical.get("type") != PAYLOAD_TYPE:
         raise FormatError(
@@ -205,10 +192,7 @@ def build_signature_manifest(entries: Sequence[tuple[bytes, bytes]]) -> Signatur
 def read_signature_manifest(data: bytes, where: str) -> tuple[SignatureLayer, ...]:
     """The signature layers of a signature manifest; other layers and the config are
     ignored, so manifests written by cosign or other tools are read too."""
-    try:
-        manifest = Manifest.from_bytes(data, where)
-    except RecursionError as exc:  # json.loads on deeply nested arrays
-        raise FormatError(f"not valid JSON: {exc}", where) from None
+    manifest = Manifest.from_bytes(data, where)
     layers = [layer for layer in manifest.layers if layer.media_type == SIMPLESIGNING_MEDIA_TYPE]
     if len(layers) > MAX_SIGNATURE_LAYERS:
         raise SignatureError(

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from exec_sandbox_assets.config import Settings
+from exec_sandbox_assets.safetext import redact_url
 from exec_sandbox_assets.sources.base import BlobOpener, Source
 from exec_sandbox_assets.sources.layout import LayoutSource
 from exec_sandbox_assets.sources.registry import RegistrySource
@@ -19,6 +20,7 @@ from exec_sandbox_assets.sources.releases import ReleasesSource, latest_download
 
 if TYPE_CHECKING:
     from exec_sandbox_assets.oci.auth import Credentials
+    from exec_sandbox_assets.oci.policy import TransferPolicy
     from exec_sandbox_assets.oci.reference import LayoutRef, RegistryRef
 
 log = logging.getLogger(__name__)
@@ -43,11 +45,13 @@ def open_source(
     docker_config: Path | None,
     ca_bundle: Path | None,
     credentials: Credentials | None = None,
+    policy: TransferPolicy | None = None,
 ) -> Source:
     """The source one parsed reference names: a layout on this machine, or a repository
     on a registry (credentials as given, else as docker finds them for its host:
     `oci.credentials`)."""
     from exec_sandbox_assets.oci.credentials import find_credentials
+    from exec_sandbox_assets.oci.policy import DEFAULT_POLICY
     from exec_sandbox_assets.oci.reference import LayoutRef
     from exec_sandbox_assets.oci.registry import RegistryClient
 
@@ -55,7 +59,10 @@ def open_source(
         return LayoutSource(ref.path, ref.kind == "oci-archive", text)
     if credentials is None:
         credentials = find_credentials(ref.host, docker_config)
-    return RegistrySource(RegistryClient(ref, credentials=credentials, ca_bundle=ca_bundle), text)
+    client = RegistryClient(
+        ref, credentials=credentials, ca_bundle=ca_bundle, policy=policy or DEFAULT_POLICY
+    )
+    return RegistrySource(client, text)
 
 
 def build_sources(settings: Settings) -> list[Source]:
@@ -71,6 +78,8 @@ def build_sources(settings: Settings) -> list[Source]:
     from exec_sandbox_assets.oci.reference import LayoutRef, parse_source_ref
 
     entries = [*settings.mirrors, settings.registry]
+    # Deadlines, the minimum rate and the air gap hold on every connection, redirects too.
+    policy = settings.transfer_policy()
     sources: list[Source] = []
     for text in dict.fromkeys(entries):  # ordered, without duplicates
         ref = parse_source_ref(text)
@@ -79,7 +88,7 @@ def build_sources(settings: Settings) -> list[Source]:
         if not isinstance(ref, LayoutRef) and (
             settings.airgap and _is_public_host(ref.host, _PUBLIC_REGISTRY_HOSTS)
         ):
-            log.info("air-gapped: not using %s", text, extra={"source": text})
+            log.info("air-gapped: not using %s", redact_url(text))
             continue
         sources.append(
             open_source(
@@ -88,15 +97,16 @@ def build_sources(settings: Settings) -> list[Source]:
                 docker_config=settings.docker_config,
                 ca_bundle=settings.ca_bundle,
                 credentials=_given_credentials(settings, ref),
+                policy=policy,
             )
         )
     releases = settings.releases_url
     if settings.offline or not releases:
         pass
     elif settings.airgap and _is_public_host(_url_host(releases), _PUBLIC_RELEASE_HOSTS):
-        log.info("air-gapped: not using %s", releases, extra={"source": releases})
+        log.info("air-gapped: not using %s", redact_url(releases))
     else:
-        http = HttpCore(peer="release server", ca_bundle=settings.ca_bundle)
+        http = HttpCore(peer="release server", ca_bundle=settings.ca_bundle, policy=policy)
         sources.append(ReleasesSource(http, releases, settings.tag))
     return sources
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 import logging
 import re
 from collections.abc import AsyncIterator, Mapping
@@ -25,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from exec_sandbox_assets import catalog
+from exec_sandbox_assets import catalog, safejson
 from exec_sandbox_assets.cache.store import BlobRequest, OutputSpec
 from exec_sandbox_assets.catalog import AssetSpec, Kind
 from exec_sandbox_assets.config import LATEST, Settings
@@ -73,10 +72,7 @@ def release_api_url(settings: Settings) -> str:
 def parse_release(data: bytes, where: str) -> LegacyRelease:
     """The API's release JSON -> tag and files. Files without a usable digest are left out
     (logged): a legacy release is only as good as the digests GitHub computed."""
-    try:
-        obj: Any = json.loads(data)
-    except (ValueError, RecursionError) as exc:
-        raise FormatError(f"not valid JSON: {exc}", where) from None
+    obj: Any = safejson.loads(data, where, what="GitHub release JSON")
     if not isinstance(obj, dict) or not isinstance(obj.get("tag_name"), str):
         raise FormatError("not a GitHub release (no tag_name)", where)
     tag = obj["tag_name"]
@@ -107,7 +103,7 @@ def parse_release(data: bytes, where: str) -> LegacyRelease:
 def _http(settings: Settings) -> HttpCore:
     from exec_sandbox_assets.oci.http import HttpCore
 
-    return HttpCore(peer="GitHub", ca_bundle=settings.ca_bundle)
+    return HttpCore(peer="GitHub", ca_bundle=settings.ca_bundle, policy=settings.transfer_policy())
 
 
 async def load_release(settings: Settings) -> LegacyRelease:
@@ -118,7 +114,7 @@ async def load_release(settings: Settings) -> LegacyRelease:
         headers["Authorization"] = f"Bearer {settings.github_token}"
     http = _http(settings)
     try:
-        _response, data = await http.read("GET", url, headers, MAX_RELEASE_JSON, raw=False)
+        _response, data = await http.read("GET", url, headers, MAX_RELEASE_JSON)
     finally:
         await http.aclose()
     release = parse_release(data, url)

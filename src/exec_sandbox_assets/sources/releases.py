@@ -28,6 +28,7 @@ from exec_sandbox_assets.release.documents import (
     release_payload_file,
 )
 from exec_sandbox_assets.release.signing import MAX_PAYLOAD_SIZE, SignatureLayer
+from exec_sandbox_assets.safetext import redact_url
 
 if TYPE_CHECKING:  # the registry stack imports httpx, which a warm boot never needs
     from exec_sandbox_assets.oci.http import HttpCore
@@ -58,7 +59,7 @@ class ReleasesSource(Source):
     def __init__(self, http: HttpCore, base: str, default_tag: str = LATEST) -> None:
         self._http = http
         self.base = base.rstrip("/")
-        self.name = f"releases {self.base}"
+        self.name = f"releases {redact_url(self.base)}"
         self.key = f"releases-{hashlib.sha256(self.base.encode()).hexdigest()[:16]}"
         self._default_tag = default_tag
         # Which release folder a digest was named by, and the platform of a manifest
@@ -93,7 +94,7 @@ class ReleasesSource(Source):
     async def _get(self, url: str, cap: int) -> bytes:
         from exec_sandbox_assets.oci.http import IDENTITY
 
-        _response, data = await self._http.read("GET", url, IDENTITY, cap, raw=False)
+        _response, data = await self._http.read("GET", url, IDENTITY, cap)
         return data
 
     async def _index(self, tag: str) -> bytes:
@@ -101,7 +102,7 @@ class ReleasesSource(Source):
         data = await self._get(f"{folder}/{RELEASE_INDEX_FILE}", MAX_MANIFEST_SIZE)
         try:
             index = Index.from_bytes(data, f"{folder}/{RELEASE_INDEX_FILE}")
-        except (FormatError, RecursionError):  # deep nesting recurses in json.loads
+        except FormatError:
             return data  # the caller parses it again and reports the error
         if tag == LATEST:
             version = index.annotations.get(catalog.ANN_VERSION, "").removeprefix("v")
@@ -131,7 +132,7 @@ class ReleasesSource(Source):
         folder = self._folder_of(desc.digest)
         data = await self._get(f"{folder}/{name}", MAX_MANIFEST_SIZE)
         if sha256_digest(data) == desc.digest:  # route its layers; the base class verifies
-            with contextlib.suppress(FormatError, RecursionError):
+            with contextlib.suppress(FormatError):
                 for layer in Manifest.from_bytes(data, name).layers:
                     self._folders.setdefault(layer.digest, folder)
         return data
@@ -139,7 +140,7 @@ class ReleasesSource(Source):
     async def _signature(self, index_digest: str) -> bytes:
         folder = self._folder_of(index_digest)
         data = await self._get(f"{folder}/{RELEASE_SIGNATURE_FILE}", MAX_MANIFEST_SIZE)
-        with contextlib.suppress(FormatError, RecursionError):
+        with contextlib.suppress(FormatError):
             for n, layer in enumerate(Manifest.from_bytes(data, RELEASE_SIGNATURE_FILE).layers):
                 self._folders.setdefault(layer.digest, folder)
                 self._payload_numbers.setdefault(layer.digest, n)
