@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 from releases import SampleRelease, publish_sample_release
 from servers import FaultProxy, RegistryServer
@@ -34,19 +34,22 @@ from servers import FaultProxy, RegistryServer
 REPO = "fleet/assets"
 VERSION = "1.0.0"
 PLATFORM = ("linux", "amd64")
+CLI = (sys.executable, "-m", "exec_sandbox_assets.cli")
 # A client process: import everything a pull needs, say it is ready, wait for the start
-# signal, then run `exec-sandbox-assets ARGS`. All clients thus hit the cache at once,
-# as a fleet restarted together does, not spread out by 2 cores importing 32 interpreters.
+# signal (and its delay), then run `exec-sandbox-assets ARGS`. All clients thus hit the
+# cache at once, as a fleet restarted together does, not spread out by 2 cores importing
+# 32 interpreters; or spread evenly over a chosen time.
 _CLIENT = """
 import os, sys, time
 from pathlib import Path
 from exec_sandbox_assets.cli.app import main
 import exec_sandbox_assets.client, exec_sandbox_assets.sources, exec_sandbox_assets.release.keys
-ready, go = Path(sys.argv[1]), Path(sys.argv[2])
+ready, go, delay = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3])
 ready.touch()
 while not go.exists():
     time.sleep(0.005)
-sys.exit(main(sys.argv[3:]))
+time.sleep(delay)
+sys.exit(main(sys.argv[4:]))
 """
 
 
@@ -82,7 +85,7 @@ class OriginTraffic:
 @dataclass(frozen=True)
 class FleetRun:
     clients: tuple[ClientRun, ...]
-    seconds: float  # first client started -> last client exited
+    seconds: float  # start signal -> last client exited
     origin: OriginTraffic
 
     @property
@@ -91,12 +94,23 @@ class FleetRun:
 
 
 class Fleet:
-    """The origin (with a sample release of one platform), the counting proxy, the
-    pull-through cache, and `pull(n)` to run n clients at once against the cache."""
+    """The origin (with a sample release of one platform), the counting proxy, the site
+    registry, and `pull(n)` to run n clients at once against the site registry.
 
-    def __init__(self, work: Path, *, size: int = 256 * 1024) -> None:
+    The site registry is a pull-through cache of the origin (`site="pull-through"`), or
+    a plain registry that `mirror()` fills with `exec-sandbox-assets mirror`
+    (`site="mirror"`)."""
+
+    def __init__(
+        self,
+        work: Path,
+        *,
+        size: int = 256 * 1024,
+        site: Literal["pull-through", "mirror"] = "pull-through",
+    ) -> None:
         self.work = work
         self.size = size
+        self.site = site
         self.origin = RegistryServer(work / "origin")
         self.counter: FaultProxy | None = None
         self.cache: RegistryServer | None = None
@@ -113,7 +127,8 @@ class Fleet:
             platforms=(PLATFORM,),
         )  # fmt: skip
         self.counter = FaultProxy(self.origin).start()
-        self.cache = RegistryServer(self.work / "pull-through", proxy_remote=self.counter.url)
+        remote = self.counter.url if self.site == "pull-through" else None
+        self.cache = RegistryServer(self.work / self.site, proxy_remote=remote)
         self.cache.start()
         return self
 
@@ -164,10 +179,11 @@ class Fleet:
             "EXEC_SANDBOX_CACHE_DIR": str(cache_dir),
         }
 
-    def pull(self, clients: int) -> FleetRun:
-        """Start `clients` processes at once, each `pull`ing the whole platform into its
-        own fresh cache through the pull-through cache; wait for all, then for the
-        origin to go quiet (distribution stores a blob in the background)."""
+    def pull(self, clients: int, spread: float = 0.0) -> FleetRun:
+        """Start `clients` processes at once (or evenly over `spread` seconds), each
+        `pull`ing the whole platform into its own fresh cache through the pull-through
+        cache; wait for all, then for the origin to go quiet (distribution stores a blob
+        in the background)."""
         assert self.counter is not None
         self._runs += 1
         run_dir = self.work / "clients" / f"run{self._runs}"
@@ -178,6 +194,7 @@ class Fleet:
             cache_dir = run_dir / f"cache-{i:02d}"
             proc = subprocess.Popen(
                 [sys.executable, "-c", _CLIENT, str(run_dir / "ready" / str(i)), str(go),
+                 str(spread * i / clients),
                  "pull", "--platform", "/".join(PLATFORM), "--json"],
                 env=self.client_env(cache_dir),
                 stdout=subprocess.PIPE,
@@ -189,8 +206,7 @@ class Fleet:
             if any(p.poll() is not None for _, _, p in procs):
                 break  # a client died before it was ready: its report says why
             time.sleep(0.01)
-        first = len(self.counter.requests)
-        bytes_before = self.counter.bytes_to_client
+        mark = self._mark()
         started = time.monotonic()
         go.touch()
         runs: list[ClientRun] = []
@@ -202,9 +218,29 @@ class Fleet:
                 report = None
             runs.append(ClientRun(i, cache_dir, proc.returncode, report, err))
         seconds = time.monotonic() - started
+        return FleetRun(tuple(runs), seconds, self._traffic_since(mark))
+
+    def mirror(self) -> OriginTraffic:
+        """`exec-sandbox-assets mirror` the release from the origin into the site registry
+        (verifying it first), as section 3a of docs/airgap.md does."""
+        assert self.counter is not None and self.cache is not None
+        mark = self._mark()
+        subprocess.run(
+            [*CLI, "--trusted-key", str(self.key), "mirror", self.counter.ref(REPO),
+             self.cache.ref(REPO), "--version", VERSION, "--work-dir", str(self.work / "mw")],
+            env=self.client_env(self.work / "mirror-cache"), check=True, capture_output=True,
+            timeout=300,
+        )  # fmt: skip
+        return self._traffic_since(mark)
+
+    def _mark(self) -> tuple[int, int]:
+        assert self.counter is not None
+        return len(self.counter.requests), self.counter.bytes_to_client
+
+    def _traffic_since(self, mark: tuple[int, int]) -> OriginTraffic:
+        assert self.counter is not None
         self._settle()
-        origin = self._traffic(first, self.counter.bytes_to_client - bytes_before)
-        return FleetRun(tuple(runs), seconds, origin)
+        return self._traffic(mark[0], self.counter.bytes_to_client - mark[1])
 
     def _settle(self, quiet: float = 0.5, limit: float = 30.0) -> None:
         """Wait until the origin has sent nothing for `quiet` seconds."""

@@ -1,6 +1,7 @@
-"""A fleet of separate client processes behind one pull-through cache (distribution in
-proxy mode): every client ends up with verified files, and after the documented warm-up
-(one `pull` through the cache) the fleet takes nothing more from the origin.
+"""A fleet of separate client processes behind one site registry: every client ends up
+with verified files; behind a pull-through cache (distribution in proxy mode), after the
+documented warm-up (one `pull` through the cache) the fleet takes nothing more from the
+origin; behind a plain registry filled by `mirror`, each blob left the origin once.
 
 The counts come from a counting proxy between the cache and the origin (tests/fleets.py);
 `benchmarks/fleet.py` runs the same with 32 clients and prints the figures.
@@ -57,3 +58,15 @@ def test_after_one_warm_up_pull_the_fleet_takes_no_blob_from_the_origin(tmp_path
         assert run.origin.blob_gets == {}, run.origin.blob_gets
         assert run.origin.blob_heads == {}, run.origin.blob_heads
         assert run.origin.blob_bytes(fleet.blob_sizes) == 0
+
+
+def test_after_a_mirror_into_a_plain_registry_each_blob_left_the_origin_once(
+    tmp_path: Path,
+) -> None:
+    with Fleet(tmp_path, size=SIZE, site="mirror") as fleet:
+        copied = fleet.mirror()
+        assert copied.blob_gets and set(copied.blob_gets.values()) == {1}, copied.blob_gets
+
+        run = fleet.pull(CLIENTS)
+        assert_verified_files(fleet, run)
+        assert run.origin.blob_gets == {} and run.origin.manifest_requests == 0
