@@ -247,7 +247,7 @@ def test_each_failure_reaches_the_caller_as_the_exec_sandbox_class(
     env = env_for(home, release)
     # No such release in the registry.
     missing = provoke("kernel", {**env, "EXEC_SANDBOX_ASSET_VERSION": "9.9.9"}, shim)
-    assert_raised(missing, "AssetNotFoundError", "AllSourcesFailedError")
+    assert_raised(missing, "AssetNotFoundError", "ReleaseNotFoundError")
     assert "EXEC_SANDBOX_ALLOW_LEGACY_RELEASES=1" in str(missing["message"])
     # Signed by a key we do not trust.
     stranger = make_key_pair(tmp_path / "stranger")
