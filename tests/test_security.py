@@ -26,9 +26,9 @@ import pytest
 from exec_sandbox_assets.cache.store import Store
 from exec_sandbox_assets.errors import AssetDownloadError, AssetError, SizeLimitError
 from exec_sandbox_assets.oci.auth import Credentials
-from exec_sandbox_assets.oci.http import RetryPolicy
 from exec_sandbox_assets.oci.reference import parse_registry_ref
 from exec_sandbox_assets.oci.registry import RegistryClient
+from exec_sandbox_assets.oci.retry import RetryPolicy
 from servers import RawServer, endless_chunked
 from test_store import FileOpener, content_bytes, make_fixture
 
