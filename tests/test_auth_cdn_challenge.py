@@ -15,7 +15,6 @@ import pytest
 from conftest import HTPASSWD_USERS
 from exec_sandbox_assets.errors import AuthError
 from exec_sandbox_assets.oci.auth import Credentials
-from exec_sandbox_assets.oci.http import RetryPolicy
 from exec_sandbox_assets.oci.model import (
     EMPTY_DESCRIPTOR,
     EMPTY_JSON,
@@ -25,6 +24,7 @@ from exec_sandbox_assets.oci.model import (
 )
 from exec_sandbox_assets.oci.reference import parse_registry_ref
 from exec_sandbox_assets.oci.registry import RegistryClient
+from exec_sandbox_assets.oci.retry import RetryPolicy
 from servers import HostileCdn, RedirectingRegistry, RegistryServer
 
 pytestmark = pytest.mark.usefixtures("no_docker_config")

@@ -29,7 +29,7 @@ from exec_sandbox_assets.oci.auth import (
     load_docker_credentials,
     parse_www_authenticate,
 )
-from exec_sandbox_assets.oci.http import RetryPolicy, parse_content_range
+from exec_sandbox_assets.oci.bodies import parse_content_range
 from exec_sandbox_assets.oci.model import (
     MEDIA_TYPE_INDEX,
     MEDIA_TYPE_MANIFEST,
@@ -41,6 +41,7 @@ from exec_sandbox_assets.oci.model import (
     sha256_digest,
 )
 from exec_sandbox_assets.oci.reference import parse_registry_ref, parse_source_ref
+from exec_sandbox_assets.oci.retry import RetryPolicy
 from exec_sandbox_assets.release import signing
 from exec_sandbox_assets.safetext import clean_text, redact_url
 

@@ -36,12 +36,13 @@ from exec_sandbox_assets.errors import (
     TransportError,
 )
 from exec_sandbox_assets.oci.auth import load_docker_credentials
-from exec_sandbox_assets.oci.http import HttpCore, RetryPolicy
+from exec_sandbox_assets.oci.http import HttpCore
 from exec_sandbox_assets.oci.layout import LayoutReader
 from exec_sandbox_assets.oci.model import MEDIA_TYPE_INDEX, Index, Manifest, sha256_digest
 from exec_sandbox_assets.oci.policy import TransferPolicy
 from exec_sandbox_assets.oci.reference import parse_registry_ref
 from exec_sandbox_assets.oci.registry import RegistryClient
+from exec_sandbox_assets.oci.retry import RetryPolicy
 from exec_sandbox_assets.safetext import clean_text, redact_url
 from servers.scripted import Answer, HostileServer, gzip_bomb, zstd_bomb
 

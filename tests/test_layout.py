@@ -21,13 +21,10 @@ from exec_sandbox_assets.errors import (
     FormatError,
     SizeLimitError,
 )
-from exec_sandbox_assets.oci.layout import (
-    REF_NAME,
-    LayoutReader,
-    LayoutWriter,
-    extract_archive,
-    write_archive,
-)
+from exec_sandbox_assets.oci.archive import extract_archive, write_archive
+from exec_sandbox_assets.oci.layout import LayoutReader
+from exec_sandbox_assets.oci.layout_files import REF_NAME
+from exec_sandbox_assets.oci.layout_writer import LayoutWriter
 from exec_sandbox_assets.oci.model import (
     EMPTY_DESCRIPTOR,
     EMPTY_JSON,

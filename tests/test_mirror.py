@@ -33,7 +33,8 @@ from exec_sandbox_assets.errors import (
     TransportError,
 )
 from exec_sandbox_assets.mirror import MirrorEvent, MirrorResult, mirror
-from exec_sandbox_assets.oci.layout import LayoutReader, extract_archive
+from exec_sandbox_assets.oci.archive import extract_archive
+from exec_sandbox_assets.oci.layout import LayoutReader
 from exec_sandbox_assets.oci.model import (
     ACCEPT_MANIFESTS,
     MEDIA_TYPE_IMAGE_CONFIG,

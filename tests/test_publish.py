@@ -323,7 +323,7 @@ def test_chunked_upload_never_sends_more_than_a_chunk(
     blob = tmp_path / "blob"
     blob.write_bytes(os.urandom(300 * 1024))
     digest = "sha256:" + hashlib.sha256(blob.read_bytes()).hexdigest()
-    target = RegistryTarget(proxy.ref(repo_name), chunk_size=64 * 1024)
+    target = RegistryTarget.connect(proxy.ref(repo_name), chunk_size=64 * 1024)
     target.push_blob(blob, digest, blob.stat().st_size)
     patches = [r for r in proxy.requests if r.method == "PATCH"]
     assert len(patches) == 5

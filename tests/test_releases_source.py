@@ -33,8 +33,9 @@ from exec_sandbox_assets.errors import (
     SignatureError,
     TrustError,
 )
-from exec_sandbox_assets.oci.http import HttpCore, RetryPolicy
+from exec_sandbox_assets.oci.http import HttpCore
 from exec_sandbox_assets.oci.model import Index, Manifest
+from exec_sandbox_assets.oci.retry import RetryPolicy
 from exec_sandbox_assets.publish import PublishRequest, make_sample_inputs, publish
 from exec_sandbox_assets.release.documents import RELEASE_INDEX_FILE, release_manifest_file
 from exec_sandbox_assets.sources import (

@@ -26,9 +26,9 @@ import pytest
 from exec_sandbox_assets.cache.store import Store
 from exec_sandbox_assets.errors import AssetDownloadError, AssetError, SizeLimitError
 from exec_sandbox_assets.oci.auth import Credentials
-from exec_sandbox_assets.oci.http import RetryPolicy
 from exec_sandbox_assets.oci.reference import parse_registry_ref
 from exec_sandbox_assets.oci.registry import RegistryClient
+from exec_sandbox_assets.oci.retry import RetryPolicy
 from servers import RawServer, endless_chunked
 from test_store import FileOpener, content_bytes, make_fixture
 
@@ -270,7 +270,8 @@ def _in_thread(fn: Callable[[], Any], seconds: float = 10) -> Any:
 @pytest.mark.parametrize("kind", ["fifo", "device-link", "dir"])
 def test_layout_blob_that_is_not_a_regular_file_is_refused(tmp_path: Path, kind: str) -> None:
     from exec_sandbox_assets.errors import AssetNotFoundError
-    from exec_sandbox_assets.oci.layout import LayoutReader, LayoutWriter
+    from exec_sandbox_assets.oci.layout import LayoutReader
+    from exec_sandbox_assets.oci.layout_writer import LayoutWriter
 
     data = b"some blob"
     digest = LayoutWriter(tmp_path / "layout").put_blob_bytes(data)
@@ -293,7 +294,8 @@ def test_layout_blob_that_is_not_a_regular_file_is_refused(tmp_path: Path, kind:
 def test_layout_blob_symlinked_to_a_regular_file_is_read_and_verified(tmp_path: Path) -> None:
     """Allowed (operators deduplicate with links); the digest check decides, as ever."""
     from exec_sandbox_assets.errors import AssetChecksumError
-    from exec_sandbox_assets.oci.layout import LayoutReader, LayoutWriter
+    from exec_sandbox_assets.oci.layout import LayoutReader
+    from exec_sandbox_assets.oci.layout_writer import LayoutWriter
 
     data = b"some blob"
     digest = LayoutWriter(tmp_path / "layout").put_blob_bytes(data)
@@ -372,7 +374,8 @@ async def test_deeply_nested_json_from_a_server_is_not_a_crash(target: str) -> N
 
 def test_deeply_nested_layout_index_is_a_format_error(tmp_path: Path) -> None:
     from exec_sandbox_assets.errors import FormatError
-    from exec_sandbox_assets.oci.layout import LayoutReader, LayoutWriter
+    from exec_sandbox_assets.oci.layout import LayoutReader
+    from exec_sandbox_assets.oci.layout_writer import LayoutWriter
 
     LayoutWriter(tmp_path / "layout")
     (tmp_path / "layout" / "index.json").write_bytes(b'{"schemaVersion":2,"x":' + NESTED + b"}")

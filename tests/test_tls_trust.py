@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 
 from exec_sandbox_assets.errors import AssetDownloadError, AssetNotFoundError
-from exec_sandbox_assets.oci.http import RetryPolicy
 from exec_sandbox_assets.oci.reference import parse_registry_ref
 from exec_sandbox_assets.oci.registry import RegistryClient
+from exec_sandbox_assets.oci.retry import RetryPolicy
 from servers import LOOPBACK, RegistryServer, TcpRelay
 
 pytestmark = pytest.mark.usefixtures("no_docker_config")

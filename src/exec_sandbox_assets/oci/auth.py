@@ -42,7 +42,7 @@ DEFAULT_TOKEN_TTL = 60.0
 # Refresh a little before the registry would start refusing the token.
 _EXPIRY_MARGIN = 5.0
 _MAX_TOKEN_RESPONSE = 1024 * 1024
-# Request extension naming the most body bytes to accept (see oci.http.guard_response).
+# Request extension naming the most body bytes to accept (see oci.bodies.guard_response).
 BODY_CAP = "exec_sandbox_assets.body_cap"
 # Response extension: a Content-Encoding the response hook took off, never decoded.
 REFUSED_ENCODING = "exec_sandbox_assets.content_encoding"

@@ -11,12 +11,9 @@ import tempfile
 from pathlib import Path
 
 from exec_sandbox_assets.errors import AssetNotFoundError, ConfigError
-from exec_sandbox_assets.oci.layout import (
-    LayoutReader,
-    LayoutWriter,
-    extract_archive,
-    write_archive,
-)
+from exec_sandbox_assets.oci.archive import extract_archive, write_archive
+from exec_sandbox_assets.oci.layout import LayoutReader
+from exec_sandbox_assets.oci.layout_writer import LayoutWriter
 from exec_sandbox_assets.oci.model import MAX_MANIFEST_SIZE, is_digest, sha256_digest
 from exec_sandbox_assets.oci.target import PushStats
 

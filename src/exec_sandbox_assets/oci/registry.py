@@ -28,15 +28,8 @@ import httpx
 from exec_sandbox_assets import safejson
 from exec_sandbox_assets.errors import AssetNotFoundError, ConfigError, FormatError
 from exec_sandbox_assets.oci.auth import Credentials, RegistryAuth
-from exec_sandbox_assets.oci.http import (
-    CHUNK_SIZE,
-    DEFAULT_RETRY,
-    IDENTITY,
-    MAX_ERROR_BODY,
-    BlobStream,
-    HttpCore,
-    RetryPolicy,
-)
+from exec_sandbox_assets.oci.bodies import CHUNK_SIZE, IDENTITY, MAX_ERROR_BODY
+from exec_sandbox_assets.oci.http import HttpCore
 from exec_sandbox_assets.oci.model import (
     ACCEPT_MANIFESTS,
     MAX_MANIFEST_SIZE,
@@ -48,6 +41,8 @@ from exec_sandbox_assets.oci.model import (
 )
 from exec_sandbox_assets.oci.policy import DEFAULT_POLICY, TransferPolicy
 from exec_sandbox_assets.oci.reference import TAG_RE, RegistryRef
+from exec_sandbox_assets.oci.retry import DEFAULT_RETRY, RetryPolicy
+from exec_sandbox_assets.oci.stream import BlobStream
 from exec_sandbox_assets.safetext import redact_url
 
 log = logging.getLogger(__name__)

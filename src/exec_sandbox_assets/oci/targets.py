@@ -37,7 +37,7 @@ def open_target(text: str, work_dir: Path, options: RegistryOptions | None = Non
     from exec_sandbox_assets.oci.registry_target import RegistryTarget
 
     opts = options or RegistryOptions()
-    return RegistryTarget(
+    return RegistryTarget.connect(
         text,
         username=opts.username,
         password=opts.password,

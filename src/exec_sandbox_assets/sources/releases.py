@@ -92,7 +92,7 @@ class ReleasesSource(Source):
         return self.folder(self._default_tag)
 
     async def _get(self, url: str, cap: int) -> bytes:
-        from exec_sandbox_assets.oci.http import IDENTITY
+        from exec_sandbox_assets.oci.bodies import IDENTITY
 
         _response, data = await self._http.read("GET", url, IDENTITY, cap)
         return data

@@ -1,0 +1,129 @@
+"""The names and rules of an OCI image layout (image-spec `image-layout.md`), shared by
+its reader (`oci.layout`), its writer (`oci.layout_writer`) and archives (`oci.archive`).
+
+A layout is `oci-layout` (`{"imageLayoutVersion":"1.0.0"}`), `index.json` and
+`blobs/<alg>/<hex>`. Tags are `index.json` entries annotated with
+`org.opencontainers.image.ref.name`, as skopeo and oras write them. Here: those names,
+the one mapping of a digest to its path (never anything that leaves `blobs/`), the
+parsers of `oci-layout` and `index.json`, and the safe way to open a file of a layout
+(regular files only, capped).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import secrets
+import stat
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
+
+from exec_sandbox_assets import safejson
+from exec_sandbox_assets.errors import ConfigError, FormatError, OutOfSpaceError, SizeLimitError
+from exec_sandbox_assets.oci.model import MAX_MANIFEST_SIZE, Index, check_digest
+from exec_sandbox_assets.oci.reference import TAG_RE
+
+REF_NAME = "org.opencontainers.image.ref.name"
+LAYOUT_FILE = "oci-layout"
+INDEX_FILE = "index.json"
+LOCK_FILE = "index.json.lock"
+BLOBS_DIR = "blobs"
+OCI_LAYOUT_BYTES = b'{"imageLayoutVersion":"1.0.0"}'
+
+CHUNK = 1024 * 1024
+HEX_RE = {"sha256": re.compile(r"^[a-f0-9]{64}$"), "sha512": re.compile(r"^[a-f0-9]{128}$")}
+_TMP_PREFIX = ".tmp-"
+
+
+def tmp_name(directory: Path, hint: str) -> Path:
+    return directory / f"{_TMP_PREFIX}{secrets.token_hex(8)}-{hint}"
+
+
+def no_space(exc: OSError, where: Path) -> OSError | OutOfSpaceError:
+    if exc.errno == errno.ENOSPC:
+        return OutOfSpaceError(f"disk full while writing {where}")
+    return exc
+
+
+def blob_relpath(digest: str) -> PurePosixPath:
+    """`blobs/<alg>/<hex>` for a validated digest; never anything that leaves `blobs/`."""
+    check_digest(digest)
+    algo, _, hexpart = digest.partition(":")
+    rel = PurePosixPath(BLOBS_DIR, algo, hexpart)
+    # check_digest admits only [a-z0-9:] so no separator or `..` can appear; keep it so.
+    assert ".." not in rel.parts and len(rel.parts) == 3 and "/" not in hexpart
+    return rel
+
+
+def parse_oci_layout(data: bytes, where: str) -> None:
+    obj = safejson.loads_object(data, where, max_size=MAX_MANIFEST_SIZE)
+    if not isinstance(obj.get("imageLayoutVersion"), str):
+        raise FormatError("missing imageLayoutVersion", where)
+    version = obj["imageLayoutVersion"]
+    if version.split(".")[0] != "1":
+        raise FormatError(f"unsupported imageLayoutVersion {version!r}", where)
+
+
+def parse_index(data: bytes, where: str) -> Index:
+    return Index.from_bytes(data, where)  # every parse failure is a FormatError
+
+
+def check_tag(tag: str) -> str:
+    if not TAG_RE.fullmatch(tag):
+        raise ConfigError(f"invalid tag {tag!r} (expected {TAG_RE.pattern.strip('^$')})")
+    return tag
+
+
+def open_regular(path: Path) -> tuple[BinaryIO, int]:
+    """Open for reading, and the size; FileNotFoundError unless a regular file.
+
+    Symlinks are followed (every blob is digest-checked, wherever its bytes live), but a
+    FIFO, device or directory is never read: a FIFO would block forever, a device never end.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise FileNotFoundError(errno.ENOENT, "not a regular file", str(path))
+    return os.fdopen(fd, "rb"), st.st_size
+
+
+def read_file_capped(path: Path, cap: int) -> bytes:
+    fh, _size = open_regular(path)
+    with fh:
+        data = fh.read(cap + 1)
+    if len(data) > cap:
+        raise SizeLimitError(f"{path} is larger than {cap} bytes")
+    return data
+
+
+def normalize_member(name: str) -> str | None:
+    """`blobs/x` or `./blobs/x` -> `blobs/x`; None for anything unsafe or odd."""
+    if name.startswith("/") or "\\" in name:
+        return None
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if not parts or ".." in parts:
+        return None
+    return "/".join(parts)
+
+
+__all__ = [
+    "BLOBS_DIR",
+    "CHUNK",
+    "HEX_RE",
+    "INDEX_FILE",
+    "LAYOUT_FILE",
+    "LOCK_FILE",
+    "OCI_LAYOUT_BYTES",
+    "REF_NAME",
+    "blob_relpath",
+    "check_tag",
+    "no_space",
+    "normalize_member",
+    "open_regular",
+    "parse_index",
+    "parse_oci_layout",
+    "read_file_capped",
+    "tmp_name",
+]

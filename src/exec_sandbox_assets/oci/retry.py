@@ -1,0 +1,191 @@
+"""When to retry a failed request, and what the failure is called when we stop.
+
+`RetryPolicy` (backoff with full jitter, `Retry-After`) decides how often and how
+patiently; `RETRYABLE_ERRORS` and `retryable_status` what is worth another attempt (a
+TLS verification failure or TLS spoken to a plain-HTTP server never is: the next answer
+would be the same). `status_error` and `transport_error` map what is left to the error
+tree, with messages that name the method, the redacted URL, the peer and the reason:
+
+    404            -> AssetNotFoundError
+    401, 403       -> AuthError (with the caller's hint)
+    anything else  -> AssetDownloadError
+"""
+
+from __future__ import annotations
+
+import email.utils
+import math
+import random
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import httpx
+
+from exec_sandbox_assets.errors import (
+    AssetDownloadError,
+    AssetError,
+    AssetNotFoundError,
+    AuthError,
+    ConfigError,
+)
+from exec_sandbox_assets.oci.bodies import MAX_ERROR_BODY, error_reason, read_capped
+from exec_sandbox_assets.safetext import clean_text, redact_url
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how patiently to retry transient failures (attempts include the first)."""
+
+    attempts: int = 4
+    base_delay: float = 0.25
+    max_delay: float = 8.0
+    max_retry_after: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ConfigError(f"retry attempts must be at least 1, got {self.attempts}")
+        if min(self.base_delay, self.max_delay, self.max_retry_after) < 0:
+            raise ConfigError("retry delays must not be negative")
+
+    def backoff(self, attempt: int) -> float:
+        """Full jitter: uniform in [0, min(max_delay, base_delay * 2**(attempt-1))]."""
+        ceiling = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
+        return random.uniform(0.0, ceiling)  # noqa: S311  (jitter, not cryptography)
+
+    def retry_after(self, value: str | None) -> float | None:
+        """Seconds asked for by a `Retry-After` header (seconds or HTTP-date), capped."""
+        if not value:
+            return None
+        try:
+            seconds = float(value)
+        except ValueError:
+            try:
+                when = email.utils.parsedate_to_datetime(value)
+            except (TypeError, ValueError, IndexError):
+                return None
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=UTC)
+            seconds = (when - datetime.now(UTC)).total_seconds()
+        if not math.isfinite(seconds):
+            return None
+        return min(max(seconds, 0.0), self.max_retry_after)
+
+
+DEFAULT_RETRY = RetryPolicy()
+
+
+RETRYABLE_ERRORS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
+
+
+def retryable_status(status: int) -> bool:
+    return status == 429 or status >= 500
+
+
+def describe(exc: BaseException) -> str:
+    """`Type: message`, display-safe (h11 quotes the bytes a server sent in its errors)."""
+    text = clean_text(str(exc))
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def tls_verify_failed(exc: BaseException) -> bool:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
+# What OpenSSL says when the server answers the ClientHello in plain HTTP.
+_PLAIN_HTTP_REPLY = ("wrong_version_number", "wrong version number", "http_request")
+
+
+def tls_to_plain_http(exc: BaseException) -> bool:
+    """A TLS connection to a plain-HTTP server (a registry on http:// named without the
+    scheme): never retried, it will not change."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ssl.SSLError | httpx.ConnectError):
+            text = f"{getattr(current, 'reason', '')} {current}".lower()
+            if any(marker in text for marker in _PLAIN_HTTP_REPLY):
+                return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
+
+
+async def status_error(
+    method: str,
+    url: str,
+    response: httpx.Response,
+    attempts: int,
+    auth_hint: Callable[[httpx.Response], str] | None = None,
+) -> AssetError:
+    """The error for a final non-2xx answer (the response is closed here)."""
+    try:
+        reason = error_reason(await read_capped(response, url, MAX_ERROR_BODY))
+    except (httpx.HTTPError, AssetError):  # an encoded or endless body: no reason
+        reason = ""
+    finally:
+        await response.aclose()
+    status = response.status_code
+    message = f"{method} {redact_url(url)}: {status} {clean_text(response.reason_phrase, 100)}"
+    final = response.url.copy_with(query=None)  # signed CDN query strings stay out
+    if str(final) != url:
+        message += f" (redirected to {redact_url(final)})"
+    if reason:
+        message += f": {reason}"
+    if attempts > 1:
+        message += f" (after {attempts} attempts)"
+    if status == 404:
+        return AssetNotFoundError(message)
+    if status in (401, 403):
+        hint = auth_hint(response) if auth_hint is not None else ""
+        return AuthError(f"{message} [{hint}]" if hint else message)
+    return AssetDownloadError(message)
+
+
+def transport_error(
+    method: str, url: str, exc: Exception, attempts: int, peer: str
+) -> AssetDownloadError:
+    """The error for a request that got no answer (connection, TLS, timeout)."""
+    tries = f" (after {attempts} attempts)" if attempts > 1 else ""
+    target = httpx.URL(url)
+    shown = redact_url(url)
+    where = clean_text(f"{target.host}:{target.port}" if target.port else target.host, 300)
+    if tls_verify_failed(exc):
+        return AssetDownloadError(
+            f"{method} {shown}: TLS certificate of {where} not trusted "
+            f"(a private CA needs a CA bundle): {describe(exc)}"
+        )
+    if tls_to_plain_http(exc):
+        plain = target.copy_with(scheme="http")
+        return AssetDownloadError(
+            f"{method} {shown}: {where} answered a TLS handshake in plain "
+            f"HTTP: it serves http, not https; name it http://{where}/... "
+            f"(here: {redact_url(str(plain))}): {describe(exc)}"
+        )
+    if isinstance(exc, httpx.ConnectError):
+        base = f"{target.scheme}://{where}"
+        return AssetDownloadError(
+            f"{method} {shown}: {peer} at {base} is unreachable: {describe(exc)}{tries}"
+        )
+    return AssetDownloadError(f"{method} {shown}: {describe(exc)}{tries}")
+
+
+__all__ = [
+    "DEFAULT_RETRY",
+    "RETRYABLE_ERRORS",
+    "RetryPolicy",
+    "describe",
+    "retryable_status",
+    "status_error",
+    "tls_to_plain_http",
+    "tls_verify_failed",
+    "transport_error",
+]
