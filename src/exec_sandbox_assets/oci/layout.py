@@ -29,7 +29,6 @@ import os
 import re
 import secrets
 import shutil
-import stat
 import tarfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -45,7 +44,14 @@ from exec_sandbox_assets.errors import (
     OutOfSpaceError,
     SizeLimitError,
 )
-from exec_sandbox_assets.fsutil import atomic_write, fsync_dir
+from exec_sandbox_assets.fsutil import (
+    CHUNK,
+    NotRegularFileError,
+    atomic_write,
+    fsync_dir,
+    open_regular,
+    out_of_space,
+)
 from exec_sandbox_assets.oci.model import (
     INDEX_MEDIA_TYPES,
     MANIFEST_MEDIA_TYPES,
@@ -70,7 +76,6 @@ LOCK_FILE = "index.json.lock"
 BLOBS_DIR = "blobs"
 OCI_LAYOUT_BYTES = b'{"imageLayoutVersion":"1.0.0"}'
 
-CHUNK = 1024 * 1024
 # The distribution-spec tag grammar: what skopeo and registries accept as a tag.
 _TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 _HEX_RE = {"sha256": re.compile(r"^[a-f0-9]{64}$"), "sha512": re.compile(r"^[a-f0-9]{128}$")}
@@ -86,9 +91,7 @@ def _tmp_name(directory: Path, hint: str) -> Path:
 
 
 def _no_space(exc: OSError, where: Path) -> OSError | OutOfSpaceError:
-    if exc.errno == errno.ENOSPC:
-        return OutOfSpaceError(f"disk full while writing {where}")
-    return exc
+    return out_of_space(exc, where, "nothing was changed") or exc
 
 
 def _blob_relpath(digest: str) -> PurePosixPath:
@@ -335,14 +338,13 @@ def _open_regular(path: Path) -> tuple[BinaryIO, int]:
     """Open for reading, and the size; FileNotFoundError unless a regular file.
 
     Symlinks are followed (every blob is digest-checked, wherever its bytes live), but a
-    FIFO, device or directory is never read: a FIFO would block forever, a device never end.
+    FIFO, device or directory is never read (`fsutil.open_regular`).
     """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        raise FileNotFoundError(errno.ENOENT, "not a regular file", str(path))
-    return os.fdopen(fd, "rb"), st.st_size
+    try:
+        fd = open_regular(path, follow_symlinks=True)
+    except NotRegularFileError as exc:
+        raise FileNotFoundError(errno.ENOENT, "not a regular file", str(path)) from exc
+    return os.fdopen(fd, "rb"), os.fstat(fd).st_size
 
 
 def _read_capped(path: Path, cap: int) -> bytes:

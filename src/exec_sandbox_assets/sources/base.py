@@ -15,12 +15,14 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING
 
+from exec_sandbox_assets.cache.download import BlobOpener as BlobOpener
 from exec_sandbox_assets.errors import (
     AssetChecksumError,
     AssetNotFoundError,
     SignatureError,
     SizeLimitError,
 )
+from exec_sandbox_assets.fsutil import CHUNK
 from exec_sandbox_assets.oci.model import (
     MAX_MANIFEST_SIZE,
     Descriptor,
@@ -38,9 +40,6 @@ if TYPE_CHECKING:  # the registry stack imports httpx, which a warm boot never n
 # A simple-signing payload is a few hundred bytes; anything near this is not one.
 
 MAX_PAYLOAD_SIZE = 64 * 1024
-CHUNK = 1024 * 1024
-
-BlobOpener = Callable[[int], AbstractAsyncContextManager[AsyncIterator[bytes]]]
 
 log = logging.getLogger(__name__)
 
