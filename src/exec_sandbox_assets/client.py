@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from exec_sandbox_assets import catalog
-from exec_sandbox_assets.cache.store import OutputSpec, Store
+from exec_sandbox_assets.cache.store import CacheTrust, OutputSpec, Store
 from exec_sandbox_assets.catalog import AssetSpec, Kind
 from exec_sandbox_assets.config import LATEST, Settings
 from exec_sandbox_assets.errors import (
@@ -33,6 +33,7 @@ from exec_sandbox_assets.errors import (
     FormatError,
     TransportError,
 )
+from exec_sandbox_assets.release.keyid import key_ids_of_files
 
 if TYPE_CHECKING:
     from exec_sandbox_assets.oci.model import Index
@@ -43,10 +44,8 @@ log = logging.getLogger(__name__)
 
 FLOATING_REF_PREFIX = "tag-"
 # A blob body that broke off after making progress is resumed from the same source this
-# many times (with exponential backoff) before the next source is tried.
+# many times (with exponential backoff, in the cache) before the next source is tried.
 MAX_RESUMES = 4
-RESUME_BASE_DELAY = 0.1
-RESUME_MAX_DELAY = 2.0
 TRUST_STATE_PREFIX = "trust-"
 
 
@@ -71,6 +70,7 @@ class VerifiedIndex:
     created: str | None
     source: str
     signed: bool
+    key_ids: tuple[str, ...] = ()  # the trusted keys whose signatures admitted it
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,9 @@ class AssetClient:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.store = Store(settings.cache_dir, lock_timeout=settings.lock_timeout)
+        self.store = Store(
+            settings.cache_dir, lock_timeout=settings.lock_timeout, trust=cache_trust(settings)
+        )
         self._indexes: dict[str, VerifiedIndex] = {}
         self._platforms: dict[tuple[str, str, str], PlatformRelease] = {}
 
@@ -277,6 +279,7 @@ class AssetClient:
             content_size=layer.content_size,
             executable=layer.kind is Kind.GVPROXY,
             source=part.release.source,
+            verified_by=part.release.key_ids,
         )
         bar = None if progress is None else _BlobProgress(progress, layer.output_name, layer.size)
         async with limit:
@@ -307,28 +310,9 @@ class AssetClient:
         layer: AssetLayer,
         bar: _BlobProgress | None,
     ) -> Path:
-        """`store.ensure` from one source. A body that broke off after adding bytes to the
-        partial is resumed from the same source (bounded, with backoff): moving on to the
-        next source, or failing, would waste what this one just sent."""
-        opener = source.opener(layer)
-        for resume in range(MAX_RESUMES + 1):
-            before = self.store.partial_size(layer.digest)
-            try:
-                return await self.store.ensure(out, opener, bar.attempt() if bar else None)
-            except TransportError as exc:
-                got = self.store.partial_size(layer.digest)
-                if got <= before or resume == MAX_RESUMES:
-                    raise
-                delay = min(RESUME_MAX_DELAY, RESUME_BASE_DELAY * 2**resume)
-                log.info(
-                    "download broke off at %d of %d bytes; resuming from the same source in %.2fs",
-                    got,
-                    layer.size,
-                    delay,
-                    extra={"source": source.name, "asset": layer.title, "error": str(exc)},
-                )
-                await asyncio.sleep(delay)
-        raise AssertionError("unreachable")
+        """`store.ensure` from one source; the store resumes a body that broke off."""
+        progress = bar.attempt() if bar else None
+        return await self.store.ensure(out, source.opener(layer), progress, resumes=MAX_RESUMES)
 
     async def platform_release(
         self, sources: Sequence[Source], platform: tuple[str, str]
@@ -373,7 +357,14 @@ class AssetClient:
                 f"{where}: holds release {version}, but {self.settings.version} was asked for"
             )
         verified = VerifiedIndex(
-            tag, _strip_v(version), digest, index, created, source.name, signed is not None
+            tag,
+            _strip_v(version),
+            digest,
+            index,
+            created,
+            source.name,
+            signed is not None,
+            signed.key_ids if signed else (),
         )
         if self.settings.floating:
             self._remember_floating(source, verified)
@@ -419,7 +410,7 @@ class AssetClient:
             newest_accepted_created=newest,
             where=where,
         )
-        return SignedInfo(result.version, result.created)
+        return SignedInfo(result.version, result.created, result.key_ids)
 
     def _remember_floating(self, source: Source, verified: VerifiedIndex) -> None:
         if verified.created:
@@ -457,6 +448,17 @@ class AssetClient:
 class SignedInfo:
     version: str | None
     created: str | None
+    key_ids: tuple[str, ...] = ()
+
+
+def cache_trust(settings: Settings) -> CacheTrust:
+    """Which cache records the warm path may serve under these settings: key ids from
+    the PEM files with the stdlib only (no crypto import on the boot path)."""
+    return CacheTrust(
+        key_ids=key_ids_of_files(settings.trusted_keys),
+        threshold=settings.threshold,
+        insecure=settings.insecure_skip_verify,
+    )
 
 
 def _strip_v(version: str) -> str:

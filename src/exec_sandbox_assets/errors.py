@@ -15,6 +15,7 @@
     │   └── AssetNotFoundError      404: tag, manifest, blob or release file missing
     ├── SizeLimitError              content exceeds its signed size or a hard cap (a TrustError too)
     ├── OutOfSpaceError             ENOSPC while writing; partial data is kept for resume
+    ├── CacheError                  any other OS error on the cache directory (names the path)
     └── AllSourcesFailedError       every source failed; `.attempts` says each one and why
 
 `AssetNotFoundError`, `AssetDownloadError` and `AssetChecksumError` keep the names
@@ -100,6 +101,10 @@ class OutOfSpaceError(AssetError):
     """The disk filled up while writing; partial data was kept for a later resume."""
 
 
+class CacheError(AssetError):
+    """The cache directory cannot be used (read-only, not a directory, ...); names the path."""
+
+
 @dataclass(frozen=True)
 class Attempt:
     """One source that was tried and why it failed."""
@@ -144,6 +149,7 @@ __all__ = [
     "AssetsNotFoundLocally",
     "Attempt",
     "AuthError",
+    "CacheError",
     "ConfigError",
     "FormatError",
     "NoTrustedKeysError",

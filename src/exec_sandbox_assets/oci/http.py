@@ -44,11 +44,12 @@ from exec_sandbox_assets.errors import (
     ConfigError,
     SizeLimitError,
 )
+from exec_sandbox_assets.fsutil import CHUNK
 from exec_sandbox_assets.oci.auth import BODY_CAP, TokenEndpointError
 
 log = logging.getLogger(__name__)
 
-CHUNK_SIZE = 1024 * 1024
+CHUNK_SIZE = CHUNK
 # Error bodies are read only this far, for the reason they give.
 MAX_ERROR_BODY = 64 * 1024
 # ASCII digits, bounded: int() refuses strings over 4300 digits with a ValueError.
@@ -119,15 +120,21 @@ class BlobStream:
         1 MiB would then make no progress at all, however often it is resumed.)
         """
         received = 0
-        pending = bytearray()
+        # Pieces joined once per chunk: one copy (a bytearray buffer costs three).
+        pending: list[bytes] = []
+        size = 0
         error: AssetDownloadError | None = None
         try:
             async for piece in self._response.aiter_raw():
                 received += len(piece)
-                pending += piece
-                if len(pending) >= CHUNK_SIZE:
-                    yield bytes(pending[:CHUNK_SIZE])
-                    del pending[:CHUNK_SIZE]
+                if size + len(piece) > CHUNK_SIZE and pending:
+                    yield b"".join(pending)
+                    pending, size = [], 0
+                while len(piece) > CHUNK_SIZE:  # never from httpx's 64 KiB reads; still
+                    yield piece[:CHUNK_SIZE]
+                    piece = piece[CHUNK_SIZE:]
+                pending.append(piece)
+                size += len(piece)
         except httpx.HTTPError as exc:
             error = AssetDownloadError(
                 f"GET {self.url}: body broke off after {received} bytes "
@@ -135,7 +142,7 @@ class BlobStream:
             )
             error.__cause__ = exc
         if pending:
-            yield bytes(pending)
+            yield b"".join(pending)
         if error is not None:
             raise error
 
