@@ -116,9 +116,10 @@ async def test_interrupted_ranged_download_resumes_every_range(
     again = RangeOpener(fx.blob)
     path = await Store(root).ensure(fx.out, again)
     assert path.read_bytes() == fx.content
-    # What the first run wrote is kept: only the rest (plus at most one chunk per range
-    # caught mid-write) comes again.
-    assert again.served <= fx.out.layer_size - got + 4 * CHUNK
+    # What the first run wrote is kept: only the rest comes again. Per range, "served"
+    # also counts a chunk in flight when cancelled and the chunk read past its end, in
+    # each run: at most 3 chunks per range beyond the bytes still missing.
+    assert again.served <= fx.out.layer_size - got + 3 * 4 * CHUNK
 
 
 async def test_a_source_ignoring_range_costs_one_stream(

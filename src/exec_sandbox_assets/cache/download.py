@@ -45,7 +45,7 @@ MAX_RESUMES = 4
 RESUME_BASE_DELAY = 0.1
 RESUME_MAX_DELAY = 2.0
 # Ranged download: blobs of at least 2 parts; parts of at least RANGE_PART bytes.
-RANGE_PART = 32 << 20
+RANGE_PART = 16 << 20
 MAX_RANGES = 4
 # A range with no byte yet when its predecessor is this far along is given up (the
 # source probably ignores Range and is sending the blob from 0 again).
@@ -165,8 +165,8 @@ def plan(fd: int, size: int, partial: Path, *, ranged: bool) -> Filling:
     """Where each range of the blob resumes, from the partial and its `.ranges` file."""
     sidecar = ranges_path(partial)
     have = os.fstat(fd).st_size
-    saved = _load_ranges(sidecar, size) if have == size else None
-    if saved is not None:
+    saved = _load_ranges(sidecar, size) if have <= size else None
+    if saved is not None and all(r.pos <= have for r in saved):
         return Filling(fd, size, saved, sidecar)
     unlink(sidecar)
     if have > size:
@@ -182,7 +182,8 @@ def plan(fd: int, size: int, partial: Path, *, ranged: bool) -> Filling:
     if have:  # the prefix already on disk: a done range of its own, for `contiguous`
         ranges.insert(0, _Range(parts, 0, have, have))
     filling = Filling(fd, size, ranges, None)
-    os.ftruncate(fd, size)  # so that `have == size` marks a ranged partial next time
+    # Before any byte lands beyond the prefix: without this file, a partial is read as
+    # a contiguous prefix (its size), which holes left by other ranges would break.
     filling.create_sidecar(sidecar)
     return filling
 

@@ -115,6 +115,11 @@ def make_dirs(path: Path) -> None:
             path.chmod(stat.S_IMODE(st.st_mode) & ~0o022)
 
 
+def stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
+    """What changes when a file is replaced or rewritten (memo keys of parsed files)."""
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 def temp_owner(path: Path) -> str | None:
     """The output a temp file of the store belongs to (`.NAME.tmp-…`, or a record's
     `.NAME.json.tmp-…` in `.verified/`), or None for any other file."""

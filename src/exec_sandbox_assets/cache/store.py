@@ -33,119 +33,39 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import random
-import stat
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from exec_sandbox_assets.cache import listing
 from exec_sandbox_assets.cache.download import MAX_RESUMES, BlobOpener, BlobRequest
 from exec_sandbox_assets.cache.files import (
     TMP_MARK,
-    NotRegular,
     Raced,
     io_error,
     make_dirs,
-    read_small,
     temp_owner,
     unlink,
-    write_small,
 )
 from exec_sandbox_assets.cache.install import OutputSpec, obtain
 from exec_sandbox_assets.cache.listing import VERSION_RE, RecordInfo
 from exec_sandbox_assets.cache.locks import FileLock
+from exec_sandbox_assets.cache.records import UNVERIFIED, CacheTrust, Record, RecordBook
+from exec_sandbox_assets.cache.refs import Refs
 from exec_sandbox_assets.errors import AssetDownloadError
 from exec_sandbox_assets.oci.model import check_digest, digest_hex
 
 log = logging.getLogger(__name__)
 
-RECORD_FORMAT = 1
-UNVERIFIED = "unverified"
 # Without working locks (NFS, ENOLCK) concurrent writers can keep replacing each other's
 # files; a jittered pause, growing with each try, desynchronises them, and each retry
 # first checks whether another writer has finished. ~40 s of backoff in all, at most.
 _MAX_RACE_RETRIES = 24
 _RACE_BACKOFF = 0.15
-
-_T = TypeVar("_T")
-
-
-@dataclass(frozen=True)
-class CacheTrust:
-    """Which records the warm path may serve: those admitted by at least `threshold` of
-    `key_ids` (the trusted keys now), or any record when verification is skipped."""
-
-    key_ids: frozenset[str] = frozenset()
-    threshold: int = 1
-    insecure: bool = False
-
-    def admits(self, verified_by: tuple[str, ...] | None) -> bool:
-        if self.insecure:
-            return True
-        if not verified_by:  # unverified, or a record older than this field
-            return False
-        return len(self.key_ids.intersection(verified_by)) >= self.threshold
-
-
-@dataclass(frozen=True)
-class Record:
-    content_digest: str
-    size: int
-    mtime_ns: int
-    ino: int
-    layer_digest: str
-    source: str
-    verified_at: str
-    verified_by: tuple[str, ...] | None  # key ids; () = unverified; None = not recorded
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> Record:
-        obj = json.loads(data)
-        if not isinstance(obj, dict) or obj.get("format") != RECORD_FORMAT:
-            raise ValueError("not a record of a known format")
-        by = obj.get("verified_by")
-        verified_by: tuple[str, ...] | None = None
-        if by == UNVERIFIED:
-            verified_by = ()
-        elif isinstance(by, list) and all(isinstance(k, str) for k in by):
-            verified_by = tuple(by)
-        return cls(
-            content_digest=_field(obj, "content_digest", str),
-            size=_field(obj, "size", int),
-            mtime_ns=_field(obj, "mtime_ns", int),
-            ino=_field(obj, "ino", int),
-            layer_digest=_field(obj, "layer_digest", str),
-            source=_field(obj, "source", str),
-            verified_at=_field(obj, "verified_at", str),
-            verified_by=verified_by,
-        )
-
-    def matches(self, st: os.stat_result) -> bool:
-        return (
-            stat.S_ISREG(st.st_mode)
-            and st.st_size == self.size
-            and st.st_mtime_ns == self.mtime_ns
-            and st.st_ino == self.ino
-        )
-
-
-def _field(obj: dict[str, Any], key: str, kind: type[_T]) -> _T:
-    value = obj.get(key)
-    # `type() is` so that a bool is not taken for an int.
-    if type(value) is not kind:
-        raise ValueError(f"record field {key!r} must be {kind.__name__}")
-    return value
-
-
-def _stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
-    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 class Store:
@@ -157,9 +77,9 @@ class Store:
         self.root = Path(root)
         self.lock_timeout = lock_timeout
         self.trust = trust
-        # Parsed records by path, valid while the record file's stat is unchanged: a warm
-        # lookup is then two stats, no open, read or JSON parse.
-        self._records: dict[Path, tuple[tuple[int, int, int, int], Record]] = {}
+        self.records = RecordBook()
+        self._paths: dict[tuple[str, str], tuple[Path, str, str]] = {}
+        self.refs = Refs(self.root / "refs")
 
     # -- paths ----------------------------------------------------------------------------
 
@@ -210,12 +130,12 @@ class Store:
         another release under the same version string is not this one).
         """
         try:
-            path = self.output_path(version, name)
+            path, path_s, record_s = self._paths_of(version, name)
         except ValueError as exc:
             # A corrupt ref must not crash the boot path: it is just a cache miss.
             log.warning("cache lookup refused", extra={"error": str(exc)})
             return None
-        record = self.read_record(version, name)
+        record = self.records.read(record_s)
         if record is None:
             return None
         if content_digest is not None and record.content_digest != content_digest:
@@ -229,9 +149,9 @@ class Store:
             )
             return None
         try:
-            st = path.stat()
+            st = os.stat(path_s)  # noqa: PTH116 - a str: no Path work on the boot path
         except OSError as exc:
-            log.debug("cached file missing", extra={"path": str(path), "error": str(exc)})
+            log.debug("cached file missing", extra={"path": path_s, "error": str(exc)})
             return None
         if not record.matches(st):
             log.debug("cached file changed since it was verified", extra={"path": str(path)})
@@ -239,24 +159,17 @@ class Store:
         return path
 
     def read_record(self, version: str, name: str) -> Record | None:
-        path = self.record_path(version, name)
-        try:
-            st = path.stat(follow_symlinks=False)
-            memo = self._records.get(path)
-            if memo is not None and memo[0] == _stat_key(st):
-                return memo[1]
-            record = Record.from_bytes(read_small(path))
-        except FileNotFoundError:
-            log.debug("no verification record", extra={"path": str(path)})
-            return None
-        # ValueError covers JSONDecodeError and UnicodeDecodeError; deep nesting recurses.
-        except (OSError, ValueError, RecursionError, NotRegular) as exc:
-            log.debug(
-                "unreadable verification record", extra={"path": str(path), "error": str(exc)}
-            )
-            return None
-        self._records[path] = (_stat_key(st), record)
-        return record
+        return self.records.read(self._paths_of(version, name)[2])
+
+    def _paths_of(self, version: str, name: str) -> tuple[Path, str, str]:
+        """(output path, as str, record path as str), validated once per name: pathlib
+        costs more than the two stats of a warm lookup."""
+        hit = self._paths.get((version, name))
+        if hit is None:
+            path = self.output_path(version, name)
+            hit = (path, str(path), str(self.record_path(version, name)))
+            self._paths[(version, name)] = hit
+        return hit
 
     # -- cold path ------------------------------------------------------------------------
 
@@ -345,7 +258,9 @@ class Store:
         final = self.output_path(out.version, out.name)
         make_dirs(final.parent)
         st = await obtain(blob, req, opener, progress, final=final, out=out, resumes=resumes)
-        await asyncio.to_thread(self._write_record, out, st)
+        await asyncio.to_thread(
+            self.records.write, self.record_path(out.version, out.name), out, st
+        )
         # Without working locks another writer may have replaced the file after our
         # rename: then our record does not describe it, and we start over.
         if self.lookup(out.version, out.name, content_digest=out.content_digest) is None:
@@ -373,23 +288,6 @@ class Store:
                     )
                     unlink(Path(entry.path))
 
-    def _write_record(self, out: OutputSpec, st: os.stat_result) -> None:
-        record = {
-            "format": RECORD_FORMAT,
-            "version": out.version,
-            "name": out.name,
-            "content_digest": out.content_digest,
-            "size": st.st_size,
-            "mtime_ns": st.st_mtime_ns,
-            "ino": st.st_ino,
-            "layer_digest": out.layer_digest,
-            "source": out.source,
-            "verified_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "verified_by": list(out.verified_by) if out.verified_by else UNVERIFIED,
-        }
-        data = json.dumps(record, indent=2, sort_keys=True).encode() + b"\n"
-        write_small(self.record_path(out.version, out.name), data)
-
     async def fetch_blob(
         self,
         req: BlobRequest,
@@ -414,44 +312,12 @@ class Store:
 
     # -- refs -----------------------------------------------------------------------------
 
-    def _state_path(self, key: str) -> Path:
-        if (
-            not key
-            or key.startswith(".")
-            or len(key.encode()) > 200
-            or any(c in key for c in "/\\")
-            or any(ord(c) < 32 or ord(c) == 127 for c in key)
-        ):
-            raise ValueError(f"invalid state key {key!r}: must be a plain file name")
-        return self.root / "refs" / f"{key}.json"
-
     def read_state(self, key: str) -> dict[str, Any] | None:
-        path = self._state_path(key)
-        try:
-            data = read_small(path)
-        except FileNotFoundError:
-            return None
-        except (NotRegular, ValueError, OSError) as exc:
-            log.warning(
-                "ignoring unreadable state file", extra={"path": str(path), "error": str(exc)}
-            )
-            return None
-        try:
-            obj = json.loads(data)
-        except (ValueError, RecursionError) as exc:
-            log.warning("ignoring corrupt state file", extra={"path": str(path), "error": str(exc)})
-            return None
-        if not isinstance(obj, dict):
-            log.warning("ignoring state file that is not an object", extra={"path": str(path)})
-            return None
-        return obj
+        """The small JSON state under `key` (a floating tag, rollback state), or None."""
+        return self.refs.read(key)
 
     def write_state(self, key: str, data: dict[str, Any]) -> None:
-        path = self._state_path(key)
-        try:
-            write_small(path, json.dumps(data, indent=2, sort_keys=True).encode() + b"\n")
-        except OSError as exc:
-            raise io_error(exc, "write", path) from exc
+        self.refs.write(key, data)
 
     # -- introspection (status / gc): see `listing` -----------------------------------------
 
