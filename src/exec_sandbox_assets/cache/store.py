@@ -57,6 +57,7 @@ from exec_sandbox_assets.cache.locks import FileLock
 from exec_sandbox_assets.cache.records import UNVERIFIED, CacheTrust, Record, RecordBook
 from exec_sandbox_assets.cache.refs import Refs
 from exec_sandbox_assets.errors import AssetDownloadError
+from exec_sandbox_assets.fsutil import out_of_space
 from exec_sandbox_assets.oci.model import check_digest, digest_hex
 
 log = logging.getLogger(__name__)
@@ -197,7 +198,9 @@ class Store:
         try:
             return await self._ensure(out, opener, progress, resumes)
         except OSError as exc:
-            raise io_error(exc, "install into", self.version_dir(out.version)) from exc
+            where = self.version_dir(out.version)
+            full = out_of_space(exc, where, "partial kept for resume")
+            raise full or io_error(exc, "install into", where) from exc
 
     async def _ensure(
         self,
