@@ -6,7 +6,8 @@ are SIZE MiB each, then measures in the same run:
   baseline  curl of the largest blob to /dev/null and to a file (what the wire allows)
   baseline  httpx download + sha256, then zstd decompress + sha256, sequential, no fsync
   ours      cold fetch of kernel + python base image: download, verify, decompress,
-            verify content, atomic install (in a subprocess, for its peak RSS)
+            verify content, atomic install (in a subprocess, for its peak RSS), and
+            the disk the installed image takes (zero runs are written as holes)
   ours      warm `ensure_assets()` in a fresh interpreter (import + stat checks)
   baseline  a fresh interpreter that only stats the same files
 
@@ -212,6 +213,11 @@ def main() -> None:
             print(
                 f"speed ratio naive/ours     : {t_naive / cold:8.2f}x "
                 "(ours also fsyncs and installs atomically, files in parallel)"
+            )
+            image = Path(paths[1]).stat()
+            print(
+                f"ours disk use of the image : {image.st_blocks * 512 / MiB:8.0f} MiB allocated "
+                f"of {image.st_size / MiB:.0f} MiB (zero runs are holes)"
             )
 
             # Warm path: everything ensure_assets needs is in cache2; time a fresh process.

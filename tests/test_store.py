@@ -505,11 +505,14 @@ async def test_cancellation_keeps_partial_and_releases_the_lock(
     assert lock_waits(caplog) == []  # the lock was released, nobody waited
 
 
+@pytest.mark.parametrize("compressed", [True, False])
 async def test_partial_swapped_under_the_writer_is_not_published(
-    root: Path, tmp_path: Path
+    root: Path, tmp_path: Path, compressed: bool
 ) -> None:
-    """Without working locks another writer may delete our partial; we start over."""
-    fx = make_fixture(tmp_path)
+    """Without working locks another writer may delete our partial. A compressed output is
+    decompressed from the bytes we hashed ourselves, so it is still exact; an uncompressed
+    one would be the partial itself, which is no longer ours: we start over."""
+    fx = make_fixture(tmp_path, compressed=compressed)
     store = Store(root)
     partial = root / "blobs" / "sha256" / (fx.out.layer_digest.split(":")[1] + ".partial")
     done = [False]
@@ -520,8 +523,11 @@ async def test_partial_swapped_under_the_writer_is_not_published(
             partial.unlink()
 
     opener = FileOpener(fx.blob, on_chunk=sabotage)
-    assert (await store.ensure(fx.out, opener)).read_bytes() == fx.content
-    assert opener.offsets == [0, 0]
+    path = await store.ensure(fx.out, opener)
+    assert path.read_bytes() == fx.content
+    assert store.lookup(fx.out.version, fx.out.name) == path
+    assert opener.offsets == ([0] if compressed else [0, 0])
+    assert store.stray_temp_files() == []
 
 
 # -- other processes -----------------------------------------------------------------------------
@@ -853,6 +859,14 @@ def test_store_module_imports_nothing_heavy() -> None:
     assert ours == [
         "exec_sandbox_assets",
         "exec_sandbox_assets.cache",
+        "exec_sandbox_assets.cache.download",
+        "exec_sandbox_assets.cache.files",
+        "exec_sandbox_assets.cache.install",
+        "exec_sandbox_assets.cache.listing",
+        "exec_sandbox_assets.cache.locks",
+        "exec_sandbox_assets.cache.output",
+        "exec_sandbox_assets.cache.records",
+        "exec_sandbox_assets.cache.refs",
         "exec_sandbox_assets.cache.store",
         "exec_sandbox_assets.errors",
         "exec_sandbox_assets.fsutil",

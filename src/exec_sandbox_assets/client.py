@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from exec_sandbox_assets import catalog
 from exec_sandbox_assets.cache import legacy
-from exec_sandbox_assets.cache.store import OutputSpec, Store
+from exec_sandbox_assets.cache.store import CacheTrust, OutputSpec, Store
 from exec_sandbox_assets.catalog import AssetSpec, Kind
 from exec_sandbox_assets.config import LATEST, Settings
 from exec_sandbox_assets.errors import (
@@ -37,6 +37,7 @@ from exec_sandbox_assets.errors import (
     Attempt,
     TransportError,
 )
+from exec_sandbox_assets.release.keyid import key_ids_of_files
 
 if TYPE_CHECKING:  # the cold path: imported when a fetch needs it (scheduler boot stays lean)
     from exec_sandbox_assets.release.documents import AssetLayer
@@ -50,7 +51,7 @@ log = logging.getLogger(__name__)
 FLOATING_REF_PREFIX = "tag-"
 
 # A blob body that broke off after making progress is resumed from the same source this
-# many times (with exponential backoff) before the next source is tried.
+# many times (with exponential backoff, in the cache) before the next source is tried.
 MAX_RESUMES = 4
 RESUME_BASE_DELAY = 0.1
 RESUME_MAX_DELAY = 2.0
@@ -75,7 +76,9 @@ class AssetClient:
 
     def __init__(self, settings: Settings, *, sources: SourcesFactory | None = None) -> None:
         self.settings = settings
-        self.store = Store(settings.cache_dir, lock_timeout=settings.lock_timeout)
+        self.store = Store(
+            settings.cache_dir, lock_timeout=settings.lock_timeout, trust=cache_trust(settings)
+        )
         self.sources: SourcesFactory = sources or _default_sources
 
     @functools.cached_property
@@ -256,6 +259,7 @@ class AssetClient:
             content_size=layer.content_size,
             executable=layer.kind is Kind.GVPROXY,
             source=part.release.source,
+            verified_by=part.release.key_ids,
         )
         bar = None if progress is None else _BlobProgress(progress, layer.output_name, layer.size)
         async with limit:
@@ -295,31 +299,9 @@ class AssetClient:
         layer: AssetLayer,
         bar: _BlobProgress | None,
     ) -> Path:
-        """`store.ensure` from one source. A body that broke off after adding bytes to the
-        partial is resumed from the same source (bounded, with backoff): moving on to the
-        next source, or failing, would waste what this one just sent."""
-        opener = source.opener(layer)
-        for resume in range(MAX_RESUMES + 1):
-            before = self.store.partial_size(layer.digest)
-            try:
-                return await self.store.ensure(out, opener, bar.attempt() if bar else None)
-            except TransportError as exc:
-                got = self.store.partial_size(layer.digest)
-                if got <= before or resume == MAX_RESUMES:
-                    raise
-                delay = min(RESUME_MAX_DELAY, RESUME_BASE_DELAY * 2**resume)
-                log.info(
-                    "%s: download from %s broke off at %d of %d bytes (%s); resuming in %.2fs",
-                    layer.title,
-                    source.name,
-                    got,
-                    layer.size,
-                    exc,
-                    delay,
-                    extra={"source": source.name, "asset": layer.title, "error": str(exc)},
-                )
-                await asyncio.sleep(delay)
-        raise AssertionError("unreachable")
+        """`store.ensure` from one source; the store resumes a body that broke off."""
+        progress = bar.attempt() if bar else None
+        return await self.store.ensure(out, source.opener(layer), progress, resumes=MAX_RESUMES)
 
     async def platform_release(
         self, sources: Sequence[Source], platform: tuple[str, str]
@@ -333,6 +315,16 @@ def _default_sources(settings: Settings) -> Sequence[Source]:
     from exec_sandbox_assets.sources import build_sources
 
     return build_sources(settings)
+
+
+def cache_trust(settings: Settings) -> CacheTrust:
+    """Which cache records the warm path may serve under these settings: key ids from
+    the PEM files with the stdlib only (no crypto import on the boot path)."""
+    return CacheTrust(
+        key_ids=key_ids_of_files(settings.trusted_keys),
+        threshold=settings.threshold,
+        insecure=settings.insecure_skip_verify,
+    )
 
 
 def platform_for(spec: AssetSpec, host_os: str) -> tuple[str, str]:

@@ -17,6 +17,7 @@
     │       └── ReleaseNotFoundError  no source has the release (each answered "not found")
     ├── SizeLimitError              content exceeds its signed size or a hard cap (a TrustError too)
     ├── OutOfSpaceError             ENOSPC while writing; partial data is kept for resume
+    ├── CacheError                  any other OS error on the cache directory (names the path)
     └── AllSourcesFailedError       every source failed; `.attempts` says each one and why
 
 `AssetNotFoundError`, `AssetDownloadError` and `AssetChecksumError` keep the names
@@ -107,6 +108,10 @@ class OutOfSpaceError(AssetError):
     """The disk filled up while writing; partial data was kept for a later resume."""
 
 
+class CacheError(AssetError):
+    """The cache directory cannot be used (read-only, not a directory, ...); names the path."""
+
+
 @dataclass(frozen=True)
 class Attempt:
     """One source that was tried and why it failed."""
@@ -166,6 +171,7 @@ __all__ = [
     "Attempt",
     "AuthError",
     "BlockedHostError",
+    "CacheError",
     "ConfigError",
     "FormatError",
     "NoTrustedKeysError",

@@ -11,13 +11,47 @@ import contextlib
 import errno
 import os
 import secrets
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 from exec_sandbox_assets.errors import OutOfSpaceError
 
+#: The read/write unit of every streaming copy and hash in the package (blobs, layouts,
+#: the publisher): large enough to keep per-call overhead low, small enough for memory.
+CHUNK = 1 << 20
 NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class NotRegularFileError(OSError):
+    """A symlink (when not followed), FIFO, device or directory where a file was expected."""
+
+
+def open_regular(
+    path: Path, flags: int = os.O_RDONLY, mode: int = 0o644, *, follow_symlinks: bool = False
+) -> int:
+    """`os.open` that refuses anything but a regular file, never waiting on a FIFO.
+
+    `follow_symlinks=False` (the cache: a planted link must not redirect a write) refuses
+    a symlink at `path` itself; True (OCI layouts, whose blobs are digest-checked wherever
+    their bytes live) follows it. Either way a FIFO, device or directory is never opened
+    for I/O: a FIFO would block forever, a device never end.
+    """
+    nofollow = 0 if follow_symlinks else os.O_NOFOLLOW
+    try:
+        fd = os.open(path, flags | nofollow | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+            raise NotRegularFileError(exc.errno, "not a regular file", str(path)) from exc
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegularFileError(errno.EINVAL, "not a regular file", str(path))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def fsync_dir(path: Path) -> None:
@@ -42,9 +76,9 @@ def temp_beside(dest: Path) -> Path:
 
 
 def out_of_space(exc: OSError, where: Path, kept: str) -> OutOfSpaceError | None:
-    """The OutOfSpaceError for a full disk (saying what was kept), else None."""
+    """The OutOfSpaceError for a full disk or quota (saying what was kept), else None."""
     if exc.errno in NO_SPACE_ERRNOS:
-        return OutOfSpaceError(f"disk full while writing {where} ({kept})")
+        return OutOfSpaceError(f"no space left writing {where} ({exc.strerror}); {kept}")
     return None
 
 

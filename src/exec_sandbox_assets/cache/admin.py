@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from exec_sandbox_assets.cache.download import ranges_path
 from exec_sandbox_assets.cache.store import RecordInfo, Store, temp_owner
 from exec_sandbox_assets.client import FLOATING_REF_PREFIX
 from exec_sandbox_assets.oci.model import is_digest
@@ -296,6 +297,9 @@ def _remove(path: Path) -> None:
     else:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+        if path.name.endswith(".partial"):  # its range progress goes with it
+            with contextlib.suppress(FileNotFoundError):
+                ranges_path(path).unlink()
 
 
 def run_gc(store: Store, plan: GcPlan, *, dry_run: bool) -> GcReport:

@@ -84,7 +84,7 @@ def _adopt_sync(store: Store, out: OutputSpec, legacy_dirs: tuple[Path, ...]) ->
         if out.executable:
             final.chmod(final.stat().st_mode | 0o111)
         # The record is the store's own format: written by the store, for the store's lookup.
-        store._write_record(out, final.stat())
+        store.records.write(store.record_path(out.version, out.name), out, final.stat())
         log.info(
             "adopted a file left by exec-sandbox <= 0.22.0 (its digest matches the signed release)",
             extra={"path": str(path), "output": str(final), "digest": out.content_digest},

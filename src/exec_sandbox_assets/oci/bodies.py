@@ -19,10 +19,11 @@ import httpx
 
 from exec_sandbox_assets import safejson
 from exec_sandbox_assets.errors import AssetDownloadError, FormatError, SizeLimitError
+from exec_sandbox_assets.fsutil import CHUNK
 from exec_sandbox_assets.oci.auth import BODY_CAP, REFUSED_ENCODING
 from exec_sandbox_assets.safetext import clean_text, redact_url
 
-CHUNK_SIZE = 1024 * 1024
+CHUNK_SIZE = CHUNK
 # Error bodies are read only this far, for the reason they give.
 MAX_ERROR_BODY = 64 * 1024
 # ASCII digits, bounded: int() refuses strings over 4300 digits with a ValueError (and

@@ -15,12 +15,14 @@ import errno
 import os
 import re
 import secrets
-import stat
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from exec_sandbox_assets import safejson
 from exec_sandbox_assets.errors import ConfigError, FormatError, OutOfSpaceError, SizeLimitError
+from exec_sandbox_assets.fsutil import CHUNK as CHUNK
+from exec_sandbox_assets.fsutil import NotRegularFileError, out_of_space
+from exec_sandbox_assets.fsutil import open_regular as _fs_open_regular
 from exec_sandbox_assets.oci.model import MAX_MANIFEST_SIZE, Index, check_digest
 from exec_sandbox_assets.oci.reference import TAG_RE
 
@@ -31,7 +33,6 @@ LOCK_FILE = "index.json.lock"
 BLOBS_DIR = "blobs"
 OCI_LAYOUT_BYTES = b'{"imageLayoutVersion":"1.0.0"}'
 
-CHUNK = 1024 * 1024
 HEX_RE = {"sha256": re.compile(r"^[a-f0-9]{64}$"), "sha512": re.compile(r"^[a-f0-9]{128}$")}
 _TMP_PREFIX = ".tmp-"
 
@@ -41,9 +42,7 @@ def tmp_name(directory: Path, hint: str) -> Path:
 
 
 def no_space(exc: OSError, where: Path) -> OSError | OutOfSpaceError:
-    if exc.errno == errno.ENOSPC:
-        return OutOfSpaceError(f"disk full while writing {where}")
-    return exc
+    return out_of_space(exc, where, "nothing was changed") or exc
 
 
 def blob_relpath(digest: str) -> PurePosixPath:
@@ -79,14 +78,13 @@ def open_regular(path: Path) -> tuple[BinaryIO, int]:
     """Open for reading, and the size; FileNotFoundError unless a regular file.
 
     Symlinks are followed (every blob is digest-checked, wherever its bytes live), but a
-    FIFO, device or directory is never read: a FIFO would block forever, a device never end.
+    FIFO, device or directory is never read (`fsutil.open_regular`).
     """
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        raise FileNotFoundError(errno.ENOENT, "not a regular file", str(path))
-    return os.fdopen(fd, "rb"), st.st_size
+    try:
+        fd = _fs_open_regular(path, follow_symlinks=True)
+    except NotRegularFileError as exc:
+        raise FileNotFoundError(errno.ENOENT, "not a regular file", str(path)) from exc
+    return os.fdopen(fd, "rb"), os.fstat(fd).st_size
 
 
 def read_file_capped(path: Path, cap: int) -> bytes:

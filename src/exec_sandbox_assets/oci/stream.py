@@ -60,7 +60,9 @@ class BlobStream:
         seconds never trips a read timeout).
         """
         received = 0
-        pending = bytearray()
+        # Pieces joined once per chunk: one copy (a bytearray buffer costs three).
+        pending: list[bytes] = []
+        size = 0
         error: AssetDownloadError | None = None
         window = self._policy.rate_window
         quota = self._policy.min_rate * window
@@ -86,10 +88,14 @@ class BlobStream:
                 since += len(piece)
                 if since >= quota:
                     budget, since = window, 0
-                pending += piece
-                if len(pending) >= CHUNK_SIZE:
-                    yield bytes(pending[:CHUNK_SIZE])
-                    del pending[:CHUNK_SIZE]
+                if size + len(piece) > CHUNK_SIZE and pending:
+                    yield b"".join(pending)
+                    pending, size = [], 0
+                while len(piece) > CHUNK_SIZE:  # never from httpx's 64 KiB reads; still
+                    yield piece[:CHUNK_SIZE]
+                    piece = piece[CHUNK_SIZE:]
+                pending.append(piece)
+                size += len(piece)
         except TimeoutError:
             error = AssetDownloadError(
                 f"GET {redact_url(self.url)}: body slower than the minimum rate of "
@@ -103,7 +109,7 @@ class BlobStream:
             )
             error.__cause__ = exc
         if pending:
-            yield bytes(pending)
+            yield b"".join(pending)
         if error is not None:
             raise error
 

@@ -37,15 +37,14 @@ from typing import IO, Any, BinaryIO, cast
 import zstandard
 
 from exec_sandbox_assets.errors import ConfigError
-from exec_sandbox_assets.fsutil import atomic_output
+from exec_sandbox_assets.fsutil import CHUNK, atomic_output
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LEVEL = 19
 MIN_LEVEL, MAX_LEVEL = 1, 22
-CHUNK = 1024 * 1024
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-# Same cap as the client (store.py): frames written with `zstd --long=31` must be readable.
+# Same cap as the client (cache/install.py): frames written with `zstd --long=31` must be readable.
 _MAX_WINDOW = 2**31
 # Output bytes are a function of level and library version: part of the cache key.
 _ZSTD_ID = (

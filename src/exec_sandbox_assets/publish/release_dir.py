@@ -21,8 +21,7 @@ from pathlib import Path
 
 from exec_sandbox_assets import catalog
 from exec_sandbox_assets.errors import ConfigError
-from exec_sandbox_assets.fsutil import atomic_output
-from exec_sandbox_assets.publish.compress import CHUNK
+from exec_sandbox_assets.fsutil import CHUNK, atomic_output
 from exec_sandbox_assets.release import documents as release
 from exec_sandbox_assets.release.signing import SignatureManifest
 

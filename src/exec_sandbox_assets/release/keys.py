@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import logging
 import os
 import re
@@ -27,6 +26,7 @@ from exec_sandbox_assets.errors import (
     ConfigError,
 )
 from exec_sandbox_assets.fsutil import fsync_dir
+from exec_sandbox_assets.release.keyid import key_id_from_der
 
 logger = logging.getLogger(__name__)
 ALGORITHMS = ("ecdsa-p256", "ed25519")
@@ -57,7 +57,7 @@ class PublicKey:
         der = key.public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
-        return cls(key, hashlib.sha256(der).hexdigest(), source, algorithm)
+        return cls(key, key_id_from_der(der), source, algorithm)
 
     def verify(self, signature: bytes, data: bytes) -> bool:
         try:

@@ -14,12 +14,14 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 
+from exec_sandbox_assets.cache.download import BlobOpener as BlobOpener
 from exec_sandbox_assets.errors import (
     AssetChecksumError,
     AssetNotFoundError,
     SignatureError,
     SizeLimitError,
 )
+from exec_sandbox_assets.fsutil import CHUNK
 from exec_sandbox_assets.oci.model import (
     MAX_MANIFEST_SIZE,
     Descriptor,
@@ -30,10 +32,6 @@ from exec_sandbox_assets.release.documents import (
     AssetLayer,
 )
 from exec_sandbox_assets.release.signing import MAX_PAYLOAD_SIZE, SignatureLayer
-
-CHUNK = 1024 * 1024
-
-BlobOpener = Callable[[int], AbstractAsyncContextManager[AsyncIterator[bytes]]]
 
 log = logging.getLogger(__name__)
 

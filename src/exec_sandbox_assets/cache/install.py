@@ -1,0 +1,406 @@
+"""Download, verify and publish one blob or output, as one streaming pipeline.
+
+While `download.fill` writes the blob into its `.partial`, one worker thread reads the
+partial in order as it fills (`_Reader`): it hashes the layer, decompresses, hashes and
+size-caps the content, and writes the output to a temp file, zero runs as holes. The
+critical path is the download; nothing is staged.
+
+What the SPEC asks holds: nothing reaches its final name before the layer digest and the
+content digest both match (the rename is the last step, after an fsync), and the output
+can never exceed its signed size (checked before each write). Decompressing while the
+layer is still unverified is bounded: the window is capped by the signed content size
+(`_stream_window`); a frame asking for more, or any decode error, makes us finish the
+download, verify the layer, and only then decompress from the verified partial with the
+publisher's full window (`zstd --long=31`).
+
+A partial survives every failure but a trust failure, so the next call resumes; it is
+re-read from 0 (local I/O) and only the missing bytes are downloaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any, cast
+
+from exec_sandbox_assets.cache.download import (
+    BlobOpener,
+    BlobRequest,
+    Filling,
+    OverSentError,
+    fill,
+    plan,
+    ranges_path,
+)
+from exec_sandbox_assets.cache.files import (
+    NotRegular,
+    Raced,
+    Stopped,
+    digest_of,
+    file_mode,
+    open_file,
+    tmp_name,
+    unlink,
+)
+from exec_sandbox_assets.cache.output import Output, OutputSpec
+from exec_sandbox_assets.errors import (
+    AssetChecksumError,
+    OutOfSpaceError,
+    SizeLimitError,
+    TrustError,
+)
+from exec_sandbox_assets.fsutil import CHUNK, fsync_dir, out_of_space
+from exec_sandbox_assets.oci.model import new_hasher
+
+log = logging.getLogger("exec_sandbox_assets.cache.store")
+
+# A frame may ask for a window up to 2 GiB (`zstd --long=31`); once the blob is verified
+# against its signed digest, honouring the publisher's choice is safe.
+_MAX_WINDOW = 1 << 31
+# Before that, a window is never allowed beyond what the signed content size can need.
+_MAX_STREAM_WINDOW = 1 << 27
+
+
+class ResumeFailed(Exception):
+    def __init__(self, offset: int) -> None:
+        super().__init__(f"resumed at {offset}")
+        self.offset = offset
+
+
+class _Aborted(Exception):
+    """The download failed; the reader stops (the download's error is what is raised)."""
+
+
+class _LayerMismatch(Exception):
+    def __init__(self, actual: str) -> None:
+        self.actual = actual
+
+
+class _KeptBlob(Exception):
+    """The disk filled while writing the output; the verified blob is worth keeping."""
+
+    def __init__(self, error: OSError, tmp: Path) -> None:
+        self.error, self.tmp = error, tmp
+
+
+async def obtain(
+    blob: Path,
+    req: BlobRequest,
+    opener: BlobOpener,
+    progress: Callable[[int], None] | None,
+    *,
+    final: Path | None = None,
+    out: OutputSpec | None = None,
+    resumes: int,
+) -> os.stat_result:
+    """Download (resuming) and verify `req`; install it as `final` for `out`, or keep the
+    verified blob at `blob` without `out`. Returns the stat of what was published.
+
+    A resumed download that fails its digest is retried once from 0: the old bytes may
+    come from another source or a power loss, so the current source is not to blame yet.
+    """
+    for fresh in (False, True):
+        try:
+            return await _attempt(blob, req, opener, progress, final, out, resumes, fresh)
+        except ResumeFailed as exc:
+            log.warning(
+                "resumed download failed its digest check; restarting from 0",
+                extra={"digest": req.digest, "source": req.source, "resumed_from": exc.offset},
+            )
+    raise AssertionError("unreachable: a fresh download never raises ResumeFailed")
+
+
+async def _attempt(
+    blob: Path,
+    req: BlobRequest,
+    opener: BlobOpener,
+    progress: Callable[[int], None] | None,
+    final: Path | None,
+    out: OutputSpec | None,
+    resumes: int,
+    fresh: bool,
+) -> os.stat_result:
+    partial = blob.with_name(blob.name + ".partial")
+    if fresh:
+        unlink(partial)
+        unlink(ranges_path(partial))
+    _adopt_complete_blob(blob, partial)
+    # No O_APPEND: we write at explicit offsets, so two writers of the same blob (only
+    # possible when locks do not work) put identical bytes at identical places.
+    try:
+        fd = open_file(partial, os.O_RDWR | os.O_CREAT, 0o600)
+    except NotRegular:
+        log.warning("discarding non-regular file at a partial path", extra={"path": str(partial)})
+        unlink(partial)  # removes the link itself, never its target
+        raise
+    try:
+        filling = plan(fd, req.size, partial, ranged=True)
+        resumed_from = filling.have
+        if resumed_from:
+            log.info(
+                "resuming download at %d of %d bytes",
+                filling.have,
+                req.size,
+                extra={"digest": req.digest, "source": req.source},
+            )
+        tmp = tmp_name(final.parent, final.name) if final and out and out.compressed else None
+        try:
+            result = await _pipeline(filling, req, opener, progress, partial, out, tmp, resumes)
+        except _LayerMismatch as exc:
+            _drop(partial)
+            if resumed_from:
+                raise ResumeFailed(resumed_from) from None
+            raise AssetChecksumError(
+                f"blob {req.digest}", req.digest, exc.actual, req.source
+            ) from None
+        except _KeptBlob as exc:
+            _publish(fd, partial, blob)
+            unlink(ranges_path(partial))
+            raise out_of_space(exc.error, exc.tmp, "the verified blob is kept") or OutOfSpaceError(
+                str(exc.error)
+            ) from exc.error
+        except TrustError as exc:
+            if not isinstance(exc, OverSentError):
+                # The signed annotations refuse this blob; keeping it would only waste space.
+                _drop(partial)
+            raise
+        if tmp is not None and final is not None:
+            try:
+                tmp.replace(final)
+            except FileNotFoundError as exc:
+                raise Raced(f"{tmp} was removed before its rename") from exc
+            except BaseException:
+                unlink(tmp)
+                raise
+            fsync_dir(final.parent)
+            # The output is what the scheduler reads; the partial goes (it holds the
+            # verified blob, but keeping it would double the space of every release).
+            _drop(partial)
+        else:
+            _publish(fd, partial, final or blob)
+            unlink(ranges_path(partial))
+            if final is not None:
+                fsync_dir(final.parent)
+        return result
+    finally:
+        os.close(fd)
+
+
+def _adopt_complete_blob(blob: Path, partial: Path) -> None:
+    """A complete blob left by a crash (or kept on a full disk) is a partial to reuse."""
+    if not os.path.lexists(blob) or os.path.lexists(partial):
+        return
+    try:
+        os.close(open_file(blob))
+    except NotRegular:
+        log.warning("discarding non-regular file at a blob path", extra={"path": str(blob)})
+        unlink(blob)
+        return
+    except FileNotFoundError:
+        return
+    log.info("reusing downloaded blob (verified again)", extra={"path": str(blob)})
+    with contextlib.suppress(FileNotFoundError):
+        blob.replace(partial)
+
+
+def _drop(partial: Path) -> None:
+    unlink(partial)
+    unlink(ranges_path(partial))
+
+
+def _publish(fd: int, partial: Path, dest: Path) -> None:
+    # Publish only the inode we verified; if it was swapped, let `ensure` start over.
+    try:
+        same = os.path.samestat(partial.stat(), os.fstat(fd))
+    except FileNotFoundError:
+        same = False
+    if not same:
+        raise Raced(f"{partial} was replaced or removed while we wrote it")
+    partial.replace(dest)
+
+
+async def _pipeline(
+    filling: Filling,
+    req: BlobRequest,
+    opener: BlobOpener,
+    progress: Callable[[int], None] | None,
+    partial: Path,
+    out: OutputSpec | None,
+    tmp: Path | None,
+    resumes: int,
+) -> os.stat_result:
+    """Run the download and the reader side by side; the first failure stops both."""
+    cancel = threading.Event()
+    reader = asyncio.ensure_future(asyncio.to_thread(_consume, filling, req, out, tmp, cancel))
+    # Retrieve a late exception so asyncio does not log it as unhandled.
+    reader.add_done_callback(lambda t: None if t.cancelled() else t.exception())
+    writer = asyncio.ensure_future(fill(filling, req, opener, progress, partial, resumes))
+    try:
+        await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+        if writer.done():
+            filling.finish(writer.exception())
+            writer.result()  # the download's error, if any
+        else:
+            reader.result()  # the reader failed first (a bomb, a full disk)
+            await writer  # unreachable unless the reader ended early without error
+            filling.finish()
+        return await asyncio.shield(reader)
+    except BaseException as exc:
+        # Stop both, and never leave the thread running with our fd and temp file.
+        filling.finish(exc)
+        cancel.set()
+        writer.cancel()
+        await asyncio.wait({reader, writer})
+        raise
+
+
+# -- the reader side (one worker thread) -----------------------------------------------------
+
+
+class _Reader:
+    """The partial as a file that grows: `read` waits for bytes and hashes what it returns."""
+
+    def __init__(self, filling: Filling, hasher: Any, cancel: threading.Event) -> None:
+        self.filling = filling
+        self.hasher = hasher
+        self.cancel = cancel
+        self.pos = 0
+
+    def read(self, n: int = -1) -> bytes:
+        size = self.filling.size
+        if self.pos >= size:
+            return b""
+        if self.cancel.is_set():
+            raise Stopped
+        end = self.filling.wait(self.pos, self.cancel)
+        if end <= self.pos:
+            raise _Aborted
+        want = min(CHUNK if n < 0 else n, end - self.pos)
+        data = os.pread(self.filling.fd, want, self.pos)
+        if not data:
+            raise Raced("the partial shrank under us")
+        self.hasher.update(data)
+        self.pos += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(CHUNK):
+            pass
+
+
+def _consume(
+    filling: Filling,
+    req: BlobRequest,
+    out: OutputSpec | None,
+    tmp: Path | None,
+    cancel: threading.Event,
+) -> os.stat_result:
+    reader = _Reader(filling, new_hasher(req.digest), cancel)
+    if out is None or not out.compressed or tmp is None:
+        reader.drain()
+        _check_layer(reader, req)
+        if out is not None:
+            _check_uncompressed(reader, req, out)
+            os.fchmod(filling.fd, file_mode(out.executable))
+            os.fsync(filling.fd)
+        return os.fstat(filling.fd)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        output = Output(fd, out, tmp)
+        deferred: Exception | None = None
+        try:
+            _decompress(reader, output, out, _stream_window(out.content_size))
+        except _Undecodable as exc:
+            deferred = exc  # finish and verify the download first, then decompress
+        except OSError as exc:
+            if out_of_space(exc, tmp, "") is None:
+                raise
+            reader.drain()
+            _check_layer(reader, req)
+            raise _KeptBlob(exc, tmp) from None
+        reader.drain()
+        _check_layer(reader, req)
+        if deferred is not None:
+            log.info(
+                "decompressing %s after verification (%s)",
+                out.name,
+                deferred,
+                extra={"output": out.name},
+            )
+            os.ftruncate(fd, 0)
+            output = Output(fd, out, tmp)
+            verified = _Reader(filling, new_hasher(req.digest), cancel)
+            try:
+                _decompress(verified, output, out, _MAX_WINDOW)
+            except _Undecodable as exc:
+                raise AssetChecksumError(
+                    f"decompressed {out.name}",
+                    out.content_digest,
+                    f"undecodable zstd data ({exc})",
+                    out.source,
+                ) from None
+        output.finish()
+        os.fchmod(fd, file_mode(out.executable))
+        os.fsync(fd)
+        return os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        unlink(tmp)
+        raise
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _check_layer(reader: _Reader, req: BlobRequest) -> None:
+    actual = digest_of(reader.hasher, req.digest)
+    if actual != req.digest:
+        raise _LayerMismatch(actual)
+
+
+def _check_uncompressed(reader: _Reader, req: BlobRequest, out: OutputSpec) -> None:
+    """An uncompressed layer is its content: its digest and size must be the content's."""
+    if req.size != out.content_size:
+        raise SizeLimitError(
+            f"{out.name} from {out.source} is {req.size} bytes, "
+            f"declared content size is {out.content_size}"
+        )
+    if out.content_digest != req.digest:
+        actual = digest_of(reader.hasher, req.digest)
+        if out.content_digest.partition(":")[0] != req.digest.partition(":")[0]:
+            raise AssetChecksumError(out.name, out.content_digest, "another algorithm", out.source)
+        raise AssetChecksumError(out.name, out.content_digest, actual, out.source)
+
+
+class _Undecodable(Exception):
+    pass
+
+
+def _stream_window(content_size: int) -> int:
+    """The largest window an unverified frame may ask for: what the content could use."""
+    window = 1 << 20
+    while window < content_size and window < _MAX_STREAM_WINDOW:
+        window <<= 1
+    return window
+
+
+def _decompress(reader: _Reader, output: Output, out: OutputSpec, window: int) -> None:
+    import zstandard  # only the cold path pays for it
+
+    dctx = zstandard.ZstdDecompressor(max_window_size=window)
+    try:
+        with dctx.stream_reader(
+            cast(IO[bytes], reader), read_size=CHUNK, read_across_frames=True, closefd=False
+        ) as stream:
+            while chunk := stream.read(CHUNK):
+                output.write(chunk)
+    except zstandard.ZstdError as exc:
+        raise _Undecodable(str(exc)) from None
+
+
+__all__ = ["OutputSpec", "ResumeFailed", "obtain"]
