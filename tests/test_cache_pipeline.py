@@ -21,7 +21,12 @@ import zstandard
 
 from exec_sandbox_assets.cache import download
 from exec_sandbox_assets.cache.store import CacheTrust, Store
-from exec_sandbox_assets.errors import AssetDownloadError, AssetError, CacheError
+from exec_sandbox_assets.errors import (
+    AssetChecksumError,
+    AssetDownloadError,
+    AssetError,
+    CacheError,
+)
 from exec_sandbox_assets.release import keys
 from exec_sandbox_assets.release.keyid import key_id_from_pem, key_ids_of_files
 from test_store import CHUNK, FileOpener, content_bytes, make_fixture, sha256
@@ -160,6 +165,23 @@ async def test_a_frame_wider_than_its_content_is_decompressed_after_verification
     out = replace(fx.out, layer_digest=sha256(blob_bytes), layer_size=len(blob_bytes))
     path = await Store(root).ensure(out, FileOpener(blob))
     assert path.read_bytes() == content
+
+
+async def test_no_byte_reaches_the_decoder_before_the_layer_digest_matches(
+    root: Path, tmp_path: Path
+) -> None:
+    """A bomb served under another blob's digest: the layer check refuses it before any
+    decompression (docs/format.md §4), so the error is the layer mismatch, not the
+    output cap that decompressing it would have hit first."""
+    fx = make_fixture(tmp_path)
+    bomb = zstandard.ZstdCompressor(level=3).compress(b"\0" * (fx.out.content_size * 50))
+    path = tmp_path / "bomb.zst"
+    path.write_bytes(bomb)
+    out = replace(fx.out, layer_size=len(bomb))  # the signed digest stays the real blob's
+    with pytest.raises(AssetChecksumError) as info:
+        await Store(root).ensure(out, FileOpener(path))
+    assert info.value.what == f"blob {out.layer_digest}"
+    assert not Store(root).output_path(out.version, out.name).exists()
 
 
 # -- trust: records say what admitted them -------------------------------------------------------

@@ -324,6 +324,7 @@ def cache_trust(settings: Settings) -> CacheTrust:
         key_ids=key_ids_of_files(settings.trusted_keys),
         threshold=settings.threshold,
         insecure=settings.insecure_skip_verify,
+        legacy=settings.allow_legacy_releases,
     )
 
 

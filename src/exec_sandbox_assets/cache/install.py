@@ -1,17 +1,15 @@
-"""Download, verify and publish one blob or output, as one streaming pipeline.
+"""Download, verify and publish one blob or output, as one pipeline.
 
 While `download.fill` writes the blob into its `.partial`, one worker thread reads the
-partial in order as it fills (`_Reader`): it hashes the layer, decompresses, hashes and
-size-caps the content, and writes the output to a temp file, zero runs as holes. The
-critical path is the download; nothing is staged.
+partial in order as it fills (`_Reader`) and hashes the layer, so the layer digest is
+known the moment the last byte lands. Only then, with the digest matched, is a
+compressed layer decompressed (docs/format.md §4: no unverified byte reaches the
+decoder), from the partial still in the page cache, its content hashed and size-capped,
+and written to a temp file with zero runs as holes.
 
-What the SPEC asks holds: nothing reaches its final name before the layer digest and the
-content digest both match (the rename is the last step, after an fsync), and the output
-can never exceed its signed size (checked before each write). Decompressing while the
-layer is still unverified is bounded: the window is capped by the signed content size
-(`_stream_window`); a frame asking for more, or any decode error, makes us finish the
-download, verify the layer, and only then decompress from the verified partial with the
-publisher's full window (`zstd --long=31`).
+What the format asks holds: nothing reaches its final name before the layer digest and
+the content digest both match (the rename is the last step, after an fsync), and the
+output can never exceed its signed size (checked before each write).
 
 A partial survives every failure but a trust failure, so the next call resumes; it is
 re-read from 0 (local I/O) and only the missing bytes are downloaded.
@@ -26,7 +24,7 @@ import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import IO, Any, TypeVar, cast
 
 from exec_sandbox_assets.cache.download import (
     BlobOpener,
@@ -59,11 +57,11 @@ from exec_sandbox_assets.oci.model import new_hasher
 
 log = logging.getLogger("exec_sandbox_assets.cache.store")
 
+_T = TypeVar("_T")
+
 # A frame may ask for a window up to 2 GiB (`zstd --long=31`); once the blob is verified
 # against its signed digest, honouring the publisher's choice is safe.
 _MAX_WINDOW = 1 << 31
-# Before that, a window is never allowed beyond what the signed content size can need.
-_MAX_STREAM_WINDOW = 1 << 27
 
 
 class ResumeFailed(Exception):
@@ -236,12 +234,16 @@ async def _pipeline(
 ) -> os.stat_result:
     """Run the download and the reader side by side; the first failure stops both."""
     cancel = threading.Event()
-    reader = asyncio.ensure_future(asyncio.to_thread(_consume, filling, req, out, tmp, cancel))
+    # The reader blocks on the download for its whole life: it gets a thread of its own,
+    # never one of the loop's default executor, whose few workers the download's own
+    # reads and writes need (several pipelines at once would otherwise starve them).
+    reader = _own_thread(lambda: _consume(filling, req, out, tmp, cancel))
     # Retrieve a late exception so asyncio does not log it as unhandled.
     reader.add_done_callback(lambda t: None if t.cancelled() else t.exception())
     writer = asyncio.ensure_future(fill(filling, req, opener, progress, partial, resumes))
+    both: set[asyncio.Future[Any]] = {reader, writer}
     try:
-        await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
         if writer.done():
             filling.finish(writer.exception())
             writer.result()  # the download's error, if any
@@ -255,8 +257,33 @@ async def _pipeline(
         filling.finish(exc)
         cancel.set()
         writer.cancel()
-        await asyncio.wait({reader, writer})
+        await asyncio.wait(both)
         raise
+
+
+def _own_thread(fn: Callable[[], _T]) -> asyncio.Future[_T]:
+    """`fn()` in a new daemon thread, as a future of the running loop."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[_T] = loop.create_future()
+
+    def settle(result: _T | None, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(cast(_T, result))
+
+    def run() -> None:
+        try:
+            result = fn()
+        except BaseException as exc:  # handed to the loop, raised there
+            loop.call_soon_threadsafe(settle, None, exc)
+        else:
+            loop.call_soon_threadsafe(settle, result, None)
+
+    threading.Thread(target=run, name="esa-install", daemon=True).start()
+    return future
 
 
 # -- the reader side (one worker thread) -----------------------------------------------------
@@ -265,7 +292,7 @@ async def _pipeline(
 class _Reader:
     """The partial as a file that grows: `read` waits for bytes and hashes what it returns."""
 
-    def __init__(self, filling: Filling, hasher: Any, cancel: threading.Event) -> None:
+    def __init__(self, filling: Filling, hasher: Any | None, cancel: threading.Event) -> None:
         self.filling = filling
         self.hasher = hasher
         self.cancel = cancel
@@ -284,7 +311,8 @@ class _Reader:
         data = os.pread(self.filling.fd, want, self.pos)
         if not data:
             raise Raced("the partial shrank under us")
-        self.hasher.update(data)
+        if self.hasher is not None:
+            self.hasher.update(data)
         self.pos += len(data)
         return data
 
@@ -309,41 +337,28 @@ def _consume(
             os.fchmod(filling.fd, file_mode(out.executable))
             os.fsync(filling.fd)
         return os.fstat(filling.fd)
+    # The layer is hashed as it arrives, but decompressed only once its digest matched
+    # (docs/format.md §4): no byte a signature does not vouch for reaches the decoder. The
+    # partial is still in the page cache, so this costs a decompression, not a re-read.
+    reader.drain()
+    _check_layer(reader, req)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         output = Output(fd, out, tmp)
-        deferred: Exception | None = None
+        verified = _Reader(filling, None, cancel)  # hashed already: not again
         try:
-            _decompress(reader, output, out, _stream_window(out.content_size))
+            _decompress(verified, output, out, _MAX_WINDOW)
         except _Undecodable as exc:
-            deferred = exc  # finish and verify the download first, then decompress
+            raise AssetChecksumError(
+                f"decompressed {out.name}",
+                out.content_digest,
+                f"undecodable zstd data ({exc})",
+                out.source,
+            ) from None
         except OSError as exc:
             if out_of_space(exc, tmp, "") is None:
                 raise
-            reader.drain()
-            _check_layer(reader, req)
             raise _KeptBlob(exc, tmp) from None
-        reader.drain()
-        _check_layer(reader, req)
-        if deferred is not None:
-            log.info(
-                "decompressing %s after verification (%s)",
-                out.name,
-                deferred,
-                extra={"output": out.name},
-            )
-            os.ftruncate(fd, 0)
-            output = Output(fd, out, tmp)
-            verified = _Reader(filling, new_hasher(req.digest), cancel)
-            try:
-                _decompress(verified, output, out, _MAX_WINDOW)
-            except _Undecodable as exc:
-                raise AssetChecksumError(
-                    f"decompressed {out.name}",
-                    out.content_digest,
-                    f"undecodable zstd data ({exc})",
-                    out.source,
-                ) from None
         output.finish()
         os.fchmod(fd, file_mode(out.executable))
         os.fsync(fd)
@@ -379,14 +394,6 @@ def _check_uncompressed(reader: _Reader, req: BlobRequest, out: OutputSpec) -> N
 
 class _Undecodable(Exception):
     pass
-
-
-def _stream_window(content_size: int) -> int:
-    """The largest window an unverified frame may ask for: what the content could use."""
-    window = 1 << 20
-    while window < content_size and window < _MAX_STREAM_WINDOW:
-        window <<= 1
-    return window
 
 
 def _decompress(reader: _Reader, output: Output, out: OutputSpec, window: int) -> None:

@@ -24,6 +24,9 @@ log = logging.getLogger("exec_sandbox_assets.cache.store")
 
 RECORD_FORMAT = 1
 UNVERIFIED = "unverified"
+# What admitted a file of an exec-sandbox <= 0.22.0 GitHub release (no signature: TLS and
+# the GitHub API digest), served only while EXEC_SANDBOX_ALLOW_LEGACY_RELEASES is set.
+LEGACY_GITHUB_DIGEST = "legacy-github-digest"
 
 _T = TypeVar("_T")
 
@@ -31,17 +34,21 @@ _T = TypeVar("_T")
 @dataclass(frozen=True)
 class CacheTrust:
     """Which records the warm path may serve: those admitted by at least `threshold` of
-    `key_ids` (the trusted keys now), or any record when verification is skipped."""
+    `key_ids` (the trusted keys now), legacy-release files while `legacy` is allowed, or
+    any record when verification is skipped."""
 
     key_ids: frozenset[str] = frozenset()
     threshold: int = 1
     insecure: bool = False
+    legacy: bool = False
 
     def admits(self, verified_by: tuple[str, ...] | None) -> bool:
         if self.insecure:
             return True
         if not verified_by:  # unverified, or a record older than this field
             return False
+        if verified_by == (LEGACY_GITHUB_DIGEST,):
+            return self.legacy
         return len(self.key_ids.intersection(verified_by)) >= self.threshold
 
 

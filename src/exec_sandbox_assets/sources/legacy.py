@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from exec_sandbox_assets import catalog, safejson
+from exec_sandbox_assets.cache.records import LEGACY_GITHUB_DIGEST
 from exec_sandbox_assets.cache.store import BlobRequest, OutputSpec
 from exec_sandbox_assets.catalog import AssetSpec, Kind
 from exec_sandbox_assets.config import LATEST, Settings
@@ -181,6 +182,7 @@ async def fetch(client: AssetClient, release: LegacyRelease, spec: AssetSpec) ->
             content_size=size,
             executable=spec.kind is Kind.GVPROXY,
             source=source,
+            verified_by=(LEGACY_GITHUB_DIGEST,),
         )
         path = await store.ensure(out, opener)
     finally:
