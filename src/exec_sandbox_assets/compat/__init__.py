@@ -38,13 +38,13 @@ from typing import Any
 from exec_sandbox_assets import PrefetchResult, catalog
 from exec_sandbox_assets.cache import legacy
 from exec_sandbox_assets.client import AssetClient
-from exec_sandbox_assets.compat_registry import CompatAssets
+from exec_sandbox_assets.compat.registry import CompatAssets
+from exec_sandbox_assets.compat.translate import translate, translating
 from exec_sandbox_assets.config import Settings, load_settings
 from exec_sandbox_assets.errors import (
     AssetError,
     AssetsNotFoundLocally,
 )
-from exec_sandbox_assets.translate import translate, translating
 
 logger = logging.getLogger(__name__)
 
