@@ -778,8 +778,10 @@ def measure_resume(b: Bench) -> dict[str, Any]:
                 if partial is None:
                     partial = next(cache.rglob(f"{big.digest[7:]}.partial"), None)
                 if partial is not None:
+                    # Bytes on disk, not the apparent size: ranged downloads write near
+                    # the end first, so st_size says "almost done" at once.
                     with contextlib.suppress(FileNotFoundError):
-                        partial_at_kill = partial.stat().st_size
+                        partial_at_kill = partial.stat().st_blocks * 512
                     if partial_at_kill >= big.size // 2:
                         child.send_signal(signal.SIGKILL)
                         break
