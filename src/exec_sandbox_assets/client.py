@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from exec_sandbox_assets import catalog
 from exec_sandbox_assets.cache import legacy
+from exec_sandbox_assets.cache.download import MAX_RESUMES
 from exec_sandbox_assets.cache.store import CacheTrust, OutputSpec, Store
 from exec_sandbox_assets.catalog import AssetSpec, Kind
 from exec_sandbox_assets.config import LATEST, Settings
@@ -49,12 +50,6 @@ log = logging.getLogger(__name__)
 
 # The cache's ref of a floating tag: `tag-latest` -> the version pulled last.
 FLOATING_REF_PREFIX = "tag-"
-
-# A blob body that broke off after making progress is resumed from the same source this
-# many times (with exponential backoff, in the cache) before the next source is tried.
-MAX_RESUMES = 4
-RESUME_BASE_DELAY = 0.1
-RESUME_MAX_DELAY = 2.0
 
 #: settings -> the ordered sources to try (default: `sources.build_sources`)
 SourcesFactory = Callable[[Settings], "Sequence[Source]"]
