@@ -868,6 +868,7 @@ def test_store_module_imports_nothing_heavy() -> None:
         "exec_sandbox_assets.cache.records",
         "exec_sandbox_assets.cache.refs",
         "exec_sandbox_assets.cache.store",
+        "exec_sandbox_assets.catalog",  # names and their limits, stdlib only
         "exec_sandbox_assets.errors",
         "exec_sandbox_assets.fsutil",
         "exec_sandbox_assets.oci",

@@ -56,6 +56,7 @@ from exec_sandbox_assets.cache.listing import VERSION_RE, RecordInfo
 from exec_sandbox_assets.cache.locks import FileLock
 from exec_sandbox_assets.cache.records import UNVERIFIED, CacheTrust, Record, RecordBook
 from exec_sandbox_assets.cache.refs import Refs
+from exec_sandbox_assets.catalog import MAX_NAME_LENGTH
 from exec_sandbox_assets.errors import AssetDownloadError
 from exec_sandbox_assets.fsutil import out_of_space
 from exec_sandbox_assets.oci.model import check_digest, digest_hex
@@ -352,9 +353,15 @@ class Store:
 
 
 def _check_name(name: str) -> None:
-    # The caller validated it against SPEC section 1; this guards the file system anyway.
-    # 100: lock and temp names add the version (<= 128) and ~20 more to a 255-byte limit.
-    if not name or "/" in name or "\0" in name or name.startswith(".") or len(name) > 100:
+    # The caller validated it against docs/format.md §1; this guards the file system anyway
+    # (lock and temp names add the version, <= 128, and ~20 more to a 255-byte limit).
+    if (
+        not name
+        or "/" in name
+        or "\0" in name
+        or name.startswith(".")
+        or len(name) > MAX_NAME_LENGTH
+    ):
         raise ValueError(f"invalid output name {name!r}")
 
 
