@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from exec_sandbox_assets import catalog
+from exec_sandbox_assets.cache.download import MAX_RESUMES
 from exec_sandbox_assets.cache.store import BlobRequest, Store
-from exec_sandbox_assets.errors import ConfigError, FormatError, TransportError
+from exec_sandbox_assets.errors import ConfigError, FormatError
 from exec_sandbox_assets.oci.model import (
     Descriptor,
     Index,
@@ -33,10 +34,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# A download that broke off after making progress is resumed this many times in one call.
-MAX_RESUMES = 4
-_RESUME_BASE_DELAY = 0.1
-_RESUME_MAX_DELAY = 2.0
 # Downloads started ahead of the blob being pushed (each holds one blob in work_dir).
 _PREFETCH = 1
 
@@ -238,19 +235,9 @@ class Copier:
         def advance(n: int) -> None:
             self._emit(plan, "blob-progress", desc.digest, blob.name, n)
 
-        for attempt in range(MAX_RESUMES + 1):
-            before = self.store.partial_size(desc.digest)
-            try:
-                async with self.store.blob_lock(desc.digest):
-                    return await self.store.fetch_blob(req, opener, advance)
-            except TransportError as exc:
-                grown = self.store.partial_size(desc.digest) > before
-                if not grown or attempt == MAX_RESUMES:
-                    raise
-                delay = min(_RESUME_MAX_DELAY, _RESUME_BASE_DELAY * 2**attempt)
-                log.info("download of %s broke off (%s); resuming in %.2fs", blob.name, exc, delay)
-                await asyncio.sleep(delay)
-        raise AssertionError("unreachable")
+        # The cache resumes a body that broke off after making progress (its one loop).
+        async with self.store.blob_lock(desc.digest):
+            return await self.store.fetch_blob(req, opener, advance, resumes=MAX_RESUMES)
 
     def _opener(self, blob: Blob) -> BlobOpener:
         layer = read_asset_layer(blob.desc, f"{self.source.name} layer {blob.desc.digest}")

@@ -302,8 +302,8 @@ class Store:
     ) -> Path:
         """Download `req` (resuming a partial) and return the path of the verified blob.
 
-        A body that broke off is resumed `resumes` times within the call (none by default:
-        `mirror` counts its resumes across calls itself). Callers should hold
+        A body that broke off after making progress is resumed `resumes` times within the
+        call (none by default; a partial always survives for the next call). Callers should hold
         `blob_lock(req.digest)` to avoid duplicate work; correctness does not depend on it.
         """
         blob = self.blob_path(req.digest)
