@@ -535,3 +535,23 @@ def test_airgap_holds_end_to_end_when_the_release_server_redirects(
 
     assert set(network_log) <= {"127.0.0.1"}, network_log
     assert "air gap" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["inspect", "ghcr.io/dualeai/exec-sandbox-assets:v1.0.0"],
+        ["versions", "ghcr.io/dualeai/exec-sandbox-assets"],
+    ],
+)
+def test_airgap_holds_for_every_command_that_reads_a_registry(
+    network_log: list[str], command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`inspect` and `versions` open their sources with the settings' transfer policy:
+    an air-gapped run refuses ghcr.io before any name lookup."""
+    from exec_sandbox_assets.cli import main
+
+    code = main(["--airgap", *command])
+    assert code != 0
+    assert "air gap" in capsys.readouterr().err
+    assert "ghcr.io" not in network_log, network_log

@@ -84,6 +84,7 @@ from exec_sandbox_assets.oci.model import (
     Manifest,
     sha256_digest,
 )
+from exec_sandbox_assets.oci.policy import DEFAULT_POLICY, TransferPolicy
 from exec_sandbox_assets.oci.reference import LayoutRef, RegistryRef, parse_source_ref
 from exec_sandbox_assets.release.policy import TrustPolicy, load_policy, require_keys
 from exec_sandbox_assets.release.signing import build_signature_manifest
@@ -155,6 +156,7 @@ async def mirror_async(
     ca_bundle: Path | None = None,
     docker_config: Path | None = None,
     progress: ProgressCallback | None = None,
+    transfer: TransferPolicy = DEFAULT_POLICY,
 ) -> MirrorResult:
     """Copy `versions` of a release from `src` to `dst` (see the module docstring);
     `mirror` is the same call for synchronous code."""
@@ -166,7 +168,7 @@ async def mirror_async(
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
 
-    source = _open_source(src, src_ref, src_credentials, ca_bundle, docker_config)
+    source = _open_source(src, src_ref, src_credentials, ca_bundle, docker_config, transfer)
     target: Target | None = None
     ok = False
     try:
@@ -300,6 +302,7 @@ def _open_source(
     credentials: Credentials | None,
     ca_bundle: Path | None,
     docker_config: Path | None,
+    transfer: TransferPolicy,
 ) -> Source:
     return open_source(
         text,
@@ -307,6 +310,7 @@ def _open_source(
         docker_config=docker_config or docker_config_path(),
         ca_bundle=ca_bundle,
         credentials=credentials,
+        policy=transfer,
     )
 
 

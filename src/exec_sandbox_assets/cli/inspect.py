@@ -32,7 +32,7 @@ from exec_sandbox_assets.oci.model import (
     Descriptor,
     signature_tag,
 )
-from exec_sandbox_assets.oci.reference import LayoutRef, parse_source_ref
+from exec_sandbox_assets.oci.reference import LayoutRef, RegistryRef, parse_source_ref
 from exec_sandbox_assets.release.documents import read_asset_layer
 from exec_sandbox_assets.release.keys import PublicKey, load_public_key_file
 from exec_sandbox_assets.sources import Source
@@ -71,21 +71,28 @@ class InspectReport:
         }
 
 
-def open_ref(
-    text: str, settings: Settings, credentials: Credentials | None = None
-) -> tuple[Source, str | None]:
-    """The source a reference names, and the tag or digest it pins (if any)."""
+def parse_ref(text: str, settings: Settings) -> RegistryRef | LayoutRef:
+    """A source reference, refused offline unless it is on this machine."""
     ref = parse_source_ref(text)
     if settings.offline and not isinstance(ref, LayoutRef):
         raise ConfigError(
             f"{text}: offline mode allows only local references (oci:DIR, oci-archive:FILE)"
         )
+    return ref
+
+
+def open_ref(
+    text: str, settings: Settings, credentials: Credentials | None = None
+) -> tuple[Source, str | None]:
+    """The source a reference names, and the tag or digest it pins (if any)."""
+    ref = parse_ref(text, settings)
     source = sources.open_source(
         text,
         ref,
         docker_config=settings.docker_config,
         ca_bundle=settings.ca_bundle,
         credentials=credentials,
+        policy=settings.transfer_policy(),
     )
     return source, ref.tag if isinstance(ref, LayoutRef) else ref.reference
 

@@ -80,7 +80,9 @@ async def _check(server: str, creds: Credentials, settings: Settings) -> str:
 
     # A repository name is needed for a reference; /v2/ is what is asked.
     ref = parse_registry_ref(f"{server.rstrip('/')}/login-check")
-    async with RegistryClient(ref, credentials=creds, ca_bundle=settings.ca_bundle) as client:
+    async with RegistryClient(
+        ref, credentials=creds, ca_bundle=settings.ca_bundle, policy=settings.transfer_policy()
+    ) as client:
         await client.ping()
     return ref.host
 

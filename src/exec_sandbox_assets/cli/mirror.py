@@ -105,6 +105,7 @@ def run_mirror(ctx: Context) -> int:
             src_credentials=None if to_dst else creds,
             dst_credentials=creds if to_dst else None,
             progress=MirrorProgress(bars, len(versions) > 1) if bars is not None else None,
+            transfer=settings.transfer_policy(),
         )
     seconds = time.monotonic() - started
     if args.json:

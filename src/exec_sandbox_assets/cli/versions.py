@@ -13,7 +13,7 @@ from typing import Any
 
 from exec_sandbox_assets import catalog
 from exec_sandbox_assets.cli.inspect import _signature as signature_report
-from exec_sandbox_assets.cli.inspect import open_ref
+from exec_sandbox_assets.cli.inspect import open_ref, parse_ref
 from exec_sandbox_assets.cli.login import given_credentials
 from exec_sandbox_assets.cli.output import EXIT_OK, emit_json, out, short_digest, table
 from exec_sandbox_assets.cli.table import Context
@@ -21,7 +21,7 @@ from exec_sandbox_assets.config import LATEST, Settings
 from exec_sandbox_assets.errors import AssetError
 from exec_sandbox_assets.oci.auth import Credentials
 from exec_sandbox_assets.oci.model import INDEX_MEDIA_TYPES, Index, media_type_of, sha256_digest
-from exec_sandbox_assets.oci.reference import LayoutRef, parse_source_ref
+from exec_sandbox_assets.oci.reference import LayoutRef
 from exec_sandbox_assets.release.keys import load_public_key_file
 
 
@@ -31,7 +31,7 @@ def is_release_tag(tag: str) -> bool:
 
 
 async def list_tags(text: str, settings: Settings, credentials: Credentials | None) -> list[str]:
-    ref = parse_source_ref(text)
+    ref = parse_ref(text, settings)
     if isinstance(ref, LayoutRef):
         from exec_sandbox_assets.oci.layout import LayoutReader
 
@@ -45,7 +45,12 @@ async def list_tags(text: str, settings: Settings, credentials: Credentials | No
 
     if credentials is None:
         credentials = find_credentials(ref.host, settings.docker_config)
-    async with RegistryClient(ref, credentials=credentials, ca_bundle=settings.ca_bundle) as client:
+    async with RegistryClient(
+        ref,
+        credentials=credentials,
+        ca_bundle=settings.ca_bundle,
+        policy=settings.transfer_policy(),
+    ) as client:
         return await client.list_tags()
 
 

@@ -45,13 +45,13 @@ def open_source(
     docker_config: Path | None,
     ca_bundle: Path | None,
     credentials: Credentials | None = None,
-    policy: TransferPolicy | None = None,
+    policy: TransferPolicy,
 ) -> Source:
     """The source one parsed reference names: a layout on this machine, or a repository
     on a registry (credentials as given, else as docker finds them for its host:
-    `oci.credentials`)."""
+    `oci.credentials`). `policy` (deadlines, the air gap) is required: a caller that
+    forgot it would silently bypass the air gap."""
     from exec_sandbox_assets.oci.credentials import find_credentials
-    from exec_sandbox_assets.oci.policy import DEFAULT_POLICY
     from exec_sandbox_assets.oci.reference import LayoutRef
     from exec_sandbox_assets.oci.registry import RegistryClient
 
@@ -59,9 +59,7 @@ def open_source(
         return LayoutSource(ref.path, ref.kind == "oci-archive", text)
     if credentials is None:
         credentials = find_credentials(ref.host, docker_config)
-    client = RegistryClient(
-        ref, credentials=credentials, ca_bundle=ca_bundle, policy=policy or DEFAULT_POLICY
-    )
+    client = RegistryClient(ref, credentials=credentials, ca_bundle=ca_bundle, policy=policy)
     return RegistrySource(client, text)
 
 
