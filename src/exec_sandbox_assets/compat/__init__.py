@@ -123,9 +123,16 @@ def _settings() -> Settings:
 
 
 def _local() -> AssetClient:
-    """A client for lookups only (no network, no state): cheap to build per call, and
-    independent of `get_assets()`, which callers may replace to stub downloads."""
-    return AssetClient(_settings())
+    """A client for lookups only (no network), independent of `get_assets()`, which
+    callers may replace to stub downloads. The settings are read on each call; a client
+    is built once per distinct settings, so its store keeps its record memo and the
+    trusted keys' ids are not re-read on every warm call."""
+    return _client_for(_settings())
+
+
+@functools.lru_cache(maxsize=8)
+def _client_for(settings: Settings) -> AssetClient:
+    return AssetClient(settings)
 
 
 # The seed-compatible singleton: reset to None to start afresh (exec-sandbox's tests do).
