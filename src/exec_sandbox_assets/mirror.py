@@ -37,10 +37,9 @@ rewritten; a registry refuses an index whose platform manifests are missing
 (distribution: MANIFEST_BLOB_UNKNOWN) and a manifest whose layers are missing, and an
 OCI layout written here refuses to tag either (docs/format.md §2: a tag never names an
 incomplete release). So a copy of a release always holds all of its platforms. Given
-`platforms`, the mirror fails before copying anything when a release lacks one of them,
-and when the release holds others too (a copy with fewer platforms cannot be made
-without breaking the signature): the error says which, and to mirror without a
-platform filter.
+`platforms`, the mirror fails before copying anything when a release lacks one of them;
+platforms beyond those are copied too, with a log line (a copy with fewer platforms
+cannot be made without breaking the signature).
 
 A destination tag `vV` that already names another index is not moved (a release
 never changes; the mirror says so and copies nothing). `latest` is not moved back to

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from exec_sandbox_assets import catalog
-from exec_sandbox_assets.cache.download import MAX_RESUMES
 from exec_sandbox_assets.cache.store import BlobRequest, Store
 from exec_sandbox_assets.errors import ConfigError, FormatError
 from exec_sandbox_assets.oci.model import (
@@ -237,7 +236,7 @@ class Copier:
 
         # The cache resumes a body that broke off after making progress (its one loop).
         async with self.store.blob_lock(desc.digest):
-            return await self.store.fetch_blob(req, opener, advance, resumes=MAX_RESUMES)
+            return await self.store.fetch_blob(req, opener, advance)
 
     def _opener(self, blob: Blob) -> BlobOpener:
         layer = read_asset_layer(blob.desc, f"{self.source.name} layer {blob.desc.digest}")

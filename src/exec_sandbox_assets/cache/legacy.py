@@ -14,8 +14,6 @@ as 0.22.0 used it, and the caller warns once that it is unverified (docs/compat.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hashlib
 import logging
 import os
 import shutil
@@ -23,11 +21,12 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path
 
+from exec_sandbox_assets.cache.files import make_dirs, tmp_name
+from exec_sandbox_assets.cache.listing import file_digest
 from exec_sandbox_assets.cache.store import OutputSpec, Store
+from exec_sandbox_assets.fsutil import fsync_dir
 
 log = logging.getLogger(__name__)
-
-_CHUNK = 1 << 20
 
 
 def candidates(store: Store, version: str, name: str, legacy_dirs: Iterable[Path]) -> list[Path]:
@@ -44,20 +43,11 @@ def _regular_size(path: Path) -> int | None:
     return st.st_size if stat.S_ISREG(st.st_mode) else None
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return f"sha256:{digest.hexdigest()}"
-
-
 def _place(source: Path, final: Path) -> None:
-    """Put `source` at `final` atomically: a hard link when possible, else a copy."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-adopt-{os.getpid()}")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
+    """Put `source` at `final` atomically: a hard link when possible, else a copy; the
+    directory is made as the store makes its own (never group/world-writable)."""
+    make_dirs(final.parent)
+    tmp = tmp_name(final.parent, final.name)
     try:
         os.link(source, tmp)
     except OSError:
@@ -65,6 +55,7 @@ def _place(source: Path, final: Path) -> None:
         with tmp.open("rb") as f:
             os.fsync(f.fileno())
     tmp.replace(final)
+    fsync_dir(final.parent)
 
 
 def _adopt_sync(store: Store, out: OutputSpec, legacy_dirs: tuple[Path, ...]) -> Path | None:
@@ -72,7 +63,7 @@ def _adopt_sync(store: Store, out: OutputSpec, legacy_dirs: tuple[Path, ...]) ->
     for path in candidates(store, out.version, out.name, legacy_dirs):
         if _regular_size(path) != out.content_size:
             continue  # cheap first check: a wrong size cannot match the digest
-        actual = _sha256_file(path)
+        actual = file_digest(path, out.content_digest)
         if actual != out.content_digest:
             log.info(
                 "legacy cache file does not match the signed release; not using it",

@@ -114,16 +114,6 @@ class Store:
         path = self.root / "locks" / f"blob-{algo}-{hexpart}.lock"
         return FileLock(path, timeout=self.lock_timeout if timeout is None else timeout)
 
-    def partial_size(self, digest: str) -> int:
-        """Bytes of `digest` downloaded so far (0 without a partial): where a resume starts."""
-        blob = self.blob_path(digest)
-        try:
-            return blob.with_name(blob.name + ".partial").stat().st_size
-        except OSError:
-            return 0
-
-    # -- warm path ------------------------------------------------------------------------
-
     def lookup(self, version: str, name: str, *, content_digest: str | None = None) -> Path | None:
         """The verified file, if its stat still matches its record and the record's
         verification is one the current trust settings admit; no hashing.
@@ -298,12 +288,12 @@ class Store:
         opener: BlobOpener,
         progress: Callable[[int], None] | None = None,
         *,
-        resumes: int = 0,
+        resumes: int = MAX_RESUMES,
     ) -> Path:
         """Download `req` (resuming a partial) and return the path of the verified blob.
 
         A body that broke off after making progress is resumed `resumes` times within the
-        call (none by default; a partial always survives for the next call). Callers should hold
+        call, as `ensure` does; a partial always survives for the next call. Callers should hold
         `blob_lock(req.digest)` to avoid duplicate work; correctness does not depend on it.
         """
         blob = self.blob_path(req.digest)

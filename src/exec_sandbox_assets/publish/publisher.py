@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 from exec_sandbox_assets import catalog
 from exec_sandbox_assets.errors import (
@@ -70,7 +70,6 @@ if TYPE_CHECKING:
     from exec_sandbox_assets.client import Progress
 
 log = logging.getLogger(__name__)
-_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, kw_only=True)

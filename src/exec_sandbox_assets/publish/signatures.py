@@ -157,9 +157,8 @@ def read_back(
     and check that it is the index we built, signed by every one of our keys."""
     index_digest = sha256_digest(built.index)
     reader = ReleaseReader(TargetSource(target), _every_key(keys))
+    # `read` checks the bytes against `index_digest`: what reads back is what we built.
     verified = _run(reader.read(index_digest, expected_version=version))
-    if verified.data != built.index:
-        raise SignatureError(f"{target.name}: index {index_digest} reads back differently")
     _check_created(verified.created, created, f"{target.name}:{signature_tag(index_digest)}")
 
 
