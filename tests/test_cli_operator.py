@@ -116,6 +116,8 @@ def test_quiet_and_no_progress_are_accepted_by_every_command(tmp_path: Path) -> 
             words = command.split()
             result = run("--cache-dir", tmp_path / "c", *words[:1], flag, *words[1:], "--help")
             assert result.code == 0, (command, flag, result.stderr)
+            # --help exits before unknown options are reported: the help must list it.
+            assert flag in result.stdout, (command, flag)
 
 
 # -- --version -------------------------------------------------------------------------------

@@ -26,7 +26,8 @@ from exec_sandbox_assets.errors import (
     SignatureError,
     VersionMismatchError,
 )
-from exec_sandbox_assets.release import keys, policy
+from exec_sandbox_assets.oci.model import sha256_digest
+from exec_sandbox_assets.release import keys, policy, signing
 from exec_sandbox_assets.release.keys import SigningKey
 from exec_sandbox_assets.release.policy import RollbackState
 from exec_sandbox_assets.release.version import Version, normalize_version, version_of_tag
@@ -330,6 +331,14 @@ def test_index_bytes_are_parsed_only_after_a_trusted_key_vouched(
 
     # Unsigned garbage is refused for its missing signature, never parsed.
     with pytest.raises(SignatureError, match="no signature for index"):
+        fetch(client(tmp_path, [source], [key]))
+
+    # Signed by a key nobody trusts: refused as untrusted, still never parsed (parsing
+    # first would end in a FormatError for the nesting instead).
+    digest = sha256_digest(source.tags["v1.0.0"])
+    stranger = keys.generate_key()
+    source.sign(digest, signing.sign_index([stranger], digest, "r", "1.0.0", None))
+    with pytest.raises(SignatureError, match="0 trusted key"):
         fetch(client(tmp_path, [source], [key]))
 
 

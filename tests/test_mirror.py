@@ -393,8 +393,8 @@ def test_signature_is_verified_before_anything_is_copied(
 def test_junk_layers_in_a_signature_manifest_are_neither_fetched_nor_written(
     tmp_path: Path, key: KeyPair
 ) -> None:
-    """Issue #12 item 4: a source may list any blobs in the (unsigned) signature
-    manifest; the mirror writes the signatures alone, and the copy still verifies."""
+    """A source may list any blobs in the (unsigned) signature manifest; the mirror
+    fetches and writes the signatures alone, and the copy still verifies."""
     src, dst = f"oci:{tmp_path / 'src'}", f"oci:{tmp_path / 'dst'}"
     rel = release(src, "0.9.3", tmp_path, key, platforms=(("linux", "amd64"),))
     clean = resign(rel.index_digest, key, rel.version, rel.created)
@@ -410,6 +410,9 @@ def test_junk_layers_in_a_signature_manifest_are_neither_fetched_nor_written(
         writer.put_manifest(dirty, MEDIA_TYPE_MANIFEST, signature_tag(rel.index_digest))
     finally:
         writer.close(True)
+    # Listed but not there: fetching any of them would fail the mirror.
+    for layer in junk_layers:
+        (tmp_path / "src" / "blobs" / "sha256" / layer.digest.partition(":")[2]).unlink()
 
     result = copy(src, dst, tmp_path, key, ["0.9.3"])
 
@@ -418,7 +421,7 @@ def test_junk_layers_in_a_signature_manifest_are_neither_fetched_nor_written(
         layers = Manifest.from_bytes(written, "dst signature").layers
         assert [d.media_type for d in layers] == [SIMPLESIGNING_MEDIA_TYPE]
         assert not any(reader.has_blob(d.digest) for d in junk_layers)
-    assert result.releases[0].blobs_copied < len(junk) + 20
+    assert result.releases[0].blobs_copied > 0
     pull(client_settings(tmp_path, key, dst, "0.9.3"), rel)
 
 
