@@ -12,6 +12,8 @@ parsers of `oci-layout` and `index.json`, and the safe way to open a file of a l
 from __future__ import annotations
 
 import errno
+import fcntl
+import logging
 import os
 import re
 import secrets
@@ -25,6 +27,8 @@ from exec_sandbox_assets.fsutil import NotRegularFileError, out_of_space
 from exec_sandbox_assets.fsutil import open_regular as _fs_open_regular
 from exec_sandbox_assets.oci.model import MAX_MANIFEST_SIZE, Index, check_digest
 from exec_sandbox_assets.oci.reference import TAG_RE
+
+log = logging.getLogger("exec_sandbox_assets.oci.layout")
 
 REF_NAME = "org.opencontainers.image.ref.name"
 LAYOUT_FILE = "oci-layout"
@@ -125,3 +129,20 @@ __all__ = [
     "read_file_capped",
     "tmp_name",
 ]
+
+
+def lock_exclusive(path: Path) -> int:
+    """An fd holding an exclusive flock on `path` (created if absent), waiting for the
+    holder if there is one; closing the fd releases it, and so does a writer's death.
+
+    Best effort: where flock is unsupported (some network file systems) we go on
+    unlocked, with a warning; the worst case is a lost tag, never a wrong blob."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        log.info("waiting for another writer holding %s", path)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError as exc:
+        log.warning("cannot lock %s (%s); continuing unlocked", path, exc)
+    return fd

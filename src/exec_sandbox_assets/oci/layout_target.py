@@ -3,7 +3,6 @@ OCI archive (`oci-archive:FILE`)."""
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import shutil
@@ -13,6 +12,7 @@ from pathlib import Path
 from exec_sandbox_assets.errors import AssetNotFoundError, ConfigError
 from exec_sandbox_assets.oci.archive import extract_archive, write_archive
 from exec_sandbox_assets.oci.layout import LayoutReader
+from exec_sandbox_assets.oci.layout_files import lock_exclusive
 from exec_sandbox_assets.oci.layout_writer import LayoutWriter
 from exec_sandbox_assets.oci.model import MAX_MANIFEST_SIZE, is_digest, sha256_digest
 from exec_sandbox_assets.oci.target import PushStats
@@ -96,7 +96,9 @@ class ArchiveTarget(LayoutTarget):
         # Unpack, add, replace is a read-modify-write of the whole file: a second writer
         # that unpacked the old archive would drop the first writer's release. The lock
         # is held from before the unpack until the new archive has replaced the old.
-        self._lock_fd = _lock_exclusive(self.archive.with_name(f".{self.archive.name}.lock"))
+        lock = self.archive.with_name(f".{self.archive.name}.lock")
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = lock_exclusive(lock)
         try:
             self._tmp = Path(tempfile.mkdtemp(prefix="archive-", dir=work_dir))
         except BaseException:
@@ -121,18 +123,3 @@ class ArchiveTarget(LayoutTarget):
     def _release(self) -> None:
         shutil.rmtree(self._tmp, ignore_errors=True)
         os.close(self._lock_fd)  # closing releases the flock
-
-
-def _lock_exclusive(path: Path) -> int:
-    """An fd holding an exclusive flock on `path` (created if absent), waiting for the
-    holder if there is one. A writer that dies releases it with its fd."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        log.info("waiting for another writer of %s to finish", path.with_name(path.name[1:-5]))
-        fcntl.flock(fd, fcntl.LOCK_EX)
-    except OSError as exc:  # no locking on this file system: concurrent writers may race
-        log.warning("cannot lock %s (%s); continuing unlocked", path, exc)
-    return fd

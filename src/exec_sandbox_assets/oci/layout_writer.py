@@ -9,7 +9,6 @@ other's tags; it is never what makes a blob correct (the digest check is).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -36,6 +35,7 @@ from exec_sandbox_assets.oci.layout_files import (
     REF_NAME,
     blob_relpath,
     check_tag,
+    lock_exclusive,
     no_space,
     parse_index,
     parse_oci_layout,
@@ -231,20 +231,8 @@ class LayoutWriter:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        # Best effort: where flock is unsupported (some network file systems) we go on
-        # unlocked; the worst case is a lost tag, never a wrong blob.
-        fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = lock_exclusive(self.root / LOCK_FILE)
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log.info("waiting for lock", extra={"path": str(self.root / LOCK_FILE)})
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            except OSError as exc:
-                log.warning(
-                    "cannot lock, continuing unlocked",
-                    extra={"path": str(self.root / LOCK_FILE), "error": str(exc)},
-                )
             yield
         finally:
             os.close(fd)  # closing releases the flock
