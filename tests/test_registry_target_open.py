@@ -8,11 +8,13 @@ from typing import Any
 import oras.provider
 import pytest
 
-from exec_sandbox_assets.errors import AssetDownloadError, ConfigError
+from exec_sandbox_assets.errors import AssetDownloadError, AssetError, ConfigError, SizeLimitError
+from exec_sandbox_assets.oci.model import MAX_MANIFEST_SIZE
 from exec_sandbox_assets.oci.reference import parse_registry_ref
 from exec_sandbox_assets.oci.registry_session import RegistrySession
 from exec_sandbox_assets.oci.registry_target import RegistryTarget
 from servers import free_port
+from servers.scripted import Answer, HostileServer
 
 pytestmark = pytest.mark.usefixtures("no_docker_config")
 
@@ -43,3 +45,35 @@ def test_connect_refuses_bad_options_before_any_request() -> None:
 def test_connect_is_where_the_registry_is_reached() -> None:
     with pytest.raises(AssetDownloadError, match="cannot reach registry"):
         RegistryTarget.connect(_closed_port_ref())
+
+
+def _target_on(server: HostileServer) -> RegistryTarget:
+    ref = parse_registry_ref(f"http://{server.host}/team/assets")
+    client: Any = oras.provider.Registry(hostname=ref.host, insecure=True)
+    return RegistryTarget(RegistrySession(ref, client))
+
+
+def test_reading_back_a_manifest_is_capped_while_reading() -> None:
+    """A destination that answers a read-back with an endless manifest is refused after
+    the cap, not read whole into memory first."""
+    with HostileServer() as server:
+        server.route(
+            "/v2/team/assets/manifests/v1.0.0",
+            Answer(200, body=b"{" + b" " * (MAX_MANIFEST_SIZE + 10)),
+        )
+        target = _target_on(server)
+        with pytest.raises(SizeLimitError, match="exceeds"):
+            target.read_manifest("v1.0.0")
+        target.close(True)
+
+
+def test_a_registry_error_text_cannot_drive_the_terminal() -> None:
+    """The push side shows a registry's error text as the pull side does: cleaned."""
+    body = b'{"errors": [{"code": "DENIED", "message": "\x1b[2Jgone\\u001b[31m"}]}'
+    with HostileServer() as server:
+        server.route("/v2/team/assets/manifests/v1.0.0", Answer(400, body=body))
+        target = _target_on(server)
+        with pytest.raises(AssetError) as info:
+            target.read_manifest("v1.0.0")
+        target.close(True)
+    assert "\x1b" not in str(info.value) and "DENIED" in str(info.value)

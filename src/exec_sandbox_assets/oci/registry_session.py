@@ -45,8 +45,10 @@ from exec_sandbox_assets.errors import (
     TransportError,
 )
 from exec_sandbox_assets.oci.auth import Credentials
+from exec_sandbox_assets.oci.bodies import MAX_ERROR_BODY, error_reason
 from exec_sandbox_assets.oci.credentials import find_credentials
 from exec_sandbox_assets.oci.reference import RegistryRef
+from exec_sandbox_assets.safetext import clean_text
 
 log = logging.getLogger(__name__)
 
@@ -91,22 +93,15 @@ def _reason(exc: BaseException) -> str:
         return match.group(1).strip()
     if isinstance(exc, requests.Timeout):
         return "timed out"
-    return text[:300]
+    return clean_text(text, 300)
 
 
 def _registry_errors(resp: requests.Response) -> str:
-    """The registry's own error codes and messages, when it sent the standard body."""
-    try:
-        doc = resp.json()
-        errors = doc.get("errors") if isinstance(doc, dict) else None
-        parts = [
-            f"{e.get('code', '?')}: {e.get('message', '')}".strip()
-            for e in errors or []
-            if isinstance(e, dict)
-        ]
-    except ValueError:
-        parts = []
-    return "; ".join(parts) or (resp.text[:200].strip() if resp.text else resp.reason or "")
+    """The registry's own error codes and messages, when it sent the standard body (read
+    and cleaned as on the pull side: `bodies.error_reason`), else its text, cleaned."""
+    body = resp.content[:MAX_ERROR_BODY]
+    fallback = body.decode("utf-8", "replace").strip() or resp.reason or ""
+    return error_reason(body) or clean_text(fallback, 200)
 
 
 def login_hint(ref: RegistryRef, what: str) -> str:

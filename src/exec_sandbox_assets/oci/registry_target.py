@@ -32,6 +32,7 @@ from exec_sandbox_assets.errors import (
 from exec_sandbox_assets.oci.model import (
     ACCEPT_MANIFESTS,
     MAX_MANIFEST_SIZE,
+    is_digest,
     sha256_digest,
     verify_bytes,
 )
@@ -219,15 +220,20 @@ class RegistryTarget:
             f"{self._repo_url}/manifests/{reference}",
             "GET",
             headers={"Accept": ", ".join(ACCEPT_MANIFESTS)},
+            stream=True,
         )
-        if resp.status_code == 404:
-            return None
-        if resp.status_code != 200:
-            raise self._session.error(resp, f"reading manifest {reference}")
-        data = resp.content
+        try:
+            if resp.status_code == 404:
+                return None
+            if resp.status_code != 200:
+                raise self._session.error(resp, f"reading manifest {reference}")
+            # Capped while reading (as `read_blob`), never read whole first.
+            data = bytes(resp.raw.read(MAX_MANIFEST_SIZE + 1, decode_content=True))
+        finally:
+            resp.close()
         if len(data) > MAX_MANIFEST_SIZE:
-            raise SizeLimitError(f"{self.name}: manifest {reference} is {len(data)} bytes")
-        if reference.startswith("sha256:"):
+            raise SizeLimitError(f"{self.name}: manifest {reference} exceeds {MAX_MANIFEST_SIZE}")
+        if is_digest(reference):
             verify_bytes(data, reference, "manifest", self.name)
         return data
 
