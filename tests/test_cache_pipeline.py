@@ -7,6 +7,7 @@ local files through openers that can cut or slow down.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import subprocess
@@ -28,8 +29,16 @@ from exec_sandbox_assets.errors import (
     CacheError,
 )
 from exec_sandbox_assets.release import keys
+from exec_sandbox_assets.release.chunks import MIN_CHUNK_SIZE, ChunkDigests
 from exec_sandbox_assets.release.keyid import key_id_from_pem, key_ids_of_files
-from test_store import CHUNK, FileOpener, content_bytes, make_fixture, sha256
+from test_store import (
+    CHUNK,
+    FileOpener,
+    assert_nothing_installed,
+    content_bytes,
+    make_fixture,
+    sha256,
+)
 
 # -- streaming: holes, ranges, resume ----------------------------------------------------------
 
@@ -184,6 +193,80 @@ async def test_no_byte_reaches_the_decoder_before_the_layer_digest_matches(
         await Store(root).ensure(out, FileOpener(path))
     assert info.value.what == f"blob {out.layer_digest}"
     assert not Store(root).output_path(out.version, out.name).exists()
+
+
+# -- signed chunks: decompressed while the download goes on -----------------------------------
+
+
+def chunked(fx: Any, served: bytes | None = None, size: int = MIN_CHUNK_SIZE) -> Any:
+    """`fx` with signed chunk digests of `served` (default: its own blob) in its spec."""
+    data = fx.blob.read_bytes() if served is None else served
+    hexes = "".join(
+        hashlib.sha256(data[i : i + size]).hexdigest() for i in range(0, len(data), size)
+    )
+    return replace(fx.out, chunks=ChunkDigests(size, len(data), hexes))
+
+
+def incompressible_fixture(tmp_path: Path) -> Any:
+    # ~5 chunks of 64 KiB once compressed, with zero runs so the output has holes too.
+    return make_fixture(tmp_path, os.urandom(200_000) + bytes(1 << 20) + os.urandom(120_000))
+
+
+async def test_signed_chunks_are_decompressed_while_the_download_goes_on(
+    root: Path, tmp_path: Path
+) -> None:
+    """With chunk digests the decoder follows the download: output exists before the
+    last byte was sent (without them, decompression waits for the whole layer)."""
+    fx = incompressible_fixture(tmp_path)
+    out = chunked(fx)
+    store = Store(root)
+    seen_output: list[int] = []
+
+    class Holding(FileOpener):
+        async def _chunks(self, offset: int) -> AsyncIterator[bytes]:
+            data = fx.blob.read_bytes()
+            last = len(data) - 1000
+            yield data[offset:last]
+            # Hold the last bytes back until the output temp file has grown (or 10 s).
+            for _ in range(1000):
+                temps = store.stray_temp_files()
+                if temps and temps[0].stat().st_size > 0:
+                    seen_output.append(temps[0].stat().st_size)
+                    break
+                await asyncio.sleep(0.01)
+            yield data[last:]
+
+    path = await store.ensure(out, Holding(fx.blob))
+    assert path.read_bytes() == fx.content
+    assert seen_output, "nothing was decompressed before the download ended"
+
+
+async def test_a_bad_chunk_stops_the_install_at_that_chunk(root: Path, tmp_path: Path) -> None:
+    fx = incompressible_fixture(tmp_path)
+    out = chunked(fx)
+    bad = MIN_CHUNK_SIZE + 10  # in chunk 1
+    with pytest.raises(AssetChecksumError) as info:
+        await Store(root).ensure(out, FileOpener(fx.blob, flip_at=bad))
+    end = min(2 * MIN_CHUNK_SIZE, out.layer_size) - 1
+    assert info.value.what == f"chunk 1 (bytes {MIN_CHUNK_SIZE}-{end}) of blob {out.layer_digest}"
+    assert out.chunks is not None
+    assert info.value.expected == f"sha256:{out.chunks.digest(1).hex()}"
+    assert_nothing_installed(Store(root), fx)
+
+
+async def test_matching_chunks_do_not_replace_the_layer_digest(root: Path, tmp_path: Path) -> None:
+    """Chunks that match but add up to another blob (a publisher bug) are refused at the
+    end by the layer digest, before the output gets its final name."""
+    fx = incompressible_fixture(tmp_path)
+    other = zstandard.ZstdCompressor(level=1).compress(fx.content)  # same content
+    assert other != fx.blob.read_bytes()
+    served = tmp_path / "other.zst"
+    served.write_bytes(other)
+    out = replace(chunked(fx, other), layer_size=len(other))
+    with pytest.raises(AssetChecksumError) as info:
+        await Store(root).ensure(out, FileOpener(served))
+    assert info.value.what == f"blob {out.layer_digest}"
+    assert_nothing_installed(Store(root), fx)
 
 
 # -- trust: records say what admitted them -------------------------------------------------------

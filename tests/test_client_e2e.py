@@ -1075,3 +1075,55 @@ async def test_the_warm_path_imports_no_network_or_crypto_stack(
     out = await asyncio.to_thread(run_python, _WARM_CALLS, str(tmp_path / "no-local-build"))
 
     assert _loaded(json.loads(out), _NOT_ON_THE_WARM_PATH) == []
+
+
+# --------------------------------------------------------------------------- signed chunks
+
+
+def _chunked_release(registry: RegistryServer, repo_name: str, tmp_path: Path) -> SampleRelease:
+    # A python image of several 4 MiB chunks once compressed (the samples compress ~4:1).
+    return publish_sample_release(
+        registry.ref(repo_name), VERSION, tmp_path / "work", sizes={PYTHON: 40 * MiB}
+    )
+
+
+async def test_large_layers_carry_signed_chunk_digests_and_install(
+    registry: RegistryServer, repo_name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rel = _chunked_release(registry, repo_name, tmp_path)
+    blob = rel.layer(PYTHON)
+    manifest = json.loads(
+        read_manifest(
+            rel.target, tmp_path / "w", rel.result.manifest_digests[(HOST_OS, HOST_GOARCH)]
+        )
+    )
+    ann = next(x for x in manifest["layers"] if x["digest"] == blob.digest)["annotations"]
+    data = stored_blob_path(registry.data_dir, blob.digest).read_bytes()
+    size = int(ann[catalog.ANN_CHUNK_SIZE])
+    assert len(data) > 2 * size
+    assert ann[catalog.ANN_CHUNK_SHA256] == "".join(
+        sha256_digest(data[i : i + size]).removeprefix("sha256:") for i in range(0, len(data), size)
+    )
+    kernel = next(x for x in manifest["layers"] if x["digest"] == rel.layer(KERNEL).digest)
+    assert catalog.ANN_CHUNK_SIZE not in kernel["annotations"]  # one chunk: nothing to add
+
+    use(monkeypatch, tmp_path, registry.ref(repo_name), rel.key.public)
+    path = await esa.fetch_base_image("python")
+    assert path.read_bytes() == rel.expected(PYTHON)
+
+
+async def test_a_flipped_byte_is_caught_at_its_chunk(
+    registry: RegistryServer, repo_name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rel = _chunked_release(registry, repo_name, tmp_path)
+    blob = rel.layer(PYTHON)
+    size = 4 * MiB
+    flip_stored_blob(registry.data_dir, blob.digest, offset=size + 100)
+    cache = use(monkeypatch, tmp_path, registry.ref(repo_name), rel.key.public)
+
+    with pytest.raises(AssetChecksumError) as info:
+        await esa.fetch_base_image("python")
+
+    assert f"chunk 1 (bytes {size}-{2 * size - 1}) of blob {blob.digest}" in str(info.value)
+    assert installed(cache) == []
+    assert [p for p in cache.glob("v*/.*") if p.is_file()] == [], "no temp file is left"

@@ -25,6 +25,7 @@ from exec_sandbox_assets.oci.model import (
     signature_tag,
     verify_bytes,
 )
+from exec_sandbox_assets.release.chunks import MIN_CHUNK_SIZE, ChunkDigests
 from exec_sandbox_assets.release.documents import (
     LayerFile,
     ReleaseInfo,
@@ -228,3 +229,35 @@ def test_deeply_nested_documents_are_format_errors() -> None:
     deep = b"[" * 100_000 + b"]" * 100_000
     with pytest.raises(FormatError, match="not valid JSON"):
         Index.from_bytes(deep, "hostile")
+
+
+def test_chunk_digests_round_trip_and_malformed_ones_are_refused() -> None:
+    size = MIN_CHUNK_SIZE
+    total = 2 * size + 5  # three chunks, the last one short
+    hexes = "ab" * 32 + "cd" * 32 + "ef" * 32
+    chunks = ChunkDigests(size, total, hexes)
+    assert (chunks.count, chunks.span(2), chunks.digest(1)) == (3, (2 * size, total), b"\xcd" * 32)
+    base = {
+        catalog.ANN_TITLE: "vmlinuz-x86_64.zst",
+        catalog.ANN_KIND: "kernel",
+        catalog.ANN_CONTENT_DIGEST: DIGEST_B,
+        catalog.ANN_CONTENT_SIZE: "9",
+    }
+    good = Descriptor(catalog.MEDIA_TYPES[catalog.Kind.KERNEL], DIGEST_A, total, base)
+    layer = read_asset_layers(Manifest(EMPTY_DESCRIPTOR, (good,)), "m")["vmlinuz-x86_64.zst"]
+    assert layer.chunks is None  # optional: a release without them reads as before
+    signed = Descriptor(good.media_type, DIGEST_A, total, {**base, **chunks.annotations()})
+    layer = read_asset_layers(Manifest(EMPTY_DESCRIPTOR, (signed,)), "m")["vmlinuz-x86_64.zst"]
+    assert layer.chunks == chunks
+    cases = [
+        ({catalog.ANN_CHUNK_SIZE: str(size)}, "only one of"),
+        ({catalog.ANN_CHUNK_SHA256: hexes}, "only one of"),
+        ({catalog.ANN_CHUNK_SIZE: "4k", catalog.ANN_CHUNK_SHA256: hexes}, "invalid"),
+        ({catalog.ANN_CHUNK_SIZE: "4096", catalog.ANN_CHUNK_SHA256: hexes}, "outside"),
+        ({catalog.ANN_CHUNK_SIZE: str(size), catalog.ANN_CHUNK_SHA256: hexes[:-64]}, "192"),
+        ({catalog.ANN_CHUNK_SIZE: str(size), catalog.ANN_CHUNK_SHA256: hexes.upper()}, "hex"),
+    ]
+    for extra, message in cases:
+        bad = Descriptor(good.media_type, DIGEST_A, total, {**base, **extra})
+        with pytest.raises(FormatError, match=message):
+            read_asset_layers(Manifest(EMPTY_DESCRIPTOR, (bad,)), "m")

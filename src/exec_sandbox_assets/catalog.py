@@ -30,6 +30,9 @@ ANN_ARCH = "dev.exec-sandbox.asset.arch"
 ANN_LANGUAGE = "dev.exec-sandbox.asset.language"
 ANN_CONTENT_DIGEST = "dev.exec-sandbox.content.digest"
 ANN_CONTENT_SIZE = "dev.exec-sandbox.content.size"
+# Optional: the blob's per-chunk SHA-256 digests (release/chunks.py).
+ANN_CHUNK_SIZE = "dev.exec-sandbox.chunk.size"
+ANN_CHUNK_SHA256 = "dev.exec-sandbox.chunk.sha256"
 
 _TITLE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 

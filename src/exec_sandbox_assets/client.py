@@ -205,13 +205,13 @@ class AssetClient:
                 (await self.platform_release(sources, platform), group)
                 for platform, group in _by_platform(specs, self.settings.host_os).items()
             ]
+            jobs = [(part, spec) for part, group in parts for spec in group]
+            # Largest first: the longest install (a base image) starts at once, not after
+            # the kernels; the small ones fill in around it.
+            jobs.sort(key=lambda job: -_layer_size(*job))
             limit = asyncio.Semaphore(self.settings.concurrency)
             outcomes = await asyncio.gather(
-                *(
-                    self._fetch_one(sources, part, spec, limit, progress)
-                    for part, group in parts
-                    for spec in group
-                ),
+                *(self._fetch_one(sources, part, spec, limit, progress) for part, spec in jobs),
                 return_exceptions=True,
             )
         except AssetError as exc:
@@ -219,7 +219,7 @@ class AssetClient:
         finally:
             await asyncio.gather(*(s.aclose() for s in sources), return_exceptions=True)
         results: dict[str, Path | BaseException] = {}
-        for spec, outcome in zip((s for _, g in parts for s in g), outcomes, strict=True):
+        for (_, spec), outcome in zip(jobs, outcomes, strict=True):
             if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
                 raise outcome  # cancellation, KeyboardInterrupt: not a per-asset failure
             results[spec.output_name] = outcome
@@ -255,6 +255,7 @@ class AssetClient:
             executable=layer.kind is Kind.GVPROXY,
             source=part.release.source,
             verified_by=part.release.key_ids,
+            chunks=layer.chunks,
         )
         bar = None if progress is None else _BlobProgress(progress, layer.output_name, layer.size)
         async with limit:
@@ -338,6 +339,11 @@ def _by_platform(
     for spec in specs:
         groups.setdefault(platform_for(spec, host_os), []).append(spec)
     return groups
+
+
+def _layer_size(part: PlatformRelease, spec: AssetSpec) -> int:
+    layer = part.layers.get(spec.name)
+    return 0 if layer is None else layer.content_size
 
 
 def _prefer(sources: Sequence[Source], first: str) -> Iterable[Source]:

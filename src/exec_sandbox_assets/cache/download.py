@@ -30,10 +30,14 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from exec_sandbox_assets.cache.files import Stopped, in_thread, unlink, write_all
 from exec_sandbox_assets.errors import AssetDownloadError, SizeLimitError, TransportError
 from exec_sandbox_assets.fsutil import out_of_space
+
+if TYPE_CHECKING:
+    from exec_sandbox_assets.release.chunks import ChunkDigests
 
 log = logging.getLogger("exec_sandbox_assets.cache.store")
 
@@ -66,6 +70,8 @@ class BlobRequest:
     digest: str
     size: int
     source: str
+    # Signed per-chunk digests: each chunk is checked the moment it is complete.
+    chunks: ChunkDigests | None = None
 
 
 class _Range:

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any, TypeVar, cast
+from typing import IO, TYPE_CHECKING, Any, TypeVar, cast
 
 from exec_sandbox_assets.cache.download import (
     BlobOpener,
@@ -55,6 +56,9 @@ from exec_sandbox_assets.errors import (
 from exec_sandbox_assets.fsutil import CHUNK, fsync_dir, out_of_space
 from exec_sandbox_assets.oci.model import new_hasher
 
+if TYPE_CHECKING:
+    from exec_sandbox_assets.release.chunks import ChunkDigests
+
 log = logging.getLogger("exec_sandbox_assets.cache.store")
 
 _T = TypeVar("_T")
@@ -75,8 +79,8 @@ class _Aborted(Exception):
 
 
 class _LayerMismatch(Exception):
-    def __init__(self, actual: str) -> None:
-        self.actual = actual
+    def __init__(self, actual: str, what: str = "", expected: str = "") -> None:
+        self.actual, self.what, self.expected = actual, what, expected
 
 
 class _KeptBlob(Exception):
@@ -154,7 +158,7 @@ async def _attempt(
             if resumed_from:
                 raise ResumeFailed(resumed_from) from None
             raise AssetChecksumError(
-                f"blob {req.digest}", req.digest, exc.actual, req.source
+                exc.what or f"blob {req.digest}", exc.expected or req.digest, exc.actual, req.source
             ) from None
         except _KeptBlob as exc:
             _publish(fd, partial, blob)
@@ -321,6 +325,53 @@ class _Reader:
             pass
 
 
+class _ChunkedReader(_Reader):
+    """The partial, handed out one signed chunk at a time: `read` returns only bytes of
+    chunks whose digest matched (docs/format.md §4), so a decoder reading from here
+    follows the download without ever seeing a byte no signature vouched for."""
+
+    def __init__(
+        self, filling: Filling, req: BlobRequest, cancel: threading.Event, chunks: ChunkDigests
+    ) -> None:
+        super().__init__(filling, new_hasher(req.digest), cancel)
+        self.digest = req.digest
+        self.chunks = chunks
+        self.next = 0  # the next chunk to verify
+        self.ready: list[bytes] = []  # verified bytes not yet handed out, in order
+
+    def read(self, n: int = -1) -> bytes:
+        if not self.ready:
+            if self.next >= self.chunks.count:
+                return b""
+            self._verify_next()
+        piece = self.ready[0]
+        if 0 <= n < len(piece):
+            self.ready[0] = piece[n:]
+            return piece[:n]
+        del self.ready[0]
+        return piece
+
+    def _verify_next(self) -> None:
+        i = self.next
+        start, end = self.chunks.span(i)
+        hasher = hashlib.sha256()
+        pieces = []
+        while self.pos < end:
+            piece = super().read(end - self.pos)
+            if not piece:
+                raise _Aborted
+            hasher.update(piece)
+            pieces.append(piece)
+        if hasher.digest() != self.chunks.digest(i):
+            raise _LayerMismatch(
+                f"sha256:{hasher.hexdigest()}",
+                f"chunk {i} (bytes {start}-{end - 1}) of blob {self.digest}",
+                f"sha256:{self.chunks.digest(i).hex()}",
+            )
+        self.next += 1
+        self.ready = pieces
+
+
 def _consume(
     filling: Filling,
     req: BlobRequest,
@@ -328,7 +379,11 @@ def _consume(
     tmp: Path | None,
     cancel: threading.Event,
 ) -> os.stat_result:
-    reader = _Reader(filling, new_hasher(req.digest), cancel)
+    reader = (
+        _Reader(filling, new_hasher(req.digest), cancel)
+        if req.chunks is None
+        else _ChunkedReader(filling, req, cancel, req.chunks)
+    )
     if out is None or not out.compressed or tmp is None:
         reader.drain()
         _check_layer(reader, req)
@@ -337,17 +392,24 @@ def _consume(
             os.fchmod(filling.fd, file_mode(out.executable))
             os.fsync(filling.fd)
         return os.fstat(filling.fd)
-    # The layer is hashed as it arrives, but decompressed only once its digest matched
-    # (docs/format.md §4): no byte a signature does not vouch for reaches the decoder. The
-    # partial is still in the page cache, so this costs a decompression, not a re-read.
-    reader.drain()
-    _check_layer(reader, req)
+    # No byte a signature does not vouch for reaches the decoder (docs/format.md §4).
+    # With signed chunk digests, each chunk is decompressed as soon as it matched, while
+    # the download goes on; the layer digest is checked at the end, before the rename.
+    # Without them, the whole layer is hashed as it arrives and decompressed once its
+    # digest matched, from the partial still in the page cache.
+    if isinstance(reader, _ChunkedReader):
+        verified: _Reader = reader
+    else:
+        reader.drain()
+        _check_layer(reader, req)
+        verified = _Reader(filling, None, cancel)  # hashed already: not again
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    output: Output | None = None
     try:
         output = Output(fd, out, tmp)
-        verified = _Reader(filling, None, cancel)  # hashed already: not again
         try:
             _decompress(verified, output, out, _MAX_WINDOW)
+            output.close()  # every byte hashed and written (a full disk shows here)
         except _Undecodable as exc:
             raise AssetChecksumError(
                 f"decompressed {out.name}",
@@ -359,11 +421,17 @@ def _consume(
             if out_of_space(exc, tmp, "") is None:
                 raise
             raise _KeptBlob(exc, tmp) from None
+        if verified is reader:
+            reader.drain()  # bytes after the last frame are part of the layer too
+            _check_layer(reader, req)
         output.finish()
         os.fchmod(fd, file_mode(out.executable))
         os.fsync(fd)
         return os.fstat(fd)
     except BaseException:
+        if output is not None:
+            with contextlib.suppress(BaseException):
+                output.close()  # its thread must be done with fd before it is closed
         os.close(fd)
         unlink(tmp)
         raise

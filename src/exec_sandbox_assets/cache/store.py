@@ -246,7 +246,7 @@ class Store:
         resumes: int,
     ) -> Path:
         started = time.monotonic()
-        req = BlobRequest(out.layer_digest, out.layer_size, out.source)
+        req = BlobRequest(out.layer_digest, out.layer_size, out.source, out.chunks)
         blob = self.blob_path(out.layer_digest)
         make_dirs(blob.parent)
         final = self.output_path(out.version, out.name)

@@ -58,6 +58,7 @@ from exec_sandbox_assets.publish.inputs import InputFile, ReleaseInputs, find_in
 from exec_sandbox_assets.publish.release_dir import ReleaseFiles, write_release_dir
 from exec_sandbox_assets.publish.signatures import existing_signatures, plan_signature, read_back
 from exec_sandbox_assets.release import keys, signing
+from exec_sandbox_assets.release.chunks import DEFAULT_CHUNK_SIZE, ChunkDigests, chunk_digests_of
 from exec_sandbox_assets.release.documents import (
     BuiltRelease,
     LayerFile,
@@ -202,6 +203,8 @@ def _prepare_one(
 def build_documents(
     inputs: ReleaseInputs, blobs: Mapping[str, Blob], info: ReleaseInfo
 ) -> BuiltRelease:
+    # Platforms share blobs (darwin/arm64 and linux/arm64): each is chunk-hashed once.
+    chunks = {name: _chunks_of(blob) for name, blob in blobs.items()}
     by_platform: dict[tuple[str, str], list[LayerFile]] = {}
     for os_, goarch in inputs.platforms:
         by_platform[(os_, goarch)] = [
@@ -211,10 +214,21 @@ def build_documents(
                 blobs[f.spec.name].size,
                 blobs[f.spec.name].content_digest,
                 blobs[f.spec.name].content_size,
+                chunks[f.spec.name],
             )
             for f in inputs.for_platform(os_, goarch)
         ]
     return build_release(by_platform, info)
+
+
+def _chunks_of(blob: Blob) -> ChunkDigests | None:
+    """Per-chunk digests for a blob of several chunks (a client streams those)."""
+    if blob.size <= DEFAULT_CHUNK_SIZE:
+        return None
+    chunks = chunk_digests_of(blob.path)
+    if chunks.total != blob.size:
+        raise ConfigError(f"{blob.path} changed size while being published")
+    return chunks
 
 
 # --------------------------------------------------------------------------- targets

@@ -22,6 +22,7 @@ from exec_sandbox_assets.oci.model import (
     Platform,
     check_digest,
 )
+from exec_sandbox_assets.release.chunks import ChunkDigests, read_chunks
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class LayerFile:
     size: int
     content_digest: str
     content_size: int
+    chunks: ChunkDigests | None = None
 
     def descriptor(self) -> Descriptor:
         ann = {
@@ -62,6 +64,8 @@ class LayerFile:
         }
         if self.spec.language is not None:
             ann[catalog.ANN_LANGUAGE] = self.spec.language.value
+        if self.chunks is not None:
+            ann.update(self.chunks.annotations())
         return Descriptor(self.spec.media_type, self.digest, self.size, ann)
 
 
@@ -138,6 +142,7 @@ class AssetLayer:
     size: int
     content_digest: str
     content_size: int
+    chunks: ChunkDigests | None = None
 
     @property
     def compressed(self) -> bool:
@@ -191,6 +196,7 @@ def read_asset_layer(desc: Descriptor, where: str) -> AssetLayer:
         size=desc.size,
         content_digest=content_digest,
         content_size=int(size_text),
+        chunks=read_chunks(ann, desc.size, f"{where} layer {title!r}"),
     )
 
 
