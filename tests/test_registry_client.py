@@ -39,6 +39,7 @@ from exec_sandbox_assets.oci.auth import (
     load_docker_credentials,
     parse_www_authenticate,
 )
+from exec_sandbox_assets.oci.http import HttpCore
 from exec_sandbox_assets.oci.model import (
     EMPTY_DESCRIPTOR,
     EMPTY_JSON,
@@ -728,3 +729,23 @@ async def test_challenge_from_redirect_target_is_ignored(tmp_path: Path, repo_na
     assert "redirect target" in message
     assert seen and all(auth is None for _, auth in seen)
     assert not any(path.startswith("/steal") for path, _ in seen)
+
+
+async def test_blob_bodies_are_read_in_pieces_larger_than_httpcores_64_kib(
+    static_server: StaticServer,
+) -> None:
+    """oci/transport.py: one event-loop turn per socket read, so large reads when the
+    socket holds more (fails if an httpx/httpcore upgrade silently drops the wrapper)."""
+    (static_server.root / "big").write_bytes(os.urandom(8 << 20))
+    core = HttpCore(peer="static server")
+    pieces: list[int] = []
+    try:
+        async with core.client().stream("GET", static_server.url_for("big")) as response:
+            async for piece in response.aiter_raw():
+                if not pieces:
+                    await asyncio.sleep(0.2)  # let the socket buffer fill up
+                pieces.append(len(piece))
+    finally:
+        await core.aclose()
+    assert sum(pieces) == 8 << 20
+    assert max(pieces) > 64 * 1024, pieces[:20]

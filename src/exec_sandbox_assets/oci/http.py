@@ -63,6 +63,7 @@ from exec_sandbox_assets.oci.retry import (
     transport_error,
 )
 from exec_sandbox_assets.oci.stream import BlobStream, open_blob_stream
+from exec_sandbox_assets.oci.transport import large_read_transport
 from exec_sandbox_assets.safetext import clean_text, redact_url
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,8 @@ class HttpCore:
                     verify = ssl.create_default_context(cafile=str(self._ca_bundle))
                 except (OSError, ssl.SSLError) as exc:
                     raise ConfigError(f"cannot load CA bundle {self._ca_bundle}: {exc}") from None
+            # A handful of parallel blob streams plus manifest/HEAD traffic.
+            limits = httpx.Limits(max_connections=16, max_keepalive_connections=8)
             self._client = httpx.AsyncClient(
                 # Hooks see every request httpx sends: redirects and auth rounds too.
                 event_hooks={"request": [self._check_host], "response": [guard_response]},
@@ -126,8 +129,11 @@ class HttpCore:
                 http2=False,
                 verify=verify,
                 timeout=httpx.Timeout(min(self._timeout, self.policy.deadline or math.inf)),
-                # A handful of parallel blob streams plus manifest/HEAD traffic.
-                limits=httpx.Limits(max_connections=16, max_keepalive_connections=8),
+                limits=limits,
+                # Direct connections; proxies from the environment get httpx's own.
+                transport=large_read_transport(
+                    verify=verify, http1=True, http2=False, limits=limits
+                ),
             )
         return self._client
 
