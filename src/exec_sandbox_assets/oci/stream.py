@@ -28,6 +28,11 @@ from exec_sandbox_assets.safetext import clean_text, redact_url
 
 log = logging.getLogger(__name__)
 
+# Received bytes are handed on (written, and recorded for resume) once this many have
+# arrived: a process killed mid-download loses at most this per connection, plus what
+# its socket held. A fast link sends larger reads, which go on whole (up to CHUNK_SIZE).
+HAND_ON = 128 * 1024
+
 
 class BlobStream:
     """An open blob response. `offset` is where the data actually starts: the asked
@@ -49,7 +54,8 @@ class BlobStream:
         self._policy = policy
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        """Raw bytes as sent (no content decoding), in pieces of at most CHUNK_SIZE.
+        """Raw bytes as sent (no content decoding), in pieces of HAND_ON to CHUNK_SIZE
+        bytes (the last one may be shorter).
 
         A broken body is AssetDownloadError, raised only after every byte received before
         the break was yielded, so a resume starts where the connection died. (httpx's own
@@ -91,11 +97,14 @@ class BlobStream:
                 if size + len(piece) > CHUNK_SIZE and pending:
                     yield b"".join(pending)
                     pending, size = [], 0
-                while len(piece) > CHUNK_SIZE:  # never from httpx's 64 KiB reads; still
+                while len(piece) > CHUNK_SIZE:  # never from our 1 MiB reads; still
                     yield piece[:CHUNK_SIZE]
                     piece = piece[CHUNK_SIZE:]
                 pending.append(piece)
                 size += len(piece)
+                if size >= HAND_ON:
+                    yield b"".join(pending) if len(pending) > 1 else pending[0]
+                    pending, size = [], 0
         except TimeoutError:
             error = AssetDownloadError(
                 f"GET {redact_url(self.url)}: body slower than the minimum rate of "
