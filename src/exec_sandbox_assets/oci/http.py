@@ -119,8 +119,9 @@ class HttpCore:
                     verify = ssl.create_default_context(cafile=str(self._ca_bundle))
                 except (OSError, ssl.SSLError) as exc:
                     raise ConfigError(f"cannot load CA bundle {self._ca_bundle}: {exc}") from None
-            # A handful of parallel blob streams plus manifest/HEAD traffic.
-            limits = httpx.Limits(max_connections=16, max_keepalive_connections=8)
+            # Up to 4 blobs at once, each over up to 8 ranged streams (cache/download.py),
+            # plus manifest/HEAD traffic.
+            limits = httpx.Limits(max_connections=40, max_keepalive_connections=16)
             self._client = httpx.AsyncClient(
                 # Hooks see every request httpx sends: redirects and auth rounds too.
                 event_hooks={"request": [self._check_host], "response": [guard_response]},
