@@ -26,6 +26,7 @@ from exec_sandbox_assets import catalog
 from exec_sandbox_assets.client import AssetClient
 from exec_sandbox_assets.config import Settings, load_settings
 from exec_sandbox_assets.errors import (
+    AssetChecksumError,
     AssetNotFoundError,
     ConfigError,
     NoTrustedKeysError,
@@ -48,6 +49,7 @@ from exec_sandbox_assets.release.signing import SIMPLESIGNING_MEDIA_TYPE
 from releases import (
     KeyPair,
     SampleRelease,
+    flip_stored_blob,
     make_key_pair,
     open_writer,
     publish_sample_release,
@@ -543,3 +545,19 @@ def test_cut_source_download_resumes_by_range_in_the_call_and_across_runs(
     assert ranges == [f"bytes={kept}-", f"bytes={kept + step}-"]
     assert layout_digests(tmp_path / "a", rel.tag) == registry_digests(registry, repo_name, rel.tag)
     assert not (tmp_path / "mirror-work" / "download").exists()  # cleaned after success
+
+
+def test_a_flipped_byte_stops_the_copy_at_its_chunk_and_tags_nothing(
+    registry: RegistryServer, tmp_path: Path, key: KeyPair, repo_name: str
+) -> None:
+    python = catalog.base_image("python", "x86_64")
+    # Several 4 MiB chunks once compressed (the samples compress ~4:1).
+    rel = release(
+        registry.ref(repo_name), "0.9.1", tmp_path, key, sizes={python.output_name: 40 << 20}
+    )
+    big = rel.layer(python.name)
+    flip_stored_blob(registry.data_dir, big.digest, offset=(4 << 20) + 7)
+    dst = tmp_path / "out"
+    with pytest.raises(AssetChecksumError, match=f"chunk 1 .* of blob {big.digest}"):
+        copy(registry.ref(repo_name), f"oci:{dst}", tmp_path, key, ["0.9.1"])
+    assert not (dst / "index.json").exists() or rel.tag not in (dst / "index.json").read_text()

@@ -26,7 +26,7 @@ from exec_sandbox_assets.oci.model import (
 from exec_sandbox_assets.release.documents import read_asset_layer
 from exec_sandbox_assets.release.signing import parse_timestamp
 from exec_sandbox_assets.release.version import LATEST
-from exec_sandbox_assets.sources import BlobOpener, Source
+from exec_sandbox_assets.sources import Source
 
 if TYPE_CHECKING:
     from exec_sandbox_assets.oci.targets import Target
@@ -228,8 +228,10 @@ class Copier:
         """The blob as a verified file under work_dir (a partial from before is resumed)."""
         desc = blob.desc
         self._emit(plan, "blob-start", desc.digest, blob.name, desc.size)
-        req = BlobRequest(desc.digest, desc.size, self.source.name)
-        opener = self._opener(blob)
+        layer = read_asset_layer(desc, f"{self.source.name} layer {desc.digest}")
+        # Signed chunk digests, when the layer has them: a bad range stops the copy at once.
+        req = BlobRequest(desc.digest, desc.size, self.source.name, layer.chunks)
+        opener = self.source.opener(layer)
 
         def advance(n: int) -> None:
             self._emit(plan, "blob-progress", desc.digest, blob.name, n)
@@ -237,10 +239,6 @@ class Copier:
         # The cache resumes a body that broke off after making progress (its one loop).
         async with self.store.blob_lock(desc.digest):
             return await self.store.fetch_blob(req, opener, advance)
-
-    def _opener(self, blob: Blob) -> BlobOpener:
-        layer = read_asset_layer(blob.desc, f"{self.source.name} layer {blob.desc.digest}")
-        return self.source.opener(layer)
 
 
 def _newer(current_index: bytes, created: str | None) -> bool:
