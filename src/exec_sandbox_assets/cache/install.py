@@ -2,10 +2,12 @@
 
 While `download.fill` writes the blob into its `.partial`, one worker thread reads the
 partial in order as it fills (`_Reader`) and hashes the layer, so the layer digest is
-known the moment the last byte lands. Only then, with the digest matched, is a
-compressed layer decompressed (docs/format.md §4: no unverified byte reaches the
-decoder), from the partial still in the page cache, its content hashed and size-capped,
-and written to a temp file with zero runs as holes.
+known the moment the last byte lands. No unverified byte reaches the decoder
+(docs/format.md §4): a layer with signed chunk digests (`_ChunkedReader`) is decompressed
+chunk by chunk, each as soon as its digest matched, while the download goes on; any
+other compressed layer once its whole digest matched, from the partial still in the page
+cache. The output is hashed, size-capped and written to a temp file with zero runs as
+holes (`output.Output`, by a thread of its own for large files).
 
 What the format asks holds: nothing reaches its final name before the layer digest and
 the content digest both match (the rename is the last step, after an fsync), and the
