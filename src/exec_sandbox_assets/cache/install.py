@@ -359,7 +359,8 @@ class _ChunkedReader(_Reader):
         hasher = hashlib.sha256()
         pieces = []
         while self.pos < end:
-            piece = super().read(end - self.pos)
+            # Pieces of at most CHUNK, the size the decoder asks for: handed out whole.
+            piece = super().read(min(CHUNK, end - self.pos))
             if not piece:
                 raise _Aborted
             hasher.update(piece)
