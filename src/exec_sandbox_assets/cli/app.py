@@ -32,6 +32,7 @@ from exec_sandbox_assets.cli.parser import (
     settings_from_args,
 )
 from exec_sandbox_assets.cli.progress import LogHandler, Ui
+from exec_sandbox_assets.cli.startup import skip_unused_imports
 from exec_sandbox_assets.cli.table import BY_NAME, Context
 from exec_sandbox_assets.errors import AssetError
 
@@ -63,8 +64,16 @@ def run_publish(ctx: Context) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit code (see EXIT_CODES_HELP)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
+    """Run the command line; returns the exit code (see EXIT_CODES_HELP).
+
+    Without `argv` this is the process's own command line (the console script,
+    `python -m`): modules it never uses are then made unimportable (`cli.startup`).
+    """
+    if argv is None:
+        skip_unused_imports()
+        argv = sys.argv[1:]
+    else:
+        argv = list(argv)
     parser = build_parser()
     rest: list[str] = []
     at = command_index(parser, argv)

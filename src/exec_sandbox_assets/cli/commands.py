@@ -12,11 +12,9 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from exec_sandbox_assets import catalog
-from exec_sandbox_assets.cache import admin as cache_admin
-from exec_sandbox_assets.cache.store import RecordInfo
 from exec_sandbox_assets.catalog import AssetSpec, Language
 from exec_sandbox_assets.cli.login import with_given_credentials
 from exec_sandbox_assets.cli.output import (
@@ -38,6 +36,10 @@ from exec_sandbox_assets.cli.table import Context
 from exec_sandbox_assets.client import AssetClient
 from exec_sandbox_assets.config import Settings
 from exec_sandbox_assets.errors import AssetNotFoundError, ConfigError
+
+if TYPE_CHECKING:  # status, verify and gc import it when they run; pull never needs it
+    from exec_sandbox_assets.cache import admin as cache_admin
+    from exec_sandbox_assets.cache.store import RecordInfo
 
 # -- shared ------------------------------------------------------------------------------------
 
@@ -198,6 +200,8 @@ def run_pull(ctx: Context) -> int:
 
 
 def status_json(listing: cache_admin.CacheListing, settings: Settings) -> dict[str, Any]:
+    from exec_sandbox_assets.cache import admin as cache_admin
+
     tags_of: dict[str, list[str]] = {}
     for tag, version in listing.floating.items():
         tags_of.setdefault(version, []).append(tag)
@@ -230,6 +234,8 @@ def status_json(listing: cache_admin.CacheListing, settings: Settings) -> dict[s
 
 
 def run_status(ctx: Context) -> int:
+    from exec_sandbox_assets.cache import admin as cache_admin
+
     args, settings = ctx.args, ctx.settings
     client = AssetClient(settings)
     listing = cache_admin.scan(client.store)
@@ -274,6 +280,8 @@ def run_status(ctx: Context) -> int:
 
 
 def run_verify(ctx: Context) -> int:
+    from exec_sandbox_assets.cache import admin as cache_admin
+
     args, settings = ctx.args, ctx.settings
     client = AssetClient(settings)
     cached = client.store.versions()
@@ -328,6 +336,8 @@ def run_verify(ctx: Context) -> int:
 
 
 def run_gc(ctx: Context) -> int:
+    from exec_sandbox_assets.cache import admin as cache_admin
+
     args, settings = ctx.args, ctx.settings
     if args.keep < 0:
         raise ConfigError(f"--keep must be 0 or more, not {args.keep}")

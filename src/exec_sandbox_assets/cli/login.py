@@ -14,12 +14,15 @@ import asyncio
 import getpass
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from exec_sandbox_assets.cli.output import EXIT_OK, out
 from exec_sandbox_assets.cli.table import Context
 from exec_sandbox_assets.config import Settings
 from exec_sandbox_assets.errors import ConfigError
-from exec_sandbox_assets.oci.auth import Credentials
+
+if TYPE_CHECKING:  # oci.auth imports httpx: only when credentials were given
+    from exec_sandbox_assets.oci.auth import Credentials
 
 
 def read_registry_password(username: str | None, password_stdin: bool) -> str | None:
@@ -53,7 +56,11 @@ def registry_host(text: str) -> str | None:
 
 def given_credentials(args: argparse.Namespace) -> Credentials | None:
     password = read_registry_password(args.username, args.password_stdin)
-    return None if password is None else Credentials(args.username, password)
+    if password is None:
+        return None
+    from exec_sandbox_assets.oci.auth import Credentials
+
+    return Credentials(args.username, password)
 
 
 def first_registry_host(candidates: Sequence[str]) -> str | None:
@@ -88,6 +95,7 @@ async def _check(server: str, creds: Credentials, settings: Settings) -> str:
 
 
 def run_login(ctx: Context) -> int:
+    from exec_sandbox_assets.oci.auth import Credentials
     from exec_sandbox_assets.oci.credentials import store_credentials
 
     args, settings = ctx.args, ctx.settings
