@@ -1,9 +1,10 @@
 """The retrying async HTTP core shared by the registry client and the GitHub Releases source.
 
 `HttpCore` owns one `httpx.AsyncClient` (created on first use, HTTP/1.1, redirects
-followed, a custom CA bundle when given) and one retry loop (`exchange`): connect/read
-errors, timeouts, 429 and 5xx are retried with exponential backoff and full jitter,
-honouring `Retry-After`; other statuses map to the error tree at once (`oci.retry`):
+followed, a custom CA bundle when given, TLS trust loaded on the first https:// request:
+`oci.schemes`) and one retry loop (`exchange`): connect/read errors, timeouts, 429 and
+5xx are retried with exponential backoff and full jitter, honouring `Retry-After`; other
+statuses map to the error tree at once (`oci.retry`):
 
     404            -> AssetNotFoundError
     401, 403       -> AuthError (after the auth flow's own round, when there is one)
@@ -62,6 +63,7 @@ from exec_sandbox_assets.oci.retry import (
     tls_verify_failed,
     transport_error,
 )
+from exec_sandbox_assets.oci.schemes import SchemeTransport
 from exec_sandbox_assets.oci.stream import BlobStream, open_blob_stream
 from exec_sandbox_assets.oci.transport import large_read_transport
 from exec_sandbox_assets.safetext import clean_text, redact_url
@@ -128,12 +130,16 @@ class HttpCore:
                 follow_redirects=True,
                 http1=True,
                 http2=False,
-                verify=verify,
+                verify=verify,  # for proxies from the environment; ours below
                 timeout=httpx.Timeout(min(self._timeout, self.policy.deadline or math.inf)),
                 limits=limits,
-                # Direct connections; proxies from the environment get httpx's own.
-                transport=large_read_transport(
-                    verify=verify, http1=True, http2=False, limits=limits
+                # Direct connections; proxies from the environment get httpx's own. TLS
+                # trust is loaded on the first https:// request, not for plain HTTP.
+                transport=SchemeTransport(
+                    verify,
+                    lambda trust: large_read_transport(
+                        verify=trust, http1=True, http2=False, limits=limits
+                    ),
                 ),
             )
         return self._client
