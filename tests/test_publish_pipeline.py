@@ -6,6 +6,8 @@ error and leaves no tag, and a re-run completes."""
 from __future__ import annotations
 
 import hashlib
+import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ import pytest
 import zstandard
 
 from conftest import FaultProxyFactory
-from exec_sandbox_assets.errors import AssetDownloadError, ConfigError
+from exec_sandbox_assets.errors import AssetDownloadError, AuthError, ConfigError
 from exec_sandbox_assets.oci.model import ACCEPT_MANIFESTS
 from exec_sandbox_assets.publish import PublishRequest, PublishResult, make_sample_inputs, publish
 from exec_sandbox_assets.publish.compress import Blob
@@ -62,6 +64,8 @@ def run(dist: Path, key: Path, tmp_path: Path) -> Publish:
     """publish(target, **request fields): the sample release, one work dir for all runs."""
 
     def go(target: str, **kwargs: Any) -> PublishResult:
+        options: dict[str, Any] = {"created": CREATED, "level": 3, "platforms": PLATFORM}
+        options.update(kwargs)
         return publish(
             PublishRequest(
                 inputs=(dist,),
@@ -69,10 +73,7 @@ def run(dist: Path, key: Path, tmp_path: Path) -> Publish:
                 targets=(target,),
                 keys=(key,),
                 work_dir=tmp_path / "w",
-                created=CREATED,
-                level=3,
-                platforms=PLATFORM,
-                **kwargs,
+                **options,
             )
         )
 
@@ -167,3 +168,20 @@ def test_blobs_are_made_in_input_order_with_checked_inputs_first(
     assert names[2] == "vmlinux-x86_64.zst" and sizes == sorted(sizes, reverse=True)
     for name, blob in blobs.items():
         assert blob.digest == "sha256:" + hashlib.sha256(blob.path.read_bytes()).hexdigest(), name
+
+
+def test_a_refused_registry_stops_the_compression_and_leaves_no_temp_file(
+    htpasswd_registry: RegistryServer, run: Publish, dist: Path, tmp_path: Path, repo_name: str
+) -> None:
+    """Compression starts before the targets are connected; when a target refuses us,
+    it stops at its next chunk, and publish() returns only once it has let go of the
+    work dir (a caller may delete it): no thread left, no temp file, no blob."""
+    big = dist / "python-3.14-base-x86_64.qcow2"
+    big.write_bytes(os.urandom(1 << 20) * 16)  # 16 MiB: seconds at level 19
+    with pytest.raises(AuthError, match="requires a login"):
+        run(htpasswd_registry.ref(repo_name), level=19)
+    assert not [t for t in threading.enumerate() if t.name == "publish-compress"]
+    compressed = tmp_path / "w" / "compressed"
+    left = sorted(p.name for p in compressed.iterdir()) if compressed.exists() else []
+    assert not [n for n in left if n.startswith(".tmp-")], left
+    assert "python-3.14-base-x86_64.qcow2.zst" not in left, left

@@ -101,6 +101,12 @@ def hash_file(path: Path) -> tuple[str, int]:
 # Called with the number of input bytes each chunk consumed (the CLI's progress).
 OnBytes = Callable[[int], None]
 
+# Read and write sizes of `compress_file` (the bytes out do not depend on them): large,
+# so the thread feeding zstd's workers takes the GIL a few times per 4 MiB, not dozens,
+# while the publishing thread pushes blobs (publish/pipeline.py).
+_READ_SIZE = 4 * CHUNK
+_WRITE_SIZE = CHUNK
+
 
 def compress_file(src: Path, dest: Path, level: int, on_bytes: OnBytes | None = None) -> Blob:
     """zstd-compress `src` into `dest` (atomically), hashing both sides in one pass."""
@@ -114,8 +120,10 @@ def compress_file(src: Path, dest: Path, level: int, on_bytes: OnBytes | None = 
         sink = _HashingWriter(out)
         read = 0
         # size= puts the content size in the frame header (clients preallocate/cap by it).
-        with cctx.stream_writer(cast(IO[bytes], sink), size=content_size, closefd=False) as z:
-            while chunk := f.read(CHUNK):
+        with cctx.stream_writer(
+            cast(IO[bytes], sink), size=content_size, write_size=_WRITE_SIZE, closefd=False
+        ) as z:
+            while chunk := f.read(_READ_SIZE):
                 content.update(chunk)
                 read += len(chunk)
                 z.write(chunk)

@@ -1,18 +1,20 @@
-"""Make the blobs of a release, and push each one while the next one compresses.
+"""Make the blobs of a release on one thread while the publishing thread pushes them.
 
-The documents need every blob's digest, but a blob can go up as soon as it is made,
-so compressing and uploading overlap (measured: benchmarks/peers.py, "publish"):
+The documents need every blob's digest, but a blob can go up as soon as it is made
+(measured: benchmarks/peers.py, "publish"; docs/performance.md):
 
-    check inputs taken as they are (.zst, raw) -> compress, largest first
-                                                 \\-> push thread: blob N to each target
+    making thread:  check inputs taken as they are (.zst, raw) -> compress, largest first
+    publishing:     connect to the targets, read vV -> push each blob as it comes
 
-Inputs taken as they are are checked first, so a corrupt `.zst` fails before the
-first byte is uploaded. The largest files compress first, so what is left to upload
-after the last compression is small. The publisher hands `BlobPusher` its targets
-only when no target holds the version tag yet (or with `replace`): when one does,
-the index must first be compared with it, and nothing is uploaded before that.
-A blob is pushed with the targets' `push_blob` as before (skipped when present),
-and the digests pushed to every target are not pushed again by `push_release`.
+Compression starts as soon as the inputs are found, so it overlaps connecting to the
+targets (and importing what that needs). Inputs taken as they are are checked before
+any blob is handed over, so a corrupt `.zst` still fails before the first upload. The
+largest files compress first, so little is left to upload after the last compression.
+The publisher pushes early only when no target holds the version tag yet (or with
+`replace`): otherwise the index must first be compared with the tag, and nothing is
+uploaded before that. Blobs are pushed with the targets' `push_blob` as before
+(skipped when present), all network I/O stays on the publishing thread, and the
+digests already on every target are not pushed again by `push_release`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -110,80 +112,99 @@ class LockedProgress:
             self._inner.finish(name)
 
 
-class BlobPusher:
-    """Pushes blobs to every target, in the order given, on one thread of its own.
+class _Stopped(Exception):
+    """Raised in the making thread when the publish no longer wants its blobs."""
 
-    `submit` raises the error of a push that failed, so compression stops at the next
-    file; `finish` waits for the last push and raises it too. The thread is a daemon:
-    an interrupted publish does not wait for an upload in flight (`abandon`).
-    """
 
-    def __init__(self, targets: Sequence[Target], progress: Progress | None = None) -> None:
-        self._targets = tuple(targets)
-        self._progress = progress
+class BlobMaker:
+    """Makes the blobs on a thread of its own (`prepare_blobs`), from the moment the
+    inputs are found: compression overlaps connecting to the targets, and the publishing
+    thread pushes each blob as it comes (`ready`). `stop` ends it at its next chunk."""
+
+    def __init__(
+        self, inputs: ReleaseInputs, work_dir: Path, level: int, progress: Progress | None
+    ) -> None:
         self._queue: queue.SimpleQueue[Blob | None] = queue.SimpleQueue()
         self._stop = threading.Event()
+        self._blobs: dict[str, Blob] | None = None
         self._error: BaseException | None = None
-        self._pushed: set[str] = set()
-        self._thread = threading.Thread(target=self._work, name="publish-push", daemon=True)
+        self._thread = threading.Thread(
+            target=self._work,
+            args=(inputs, work_dir, level, _Stoppable(progress, self._stop)),
+            name="publish-compress",
+            daemon=True,
+        )
         self._thread.start()
 
-    def _work(self) -> None:
+    def _work(self, inputs: ReleaseInputs, work_dir: Path, level: int, progress: Progress) -> None:
         try:
-            while (blob := self._queue.get()) is not None:
-                for target in self._targets:
-                    if self._stop.is_set():
-                        return
-                    push_blob(target, blob, self._progress)
-                self._pushed.add(blob.digest)
+            self._blobs = prepare_blobs(inputs, work_dir, level, progress, self._queue.put)
         except BaseException as exc:  # handed to the publishing thread
             self._error = exc
+        finally:
+            self._queue.put(None)
 
-    def _raise(self) -> None:
+    def ready(self) -> Iterator[Blob]:
+        """Each blob as it is made; raises what stopped the making."""
+        while (blob := self._queue.get()) is not None:
+            yield blob
+        self._queue.put(None)  # a later `ready` or `result` ends too
+        self.result()
+
+    def result(self) -> dict[str, Blob]:
+        """Every blob (waits for them), as `prepare_blobs` returns them."""
+        self._thread.join()
         if self._error is not None:
             raise self._error
+        assert self._blobs is not None
+        return self._blobs
 
-    def submit(self, blob: Blob) -> None:
-        self._raise()
-        self._queue.put(blob)
-
-    def finish(self) -> frozenset[str]:
-        """Wait for every submitted push; the digests now on every target."""
-        self._queue.put(None)
-        self._thread.join()
-        self._raise()
-        return frozenset(self._pushed)
-
-    def abandon(self, wait: bool) -> None:
-        """Push nothing more; `wait` for an upload in flight (the targets are closed next)."""
+    def stop(self) -> None:
+        """Make nothing more, and wait until the thread has let go of the work dir."""
         self._stop.set()
-        self._queue.put(None)
-        if wait:
-            self._thread.join()
+        self._thread.join()
 
 
-def make_and_push(
-    inputs: ReleaseInputs,
-    work_dir: Path,
-    level: int,
-    targets: Sequence[Target],
-    progress: Progress | None = None,
-) -> tuple[dict[str, Blob], frozenset[str]]:
-    """`prepare_blobs`, each blob pushed to `targets` as it is made (none: only made).
-    Returns the blobs and the digests that every target now holds."""
+class _Stoppable:
+    """The compression's progress, which also ends it once `stop` is set."""
+
+    def __init__(self, inner: Progress | None, stop: threading.Event) -> None:
+        self._inner = inner
+        self._stop = stop
+
+    def start(self, name: str, total: int) -> None:
+        if self._inner is not None:
+            self._inner.start(name, total)
+
+    def advance(self, name: str, nbytes: int) -> None:
+        if self._stop.is_set():
+            raise _Stopped(name)
+        if self._inner is not None:
+            self._inner.advance(name, nbytes)
+
+    def finish(self, name: str) -> None:
+        if self._inner is not None:
+            self._inner.finish(name)
+
+
+def push_as_made(
+    maker: BlobMaker, targets: Sequence[Target], progress: Progress | None
+) -> frozenset[str]:
+    """Push each blob to every target as `maker` makes it; the digests pushed."""
     if not targets:
-        return prepare_blobs(inputs, work_dir, level, progress), frozenset()
-    shared = LockedProgress(progress) if progress is not None else None
-    pusher = BlobPusher(targets, shared)
-    try:
-        blobs = prepare_blobs(inputs, work_dir, level, shared, pusher.submit)
-        return blobs, pusher.finish()
-    except Exception:
-        pusher.abandon(wait=True)
-        raise
-    except BaseException:  # KeyboardInterrupt: do not wait for the upload in flight
-        pusher.abandon(wait=False)
-        raise
+        return frozenset()
+    pushed: set[str] = set()
+    for blob in maker.ready():
+        for target in targets:
+            push_blob(target, blob, progress)
+        pushed.add(blob.digest)
+    return frozenset(pushed)
 
 
-__all__ = ["BlobPusher", "LockedProgress", "make_and_push", "prepare_blobs", "push_blob"]
+__all__ = [
+    "BlobMaker",
+    "LockedProgress",
+    "prepare_blobs",
+    "push_as_made",
+    "push_blob",
+]

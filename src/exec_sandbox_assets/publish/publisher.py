@@ -49,7 +49,13 @@ from exec_sandbox_assets.oci.model import (
 from exec_sandbox_assets.oci.targets import RegistryOptions, Target, open_target
 from exec_sandbox_assets.publish.compress import DEFAULT_LEVEL, Blob, check_level
 from exec_sandbox_assets.publish.inputs import ReleaseInputs, find_inputs
-from exec_sandbox_assets.publish.pipeline import make_and_push, prepare_blobs, push_blob
+from exec_sandbox_assets.publish.pipeline import (
+    BlobMaker,
+    LockedProgress,
+    prepare_blobs,
+    push_as_made,
+    push_blob,
+)
 from exec_sandbox_assets.publish.release_dir import ReleaseFiles, write_release_dir
 from exec_sandbox_assets.publish.signatures import existing_signatures, plan_signature, read_back
 from exec_sandbox_assets.release import keys, signing
@@ -267,6 +273,8 @@ def publish(req: PublishRequest) -> PublishResult:
     req.work_dir.mkdir(parents=True, exist_ok=True)
 
     options = RegistryOptions(req.username, req.password, req.ca_bundle)
+    progress = LockedProgress(req.progress) if req.progress is not None else None
+    maker = BlobMaker(inputs, req.work_dir, req.level, progress)  # compresses from now on
     targets: list[Target] = []
     ok = False
     try:
@@ -274,10 +282,11 @@ def publish(req: PublishRequest) -> PublishResult:
             targets.append(open_target(text, req.work_dir, options))
 
         existing = [(target, target.read_manifest(version_tag)) for target in targets]
-        # Blobs go up while the next compresses, unless a vV tag is there to be compared
-        # with first (nothing is uploaded before a conflict is refused): pipeline.py.
+        # Blobs go up as they are made, unless a vV tag is there to be compared with
+        # first (nothing is uploaded before a conflict is refused): pipeline.py.
         early = targets if req.replace or all(d is None for _, d in existing) else []
-        blobs, pushed = make_and_push(inputs, req.work_dir, req.level, early, req.progress)
+        pushed = push_as_made(maker, early, progress)
+        blobs = maker.result()
         created = created_arg or _existing_created(existing, version_tag) or now_created()
         info = ReleaseInfo(version=version, created=created, revision=req.revision)
         built = build_documents(inputs, blobs, info)
@@ -301,7 +310,7 @@ def publish(req: PublishRequest) -> PublishResult:
         for target in targets:
             log.info("pushing %s to %s", index_digest, target.name)
             push_release(
-                target, unique, built, signature, keys, version, created, tags, req.progress, pushed
+                target, unique, built, signature, keys, version, created, tags, progress, pushed
             )
             results.append(
                 TargetResult(
@@ -321,6 +330,7 @@ def publish(req: PublishRequest) -> PublishResult:
             )
         ok = True
     finally:
+        maker.stop()
         errors: list[AssetError] = []
         for target in targets:
             try:
