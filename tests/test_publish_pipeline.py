@@ -185,3 +185,22 @@ def test_a_refused_registry_stops_the_compression_and_leaves_no_temp_file(
     left = sorted(p.name for p in compressed.iterdir()) if compressed.exists() else []
     assert not [n for n in left if n.startswith(".tmp-")], left
     assert "python-3.14-base-x86_64.qcow2.zst" not in left, left
+
+
+def test_a_damaged_compression_cache_is_compressed_again(dist: Path, tmp_path: Path) -> None:
+    """The work dir is written without fsync (a cache): what a crash can leave there, a
+    cut or zeroed blob beside its record, or a torn record, is compressed again, never
+    reused, and the blobs come out the same."""
+    inputs = find_inputs((dist,), PLATFORM)
+    first = prepare_blobs(inputs, tmp_path / "w", 3)
+    cut = first["vmlinux-x86_64.zst"].path
+    cut.write_bytes(cut.read_bytes()[:100])
+    zeroed = first["initramfs-x86_64.zst"].path
+    zeroed.write_bytes(bytes(zeroed.stat().st_size))
+    torn = first["vmlinuz-x86_64.zst"].path
+    torn.with_name(torn.name + ".json").write_text('{"source_digest": "sha2')
+
+    again = prepare_blobs(inputs, tmp_path / "w", 3)
+    assert again == first
+    for blob in again.values():
+        assert blob.digest == "sha256:" + hashlib.sha256(blob.path.read_bytes()).hexdigest()
