@@ -83,10 +83,13 @@ def out_of_space(exc: OSError, where: Path, kept: str) -> OutOfSpaceError | None
 
 
 @contextlib.contextmanager
-def atomic_output(dest: Path, *, tmp: Path | None = None, mode: int = 0o644) -> Iterator[BinaryIO]:
+def atomic_output(
+    dest: Path, *, tmp: Path | None = None, mode: int = 0o644, durable: bool = True
+) -> Iterator[BinaryIO]:
     """A file to write `dest` through: renamed onto `dest` after an fsync on a clean exit,
     removed otherwise. `tmp` names the temp file where a caller's cleanup must recognise
-    it. A full disk is an OutOfSpaceError, with `dest` unchanged."""
+    it. A full disk is an OutOfSpaceError, with `dest` unchanged. `durable=False` skips
+    the fsyncs (still atomic): for a cache that is verified before it is reused."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp if tmp is not None else temp_beside(dest)
     try:
@@ -100,7 +103,8 @@ def atomic_output(dest: Path, *, tmp: Path | None = None, mode: int = 0o644) -> 
         with os.fdopen(fd, "wb") as out:
             yield out
             out.flush()
-            os.fsync(out.fileno())
+            if durable:
+                os.fsync(out.fileno())
         tmp.replace(dest)
     except OSError as exc:
         if (full := out_of_space(exc, dest, "nothing was changed")) is not None:
@@ -109,7 +113,8 @@ def atomic_output(dest: Path, *, tmp: Path | None = None, mode: int = 0o644) -> 
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()  # only still there when something failed
-    fsync_dir(dest.parent)
+    if durable:
+        fsync_dir(dest.parent)
 
 
 def atomic_write(dest: Path, data: bytes, *, tmp: Path | None = None, mode: int = 0o644) -> None:

@@ -240,12 +240,18 @@ class RegistrySession:
             raise self.error(resp, "starting an upload")
         self.cancel_upload(resp, "the probe upload")
 
+    def upload_url(self, resp: requests.Response) -> str | None:
+        """Where an upload session continues: the answer's Location, made absolute."""
+        location = resp.headers.get("Location")
+        if not location:
+            return None
+        return location if location.startswith("http") else f"{self.ref.base_url}{location}"
+
     def cancel_upload(self, started: requests.Response, what: str) -> None:
         """DELETE the upload session a 202 opened (best effort: sessions expire anyway)."""
-        location = started.headers.get("Location")
-        if not location:
+        url = self.upload_url(started)
+        if url is None:
             return
-        url = location if location.startswith("http") else f"{self.ref.base_url}{location}"
         try:
             self.request(url, "DELETE")
         except AssetError as exc:

@@ -2,10 +2,15 @@
 
 What oras-py 0.2.43 does and what we do around it (the connection, its request policy
 and the login are `oci.registry_session`):
-- blobs: its `chunked_upload` (POST, PATCH per chunk, PUT), with 4 MiB chunks
-  (ghcr.io refuses larger PATCH bodies; the default upload reads the whole file);
-  existing blobs are skipped after a HEAD, so re-runs upload nothing; a failed upload
-  is restarted whole, and what the registry stored is checked by its size;
+- blobs: POST, the whole blob in one PATCH, PUT ?digest=, as docker and skopeo send it
+  (no Content-Range; the file is mapped, not read into memory, and can be sent again
+  when oras answers a 401 by re-sending). A registry that refuses that (ghcr.io caps
+  a PATCH with Content-Range at 4 MiB; proxies cap bodies) gets oras's
+  `chunked_upload` (POST, PATCH per 4 MiB chunk, PUT) from then on: the first failed
+  attempt switches. One request per blob instead of one per 4 MiB: distribution
+  spends ~4 ms CPU on each PATCH, a remote registry a round trip. Existing blobs are
+  skipped after a HEAD, so re-runs upload nothing; a failed upload is restarted
+  whole, and what the registry stored is checked by its size;
 - manifests, the index and tags: PUT with its raw request helper and our own bytes
   and Content-Type (its `push` has no artifactType and its schema check refuses
   indexes); a registry that rewrote a manifest (another digest) is refused.
@@ -16,11 +21,15 @@ and the login are `oci.registry_session`):
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import mmap
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import oras.utils
 import requests
 
 from exec_sandbox_assets.errors import (
@@ -47,14 +56,33 @@ from exec_sandbox_assets.oci.target import PushStats
 
 log = logging.getLogger(__name__)
 
-CHUNK_SIZE = 4 * 1024 * 1024  # ghcr.io's limit for one PATCH
+CHUNK_SIZE = 4 * 1024 * 1024  # ghcr.io's limit for one chunk (a PATCH with Content-Range)
 UPLOAD_ATTEMPTS = 3
+_OCTET_STREAM = "application/octet-stream"
 
 
-def _check_chunk_size(chunk_size: int) -> int:
-    if not 0 < chunk_size <= CHUNK_SIZE:
+def _check_chunk_size(chunk_size: int | None) -> int | None:
+    if chunk_size is not None and not 0 < chunk_size <= CHUNK_SIZE:
         raise ConfigError(f"chunk size must be 1..{CHUNK_SIZE} bytes")
     return chunk_size
+
+
+@contextlib.contextmanager
+def _mapped(path: Path) -> Iterator[memoryview]:
+    """The file as one buffer, paged in by the kernel as it is sent (and re-sendable)."""
+    with path.open("rb") as f:
+        if f.seek(0, 2) == 0:
+            yield memoryview(b"")  # an empty file cannot be mapped
+            return
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        view = memoryview(mapping)
+        try:
+            yield view
+        finally:
+            view.release()
+            # A view still held elsewhere (a traceback) keeps the mapping until it goes.
+            with contextlib.suppress(BufferError):
+                mapping.close()
 
 
 class RegistryTarget:
@@ -65,9 +93,11 @@ class RegistryTarget:
         session: RegistrySession,
         *,
         work_dir: Path | None = None,
-        chunk_size: int = CHUNK_SIZE,
+        chunk_size: int | None = None,
     ) -> None:
-        """A target over a connected session (no I/O here: see `connect`)."""
+        """A target over a connected session (no I/O here: see `connect`). `chunk_size`:
+        upload in chunks of that size; None: each blob in one PATCH, chunks of
+        CHUNK_SIZE once the registry refused that."""
         self.ref = session.ref
         self.name = str(session.ref)
         self.stats = PushStats()
@@ -87,7 +117,7 @@ class RegistryTarget:
         ca_bundle: Path | None = None,
         docker_config: Path | None = None,
         work_dir: Path | None = None,
-        chunk_size: int = CHUNK_SIZE,
+        chunk_size: int | None = None,
         timeout: tuple[float, float] = (CONNECT_TIMEOUT, READ_TIMEOUT),
     ) -> RegistryTarget:
         """Check the options, then probe the registry, log in and prove push rights."""
@@ -150,6 +180,50 @@ class RegistryTarget:
         if self.has_blob(digest):
             self.stats.blobs_skipped += 1
             return
+        if self._chunk_size is not None or not self._push_whole(path, digest):
+            self._push_chunked(path, digest, size)
+        stored = self._blob_size(digest)
+        if stored != size:
+            raise TransportError(
+                f"registry {self._host}: blob {digest} reads back as {stored} bytes, "
+                f"expected {size}"
+            )
+        self.stats.blobs_uploaded += 1
+        self.stats.bytes_uploaded += size
+        log.info("uploaded %s (%d bytes) to %s", digest, size, self.name)
+
+    def _push_whole(self, path: Path, digest: str) -> bool:
+        """POST, the whole file in one PATCH, PUT ?digest=. False, and chunks for this
+        target from now on, when any of it fails (an auth error is raised)."""
+        try:
+            resp = self._session.request(
+                f"{self._repo_url}/blobs/uploads/", "POST", headers={"Content-Length": "0"}
+            )
+            if resp.status_code == 202 and (url := self._session.upload_url(resp)):
+                with _mapped(path) as body:
+                    resp = self._session.request(
+                        url, "PATCH", data=body, headers={"Content-Type": _OCTET_STREAM}
+                    )
+            if resp.status_code == 202 and (url := self._session.upload_url(resp)):
+                url = oras.utils.append_url_params(url, {"digest": digest})
+                resp = self._session.request(url, "PUT", headers={"Content-Length": "0"})
+            if resp.status_code == 201:
+                return True
+            why: Exception = self._session.error(resp, f"uploading {path.name} ({digest})")
+        except (AssetDownloadError, requests.RequestException) as exc:
+            why = exc
+        log.info(
+            "registry %s did not take %s in one request (%s); uploading in chunks of %d "
+            "bytes from now on",
+            self._host,
+            digest,
+            why,
+            CHUNK_SIZE,
+        )
+        self._chunk_size = CHUNK_SIZE
+        return False
+
+    def _push_chunked(self, path: Path, digest: str, size: int) -> None:
         layer = {"digest": digest, "size": size}
         for attempt in range(1, UPLOAD_ATTEMPTS + 1):
             try:
@@ -167,19 +241,10 @@ class RegistryTarget:
                 time.sleep(RETRY_DELAYS[min(attempt, len(RETRY_DELAYS)) - 1])
                 continue
             if resp.status_code == 201:
-                break
+                return
             error = self._session.error(resp, f"uploading {path.name} ({digest})")
             if attempt == UPLOAD_ATTEMPTS or not isinstance(error, AssetDownloadError):
                 raise error
-        stored = self._blob_size(digest)
-        if stored != size:
-            raise TransportError(
-                f"registry {self._host}: blob {digest} reads back as {stored} bytes, "
-                f"expected {size}"
-            )
-        self.stats.blobs_uploaded += 1
-        self.stats.bytes_uploaded += size
-        log.info("uploaded %s (%d bytes) to %s", digest, size, self.name)
 
     def push_bytes(self, data: bytes, media_type_for_log: str) -> str:
         digest = sha256_digest(data)

@@ -21,7 +21,6 @@ from typing import Any
 
 from exec_sandbox_assets import catalog
 from exec_sandbox_assets.cli.arguments import add_json, add_output_options
-from exec_sandbox_assets.cli.login import read_registry_password
 from exec_sandbox_assets.cli.output import emit_json, err, human_size, report_error
 from exec_sandbox_assets.cli.progress import LogHandler, Ui, progress_bars
 from exec_sandbox_assets.config import progress_bars_enabled
@@ -169,6 +168,9 @@ def _parse_platforms(values: Sequence[str] | None) -> tuple[tuple[str, str], ...
 def _registry_password(args: argparse.Namespace) -> str | None:
     if not args.username and not args.password_stdin:
         return None  # docker's or podman's credentials for each registry target
+    # Imported here: cli.login brings httpx (~80 ms), which a publish without a login never needs.
+    from exec_sandbox_assets.cli.login import read_registry_password
+
     return read_registry_password(args.username, args.password_stdin)
 
 

@@ -1,6 +1,7 @@
 """Publish a release: build output in, signed OCI artifacts out (docs/format.md §2-§6).
 
-    keys -> inputs -> targets (connect, log in) -> compress -> documents -> sign
+    keys -> inputs -> targets (connect, log in) -> compress (each blob pushed as it is
+         made when no target has vV yet: pipeline.py) -> documents -> sign
          -> per target: blobs, manifests, index, signature, read back + verify, tags
          -> GitHub Release folder
 
@@ -23,7 +24,7 @@ client's `ReleaseReader` before any tag is moved.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,15 +47,15 @@ from exec_sandbox_assets.oci.model import (
     signature_tag,
 )
 from exec_sandbox_assets.oci.targets import RegistryOptions, Target, open_target
-from exec_sandbox_assets.publish.compress import (
-    DEFAULT_LEVEL,
-    Blob,
-    check_level,
-    compress_cached,
-    inspect_zst,
-    raw_blob,
+from exec_sandbox_assets.publish.compress import DEFAULT_LEVEL, Blob, check_level
+from exec_sandbox_assets.publish.inputs import ReleaseInputs, find_inputs
+from exec_sandbox_assets.publish.pipeline import (
+    BlobMaker,
+    LockedProgress,
+    prepare_blobs,
+    push_as_made,
+    push_blob,
 )
-from exec_sandbox_assets.publish.inputs import InputFile, ReleaseInputs, find_inputs
 from exec_sandbox_assets.publish.release_dir import ReleaseFiles, write_release_dir
 from exec_sandbox_assets.publish.signatures import existing_signatures, plan_signature, read_back
 from exec_sandbox_assets.release import keys, signing
@@ -171,35 +172,6 @@ def load_keys(paths: Sequence[Path], password: bytes | None) -> tuple[keys.Signi
 # --------------------------------------------------------------------------- blobs
 
 
-def prepare_blobs(
-    inputs: ReleaseInputs, work_dir: Path, level: int, progress: Progress | None = None
-) -> dict[str, Blob]:
-    """Catalog name -> blob file (compressed in `work_dir`, or the input as is)."""
-    out: dict[str, Blob] = {}
-    for item in inputs.files:
-        out[item.spec.name] = _prepare_one(item, work_dir / "compressed", level, progress)
-    return out
-
-
-def _prepare_one(
-    item: InputFile, dest_dir: Path, level: int, progress: Progress | None = None
-) -> Blob:
-    spec = item.spec
-    if not spec.compressed:
-        return raw_blob(item.path)
-    if item.precompressed:
-        return inspect_zst(item.path)
-    if progress is None:
-        return compress_cached(item.path, dest_dir / spec.name, level)
-    label = f"compress {spec.output_name}"
-    progress.start(label, item.path.stat().st_size)
-    blob = compress_cached(
-        item.path, dest_dir / spec.name, level, lambda n: progress.advance(label, n)
-    )
-    progress.finish(label)
-    return blob
-
-
 def build_documents(
     inputs: ReleaseInputs, blobs: Mapping[str, Blob], info: ReleaseInfo
 ) -> BuiltRelease:
@@ -275,16 +247,14 @@ def push_release(
     created: str,
     tags: Sequence[str],
     progress: Progress | None = None,
+    pushed: Collection[str] = frozenset(),
 ) -> None:
-    """docs/format.md §2 order: blobs, manifests, index, signature, verify, tags."""
+    """docs/format.md §2 order: blobs (but those `pushed` already, while compressing),
+    manifests, index, signature, verify, tags."""
     index_digest = sha256_digest(built.index)
     for blob in blobs:
-        label = f"push {blob.path.name} -> {target.name}"
-        if progress is not None:
-            progress.start(label, blob.size)
-        target.push_blob(blob.path, blob.digest, blob.size)
-        if progress is not None:
-            progress.finish(label)
+        if blob.digest not in pushed:
+            push_blob(target, blob, progress)
     target.push_bytes(EMPTY_JSON, MEDIA_TYPE_EMPTY)
     for data in built.manifests.values():
         target.put_manifest(data, MEDIA_TYPE_MANIFEST, None)
@@ -317,14 +287,20 @@ def publish(req: PublishRequest) -> PublishResult:
     req.work_dir.mkdir(parents=True, exist_ok=True)
 
     options = RegistryOptions(req.username, req.password, req.ca_bundle)
+    progress = LockedProgress(req.progress) if req.progress is not None else None
+    maker = BlobMaker(inputs, req.work_dir, req.level, progress)  # compresses from now on
     targets: list[Target] = []
     ok = False
     try:
         for text in dict.fromkeys(req.targets):
             targets.append(open_target(text, req.work_dir, options))
 
-        blobs = prepare_blobs(inputs, req.work_dir, req.level, req.progress)
         existing = [(target, target.read_manifest(version_tag)) for target in targets]
+        # Blobs go up as they are made, unless a vV tag is there to be compared with
+        # first (nothing is uploaded before a conflict is refused): pipeline.py.
+        early = targets if req.replace or all(d is None for _, d in existing) else []
+        pushed = push_as_made(maker, early, progress)
+        blobs = maker.result()
         created = created_arg or _existing_created(existing, version_tag) or now_created()
         info = ReleaseInfo(version=version, created=created, revision=req.revision)
         built = build_documents(inputs, blobs, info)
@@ -348,7 +324,7 @@ def publish(req: PublishRequest) -> PublishResult:
         for target in targets:
             log.info("pushing %s to %s", index_digest, target.name)
             push_release(
-                target, unique, built, signature, keys, version, created, tags, req.progress
+                target, unique, built, signature, keys, version, created, tags, progress, pushed
             )
             results.append(
                 TargetResult(
@@ -368,6 +344,7 @@ def publish(req: PublishRequest) -> PublishResult:
             )
         ok = True
     finally:
+        maker.stop()
         errors: list[AssetError] = []
         for target in targets:
             try:
