@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -267,6 +268,23 @@ async def test_matching_chunks_do_not_replace_the_layer_digest(root: Path, tmp_p
         await Store(root).ensure(out, FileOpener(served))
     assert info.value.what == f"blob {out.layer_digest}"
     assert_nothing_installed(Store(root), fx)
+
+
+async def test_a_bomb_is_stopped_at_the_cap_when_a_thread_writes_the_output(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cap is checked before a byte is queued for the writer thread; the thread is
+    stopped and the temp file removed."""
+    from exec_sandbox_assets.cache import output
+    from exec_sandbox_assets.errors import SizeLimitError
+
+    monkeypatch.setattr(output, "_THREADED_FROM", 0)
+    fx = make_fixture(tmp_path, bytes(8 << 20))  # zeros: a tiny blob
+    out = replace(fx.out, content_size=3 << 20)  # signed as much smaller than it is
+    with pytest.raises(SizeLimitError, match="exceeds its declared size"):
+        await Store(root).ensure(out, FileOpener(fx.blob))
+    assert Store(root).stray_temp_files() == []
+    assert not [t for t in threading.enumerate() if t.name == "esa-output"]
 
 
 # -- trust: records say what admitted them -------------------------------------------------------

@@ -397,12 +397,17 @@ def test_deeply_nested_cache_record_is_a_miss(root: Path) -> None:
     assert store.read_state("tag-latest") is None
 
 
+@pytest.mark.parametrize("threaded", [False, True], ids=["inline", "writer-thread"])
 async def test_disk_full_mid_decompression_publishes_nothing_and_keeps_the_blob(
-    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threaded: bool
 ) -> None:
     import errno
 
+    from exec_sandbox_assets.cache import output
     from exec_sandbox_assets.errors import OutOfSpaceError
+
+    if threaded:  # as a base image is written: by the output's own thread
+        monkeypatch.setattr(output, "_THREADED_FROM", 0)
 
     fx = make_fixture(tmp_path, content_bytes(3 << 20))  # several 1 MiB output chunks
     store = Store(root)
