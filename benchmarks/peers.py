@@ -936,19 +936,6 @@ def measure_disk(b: Bench, cache: Path) -> dict[str, Any]:
     }
 
 
-def _compiled_env(b: Bench) -> dict[str, str]:
-    """The child environment with a bytecode cache, as a pip-installed package has (pip
-    writes the .pyc files at install). Under PYTHONDONTWRITEBYTECODE (set on some CI
-    machines) a source checkout would compile every module of the project on every run
-    (~0.1 s CPU); the cache goes to a prefix in the bench dir, filled once, untimed."""
-    env = {k: v for k, v in _child_env().items() if k != "PYTHONDONTWRITEBYTECODE"}
-    env["PYTHONPYCACHEPREFIX"] = str(b.tmp / "pycache")
-    if not (b.tmp / "pycache").exists():
-        warm = "import exec_sandbox_assets.cli.app, exec_sandbox_assets.publish.cli, "
-        run([sys.executable, "-c", warm + "exec_sandbox_assets.oci.registry_target"], env=env)
-    return env
-
-
 def publish_ours(b: Bench) -> float:
     work = b.fresh("publish")
     b._n += 1
@@ -957,8 +944,7 @@ def publish_ours(b: Bench) -> float:
         "--to", b.registry.ref(f"pub/ours{b._n}"), "--key", str(b.key),
         "--platform", "linux/amd64", "--level", "3", "--work-dir", str(work / "w"),
     ]  # fmt: skip
-    env = _compiled_env(b)
-    return _timed(lambda: run(args, env=env))
+    return _timed(lambda: run(args))
 
 
 def publish_plain(b: Bench) -> float:

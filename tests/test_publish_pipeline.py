@@ -151,8 +151,10 @@ def test_blobs_are_made_in_input_order_with_checked_inputs_first(
     dist: Path, tmp_path: Path
 ) -> None:
     """`on_ready` sees the inputs taken as they are first (all checked before the first
-    push), then the files to compress, largest first; the result keeps input order."""
+    push), then the files to compress: the small ones, then the rest largest first (the
+    upload order); the result keeps input order."""
     (dist / "vmlinux-x86_64").write_bytes(b"k" * 200_000)  # now the largest to compress
+    (dist / "vmlinuz-x86_64").write_bytes(b"z" * 1_000)  # under 1/16 of the total: small
     zst = zstandard.ZstdCompressor().compress((dist / "initramfs-x86_64").read_bytes())
     (dist / "initramfs-x86_64.zst").write_bytes(zst)
     (dist / "initramfs-x86_64").unlink()
@@ -164,8 +166,9 @@ def test_blobs_are_made_in_input_order_with_checked_inputs_first(
     by_name = {f.spec.name: f for f in inputs.files}
     names = [next(n for n, b in blobs.items() if b is s) for s in seen]
     assert set(names[:2]) == {"initramfs-x86_64.zst", "gvproxy-wrapper-linux-amd64"}
-    sizes = [by_name[n].path.stat().st_size for n in names[2:]]
-    assert names[2] == "vmlinux-x86_64.zst" and sizes == sorted(sizes, reverse=True)
+    assert names[2:4] == ["vmlinuz-x86_64.zst", "vmlinux-x86_64.zst"]
+    sizes = [by_name[n].path.stat().st_size for n in names[3:]]
+    assert sizes == sorted(sizes, reverse=True)
     for name, blob in blobs.items():
         assert blob.digest == "sha256:" + hashlib.sha256(blob.path.read_bytes()).hexdigest(), name
 

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from conftest import FaultProxyFactory
-from exec_sandbox_assets.oci.registry_target import CHUNK_SIZE, RegistryTarget
+from exec_sandbox_assets.oci.registry_target import CHUNK_SIZE, RegistryTarget, _mapped
 from servers import RegistryServer
 
 pytestmark = pytest.mark.usefixtures("no_docker_config")
@@ -65,3 +65,26 @@ def test_a_refused_whole_upload_is_done_again_in_chunks_and_so_are_the_next(
     assert stored(registry, repo_name, first_digest) == first.read_bytes()
     assert stored(registry, repo_name, second_digest) == second.read_bytes()
     assert target.stats.blobs_uploaded == 2
+
+
+def test_the_body_of_a_whole_upload_can_be_sent_again(
+    registry: RegistryServer, tmp_path: Path, repo_name: str
+) -> None:
+    """oras answers a 401 (a token that expired during a long publish) by sending the
+    same request again, body object included: the mapped body sends all its bytes
+    every time, where a file object would send nothing the second time."""
+    path, digest = blob(tmp_path, "again", CHUNK_SIZE + 77)
+    target = RegistryTarget.connect(registry.ref(repo_name))
+    session = target._session
+    with _mapped(path) as body:
+        for _ in range(2):  # a first, complete sending, then the same body once more
+            started = session.request(f"{registry.url}/v2/{repo_name}/blobs/uploads/", "POST")
+            url = session.upload_url(started)
+            assert started.status_code == 202 and url
+            sent = session.request(url, "PATCH", data=body)
+            url = session.upload_url(sent)
+            assert sent.status_code == 202 and url
+            done = session.request(f"{url}&digest={digest}", "PUT")
+            assert done.status_code == 201, done.text
+    target.close(True)
+    assert stored(registry, repo_name, digest) == path.read_bytes()

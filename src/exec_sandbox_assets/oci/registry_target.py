@@ -3,8 +3,8 @@
 What oras-py 0.2.43 does and what we do around it (the connection, its request policy
 and the login are `oci.registry_session`):
 - blobs: POST, the whole blob in one PATCH, PUT ?digest=, as docker and skopeo send it
-  (no Content-Range; the file is mapped, not read into memory, and can be sent again
-  when oras answers a 401 by re-sending). A registry that refuses that (ghcr.io caps
+  (no Content-Range; the file is mapped, not read into memory, sent in 4 MiB pieces,
+  and can be sent again when oras answers a 401 by re-sending). A registry that refuses that (ghcr.io caps
   a PATCH with Content-Range at 4 MiB; proxies cap bodies) gets oras's
   `chunked_upload` (POST, PATCH per 4 MiB chunk, PUT) from then on: the first failed
   attempt switches. One request per blob instead of one per 4 MiB: distribution
@@ -67,17 +67,33 @@ def _check_chunk_size(chunk_size: int | None) -> int | None:
     return chunk_size
 
 
+class _Slices:
+    """A request body: the mapped file in CHUNK_SIZE slices, each sent on its own (a
+    socket timeout bounds one send, and one sendall of a whole large blob would have to
+    finish within it), and iterable again when oras re-sends after a 401."""
+
+    def __init__(self, view: memoryview) -> None:
+        self._view = view
+
+    def __len__(self) -> int:  # requests sends it as Content-Length
+        return len(self._view)
+
+    def __iter__(self) -> Iterator[memoryview]:
+        for start in range(0, len(self._view), CHUNK_SIZE):
+            yield self._view[start : start + CHUNK_SIZE]
+
+
 @contextlib.contextmanager
-def _mapped(path: Path) -> Iterator[memoryview]:
-    """The file as one buffer, paged in by the kernel as it is sent (and re-sendable)."""
+def _mapped(path: Path) -> Iterator[_Slices | bytes]:
+    """The file as a request body, paged in by the kernel as it is sent."""
     with path.open("rb") as f:
         if f.seek(0, 2) == 0:
-            yield memoryview(b"")  # an empty file cannot be mapped
+            yield b""  # an empty file cannot be mapped
             return
         mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         view = memoryview(mapping)
         try:
-            yield view
+            yield _Slices(view)
         finally:
             view.release()
             # A view still held elsewhere (a traceback) keeps the mapping until it goes.

@@ -3,13 +3,13 @@
 The documents need every blob's digest, but a blob can go up as soon as it is made
 (measured: benchmarks/peers.py, "publish"; docs/performance.md):
 
-    making thread:  check inputs taken as they are (.zst, raw) -> compress, largest first
+    making thread:  check inputs taken as they are (.zst, raw) -> compress (small
+                    files, then the rest largest first: `compression_order`)
     publishing:     connect to the targets, read vV -> push each blob as it comes
 
 Compression starts as soon as the inputs are found, so it overlaps connecting to the
 targets (and importing what that needs). Inputs taken as they are are checked before
-any blob is handed over, so a corrupt `.zst` still fails before the first upload. The
-largest files compress first, so little is left to upload after the last compression.
+any blob is handed over, so a corrupt `.zst` still fails before the first upload.
 The publisher pushes early only when no target holds the version tag yet (or with
 `replace`): otherwise the index must first be compared with the tag, and nothing is
 uploaded before that. Blobs are pushed with the targets' `push_blob` as before
@@ -49,9 +49,7 @@ def prepare_blobs(
     dest_dir = work_dir / "compressed"
     out: dict[str, Blob] = {}
     as_is = [f for f in inputs.files if _taken_as_is(f)]
-    to_compress = sorted(
-        (f for f in inputs.files if not _taken_as_is(f)), key=lambda f: -f.path.stat().st_size
-    )
+    to_compress = compression_order([f for f in inputs.files if not _taken_as_is(f)])
     for item in as_is:
         out[item.spec.name] = (
             raw_blob(item.path) if not item.spec.compressed else inspect_zst(item.path)
@@ -64,6 +62,21 @@ def prepare_blobs(
         if on_ready is not None:
             on_ready(blob)
     return {f.spec.name: out[f.spec.name] for f in inputs.files}
+
+
+def compression_order(items: Sequence[InputFile]) -> list[InputFile]:
+    """Small files (each at most 1/16 of the total) first, then the rest largest first.
+
+    Blobs go up one at a time, in this order. The small ones compress in a moment and
+    go up while the first large file compresses, a wait the upload would otherwise
+    idle through; the large ones come largest first, so what is left to upload once
+    the last file is compressed is small."""
+    sizes = {item.spec.name: item.path.stat().st_size for item in items}
+    small = sum(sizes.values()) / 16
+    return sorted(
+        items,
+        key=lambda f: (sizes[f.spec.name] > small, -sizes[f.spec.name], f.spec.name),
+    )
 
 
 def _taken_as_is(item: InputFile) -> bool:
@@ -204,6 +217,7 @@ def push_as_made(
 __all__ = [
     "BlobMaker",
     "LockedProgress",
+    "compression_order",
     "prepare_blobs",
     "push_as_made",
     "push_blob",
