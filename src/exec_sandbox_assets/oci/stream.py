@@ -54,8 +54,8 @@ class BlobStream:
         self._policy = policy
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        """Raw bytes as sent (no content decoding), in pieces of HAND_ON to CHUNK_SIZE
-        bytes (the last one may be shorter).
+        """Raw bytes as sent (no content decoding), in pieces of at most CHUNK_SIZE,
+        each handed on as soon as HAND_ON bytes have gathered.
 
         A broken body is AssetDownloadError, raised only after every byte received before
         the break was yielded, so a resume starts where the connection died. (httpx's own
