@@ -356,6 +356,17 @@ def _timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t
 
 
+def _platform_manifest(registry_url: str, repo: str) -> tuple[str, dict[str, Any]]:
+    """The digest and document of the (only) platform manifest of v{VERSION} in `repo`."""
+    import httpx
+
+    accept = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json"
+    index = httpx.get(f"{registry_url}/v2/{repo}/manifests/v{VERSION}", headers={"Accept": accept})
+    digest: str = index.raise_for_status().json()["manifests"][0]["digest"]
+    manifest = httpx.get(f"{registry_url}/v2/{repo}/manifests/{digest}", headers={"Accept": accept})
+    return digest, manifest.raise_for_status().json()
+
+
 def setup(tmp: Path, scale: float, registry: RegistryServer, static: StaticServer) -> Bench:
     t0 = time.perf_counter()
     zeros = write_inputs(tmp / "in", scale)
@@ -378,18 +389,8 @@ def setup(tmp: Path, scale: float, registry: RegistryServer, static: StaticServe
             "--level", "3",
         ]
     )  # fmt: skip
-    import httpx
-
-    accept = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json"
-    r = httpx.get(f"{registry.url}/v2/{REPO}/manifests/v{VERSION}", headers={"Accept": accept})
-    r.raise_for_status()
-    index = r.json()
-    bench.manifest_digest = index["manifests"][0]["digest"]
-    r = httpx.get(
-        f"{registry.url}/v2/{REPO}/manifests/{bench.manifest_digest}", headers={"Accept": accept}
-    )
-    r.raise_for_status()
-    for lyr in r.json()["layers"]:
+    bench.manifest_digest, manifest = _platform_manifest(registry.url, REPO)
+    for lyr in manifest["layers"]:
         ann = lyr["annotations"]
         title = ann[catalog.ANN_TITLE]
         spec = catalog.spec_for_name(title)
@@ -736,21 +737,23 @@ print(json.dumps({"seconds": took, "chunked": chunked}))
 """
 
 
-def fetch_blob(b: Bench, ref: str, title: str) -> dict[str, Any]:
-    """The verified blob of layer `title` (each chunk checked as it lands), nothing else."""
-    cache = b.fresh("blob")
-    out = run([sys.executable, "-c", _FETCH_BLOB, VERSION, ref, str(b.pub), str(cache), title])
+def _drive(b: Bench, driver: str, ref: str, *extra: str) -> dict[str, Any]:
+    """Run a driver against `ref` with a fresh cache (removed after: GBs at full scale);
+    its last line of output is its JSON result."""
+    cache = b.fresh("drive")
+    out = run([sys.executable, "-c", driver, VERSION, ref, str(b.pub), str(cache), *extra])
     shutil.rmtree(cache)
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
 
 
+def fetch_blob(b: Bench, ref: str, title: str) -> dict[str, Any]:
+    """The verified blob of layer `title` (each chunk checked as it lands), nothing else."""
+    return _drive(b, _FETCH_BLOB, ref, title)
+
+
 def fetch_one(b: Bench, ref: str) -> dict[str, Any]:
-    cache = b.fresh("one")
-    out = run([sys.executable, "-c", _FETCH_ONE, VERSION, ref, str(b.pub), str(cache)])
-    shutil.rmtree(cache)  # GBs at full scale
-    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
-    return result
+    return _drive(b, _FETCH_ONE, ref)
 
 
 def measure_rss(b: Bench, size: int) -> dict[str, Any]:
@@ -789,13 +792,7 @@ def _publish_variant(b: Bench, repo: str, size: int, mix: tuple[float, float, fl
 
 
 def _layer_digest(registry_url: str, repo: str, title: str) -> tuple[str, int]:
-    import httpx
-
-    accept = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json"
-    index = httpx.get(f"{registry_url}/v2/{repo}/manifests/v{VERSION}", headers={"Accept": accept})
-    digest = index.raise_for_status().json()["manifests"][0]["digest"]
-    manifest = httpx.get(f"{registry_url}/v2/{repo}/manifests/{digest}", headers={"Accept": accept})
-    for lyr in manifest.raise_for_status().json()["layers"]:
+    for lyr in _platform_manifest(registry_url, repo)[1]["layers"]:
         if lyr["annotations"][catalog.ANN_TITLE] == title:
             return lyr["digest"], lyr["size"]
     raise KeyError(title)

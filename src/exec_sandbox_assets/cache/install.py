@@ -400,9 +400,9 @@ def _consume(
     # the download goes on; the layer digest is checked at the end, before the rename.
     # Without them, the whole layer is hashed as it arrives and decompressed once its
     # digest matched, from the partial still in the page cache.
-    if isinstance(reader, _ChunkedReader):
-        verified: _Reader = reader
-    else:
+    streaming = req.chunks is not None
+    verified = reader
+    if not streaming:
         reader.drain()
         _check_layer(reader, req)
         verified = _Reader(filling, None, cancel)  # hashed already: not again
@@ -424,7 +424,7 @@ def _consume(
             if out_of_space(exc, tmp, "") is None:
                 raise
             raise _KeptBlob(exc, tmp) from None
-        if verified is reader:
+        if streaming:
             reader.drain()  # bytes after the last frame are part of the layer too
             _check_layer(reader, req)
         output.finish()

@@ -103,7 +103,7 @@ class BlobStream:
                 pending.append(piece)
                 size += len(piece)
                 if size >= HAND_ON:
-                    yield b"".join(pending) if len(pending) > 1 else pending[0]
+                    yield b"".join(pending)  # one piece: returned as is, not copied
                     pending, size = [], 0
         except TimeoutError:
             error = AssetDownloadError(

@@ -81,11 +81,11 @@ def read_chunks(ann: Mapping[str, str], total: int, where: str) -> ChunkDigests 
             f"{catalog.ANN_CHUNK_SIZE} {size} is outside {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE}",
             where,
         )
-    expected = chunk_count(total, size) * _HEX
-    if len(hexes) != expected or not _HEXDIGITS.issuperset(hexes):
+    count = chunk_count(total, size)
+    if len(hexes) != count * _HEX or not _HEXDIGITS.issuperset(hexes):
         raise FormatError(
-            f"{catalog.ANN_CHUNK_SHA256} must be {expected} lowercase hex digits "
-            f"({chunk_count(total, size)} chunks of {size} bytes); got {len(hexes)} characters",
+            f"{catalog.ANN_CHUNK_SHA256} must be {count * _HEX} lowercase hex digits "
+            f"({count} chunks of {size} bytes); got {len(hexes)} characters",
             where,
         )
     return ChunkDigests(size, total, hexes)
