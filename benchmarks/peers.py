@@ -72,7 +72,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))  # this 
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "tests"))  # servers.py
 
 import exec_sandbox_assets as esa
-from exec_sandbox_assets import catalog
+from exec_sandbox_assets.release import catalog
 from servers import RegistryServer, StaticServer
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -31,10 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import httpx
 
-from exec_sandbox_assets import catalog
 from exec_sandbox_assets.publish.publisher import PublishRequest, publish
 from exec_sandbox_assets.publish.sample import make_sample_inputs
-from exec_sandbox_assets.release import keys
+from exec_sandbox_assets.release import catalog, keys
 from servers import RegistryServer
 
 MiB = 1024 * 1024

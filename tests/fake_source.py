@@ -19,11 +19,10 @@ from dataclasses import dataclass, field
 
 import zstandard
 
-from exec_sandbox_assets import catalog
-from exec_sandbox_assets.errors import AssetDownloadError, AssetNotFoundError
+from exec_sandbox_assets.base.errors import AssetDownloadError, AssetNotFoundError
 from exec_sandbox_assets.oci.model import Descriptor, Manifest, sha256_digest
 from exec_sandbox_assets.publish.sample import sample_bytes
-from exec_sandbox_assets.release import signing
+from exec_sandbox_assets.release import catalog, signing
 from exec_sandbox_assets.release.documents import (
     AssetLayer,
     LayerFile,

@@ -17,8 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from exec_sandbox_assets import catalog
-from exec_sandbox_assets.catalog import AssetSpec
+from exec_sandbox_assets.config import auth_files, docker_config_path
 from exec_sandbox_assets.oci.model import signature_tag
 from exec_sandbox_assets.oci.targets import RegistryOptions, Target, open_target
 from exec_sandbox_assets.publish import PublishRequest, PublishResult, make_sample_inputs, publish
@@ -26,7 +25,8 @@ from exec_sandbox_assets.publish.compress import Blob
 from exec_sandbox_assets.publish.inputs import find_inputs
 from exec_sandbox_assets.publish.publisher import prepare_blobs
 from exec_sandbox_assets.publish.sample import sample_bytes
-from exec_sandbox_assets.release import keys, signing
+from exec_sandbox_assets.release import catalog, keys, signing
+from exec_sandbox_assets.release.catalog import AssetSpec
 
 SAMPLE_SIZE = 256 * 1024
 PLATFORMS: tuple[tuple[str, str], ...] = (("linux", "amd64"), ("linux", "arm64"))
@@ -163,7 +163,11 @@ def open_writer(
     """The publisher's writer for `target`: `push_bytes`, `put_manifest`, `read_manifest`.
     Close it with `.close(True)` (archives are written then)."""
     work_dir.mkdir(parents=True, exist_ok=True)
-    return open_target(target, work_dir, RegistryOptions(username, password, ca_bundle))
+    return open_target(
+        target,
+        work_dir,
+        RegistryOptions(username, password, ca_bundle, tuple(auth_files(docker_config_path()))),
+    )
 
 
 def put_manifest(target: str, work_dir: Path, data: bytes, media_type: str, tag: str) -> None:

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from conftest import HTPASSWD_USERS
-from exec_sandbox_assets.errors import AuthError
+from exec_sandbox_assets.base.errors import AuthError
 from exec_sandbox_assets.oci.auth import Credentials
 from exec_sandbox_assets.oci.model import (
     EMPTY_DESCRIPTOR,

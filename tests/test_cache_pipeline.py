@@ -21,14 +21,14 @@ from typing import Any
 import pytest
 import zstandard
 
-from exec_sandbox_assets.cache import download
-from exec_sandbox_assets.cache.store import CacheTrust, Store
-from exec_sandbox_assets.errors import (
+from exec_sandbox_assets.base.errors import (
     AssetChecksumError,
     AssetDownloadError,
     AssetError,
     CacheError,
 )
+from exec_sandbox_assets.cache import download
+from exec_sandbox_assets.cache.store import CacheTrust, Store
 from exec_sandbox_assets.release import keys
 from exec_sandbox_assets.release.chunks import MIN_CHUNK_SIZE, ChunkDigests
 from exec_sandbox_assets.release.keyid import key_id_from_pem, key_ids_of_files
@@ -275,8 +275,8 @@ async def test_a_bomb_is_stopped_at_the_cap_when_a_thread_writes_the_output(
 ) -> None:
     """The cap is checked before a byte is queued for the writer thread; the thread is
     stopped and the temp file removed."""
+    from exec_sandbox_assets.base.errors import SizeLimitError
     from exec_sandbox_assets.cache import output
-    from exec_sandbox_assets.errors import SizeLimitError
 
     monkeypatch.setattr(output, "_THREADED_FROM", 0)
     fx = make_fixture(tmp_path, bytes(8 << 20))  # zeros: a tiny blob
@@ -390,7 +390,7 @@ READ_ONLY = """
 import asyncio, contextlib, json, os, sys, zstandard
 from pathlib import Path
 from exec_sandbox_assets.cache.store import OutputSpec, Store
-from exec_sandbox_assets.errors import AssetError
+from exec_sandbox_assets.base.errors import AssetError
 cfg = json.loads(sys.argv[1])
 blob = Path(cfg["blob"]).read_bytes()
 # Everything imported (the interpreter lives under /root): now become nobody, for whom

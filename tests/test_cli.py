@@ -24,7 +24,6 @@ from typing import Any
 import pytest
 
 from conftest import FaultProxyFactory
-from exec_sandbox_assets import catalog
 from exec_sandbox_assets.cache.store import Store
 from exec_sandbox_assets.cli.app import (
     _merge_global_options,
@@ -34,6 +33,7 @@ from exec_sandbox_assets.cli.app import (
 )
 from exec_sandbox_assets.cli.commands import pull_specs
 from exec_sandbox_assets.publish import make_sample_inputs
+from exec_sandbox_assets.release import catalog
 from releases import KeyPair, SampleRelease, make_key_pair, publish_sample_release
 from servers import RegistryServer
 

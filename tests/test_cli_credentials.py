@@ -234,7 +234,7 @@ def test_login_to_a_token_registry_checks_through_the_token_endpoint(
 def test_a_failing_or_hanging_helper_is_an_error_naming_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from exec_sandbox_assets.errors import ConfigError
+    from exec_sandbox_assets.base.errors import ConfigError
     from exec_sandbox_assets.oci import credentials
 
     bin_dir = tmp_path / "bin"
@@ -257,6 +257,6 @@ def test_a_failing_or_hanging_helper_is_an_error_naming_it(
     ):
         write_json(config, {"credsStore": name})
         with pytest.raises(ConfigError) as info:
-            credentials.find_credentials("h.io", config)
+            credentials.find_credentials("h.io", [config])
         assert f"docker-credential-{name} (credsStore in {config})" in str(info.value)
         assert expected in str(info.value)

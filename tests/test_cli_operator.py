@@ -338,8 +338,8 @@ def test_help_lists_the_new_commands(capsys: pytest.CaptureFixture[str]) -> None
 
 
 def test_publish_shows_progress_prints_json_and_has_examples(tmp_path: Path, key: KeyPair) -> None:
-    from exec_sandbox_assets import catalog
     from exec_sandbox_assets.publish import make_sample_inputs
+    from exec_sandbox_assets.release import catalog
 
     dist = make_sample_inputs(
         tmp_path / "dist", arches=(catalog.ARCH_OF_GOARCH[HOST[1]],), oses=(HOST[0],)

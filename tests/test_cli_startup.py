@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from exec_sandbox_assets import catalog
+from exec_sandbox_assets.release import catalog
 from releases import make_key_pair, publish_sample_release
 from servers import RegistryServer
 

@@ -26,9 +26,8 @@ import pytest
 
 import exec_sandbox_assets as esa
 from conftest import HTPASSWD_USERS, TOKEN_USERS, FaultProxyFactory
-from exec_sandbox_assets import catalog
 from exec_sandbox_assets import client as fetch_module
-from exec_sandbox_assets.errors import (
+from exec_sandbox_assets.base.errors import (
     AllSourcesFailedError,
     AssetChecksumError,
     NoTrustedKeysError,
@@ -37,6 +36,7 @@ from exec_sandbox_assets.errors import (
     VersionMismatchError,
 )
 from exec_sandbox_assets.oci.model import MEDIA_TYPE_INDEX, MEDIA_TYPE_MANIFEST, sha256_digest
+from exec_sandbox_assets.release import catalog
 from releases import (
     SampleRelease,
     flip_stored_blob,

@@ -12,10 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from exec_sandbox_assets import catalog
-from exec_sandbox_assets.client import AssetClient
-from exec_sandbox_assets.config import Settings
-from exec_sandbox_assets.errors import (
+from exec_sandbox_assets.base.errors import (
     AllSourcesFailedError,
     AssetNotFoundError,
     ConfigError,
@@ -26,8 +23,10 @@ from exec_sandbox_assets.errors import (
     SignatureError,
     VersionMismatchError,
 )
+from exec_sandbox_assets.client import AssetClient
+from exec_sandbox_assets.config import Settings
 from exec_sandbox_assets.oci.model import sha256_digest
-from exec_sandbox_assets.release import keys, policy, signing
+from exec_sandbox_assets.release import catalog, keys, policy, signing
 from exec_sandbox_assets.release.keys import SigningKey
 from exec_sandbox_assets.release.policy import RollbackState
 from exec_sandbox_assets.release.version import Version, normalize_version, version_of_tag

@@ -18,12 +18,13 @@ from pathlib import Path
 import pytest
 
 from conftest import FaultProxyFactory
-from exec_sandbox_assets import AssetClient, catalog, compat, load_settings
-from exec_sandbox_assets.errors import (
+from exec_sandbox_assets import AssetClient, compat, load_settings
+from exec_sandbox_assets.base.errors import (
     AssetChecksumError,
     AssetsNotFoundLocally,
     ReleaseNotFoundError,
 )
+from exec_sandbox_assets.release import catalog
 from releases import SampleRelease, publish_sample_release
 from servers import RegistryServer, StaticServer
 

@@ -27,7 +27,7 @@ from es022 import (
     shim_tree,
     upstream_sources,
 )
-from exec_sandbox_assets import catalog
+from exec_sandbox_assets.release import catalog
 from releases import SampleRelease, flip_stored_blob, make_key_pair, publish_sample_release
 from servers import RegistryServer
 
@@ -223,7 +223,7 @@ def assert_raised(data: dict[str, object], cls: str, cause: str | None) -> None:
     assert isinstance(mro, list)
     assert f"{ES}.{cls}" in mro and f"{ES}.SandboxError" in mro, data
     if cause is not None:
-        assert data["cause"] == f"exec_sandbox_assets.errors.{cause}", data
+        assert data["cause"] == f"exec_sandbox_assets.base.errors.{cause}", data
 
 
 def test_offline_misses_raise_what_0_22_0_raises(shim: Path, home: Path) -> None:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from exec_sandbox_assets import errors
+from exec_sandbox_assets.base import errors
 from exec_sandbox_assets.config import ENV_PREFIX, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,7 +127,7 @@ def test_every_documented_env_var_is_read_by_the_code(tmp_path: Path) -> None:
 
 
 def test_publisher_env_vars_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
-    from exec_sandbox_assets.publish import cli as publish_cli
+    from exec_sandbox_assets.cli import publish as publish_cli
 
     assert {publish_cli.KEY_PASSWORD_ENV} == PUBLISHER_VARS
     monkeypatch.setenv(publish_cli.KEY_PASSWORD_ENV, "s3cret")

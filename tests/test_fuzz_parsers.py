@@ -21,8 +21,9 @@ import httpx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exec_sandbox_assets import safejson
-from exec_sandbox_assets.errors import AssetError
+from exec_sandbox_assets.base import safejson
+from exec_sandbox_assets.base.errors import AssetError
+from exec_sandbox_assets.base.safetext import clean_text, redact_url
 from exec_sandbox_assets.oci.auth import (
     Challenge,
     RegistryAuth,
@@ -43,7 +44,6 @@ from exec_sandbox_assets.oci.model import (
 from exec_sandbox_assets.oci.reference import parse_registry_ref, parse_source_ref
 from exec_sandbox_assets.oci.retry import RetryPolicy
 from exec_sandbox_assets.release import signing
-from exec_sandbox_assets.safetext import clean_text, redact_url
 
 FUZZ = settings(
     max_examples=int(os.environ.get("FUZZ_EXAMPLES", "150")),

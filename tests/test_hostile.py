@@ -24,8 +24,7 @@ from typing import Any
 
 import pytest
 
-from exec_sandbox_assets.config import AIRGAP_BLOCKED_HOSTS, load_settings
-from exec_sandbox_assets.errors import (
+from exec_sandbox_assets.base.errors import (
     AssetDownloadError,
     AssetError,
     AssetNotFoundError,
@@ -35,6 +34,8 @@ from exec_sandbox_assets.errors import (
     FormatError,
     TransportError,
 )
+from exec_sandbox_assets.base.safetext import clean_text, redact_url
+from exec_sandbox_assets.config import AIRGAP_BLOCKED_HOSTS, load_settings
 from exec_sandbox_assets.oci.auth import load_docker_credentials
 from exec_sandbox_assets.oci.http import HttpCore
 from exec_sandbox_assets.oci.layout import LayoutReader
@@ -43,7 +44,6 @@ from exec_sandbox_assets.oci.policy import TransferPolicy
 from exec_sandbox_assets.oci.reference import parse_registry_ref
 from exec_sandbox_assets.oci.registry import RegistryClient
 from exec_sandbox_assets.oci.retry import RetryPolicy
-from exec_sandbox_assets.safetext import clean_text, redact_url
 from servers.scripted import Answer, HostileServer, gzip_bomb, zstd_bomb
 
 REPO = "test/repo"
@@ -511,9 +511,9 @@ def test_airgap_holds_end_to_end_when_the_release_server_redirects(
 ) -> None:
     """The whole client: air-gapped, a private release server that redirects every file
     to GitHub's CDN. The fetch must fail on the air gap, with no lookup of the CDN."""
-    from exec_sandbox_assets import catalog
+    from exec_sandbox_assets.base.errors import AllSourcesFailedError
     from exec_sandbox_assets.client import AssetClient
-    from exec_sandbox_assets.errors import AllSourcesFailedError
+    from exec_sandbox_assets.release import catalog
     from releases import make_key_pair
 
     cdn = "https://objects.githubusercontent.com/github-production-release-asset/x"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from exec_sandbox_assets.errors import (
+from exec_sandbox_assets.base.errors import (
     AssetChecksumError,
     AssetNotFoundError,
     ConfigError,

@@ -22,10 +22,7 @@ import httpx
 import pytest
 
 from conftest import HTPASSWD_USERS, FaultProxyFactory
-from exec_sandbox_assets import catalog
-from exec_sandbox_assets.client import AssetClient
-from exec_sandbox_assets.config import Settings, load_settings
-from exec_sandbox_assets.errors import (
+from exec_sandbox_assets.base.errors import (
     AssetChecksumError,
     AssetNotFoundError,
     ConfigError,
@@ -33,6 +30,8 @@ from exec_sandbox_assets.errors import (
     SignatureError,
     TransportError,
 )
+from exec_sandbox_assets.client import AssetClient
+from exec_sandbox_assets.config import Settings, load_settings
 from exec_sandbox_assets.mirror import MirrorEvent, MirrorResult, mirror
 from exec_sandbox_assets.oci.archive import extract_archive
 from exec_sandbox_assets.oci.layout import LayoutReader
@@ -45,6 +44,7 @@ from exec_sandbox_assets.oci.model import (
     Manifest,
     signature_tag,
 )
+from exec_sandbox_assets.release import catalog
 from exec_sandbox_assets.release.signing import SIMPLESIGNING_MEDIA_TYPE
 from releases import (
     KeyPair,

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from exec_sandbox_assets import catalog
+from exec_sandbox_assets.base.errors import AssetChecksumError, ConfigError, FormatError
 from exec_sandbox_assets.config import load_settings, normalize_version
-from exec_sandbox_assets.errors import AssetChecksumError, ConfigError, FormatError
 from exec_sandbox_assets.oci.model import (
     EMPTY_DESCRIPTOR,
     EMPTY_DIGEST,
@@ -25,6 +24,7 @@ from exec_sandbox_assets.oci.model import (
     signature_tag,
     verify_bytes,
 )
+from exec_sandbox_assets.release import catalog
 from exec_sandbox_assets.release.chunks import MIN_CHUNK_SIZE, ChunkDigests
 from exec_sandbox_assets.release.documents import (
     LayerFile,

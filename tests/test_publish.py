@@ -18,8 +18,7 @@ import httpx
 import pytest
 import zstandard
 
-from exec_sandbox_assets import catalog
-from exec_sandbox_assets.errors import (
+from exec_sandbox_assets.base.errors import (
     AssetDownloadError,
     AuthError,
     ConfigError,
@@ -38,7 +37,7 @@ from exec_sandbox_assets.oci.model import (
 )
 from exec_sandbox_assets.oci.registry_target import RegistryTarget
 from exec_sandbox_assets.publish import PublishRequest, make_sample_inputs, publish
-from exec_sandbox_assets.publish.cli import KEY_PASSWORD_ENV, main
+from exec_sandbox_assets.cli.publish import KEY_PASSWORD_ENV, main
 from exec_sandbox_assets.publish.compress import compress_file, inspect_zst
 from exec_sandbox_assets.publish.release_dir import (
     INDEX_FILE,
@@ -47,7 +46,7 @@ from exec_sandbox_assets.publish.release_dir import (
     manifest_file,
     payload_file,
 )
-from exec_sandbox_assets.release import keys, policy, signing
+from exec_sandbox_assets.release import catalog, keys, policy, signing
 from servers import RegistryServer, free_port
 
 VERSION = "0.9.1"

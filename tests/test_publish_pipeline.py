@@ -17,7 +17,7 @@ import pytest
 import zstandard
 
 from conftest import FaultProxyFactory
-from exec_sandbox_assets.errors import AssetDownloadError, AuthError, ConfigError
+from exec_sandbox_assets.base.errors import AssetDownloadError, AuthError, ConfigError
 from exec_sandbox_assets.oci.model import ACCEPT_MANIFESTS
 from exec_sandbox_assets.publish import PublishRequest, PublishResult, make_sample_inputs, publish
 from exec_sandbox_assets.publish.compress import Blob

@@ -12,14 +12,13 @@ from typing import Any
 
 import pytest
 
-from exec_sandbox_assets import catalog
+from exec_sandbox_assets.base.errors import SignatureError
 from exec_sandbox_assets.client import AssetClient
 from exec_sandbox_assets.config import Settings
-from exec_sandbox_assets.errors import SignatureError
 from exec_sandbox_assets.oci.model import signature_tag
 from exec_sandbox_assets.publish import PublishRequest, PublishResult, make_sample_inputs, publish
 from exec_sandbox_assets.publish.signatures import plan_signature
-from exec_sandbox_assets.release import keys, signing
+from exec_sandbox_assets.release import catalog, keys, signing
 from releases import KeyPair, make_key_pair, read_manifest
 from servers import RegistryServer
 

@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from conftest import HTPASSWD_USERS, TOKEN_USERS, FaultProxyFactory
-from exec_sandbox_assets.errors import (
+from exec_sandbox_assets.base.errors import (
     AssetChecksumError,
     AssetDownloadError,
     AssetNotFoundError,

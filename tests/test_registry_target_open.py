@@ -8,7 +8,12 @@ from typing import Any
 import oras.provider
 import pytest
 
-from exec_sandbox_assets.errors import AssetDownloadError, AssetError, ConfigError, SizeLimitError
+from exec_sandbox_assets.base.errors import (
+    AssetDownloadError,
+    AssetError,
+    ConfigError,
+    SizeLimitError,
+)
 from exec_sandbox_assets.oci.model import MAX_MANIFEST_SIZE
 from exec_sandbox_assets.oci.reference import parse_registry_ref
 from exec_sandbox_assets.oci.registry_session import RegistrySession

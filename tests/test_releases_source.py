@@ -23,20 +23,20 @@ from typing import Any
 import pytest
 
 from conftest import FaultProxyFactory
-from exec_sandbox_assets import catalog
-from exec_sandbox_assets.client import AssetClient
-from exec_sandbox_assets.config import DEFAULT_RELEASES_DOWNLOAD, Settings, load_settings
-from exec_sandbox_assets.errors import (
+from exec_sandbox_assets.base.errors import (
     AllSourcesFailedError,
     AssetChecksumError,
     AssetNotFoundError,
     SignatureError,
     TrustError,
 )
+from exec_sandbox_assets.client import AssetClient
+from exec_sandbox_assets.config import DEFAULT_RELEASES_DOWNLOAD, Settings, load_settings
 from exec_sandbox_assets.oci.http import HttpCore
 from exec_sandbox_assets.oci.model import Index, Manifest
 from exec_sandbox_assets.oci.retry import RetryPolicy
 from exec_sandbox_assets.publish import PublishRequest, make_sample_inputs, publish
+from exec_sandbox_assets.release import catalog
 from exec_sandbox_assets.release.documents import RELEASE_INDEX_FILE, release_manifest_file
 from exec_sandbox_assets.sources import (
     LayoutSource,

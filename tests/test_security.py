@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 
+from exec_sandbox_assets.base.errors import AssetDownloadError, AssetError, SizeLimitError
 from exec_sandbox_assets.cache.store import Store
-from exec_sandbox_assets.errors import AssetDownloadError, AssetError, SizeLimitError
 from exec_sandbox_assets.oci.auth import Credentials
 from exec_sandbox_assets.oci.reference import parse_registry_ref
 from exec_sandbox_assets.oci.registry import RegistryClient
@@ -269,7 +269,7 @@ def _in_thread(fn: Callable[[], Any], seconds: float = 10) -> Any:
 
 @pytest.mark.parametrize("kind", ["fifo", "device-link", "dir"])
 def test_layout_blob_that_is_not_a_regular_file_is_refused(tmp_path: Path, kind: str) -> None:
-    from exec_sandbox_assets.errors import AssetNotFoundError
+    from exec_sandbox_assets.base.errors import AssetNotFoundError
     from exec_sandbox_assets.oci.layout import LayoutReader
     from exec_sandbox_assets.oci.layout_writer import LayoutWriter
 
@@ -293,7 +293,7 @@ def test_layout_blob_that_is_not_a_regular_file_is_refused(tmp_path: Path, kind:
 
 def test_layout_blob_symlinked_to_a_regular_file_is_read_and_verified(tmp_path: Path) -> None:
     """Allowed (operators deduplicate with links); the digest check decides, as ever."""
-    from exec_sandbox_assets.errors import AssetChecksumError
+    from exec_sandbox_assets.base.errors import AssetChecksumError
     from exec_sandbox_assets.oci.layout import LayoutReader
     from exec_sandbox_assets.oci.layout_writer import LayoutWriter
 
@@ -328,9 +328,9 @@ def test_layout_blob_symlinked_to_a_regular_file_is_read_and_verified(tmp_path: 
     ],
 )
 def test_unsafe_layer_titles_are_refused_before_any_file_access(title: str) -> None:
-    from exec_sandbox_assets import catalog
-    from exec_sandbox_assets.errors import FormatError
+    from exec_sandbox_assets.base.errors import FormatError
     from exec_sandbox_assets.oci.model import Descriptor
+    from exec_sandbox_assets.release import catalog
     from exec_sandbox_assets.release.documents import read_asset_layer
 
     desc = Descriptor(
@@ -373,7 +373,7 @@ async def test_deeply_nested_json_from_a_server_is_not_a_crash(target: str) -> N
 
 
 def test_deeply_nested_layout_index_is_a_format_error(tmp_path: Path) -> None:
-    from exec_sandbox_assets.errors import FormatError
+    from exec_sandbox_assets.base.errors import FormatError
     from exec_sandbox_assets.oci.layout import LayoutReader
     from exec_sandbox_assets.oci.layout_writer import LayoutWriter
 
@@ -403,8 +403,8 @@ async def test_disk_full_mid_decompression_publishes_nothing_and_keeps_the_blob(
 ) -> None:
     import errno
 
+    from exec_sandbox_assets.base.errors import OutOfSpaceError
     from exec_sandbox_assets.cache import output
-    from exec_sandbox_assets.errors import OutOfSpaceError
 
     if threaded:  # as a base image is written: by the output's own thread
         monkeypatch.setattr(output, "_THREADED_FROM", 0)
@@ -438,9 +438,9 @@ async def test_disk_full_mid_decompression_publishes_nothing_and_keeps_the_blob(
 
 @pytest.mark.parametrize("size", ["\u00b2", "1" * 5000, "-1", "1e3", " 1"])
 def test_odd_content_size_annotation_is_a_format_error(size: str) -> None:
-    from exec_sandbox_assets import catalog
-    from exec_sandbox_assets.errors import FormatError
+    from exec_sandbox_assets.base.errors import FormatError
     from exec_sandbox_assets.oci.model import Descriptor
+    from exec_sandbox_assets.release import catalog
     from exec_sandbox_assets.release.documents import read_asset_layer
 
     desc = Descriptor(

@@ -26,14 +26,14 @@ from typing import Any
 import pytest
 import zstandard
 
-from exec_sandbox_assets.cache import store as store_mod
-from exec_sandbox_assets.cache.store import FileLock, OutputSpec, Store
-from exec_sandbox_assets.errors import (
+from exec_sandbox_assets.base.errors import (
     AssetChecksumError,
     AssetDownloadError,
     OutOfSpaceError,
     SizeLimitError,
 )
+from exec_sandbox_assets.cache import store as store_mod
+from exec_sandbox_assets.cache.store import FileLock, OutputSpec, Store
 
 CHUNK = 64 * 1024
 LOGGER = "exec_sandbox_assets.cache.store"
@@ -868,11 +868,11 @@ def test_store_module_imports_nothing_heavy() -> None:
         "exec_sandbox_assets.cache.records",
         "exec_sandbox_assets.cache.refs",
         "exec_sandbox_assets.cache.store",
-        "exec_sandbox_assets.catalog",  # names and their limits, stdlib only
-        "exec_sandbox_assets.errors",
-        "exec_sandbox_assets.fsutil",
+        "exec_sandbox_assets.release.catalog",  # names and their limits, stdlib only
+        "exec_sandbox_assets.base.errors",
+        "exec_sandbox_assets.base.fsutil",
         "exec_sandbox_assets.oci",
         "exec_sandbox_assets.oci.model",
-        "exec_sandbox_assets.safejson",  # stdlib only: the parser of untrusted JSON
-        "exec_sandbox_assets.safetext",
+        "exec_sandbox_assets.base.safejson",  # stdlib only: the parser of untrusted JSON
+        "exec_sandbox_assets.base.safetext",
     ]

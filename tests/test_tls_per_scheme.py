@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from exec_sandbox_assets.errors import AssetDownloadError, AssetNotFoundError, ConfigError
+from exec_sandbox_assets.base.errors import AssetDownloadError, AssetNotFoundError, ConfigError
 from exec_sandbox_assets.oci.reference import parse_registry_ref
 from exec_sandbox_assets.oci.registry import RegistryClient
 from exec_sandbox_assets.oci.retry import RetryPolicy

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from exec_sandbox_assets.errors import AssetDownloadError, AssetNotFoundError
+from exec_sandbox_assets.base.errors import AssetDownloadError, AssetNotFoundError
 from exec_sandbox_assets.oci.reference import parse_registry_ref
 from exec_sandbox_assets.oci.registry import RegistryClient
 from exec_sandbox_assets.oci.retry import RetryPolicy

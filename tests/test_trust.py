@@ -14,7 +14,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa, utils
 
-from exec_sandbox_assets.errors import (
+from exec_sandbox_assets.base.errors import (
     ConfigError,
     FormatError,
     NoTrustedKeysError,

@@ -21,11 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from exec_sandbox_assets import catalog
-from exec_sandbox_assets.catalog import AssetSpec, Language
-from exec_sandbox_assets.client import AssetClient
-from exec_sandbox_assets.config import Settings, load_settings
-from exec_sandbox_assets.errors import (
+from exec_sandbox_assets.base.errors import (
     AllSourcesFailedError,
     AssetChecksumError,
     AssetDownloadError,
@@ -37,6 +33,10 @@ from exec_sandbox_assets.errors import (
     TransportError,
     TrustError,
 )
+from exec_sandbox_assets.client import AssetClient
+from exec_sandbox_assets.config import Settings, load_settings
+from exec_sandbox_assets.release import catalog
+from exec_sandbox_assets.release.catalog import AssetSpec, Language
 
 __version__ = "0.1.0"
 

@@ -24,13 +24,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from exec_sandbox_assets import catalog
-from exec_sandbox_assets.cache import legacy
-from exec_sandbox_assets.cache.download import MAX_RESUMES
-from exec_sandbox_assets.cache.store import CacheTrust, OutputSpec, Store
-from exec_sandbox_assets.catalog import AssetSpec, Kind
-from exec_sandbox_assets.config import LATEST, Settings
-from exec_sandbox_assets.errors import (
+from exec_sandbox_assets.base.errors import (
     AllSourcesFailedError,
     AssetError,
     AssetNotFoundError,
@@ -38,6 +32,13 @@ from exec_sandbox_assets.errors import (
     Attempt,
     TransportError,
 )
+from exec_sandbox_assets.cache import legacy
+from exec_sandbox_assets.cache.download import MAX_RESUMES
+from exec_sandbox_assets.cache.refs import FLOATING_REF_PREFIX
+from exec_sandbox_assets.cache.store import CacheTrust, OutputSpec, Store
+from exec_sandbox_assets.config import LATEST, Settings
+from exec_sandbox_assets.release import catalog
+from exec_sandbox_assets.release.catalog import AssetSpec, Kind
 from exec_sandbox_assets.release.keyid import key_ids_of_files
 
 if TYPE_CHECKING:  # the cold path: imported when a fetch needs it (scheduler boot stays lean)
@@ -47,9 +48,6 @@ if TYPE_CHECKING:  # the cold path: imported when a fetch needs it (scheduler bo
     from exec_sandbox_assets.sources.resolver import ReleaseResolver
 
 log = logging.getLogger(__name__)
-
-# The cache's ref of a floating tag: `tag-latest` -> the version pulled last.
-FLOATING_REF_PREFIX = "tag-"
 
 #: settings -> the ordered sources to try (default: `sources.build_sources`)
 SourcesFactory = Callable[[Settings], "Sequence[Source]"]

@@ -40,9 +40,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from exec_sandbox_assets import catalog
-from exec_sandbox_assets.errors import ConfigError
+from exec_sandbox_assets.base.errors import ConfigError
 from exec_sandbox_assets.oci.policy import DEFAULT_DEADLINE, DEFAULT_MIN_RATE, TransferPolicy
+from exec_sandbox_assets.release import catalog
 from exec_sandbox_assets.release.version import LATEST as LATEST
 from exec_sandbox_assets.release.version import normalize_version as normalize_version
 

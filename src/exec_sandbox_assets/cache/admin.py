@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Literal
 
 from exec_sandbox_assets.cache.download import ranges_path
+from exec_sandbox_assets.cache.refs import FLOATING_REF_PREFIX
 from exec_sandbox_assets.cache.store import RecordInfo, Store, temp_owner
-from exec_sandbox_assets.client import FLOATING_REF_PREFIX
 from exec_sandbox_assets.oci.model import is_digest
 
 # Writers of small state files (refs/) hold no lock; their temp files live milliseconds.

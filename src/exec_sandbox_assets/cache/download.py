@@ -32,9 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from exec_sandbox_assets.base.errors import AssetDownloadError, SizeLimitError, TransportError
+from exec_sandbox_assets.base.fsutil import out_of_space
 from exec_sandbox_assets.cache.files import Stopped, in_thread, unlink, write_all
-from exec_sandbox_assets.errors import AssetDownloadError, SizeLimitError, TransportError
-from exec_sandbox_assets.fsutil import out_of_space
 
 if TYPE_CHECKING:
     from exec_sandbox_assets.release.chunks import ChunkDigests

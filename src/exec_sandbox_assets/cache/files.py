@@ -18,8 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from exec_sandbox_assets.errors import CacheError
-from exec_sandbox_assets.fsutil import CHUNK, NotRegularFileError, atomic_write, open_regular
+from exec_sandbox_assets.base.errors import CacheError
+from exec_sandbox_assets.base.fsutil import CHUNK, NotRegularFileError, atomic_write, open_regular
 
 TMP_MARK = ".tmp-"
 # Records and refs are a few hundred bytes.

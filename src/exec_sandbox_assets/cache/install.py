@@ -29,6 +29,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, TypeVar, cast
 
+from exec_sandbox_assets.base.errors import (
+    AssetChecksumError,
+    OutOfSpaceError,
+    SizeLimitError,
+    TrustError,
+)
+from exec_sandbox_assets.base.fsutil import CHUNK, fsync_dir, out_of_space
 from exec_sandbox_assets.cache.download import (
     BlobOpener,
     BlobRequest,
@@ -49,13 +56,6 @@ from exec_sandbox_assets.cache.files import (
     unlink,
 )
 from exec_sandbox_assets.cache.output import Output, OutputSpec
-from exec_sandbox_assets.errors import (
-    AssetChecksumError,
-    OutOfSpaceError,
-    SizeLimitError,
-    TrustError,
-)
-from exec_sandbox_assets.fsutil import CHUNK, fsync_dir, out_of_space
 from exec_sandbox_assets.oci.model import new_hasher
 
 if TYPE_CHECKING:

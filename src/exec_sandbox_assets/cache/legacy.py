@@ -21,10 +21,10 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path
 
+from exec_sandbox_assets.base.fsutil import fsync_dir
 from exec_sandbox_assets.cache.files import make_dirs, tmp_name
 from exec_sandbox_assets.cache.listing import file_digest
 from exec_sandbox_assets.cache.store import OutputSpec, Store
-from exec_sandbox_assets.fsutil import fsync_dir
 
 log = logging.getLogger(__name__)
 

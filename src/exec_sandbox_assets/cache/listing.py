@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from exec_sandbox_assets.base.fsutil import CHUNK
 from exec_sandbox_assets.cache.files import TMP_MARK, digest_of
-from exec_sandbox_assets.fsutil import CHUNK
 from exec_sandbox_assets.oci.model import new_hasher
 
 if TYPE_CHECKING:  # the store delegates here; no import cycle at run time

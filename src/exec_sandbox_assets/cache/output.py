@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from exec_sandbox_assets.base.errors import AssetChecksumError, SizeLimitError
+from exec_sandbox_assets.base.fsutil import CHUNK
 from exec_sandbox_assets.cache.files import digest_of, write_all
-from exec_sandbox_assets.errors import AssetChecksumError, SizeLimitError
-from exec_sandbox_assets.fsutil import CHUNK
 from exec_sandbox_assets.oci.model import new_hasher
 
 if TYPE_CHECKING:

@@ -22,6 +22,9 @@ from exec_sandbox_assets.cache.files import (
 
 log = logging.getLogger("exec_sandbox_assets.cache.store")
 
+# The key prefix of a floating tag's state (`tag-latest`): which release it last named.
+FLOATING_REF_PREFIX = "tag-"
+
 
 class Refs:
     """The files of `root` (the cache's `refs/`), one per plain key."""

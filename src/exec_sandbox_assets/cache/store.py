@@ -41,6 +41,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from exec_sandbox_assets.base.errors import AssetDownloadError
+from exec_sandbox_assets.base.fsutil import out_of_space
 from exec_sandbox_assets.cache import listing
 from exec_sandbox_assets.cache.download import MAX_RESUMES, BlobOpener, BlobRequest
 from exec_sandbox_assets.cache.files import (
@@ -56,10 +58,8 @@ from exec_sandbox_assets.cache.listing import VERSION_RE, RecordInfo
 from exec_sandbox_assets.cache.locks import FileLock
 from exec_sandbox_assets.cache.records import UNVERIFIED, CacheTrust, Record, RecordBook
 from exec_sandbox_assets.cache.refs import Refs
-from exec_sandbox_assets.catalog import MAX_NAME_LENGTH
-from exec_sandbox_assets.errors import AssetDownloadError
-from exec_sandbox_assets.fsutil import out_of_space
 from exec_sandbox_assets.oci.model import check_digest, digest_hex
+from exec_sandbox_assets.release.catalog import MAX_NAME_LENGTH
 
 log = logging.getLogger(__name__)
 

@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 
+from exec_sandbox_assets.base.errors import AssetError
 from exec_sandbox_assets.cli.arguments import merge_global_options
 from exec_sandbox_assets.cli.logs import restore_logging, setup_logging
 from exec_sandbox_assets.cli.output import (
@@ -34,7 +35,6 @@ from exec_sandbox_assets.cli.parser import (
 from exec_sandbox_assets.cli.progress import LogHandler, Ui
 from exec_sandbox_assets.cli.startup import skip_unused_imports
 from exec_sandbox_assets.cli.table import BY_NAME, Context
-from exec_sandbox_assets.errors import AssetError
 
 # Kept importable from here (tests, scripts written against the earlier layout).
 _merge_global_options = merge_global_options
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 def run_publish(ctx: Context) -> int:
     """`publish ARGS`: the publisher's own parser and run (needs the 'publish' extra)."""
     try:
-        from exec_sandbox_assets.publish import cli as publish_cli
+        from exec_sandbox_assets.cli import publish as publish_cli
     except ImportError as exc:
         err(
             f"error: the publisher needs the 'publish' extra "

@@ -14,8 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from exec_sandbox_assets import catalog
-from exec_sandbox_assets.catalog import AssetSpec, Language
+from exec_sandbox_assets.base.errors import AssetNotFoundError, ConfigError
 from exec_sandbox_assets.cli.login import with_given_credentials
 from exec_sandbox_assets.cli.output import (
     EXIT_NOT_FOUND,
@@ -35,7 +34,8 @@ from exec_sandbox_assets.cli.progress import progress_bars
 from exec_sandbox_assets.cli.table import Context
 from exec_sandbox_assets.client import AssetClient
 from exec_sandbox_assets.config import Settings
-from exec_sandbox_assets.errors import AssetNotFoundError, ConfigError
+from exec_sandbox_assets.release import catalog
+from exec_sandbox_assets.release.catalog import AssetSpec, Language
 
 if TYPE_CHECKING:  # status, verify and gc import it when they run; pull never needs it
     from exec_sandbox_assets.cache import admin as cache_admin

@@ -12,7 +12,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from exec_sandbox_assets import catalog
 from exec_sandbox_assets.cli.commands import pull_specs
 from exec_sandbox_assets.cli.output import EXIT_FAILED, EXIT_OK, err, human_size
 from exec_sandbox_assets.cli.output import out as print_line
@@ -20,7 +19,7 @@ from exec_sandbox_assets.cli.progress import progress_bars
 from exec_sandbox_assets.cli.table import Context
 from exec_sandbox_assets.client import AssetClient
 from exec_sandbox_assets.publish.compress import hash_file
-from exec_sandbox_assets.release import keys
+from exec_sandbox_assets.release import catalog, keys
 
 DEMO_VERSION = "0.0.1-demo"
 KEY_NAME = "demo"

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from exec_sandbox_assets import catalog, sources
+from exec_sandbox_assets import sources
+from exec_sandbox_assets.base.errors import ConfigError, FormatError
 from exec_sandbox_assets.cli.login import given_credentials
 from exec_sandbox_assets.cli.output import (
     EXIT_OK,
@@ -26,13 +27,13 @@ from exec_sandbox_assets.cli.output import (
 )
 from exec_sandbox_assets.cli.table import Context
 from exec_sandbox_assets.config import Settings
-from exec_sandbox_assets.errors import ConfigError, FormatError
 from exec_sandbox_assets.oci.auth import Credentials
 from exec_sandbox_assets.oci.model import (
     Descriptor,
     signature_tag,
 )
 from exec_sandbox_assets.oci.reference import LayoutRef, RegistryRef, parse_source_ref
+from exec_sandbox_assets.release import catalog
 from exec_sandbox_assets.release.documents import read_asset_layer
 from exec_sandbox_assets.release.keys import PublicKey, load_public_key_file
 from exec_sandbox_assets.sources import Source

@@ -16,10 +16,10 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from exec_sandbox_assets.base.errors import ConfigError
 from exec_sandbox_assets.cli.output import EXIT_OK, out
 from exec_sandbox_assets.cli.table import Context
 from exec_sandbox_assets.config import Settings
-from exec_sandbox_assets.errors import ConfigError
 
 if TYPE_CHECKING:  # oci.auth imports httpx: only when credentials were given
     from exec_sandbox_assets.oci.auth import Credentials

@@ -9,11 +9,11 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
-from exec_sandbox_assets import catalog
 from exec_sandbox_assets.cli.login import given_credentials, registry_host
 from exec_sandbox_assets.cli.output import EXIT_OK, emit_json, human_size, out, short_digest
 from exec_sandbox_assets.cli.progress import ProgressDisplay, progress_bars
 from exec_sandbox_assets.cli.table import Context
+from exec_sandbox_assets.release import catalog
 
 if TYPE_CHECKING:
     from exec_sandbox_assets.mirror import MirrorEvent, MirrorResult

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from exec_sandbox_assets.errors import (
+from exec_sandbox_assets.base.errors import (
     AllSourcesFailedError,
     AssetError,
     AssetNotFoundError,

@@ -11,17 +11,17 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from exec_sandbox_assets import catalog
+from exec_sandbox_assets.base.errors import AssetError
 from exec_sandbox_assets.cli.inspect import _signature as signature_report
 from exec_sandbox_assets.cli.inspect import open_ref, parse_ref
 from exec_sandbox_assets.cli.login import given_credentials
 from exec_sandbox_assets.cli.output import EXIT_OK, emit_json, out, short_digest, table
 from exec_sandbox_assets.cli.table import Context
 from exec_sandbox_assets.config import LATEST, Settings
-from exec_sandbox_assets.errors import AssetError
 from exec_sandbox_assets.oci.auth import Credentials
 from exec_sandbox_assets.oci.model import INDEX_MEDIA_TYPES, Index, media_type_of, sha256_digest
 from exec_sandbox_assets.oci.reference import LayoutRef
+from exec_sandbox_assets.release import catalog
 from exec_sandbox_assets.release.keys import load_public_key_file
 
 
@@ -40,11 +40,12 @@ async def list_tags(text: str, settings: Settings, credentials: Credentials | No
             return sorted(reader.tags())
         finally:
             reader.close()
+    from exec_sandbox_assets.config import auth_files
     from exec_sandbox_assets.oci.credentials import find_credentials
     from exec_sandbox_assets.oci.registry import RegistryClient
 
     if credentials is None:
-        credentials = find_credentials(ref.host, settings.docker_config)
+        credentials = find_credentials(ref.host, auth_files(settings.docker_config))
     async with RegistryClient(
         ref,
         credentials=credentials,

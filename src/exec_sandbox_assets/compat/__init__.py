@@ -35,16 +35,17 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from exec_sandbox_assets import PrefetchResult, catalog
+from exec_sandbox_assets import PrefetchResult
+from exec_sandbox_assets.base.errors import (
+    AssetError,
+    AssetsNotFoundLocally,
+)
 from exec_sandbox_assets.cache import legacy
 from exec_sandbox_assets.client import AssetClient
 from exec_sandbox_assets.compat.registry import CompatAssets
 from exec_sandbox_assets.compat.translate import translate, translating
 from exec_sandbox_assets.config import Settings, load_settings
-from exec_sandbox_assets.errors import (
-    AssetError,
-    AssetsNotFoundLocally,
-)
+from exec_sandbox_assets.release import catalog
 
 logger = logging.getLogger(__name__)
 

@@ -14,15 +14,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from exec_sandbox_assets import catalog
-from exec_sandbox_assets.client import AssetClient
-from exec_sandbox_assets.config import Settings
-from exec_sandbox_assets.errors import (
+from exec_sandbox_assets.base.errors import (
     AllSourcesFailedError,
     AssetError,
     AssetNotFoundError,
     ReleaseNotFoundError,
 )
+from exec_sandbox_assets.client import AssetClient
+from exec_sandbox_assets.config import Settings
+from exec_sandbox_assets.release import catalog
 
 if TYPE_CHECKING:
     from exec_sandbox_assets.sources.legacy import LegacyRelease

@@ -27,7 +27,7 @@ from collections.abc import Callable, Coroutine
 from types import ModuleType
 from typing import Any, ParamSpec, TypeVar
 
-from exec_sandbox_assets.errors import (
+from exec_sandbox_assets.base.errors import (
     AllSourcesFailedError,
     AssetError,
     AssetNotFoundError,

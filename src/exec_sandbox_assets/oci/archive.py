@@ -16,13 +16,13 @@ import tarfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from exec_sandbox_assets.errors import (
+from exec_sandbox_assets.base.errors import (
     AssetChecksumError,
     AssetNotFoundError,
     ConfigError,
     FormatError,
 )
-from exec_sandbox_assets.fsutil import fsync_dir
+from exec_sandbox_assets.base.fsutil import fsync_dir
 from exec_sandbox_assets.oci.layout import LayoutReader
 from exec_sandbox_assets.oci.layout_files import (
     BLOBS_DIR,

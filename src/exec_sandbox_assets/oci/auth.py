@@ -32,9 +32,9 @@ from typing import Any
 
 import httpx
 
-from exec_sandbox_assets import safejson
-from exec_sandbox_assets.errors import AuthError, ConfigError, FormatError
-from exec_sandbox_assets.safetext import clean_text, redact_url
+from exec_sandbox_assets.base import safejson
+from exec_sandbox_assets.base.errors import AuthError, ConfigError, FormatError
+from exec_sandbox_assets.base.safetext import clean_text, redact_url
 
 log = logging.getLogger(__name__)
 

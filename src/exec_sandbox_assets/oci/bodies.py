@@ -17,11 +17,11 @@ from collections.abc import AsyncIterator
 
 import httpx
 
-from exec_sandbox_assets import safejson
-from exec_sandbox_assets.errors import AssetDownloadError, FormatError, SizeLimitError
-from exec_sandbox_assets.fsutil import CHUNK
+from exec_sandbox_assets.base import safejson
+from exec_sandbox_assets.base.errors import AssetDownloadError, FormatError, SizeLimitError
+from exec_sandbox_assets.base.fsutil import CHUNK
+from exec_sandbox_assets.base.safetext import clean_text, redact_url
 from exec_sandbox_assets.oci.auth import BODY_CAP, REFUSED_ENCODING
-from exec_sandbox_assets.safetext import clean_text, redact_url
 
 CHUNK_SIZE = CHUNK
 # Error bodies are read only this far, for the reason they give.

@@ -3,7 +3,7 @@
 Search order for a registry host (`host[:port]`):
 
 1. credentials given explicitly (`--username/--password-stdin`: `given_credentials`);
-2. each auth file in turn (`config.auth_files`: $REGISTRY_AUTH_FILE, docker's
+2. each auth file in turn (the caller's list, `config.auth_files`: $REGISTRY_AUTH_FILE, docker's
    config.json, podman's auth.json locations), and in each, as docker does:
    `credHelpers[host]`, else `credsStore` (the helper runs as
    `docker-credential-NAME get` with the host on stdin and answers JSON), else the
@@ -29,9 +29,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from exec_sandbox_assets.config import auth_files
-from exec_sandbox_assets.errors import ConfigError
-from exec_sandbox_assets.fsutil import atomic_output
+from exec_sandbox_assets.base.errors import ConfigError
+from exec_sandbox_assets.base.fsutil import atomic_output
 from exec_sandbox_assets.oci.auth import Credentials, load_docker_credentials
 
 HELPER_PREFIX = "docker-credential-"
@@ -51,10 +50,11 @@ def given_credentials(host: str, given: Sequence[tuple[str, str, str]]) -> Crede
     return None
 
 
-def find_credentials(host: str, docker_config: Path | None) -> Credentials | None:
-    """The credentials for `host` in the auth files (module docstring), or None."""
+def find_credentials(host: str, auth_files: Sequence[Path]) -> Credentials | None:
+    """The credentials for `host` in `auth_files`, searched in order (module docstring),
+    or None."""
     wanted = host.lower()
-    for path in auth_files(docker_config):
+    for path in auth_files:
         found = _from_file(wanted, path)
         if found is not None:
             return found

@@ -43,12 +43,13 @@ from pathlib import Path
 
 import httpx
 
-from exec_sandbox_assets.errors import (
+from exec_sandbox_assets.base.errors import (
     AssetDownloadError,
     AuthError,
     BlockedHostError,
     ConfigError,
 )
+from exec_sandbox_assets.base.safetext import clean_text, redact_url
 from exec_sandbox_assets.oci.auth import TokenEndpointError
 from exec_sandbox_assets.oci.bodies import IDENTITY, guard_response, read_capped
 from exec_sandbox_assets.oci.policy import DEFAULT_POLICY, TransferPolicy
@@ -66,7 +67,6 @@ from exec_sandbox_assets.oci.retry import (
 from exec_sandbox_assets.oci.schemes import SchemeTransport
 from exec_sandbox_assets.oci.stream import BlobStream, open_blob_stream
 from exec_sandbox_assets.oci.transport import large_read_transport
-from exec_sandbox_assets.safetext import clean_text, redact_url
 
 log = logging.getLogger(__name__)
 

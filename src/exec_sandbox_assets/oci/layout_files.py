@@ -20,11 +20,16 @@ import secrets
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from exec_sandbox_assets import safejson
-from exec_sandbox_assets.errors import ConfigError, FormatError, OutOfSpaceError, SizeLimitError
-from exec_sandbox_assets.fsutil import CHUNK as CHUNK
-from exec_sandbox_assets.fsutil import NotRegularFileError, out_of_space
-from exec_sandbox_assets.fsutil import open_regular as _fs_open_regular
+from exec_sandbox_assets.base import safejson
+from exec_sandbox_assets.base.errors import (
+    ConfigError,
+    FormatError,
+    OutOfSpaceError,
+    SizeLimitError,
+)
+from exec_sandbox_assets.base.fsutil import CHUNK as CHUNK
+from exec_sandbox_assets.base.fsutil import NotRegularFileError, out_of_space
+from exec_sandbox_assets.base.fsutil import open_regular as _fs_open_regular
 from exec_sandbox_assets.oci.model import MAX_MANIFEST_SIZE, Index, check_digest
 from exec_sandbox_assets.oci.reference import TAG_RE
 

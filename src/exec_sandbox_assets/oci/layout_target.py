@@ -9,7 +9,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from exec_sandbox_assets.errors import AssetNotFoundError, ConfigError
+from exec_sandbox_assets.base.errors import AssetNotFoundError, ConfigError
 from exec_sandbox_assets.oci.archive import extract_archive, write_archive
 from exec_sandbox_assets.oci.layout import LayoutReader
 from exec_sandbox_assets.oci.layout_files import lock_exclusive

@@ -16,15 +16,15 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
-from exec_sandbox_assets import safejson
-from exec_sandbox_assets.errors import (
+from exec_sandbox_assets.base import safejson
+from exec_sandbox_assets.base.errors import (
     AssetChecksumError,
     AssetNotFoundError,
     ConfigError,
     FormatError,
     SizeLimitError,
 )
-from exec_sandbox_assets.fsutil import atomic_write, fsync_dir
+from exec_sandbox_assets.base.fsutil import atomic_write, fsync_dir
 from exec_sandbox_assets.oci.layout_files import (
     BLOBS_DIR,
     CHUNK,

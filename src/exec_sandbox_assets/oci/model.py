@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from exec_sandbox_assets import safejson
-from exec_sandbox_assets.errors import AssetChecksumError, FormatError
+from exec_sandbox_assets.base import safejson
+from exec_sandbox_assets.base.errors import AssetChecksumError, FormatError
 
 MEDIA_TYPE_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MEDIA_TYPE_INDEX = "application/vnd.oci.image.index.v1+json"

@@ -29,9 +29,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-from exec_sandbox_assets.errors import ConfigError
+from exec_sandbox_assets.base.errors import ConfigError
+from exec_sandbox_assets.base.safetext import redact_url
 from exec_sandbox_assets.oci.model import is_digest
-from exec_sandbox_assets.safetext import redact_url
 
 # Grammar of github.com/distribution/reference (2.8).
 _DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"

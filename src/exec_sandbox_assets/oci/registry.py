@@ -25,8 +25,9 @@ from typing import Any
 
 import httpx
 
-from exec_sandbox_assets import safejson
-from exec_sandbox_assets.errors import AssetNotFoundError, ConfigError, FormatError
+from exec_sandbox_assets.base import safejson
+from exec_sandbox_assets.base.errors import AssetNotFoundError, ConfigError, FormatError
+from exec_sandbox_assets.base.safetext import redact_url
 from exec_sandbox_assets.oci.auth import Credentials, RegistryAuth
 from exec_sandbox_assets.oci.bodies import CHUNK_SIZE, IDENTITY, MAX_ERROR_BODY
 from exec_sandbox_assets.oci.http import HttpCore
@@ -43,7 +44,6 @@ from exec_sandbox_assets.oci.policy import DEFAULT_POLICY, TransferPolicy
 from exec_sandbox_assets.oci.reference import TAG_RE, RegistryRef
 from exec_sandbox_assets.oci.retry import DEFAULT_RETRY, RetryPolicy
 from exec_sandbox_assets.oci.stream import BlobStream
-from exec_sandbox_assets.safetext import redact_url
 
 log = logging.getLogger(__name__)
 

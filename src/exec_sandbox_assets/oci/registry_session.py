@@ -13,9 +13,8 @@ are `oci.registry_target`):
   once so oras fetches one for the scope the registry now asks for;
 - it reads `~/.docker/config.json` only (not `$DOCKER_CONFIG`) and its Basic
   backend crashes without credentials, so credentials are found here: explicit
-  arguments, else the `auths` entry of the docker config (`docker_config`, else
-  `$DOCKER_CONFIG/config.json` or `~/.docker/config.json`), read by the pull side's
-  reader. `GET /v2/` tells which auth scheme the registry wants.
+  arguments, else the auth files the caller lists (`auth_files`: `config.auth_files`,
+  docker's config.json among them), read by the pull side's reader. `GET /v2/` tells which auth scheme the registry wants.
 
 `RegistrySession.connect` does that network I/O (probe, login, push-access check);
 constructing a `RegistrySession` does none.
@@ -27,7 +26,7 @@ import base64
 import logging
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +34,7 @@ import oras.provider
 import requests
 import requests.adapters
 
-from exec_sandbox_assets.config import docker_config_path
-from exec_sandbox_assets.errors import (
+from exec_sandbox_assets.base.errors import (
     AssetDownloadError,
     AssetError,
     AssetNotFoundError,
@@ -44,11 +42,11 @@ from exec_sandbox_assets.errors import (
     ConfigError,
     TransportError,
 )
+from exec_sandbox_assets.base.safetext import clean_text
 from exec_sandbox_assets.oci.auth import Credentials
 from exec_sandbox_assets.oci.bodies import MAX_ERROR_BODY, error_reason
 from exec_sandbox_assets.oci.credentials import find_credentials
 from exec_sandbox_assets.oci.reference import RegistryRef
-from exec_sandbox_assets.safetext import clean_text
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +181,7 @@ class RegistrySession:
         username: str | None = None,
         password: str | None = None,
         ca_bundle: Path | None = None,
-        docker_config: Path | None = None,
+        auth_files: Sequence[Path] = (),
         timeout: tuple[float, float] = (CONNECT_TIMEOUT, READ_TIMEOUT),
     ) -> RegistrySession:
         """Probe the registry, find credentials, log in and prove push rights."""
@@ -196,8 +194,8 @@ class RegistrySession:
         if username is not None and password is not None:
             creds, creds_source = Credentials(username, password), f"given for {username}"
         else:
-            config = docker_config or docker_config_path()
-            creds, creds_source = find_credentials(ref.host, config), f"from {config}"
+            searched = ", ".join(map(str, auth_files)) or "no auth file"
+            creds, creds_source = find_credentials(ref.host, auth_files), f"from {searched}"
         if scheme == "basic" and creds is None:
             raise AuthError(login_hint(ref, "requires a login (HTTP Basic) and no credentials"))
 

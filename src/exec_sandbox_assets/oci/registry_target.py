@@ -26,13 +26,13 @@ import logging
 import mmap
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import oras.utils
 import requests
 
-from exec_sandbox_assets.errors import (
+from exec_sandbox_assets.base.errors import (
     AssetDownloadError,
     ConfigError,
     SizeLimitError,
@@ -131,7 +131,7 @@ class RegistryTarget:
         username: str | None = None,
         password: str | None = None,
         ca_bundle: Path | None = None,
-        docker_config: Path | None = None,
+        auth_files: Sequence[Path] = (),
         work_dir: Path | None = None,
         chunk_size: int | None = None,
         timeout: tuple[float, float] = (CONNECT_TIMEOUT, READ_TIMEOUT),
@@ -151,7 +151,7 @@ class RegistryTarget:
             username=username,
             password=password,
             ca_bundle=ca_bundle,
-            docker_config=docker_config,
+            auth_files=auth_files,
             timeout=timeout,
         )
         return cls(session, work_dir=work_dir, chunk_size=chunk_size)

@@ -23,15 +23,15 @@ from datetime import UTC, datetime
 
 import httpx
 
-from exec_sandbox_assets.errors import (
+from exec_sandbox_assets.base.errors import (
     AssetDownloadError,
     AssetError,
     AssetNotFoundError,
     AuthError,
     ConfigError,
 )
+from exec_sandbox_assets.base.safetext import clean_text, redact_url
 from exec_sandbox_assets.oci.bodies import MAX_ERROR_BODY, error_reason, read_capped
-from exec_sandbox_assets.safetext import clean_text, redact_url
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ from collections.abc import AsyncIterator
 
 import httpx
 
-from exec_sandbox_assets.errors import AssetDownloadError
+from exec_sandbox_assets.base.errors import AssetDownloadError
+from exec_sandbox_assets.base.safetext import clean_text, redact_url
 from exec_sandbox_assets.oci.bodies import (
     CHUNK_SIZE,
     content_length,
@@ -24,7 +25,6 @@ from exec_sandbox_assets.oci.bodies import (
 )
 from exec_sandbox_assets.oci.policy import DEFAULT_POLICY, TransferPolicy
 from exec_sandbox_assets.oci.retry import describe
-from exec_sandbox_assets.safetext import clean_text, redact_url
 
 log = logging.getLogger(__name__)
 

@@ -24,12 +24,12 @@ class PushStats:
 @dataclass(frozen=True)
 class RegistryOptions:
     """How to reach and log in to registries (unused by layout targets). Without a
-    username, the `auths` of `docker_config` (default: `config.docker_config_path()`)."""
+    username, the credentials found in `auth_files`, in order (`config.auth_files`)."""
 
     username: str | None = None
     password: str | None = field(default=None, repr=False)
     ca_bundle: Path | None = None
-    docker_config: Path | None = None
+    auth_files: tuple[Path, ...] = ()
 
 
 class Target(Protocol):

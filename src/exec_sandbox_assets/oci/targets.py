@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from exec_sandbox_assets.errors import ConfigError
+from exec_sandbox_assets.base.errors import ConfigError
 from exec_sandbox_assets.oci.layout_target import ArchiveTarget, LayoutTarget
 from exec_sandbox_assets.oci.reference import LayoutRef, parse_source_ref
 from exec_sandbox_assets.oci.target import PushStats, RegistryOptions, Target
@@ -42,7 +42,7 @@ def open_target(text: str, work_dir: Path, options: RegistryOptions | None = Non
         username=opts.username,
         password=opts.password,
         ca_bundle=opts.ca_bundle,
-        docker_config=opts.docker_config,
+        auth_files=opts.auth_files,
         work_dir=work_dir,
     )
 

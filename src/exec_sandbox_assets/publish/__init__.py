@@ -18,7 +18,6 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from exec_sandbox_assets.publish.cli import add_arguments, main, run
     from exec_sandbox_assets.publish.publisher import (
         PublishRequest,
         PublishResult,
@@ -28,9 +27,6 @@ if TYPE_CHECKING:
     from exec_sandbox_assets.publish.sample import make_sample_inputs
 
 _WHERE = {
-    "add_arguments": "cli",
-    "main": "cli",
-    "run": "cli",
     "PublishRequest": "publisher",
     "PublishResult": "publisher",
     "TargetResult": "publisher",
@@ -50,9 +46,6 @@ __all__ = [
     "PublishRequest",
     "PublishResult",
     "TargetResult",
-    "add_arguments",
-    "main",
     "make_sample_inputs",
     "publish",
-    "run",
 ]

@@ -1,5 +1,5 @@
-"""`python -m exec_sandbox_assets.publish`: see `exec_sandbox_assets.publish.cli`."""
+"""`python -m exec_sandbox_assets.publish`: see `exec_sandbox_assets.cli.publish`."""
 
-from exec_sandbox_assets.publish.cli import main
+from exec_sandbox_assets.cli.publish import main
 
 raise SystemExit(main())

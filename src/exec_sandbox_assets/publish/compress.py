@@ -36,8 +36,8 @@ from typing import IO, Any, BinaryIO, cast
 
 import zstandard
 
-from exec_sandbox_assets.errors import ConfigError
-from exec_sandbox_assets.fsutil import CHUNK, atomic_output
+from exec_sandbox_assets.base.errors import ConfigError
+from exec_sandbox_assets.base.fsutil import CHUNK, atomic_output
 
 log = logging.getLogger(__name__)
 

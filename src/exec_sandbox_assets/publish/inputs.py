@@ -21,9 +21,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from exec_sandbox_assets import catalog
-from exec_sandbox_assets.catalog import AssetSpec
-from exec_sandbox_assets.errors import ConfigError
+from exec_sandbox_assets.base.errors import ConfigError
+from exec_sandbox_assets.release import catalog
+from exec_sandbox_assets.release.catalog import AssetSpec
 
 log = logging.getLogger(__name__)
 

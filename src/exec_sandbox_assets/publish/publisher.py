@@ -30,12 +30,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from exec_sandbox_assets import catalog
-from exec_sandbox_assets.errors import (
+from exec_sandbox_assets.base.errors import (
     AssetError,
     ConfigError,
     FormatError,
 )
+from exec_sandbox_assets.config import auth_files, docker_config_path
 from exec_sandbox_assets.oci.model import (
     EMPTY_JSON,
     MEDIA_TYPE_EMPTY,
@@ -58,7 +58,7 @@ from exec_sandbox_assets.publish.pipeline import (
 )
 from exec_sandbox_assets.publish.release_dir import ReleaseFiles, write_release_dir
 from exec_sandbox_assets.publish.signatures import existing_signatures, plan_signature, read_back
-from exec_sandbox_assets.release import keys, signing
+from exec_sandbox_assets.release import catalog, keys, signing
 from exec_sandbox_assets.release.chunks import DEFAULT_CHUNK_SIZE, ChunkDigests, chunk_digests_of
 from exec_sandbox_assets.release.documents import (
     BuiltRelease,
@@ -286,7 +286,9 @@ def publish(req: PublishRequest) -> PublishResult:
     inputs = find_inputs(req.inputs, req.platforms)
     req.work_dir.mkdir(parents=True, exist_ok=True)
 
-    options = RegistryOptions(req.username, req.password, req.ca_bundle)
+    options = RegistryOptions(
+        req.username, req.password, req.ca_bundle, tuple(auth_files(docker_config_path()))
+    )
     progress = LockedProgress(req.progress) if req.progress is not None else None
     maker = BlobMaker(inputs, req.work_dir, req.level, progress)  # compresses from now on
     targets: list[Target] = []

@@ -19,9 +19,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from exec_sandbox_assets import catalog
-from exec_sandbox_assets.errors import ConfigError
-from exec_sandbox_assets.fsutil import CHUNK, atomic_output
+from exec_sandbox_assets.base.errors import ConfigError
+from exec_sandbox_assets.base.fsutil import CHUNK, atomic_output
+from exec_sandbox_assets.release import catalog
 from exec_sandbox_assets.release import documents as release
 from exec_sandbox_assets.release.signing import SignatureManifest
 

@@ -14,8 +14,8 @@ import struct
 from collections.abc import Sequence
 from pathlib import Path
 
-from exec_sandbox_assets import catalog
-from exec_sandbox_assets.catalog import AssetSpec, Kind
+from exec_sandbox_assets.release import catalog
+from exec_sandbox_assets.release.catalog import AssetSpec, Kind
 
 DEFAULT_SIZE = 256 * 1024
 

@@ -15,8 +15,7 @@ from collections.abc import Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from exec_sandbox_assets.catalog import ANN_CREATED, ANN_VERSION
-from exec_sandbox_assets.errors import (
+from exec_sandbox_assets.base.errors import (
     AssetNotFoundError,
     ConfigError,
     FormatError,
@@ -26,6 +25,7 @@ from exec_sandbox_assets.errors import (
 from exec_sandbox_assets.oci.model import sha256_digest, signature_tag
 from exec_sandbox_assets.oci.target import Target
 from exec_sandbox_assets.release import keys, policy, signing
+from exec_sandbox_assets.release.catalog import ANN_CREATED, ANN_VERSION
 from exec_sandbox_assets.release.documents import BuiltRelease
 from exec_sandbox_assets.release.version import same_version
 from exec_sandbox_assets.sources.reader import ReleaseReader

@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from exec_sandbox_assets import catalog
-from exec_sandbox_assets.errors import FormatError
+from exec_sandbox_assets.base.errors import FormatError
+from exec_sandbox_assets.release import catalog
 
 # What the publisher writes: 4 MiB keeps the annotation small (64 hex digits per chunk,
 # 16 KB for a 1 GB layer) and the first decompressed byte a few ms after the download

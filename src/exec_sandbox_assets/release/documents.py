@@ -10,9 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from exec_sandbox_assets import catalog
-from exec_sandbox_assets.catalog import AssetSpec, Kind, Language
-from exec_sandbox_assets.errors import FormatError
+from exec_sandbox_assets.base.errors import FormatError
 from exec_sandbox_assets.oci.model import (
     EMPTY_DESCRIPTOR,
     MEDIA_TYPE_MANIFEST,
@@ -22,6 +20,8 @@ from exec_sandbox_assets.oci.model import (
     Platform,
     check_digest,
 )
+from exec_sandbox_assets.release import catalog
+from exec_sandbox_assets.release.catalog import AssetSpec, Kind, Language
 from exec_sandbox_assets.release.chunks import ChunkDigests, read_chunks
 
 

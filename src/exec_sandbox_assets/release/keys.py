@@ -22,10 +22,10 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from exec_sandbox_assets.errors import (
+from exec_sandbox_assets.base.errors import (
     ConfigError,
 )
-from exec_sandbox_assets.fsutil import fsync_dir
+from exec_sandbox_assets.base.fsutil import fsync_dir
 from exec_sandbox_assets.release.keyid import key_id_from_der
 
 logger = logging.getLogger(__name__)

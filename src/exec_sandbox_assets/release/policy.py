@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from exec_sandbox_assets.catalog import ANN_CREATED, ANN_VERSION
-from exec_sandbox_assets.errors import (
+from exec_sandbox_assets.base.errors import (
     ConfigError,
     FormatError,
     NoTrustedKeysError,
@@ -26,6 +25,7 @@ from exec_sandbox_assets.errors import (
     SignatureError,
     VersionMismatchError,
 )
+from exec_sandbox_assets.release.catalog import ANN_CREATED, ANN_VERSION
 from exec_sandbox_assets.release.signing import SignedPayload, parse_payload, parse_timestamp
 from exec_sandbox_assets.release.version import is_valid, same_version, version_of_tag
 

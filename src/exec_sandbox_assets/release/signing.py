@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from exec_sandbox_assets import safejson
-from exec_sandbox_assets.errors import (
+from exec_sandbox_assets.base import safejson
+from exec_sandbox_assets.base.errors import (
     ConfigError,
     FormatError,
     SignatureError,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from exec_sandbox_assets.errors import ConfigError
+from exec_sandbox_assets.base.errors import ConfigError
 from exec_sandbox_assets.oci.reference import TAG_RE
 
 LATEST = "latest"

@@ -11,8 +11,8 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from exec_sandbox_assets.base.safetext import redact_url
 from exec_sandbox_assets.config import Settings
-from exec_sandbox_assets.safetext import redact_url
 from exec_sandbox_assets.sources.base import BlobOpener, Source
 from exec_sandbox_assets.sources.layout import LayoutSource
 from exec_sandbox_assets.sources.registry import RegistrySource
@@ -51,6 +51,7 @@ def open_source(
     on a registry (credentials as given, else as docker finds them for its host:
     `oci.credentials`). `policy` (deadlines, the air gap) is required: a caller that
     forgot it would silently bypass the air gap."""
+    from exec_sandbox_assets.config import auth_files
     from exec_sandbox_assets.oci.credentials import find_credentials
     from exec_sandbox_assets.oci.reference import LayoutRef
     from exec_sandbox_assets.oci.registry import RegistryClient
@@ -58,7 +59,7 @@ def open_source(
     if isinstance(ref, LayoutRef):
         return LayoutSource(ref.path, ref.kind == "oci-archive", text)
     if credentials is None:
-        credentials = find_credentials(ref.host, docker_config)
+        credentials = find_credentials(ref.host, auth_files(docker_config))
     client = RegistryClient(ref, credentials=credentials, ca_bundle=ca_bundle, policy=policy)
     return RegistrySource(client, text)
 

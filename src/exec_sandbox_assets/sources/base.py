@@ -14,14 +14,14 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 
-from exec_sandbox_assets.cache.download import BlobOpener as BlobOpener
-from exec_sandbox_assets.errors import (
+from exec_sandbox_assets.base.errors import (
     AssetChecksumError,
     AssetNotFoundError,
     SignatureError,
     SizeLimitError,
 )
-from exec_sandbox_assets.fsutil import CHUNK
+from exec_sandbox_assets.base.fsutil import CHUNK
+from exec_sandbox_assets.cache.download import BlobOpener as BlobOpener
 from exec_sandbox_assets.oci.model import (
     MAX_MANIFEST_SIZE,
     Descriptor,

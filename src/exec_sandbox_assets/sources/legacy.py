@@ -24,12 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from exec_sandbox_assets import catalog, safejson
+from exec_sandbox_assets.base import safejson
+from exec_sandbox_assets.base.errors import AssetNotFoundError, FormatError
 from exec_sandbox_assets.cache.records import LEGACY_GITHUB_DIGEST
 from exec_sandbox_assets.cache.store import BlobRequest, OutputSpec
-from exec_sandbox_assets.catalog import AssetSpec, Kind
 from exec_sandbox_assets.config import LATEST, Settings
-from exec_sandbox_assets.errors import AssetNotFoundError, FormatError
+from exec_sandbox_assets.release import catalog
+from exec_sandbox_assets.release.catalog import AssetSpec, Kind
 
 if TYPE_CHECKING:
     from exec_sandbox_assets.client import AssetClient
@@ -188,7 +189,7 @@ async def fetch(client: AssetClient, release: LegacyRelease, spec: AssetSpec) ->
     finally:
         await http.aclose()
     if client.settings.version == LATEST:
-        from exec_sandbox_assets.client import FLOATING_REF_PREFIX
+        from exec_sandbox_assets.cache.refs import FLOATING_REF_PREFIX
 
         store.write_state(
             FLOATING_REF_PREFIX + LATEST, {"version": release.version, "digest": "legacy"}

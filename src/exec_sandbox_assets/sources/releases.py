@@ -7,12 +7,12 @@ import hashlib
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
-from exec_sandbox_assets import catalog
-from exec_sandbox_assets.config import LATEST
-from exec_sandbox_assets.errors import (
+from exec_sandbox_assets.base.errors import (
     AssetNotFoundError,
     FormatError,
 )
+from exec_sandbox_assets.base.safetext import redact_url
+from exec_sandbox_assets.config import LATEST
 from exec_sandbox_assets.oci.model import (
     MAX_MANIFEST_SIZE,
     Descriptor,
@@ -20,6 +20,7 @@ from exec_sandbox_assets.oci.model import (
     Manifest,
     sha256_digest,
 )
+from exec_sandbox_assets.release import catalog
 from exec_sandbox_assets.release.documents import (
     RELEASE_INDEX_FILE,
     RELEASE_SIGNATURE_FILE,
@@ -28,7 +29,6 @@ from exec_sandbox_assets.release.documents import (
     release_payload_file,
 )
 from exec_sandbox_assets.release.signing import MAX_PAYLOAD_SIZE, SignatureLayer
-from exec_sandbox_assets.safetext import redact_url
 
 if TYPE_CHECKING:  # the registry stack imports httpx, which a warm boot never needs
     from exec_sandbox_assets.oci.http import HttpCore

@@ -13,15 +13,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from exec_sandbox_assets.cache.store import Store
-from exec_sandbox_assets.config import Settings
-from exec_sandbox_assets.errors import (
+from exec_sandbox_assets.base.errors import (
     AllSourcesFailedError,
     AssetNotFoundError,
     Attempt,
     ReleaseNotFoundError,
     TransportError,
 )
+from exec_sandbox_assets.cache.store import Store
+from exec_sandbox_assets.config import Settings
 from exec_sandbox_assets.release.policy import RollbackState, TrustPolicy, load_policy
 from exec_sandbox_assets.sources.base import Source
 from exec_sandbox_assets.sources.reader import PlatformRelease, ReleaseReader, VerifiedIndex

@@ -11,7 +11,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
-from exec_sandbox_assets.errors import AssetNotFoundError
+from exec_sandbox_assets.base.errors import AssetNotFoundError
 from exec_sandbox_assets.oci.model import MAX_MANIFEST_SIZE, Descriptor, signature_tag
 from exec_sandbox_assets.release.documents import AssetLayer
 from exec_sandbox_assets.release.signing import MAX_PAYLOAD_SIZE, SignatureLayer

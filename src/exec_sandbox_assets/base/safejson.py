@@ -24,8 +24,8 @@ import json
 import math
 from typing import Any
 
-from exec_sandbox_assets.errors import FormatError
-from exec_sandbox_assets.safetext import clean_text
+from exec_sandbox_assets.base.errors import FormatError
+from exec_sandbox_assets.base.safetext import clean_text
 
 # The largest document we parse whole (the distribution registry's manifest limit).
 MAX_JSON_SIZE = 4 * 1024 * 1024

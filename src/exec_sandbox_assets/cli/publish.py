@@ -19,14 +19,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from exec_sandbox_assets import catalog
+from exec_sandbox_assets.base.errors import AssetError, ConfigError, FormatError
 from exec_sandbox_assets.cli.arguments import add_json, add_output_options
 from exec_sandbox_assets.cli.output import emit_json, err, human_size, report_error
 from exec_sandbox_assets.cli.progress import LogHandler, Ui, progress_bars
 from exec_sandbox_assets.config import progress_bars_enabled
-from exec_sandbox_assets.errors import AssetError, ConfigError, FormatError
 from exec_sandbox_assets.publish.compress import DEFAULT_LEVEL
 from exec_sandbox_assets.publish.publisher import PublishRequest, PublishResult, publish
+from exec_sandbox_assets.release import catalog
 
 KEY_PASSWORD_ENV = "EXEC_SANDBOX_SIGNING_KEY_PASSWORD"  # noqa: S105 (a variable name)
 EXIT_FAILURE = 1

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from enum import StrEnum
 
-from exec_sandbox_assets.errors import ConfigError
+from exec_sandbox_assets.base.errors import ConfigError
 
 ARTIFACT_TYPE = "application/vnd.exec-sandbox.assets.v1"
 DEFAULT_REPOSITORY = "ghcr.io/dualeai/exec-sandbox-assets"

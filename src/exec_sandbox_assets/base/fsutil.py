@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from exec_sandbox_assets.errors import OutOfSpaceError
+from exec_sandbox_assets.base.errors import OutOfSpaceError
 
 #: The read/write unit of every streaming copy and hash in the package (blobs, layouts,
 #: the publisher): large enough to keep per-call overhead low, small enough for memory.

@@ -61,13 +61,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
-from exec_sandbox_assets.cache.store import Store
-from exec_sandbox_assets.config import docker_config_path
-from exec_sandbox_assets.errors import (
+from exec_sandbox_assets.base.errors import (
     AssetNotFoundError,
     ConfigError,
 )
-from exec_sandbox_assets.mirror_copy import (
+from exec_sandbox_assets.cache.store import Store
+from exec_sandbox_assets.config import auth_files, docker_config_path
+from exec_sandbox_assets.mirror.copy import (
     Blob,
     Copier,
     EventKind,
@@ -326,7 +326,7 @@ def _open_target(
         username=credentials.username if credentials else None,
         password=credentials.password if credentials else None,
         ca_bundle=ca_bundle,
-        docker_config=docker_config,
+        auth_files=tuple(auth_files(docker_config or docker_config_path())),
     )
     return open_target(text, work_dir, options)
 

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from exec_sandbox_assets import catalog
+from exec_sandbox_assets.base.errors import ConfigError, FormatError
 from exec_sandbox_assets.cache.store import BlobRequest, Store
-from exec_sandbox_assets.errors import ConfigError, FormatError
 from exec_sandbox_assets.oci.model import (
     Descriptor,
     Index,
@@ -23,6 +22,7 @@ from exec_sandbox_assets.oci.model import (
     sha256_digest,
     signature_tag,
 )
+from exec_sandbox_assets.release import catalog
 from exec_sandbox_assets.release.documents import read_asset_layer
 from exec_sandbox_assets.release.signing import parse_timestamp
 from exec_sandbox_assets.release.version import LATEST
