@@ -858,6 +858,11 @@ def test_store_module_imports_nothing_heavy() -> None:
     assert heavy == []
     assert ours == [
         "exec_sandbox_assets",
+        "exec_sandbox_assets.base",  # a docstring only
+        "exec_sandbox_assets.base.errors",
+        "exec_sandbox_assets.base.fsutil",
+        "exec_sandbox_assets.base.safejson",  # stdlib only: the parser of untrusted JSON
+        "exec_sandbox_assets.base.safetext",
         "exec_sandbox_assets.cache",
         "exec_sandbox_assets.cache.download",
         "exec_sandbox_assets.cache.files",
@@ -868,11 +873,8 @@ def test_store_module_imports_nothing_heavy() -> None:
         "exec_sandbox_assets.cache.records",
         "exec_sandbox_assets.cache.refs",
         "exec_sandbox_assets.cache.store",
-        "exec_sandbox_assets.release.catalog",  # names and their limits, stdlib only
-        "exec_sandbox_assets.base.errors",
-        "exec_sandbox_assets.base.fsutil",
         "exec_sandbox_assets.oci",
         "exec_sandbox_assets.oci.model",
-        "exec_sandbox_assets.base.safejson",  # stdlib only: the parser of untrusted JSON
-        "exec_sandbox_assets.base.safetext",
+        "exec_sandbox_assets.release",  # a docstring only
+        "exec_sandbox_assets.release.catalog",  # names and their limits, stdlib only
     ]
