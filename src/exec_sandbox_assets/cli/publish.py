@@ -185,6 +185,8 @@ def result_json(result: PublishResult) -> dict[str, Any]:
         "signature_tag": result.signature_tag,
         "signature_digest": result.signature_digest,
         "signers": result.signers,
+        "signatures": result.signatures,
+        "signatures_added": result.signatures_added,
         "targets": [
             {
                 "name": t.name,
@@ -200,6 +202,13 @@ def result_json(result: PublishResult) -> dict[str, Any]:
     }
 
 
+def signature_count(result: PublishResult) -> str:
+    """What the signature manifest holds now and how many of those this run made:
+    "2 signatures (1 added)" after a second key (kept signatures count too)."""
+    noun = "signature" if result.signatures == 1 else "signatures"
+    return f"{result.signatures} {noun} ({result.signatures_added} added)"
+
+
 def format_summary(result: PublishResult) -> str:
     lines = [
         f"published {result.version} (created {result.created})",
@@ -207,7 +216,7 @@ def format_summary(result: PublishResult) -> str:
     ]
     for (os_, goarch), digest in result.manifest_digests.items():
         lines.append(f"  {os_ + '/' + goarch:<12} {digest}")
-    lines.append(f"  {'signature':<12} {result.signature_tag} ({result.signers} key(s))")
+    lines.append(f"  {'signature':<12} {result.signature_tag}: {signature_count(result)}")
     for t in result.targets:
         lines.append(
             f"  {t.name}: uploaded {t.blobs_uploaded} blob(s) ({human_size(t.bytes_uploaded)}), "

@@ -57,7 +57,12 @@ from exec_sandbox_assets.publish.pipeline import (
     push_blob,
 )
 from exec_sandbox_assets.publish.release_dir import ReleaseFiles, write_release_dir
-from exec_sandbox_assets.publish.signatures import existing_signatures, plan_signature, read_back
+from exec_sandbox_assets.publish.signatures import (
+    added_count,
+    existing_signatures,
+    plan_signature,
+    read_back,
+)
 from exec_sandbox_assets.release import catalog, keys, signing
 from exec_sandbox_assets.release.chunks import DEFAULT_CHUNK_SIZE, ChunkDigests, chunk_digests_of
 from exec_sandbox_assets.release.documents import (
@@ -120,6 +125,7 @@ class PublishResult:
     release_dir: Path | None = None
     release_files: tuple[str, ...] = ()
     signatures: int = 0  # in the signature manifest: ours, and those kept from before
+    signatures_added: int = 0  # of those, made by this run (0: every key had signed)
 
     @property
     def blobs_uploaded(self) -> int:
@@ -310,8 +316,9 @@ def publish(req: PublishRequest) -> PublishResult:
         if not req.replace:
             _check_no_conflict(existing, version_tag, index_digest)
 
+        kept = existing_signatures(targets, index_digest, version, created)
         signature = plan_signature(
-            existing_signatures(targets, index_digest, version, created),
+            kept,
             keys,
             index_digest,
             req.docker_reference,
@@ -368,6 +375,7 @@ def publish(req: PublishRequest) -> PublishResult:
         release_dir=req.release_dir,
         release_files=release_files,
         signatures=len(signature.payloads),
+        signatures_added=added_count(kept, signature),
     )
 
 

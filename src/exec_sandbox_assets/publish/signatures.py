@@ -79,6 +79,16 @@ def existing_signatures(
     return list(found.values())
 
 
+def added_count(
+    existing: Sequence[tuple[bytes, bytes]], manifest: signing.SignatureManifest
+) -> int:
+    """How many of `manifest`'s signatures are not among `existing` (the ones this run
+    made), for "2 signatures (1 added)"."""
+    before = {(sha256_digest(payload), signature) for payload, signature in existing}
+    layers = signing.read_signature_manifest(manifest.manifest, "the new signature")
+    return sum((layer.payload_digest, layer.signature) not in before for layer in layers)
+
+
 def plan_signature(
     existing: Sequence[tuple[bytes, bytes]],
     keys: Sequence[keys.SigningKey],
@@ -162,4 +172,4 @@ def read_back(
     _check_created(verified.created, created, f"{target.name}:{signature_tag(index_digest)}")
 
 
-__all__ = ["existing_signatures", "plan_signature", "read_back"]
+__all__ = ["added_count", "existing_signatures", "plan_signature", "read_back"]
