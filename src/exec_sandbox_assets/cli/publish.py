@@ -84,6 +84,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also write the GitHub Release asset folder here",
     )
     parser.add_argument(
+        "--replace-release-dir",
+        action="store_true",
+        help="let --release-dir replace a folder that holds another release "
+        "(refused by default, naming the version it holds)",
+    )
+    parser.add_argument(
         "--created",
         metavar="RFC3339",
         help="release time (default: that of an existing vV tag, else now)",
@@ -252,6 +258,7 @@ def run(args: argparse.Namespace) -> int:
                 platforms=_parse_platforms(args.platform),
                 tag_latest=args.latest,
                 release_dir=args.release_dir,
+                replace_release_dir=args.replace_release_dir,
                 work_dir=args.work_dir or Path(tmp),
                 created=args.created,
                 revision=args.revision,
