@@ -329,13 +329,14 @@ def publish(req: PublishRequest) -> PublishResult:
 
         kept = existing_signatures(targets, index_digest, version, created)
         signature = plan_signature(
-            kept,
+            kept.pairs,
             keys,
             index_digest,
             req.docker_reference,
             version,
             created,
             replace=req.replace_signatures,
+            key_ids=kept.key_ids,
         )
 
         unique = list({b.digest: b for b in blobs.values()}.values())
@@ -388,7 +389,7 @@ def publish(req: PublishRequest) -> PublishResult:
         release_dir=req.release_dir,
         release_files=release_files,
         signatures=len(signature.payloads),
-        signatures_added=added_count(kept, signature),
+        signatures_added=added_count(kept.pairs, signature),
     )
 
 
