@@ -41,6 +41,7 @@ def run_demo(ctx: Context) -> int:
         if not ctx.ui.quiet:
             print_line(line)
 
+    from exec_sandbox_assets.cli.publish import signature_count
     from exec_sandbox_assets.publish import PublishRequest, make_sample_inputs, publish
 
     base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="exec-sandbox-demo-"))
@@ -73,7 +74,7 @@ def run_demo(ctx: Context) -> int:
     )
     out(
         f"3. published {result.version} to {target}: index {result.index_digest}, "
-        f"signed by {result.signers} key(s) ({result.signature_tag})"
+        f"{signature_count(result)} ({result.signature_tag})"
     )
 
     pull_settings = settings.with_(

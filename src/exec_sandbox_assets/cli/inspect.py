@@ -14,6 +14,7 @@ from typing import Any
 
 from exec_sandbox_assets import sources
 from exec_sandbox_assets.base.errors import ConfigError, FormatError
+from exec_sandbox_assets.base.safetext import clean_text
 from exec_sandbox_assets.cli.login import given_credentials
 from exec_sandbox_assets.cli.output import (
     EXIT_OK,
@@ -192,6 +193,9 @@ async def inspect_ref(
 
 
 def print_report(report: InspectReport) -> None:
+    """The report as text. What the source wrote (annotations, titles, signed claims)
+    goes through `clean_text`: one line each, however it was written (--json keeps it
+    exact, JSON escapes it)."""
     out(f"{report.ref}")
     out(f"  digest     {report.digest} ({report.media_type}, {report.size} bytes)")
     ann = report.annotations
@@ -202,7 +206,7 @@ def print_report(report: InspectReport) -> None:
         ("revision", catalog.ANN_REVISION),
     ):
         if key in ann:
-            out(f"  {label:<10} {ann[key]}")
+            out(f"  {label:<10} {clean_text(ann[key])}")
     for p in report.platforms:
         files = p["files"]
         size = sum(int(f["size"]) for f in files)
@@ -213,8 +217,8 @@ def print_report(report: InspectReport) -> None:
         )
         rows = [
             (
-                str(f.get("title") or "-"),
-                str(f.get("kind") or "?"),
+                clean_text(str(f.get("title") or "-")),
+                clean_text(str(f.get("kind") or "?")),
                 human_size(int(f["size"])),
                 human_size(int(f["content_size"])) if "content_size" in f else "-",
                 short_digest(f["digest"]),
@@ -231,10 +235,8 @@ def print_report(report: InspectReport) -> None:
         for n, e in enumerate(sig["entries"]):
             by = ", ".join(k[:16] for k in e["signed_by"]) or "no trusted key"
             match = "matches the index" if e.get("matches_index") else "OTHER digest"
-            out(
-                f"  #{n}: {match}, version {e.get('version')}, created {e.get('created')}; "
-                f"valid for: {by}"
-            )
+            claims = clean_text(f"version {e.get('version')}, created {e.get('created')}")
+            out(f"  #{n}: {match}, {claims}; valid for: {by}")
     if not sig.get("trusted_keys"):
         out("trusted keys: none configured (--trusted-key or EXEC_SANDBOX_TRUSTED_KEYS)")
     if report.verified:

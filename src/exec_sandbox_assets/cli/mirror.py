@@ -6,6 +6,7 @@ terminal, a summary or one JSON document out.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -108,6 +109,9 @@ def run_mirror(ctx: Context) -> int:
             transfer=settings.transfer_policy(),
         )
     seconds = time.monotonic() - started
+    if args.work_dir is None:  # ours: empty after a success (a failure keeps partials)
+        with contextlib.suppress(OSError):
+            work_dir.rmdir()
     if args.json:
         emit_json(result_json(result, seconds))
         return EXIT_OK

@@ -84,6 +84,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also write the GitHub Release asset folder here",
     )
     parser.add_argument(
+        "--replace-release-dir",
+        action="store_true",
+        help="let --release-dir replace a folder that holds another release "
+        "(refused by default, naming the version it holds)",
+    )
+    parser.add_argument(
         "--created",
         metavar="RFC3339",
         help="release time (default: that of an existing vV tag, else now)",
@@ -185,6 +191,8 @@ def result_json(result: PublishResult) -> dict[str, Any]:
         "signature_tag": result.signature_tag,
         "signature_digest": result.signature_digest,
         "signers": result.signers,
+        "signatures": result.signatures,
+        "signatures_added": result.signatures_added,
         "targets": [
             {
                 "name": t.name,
@@ -200,6 +208,13 @@ def result_json(result: PublishResult) -> dict[str, Any]:
     }
 
 
+def signature_count(result: PublishResult) -> str:
+    """What the signature manifest holds now and how many of those this run made:
+    "2 signatures (1 added)" after a second key (kept signatures count too)."""
+    noun = "signature" if result.signatures == 1 else "signatures"
+    return f"{result.signatures} {noun} ({result.signatures_added} added)"
+
+
 def format_summary(result: PublishResult) -> str:
     lines = [
         f"published {result.version} (created {result.created})",
@@ -207,7 +222,7 @@ def format_summary(result: PublishResult) -> str:
     ]
     for (os_, goarch), digest in result.manifest_digests.items():
         lines.append(f"  {os_ + '/' + goarch:<12} {digest}")
-    lines.append(f"  {'signature':<12} {result.signature_tag} ({result.signers} key(s))")
+    lines.append(f"  {'signature':<12} {result.signature_tag}: {signature_count(result)}")
     for t in result.targets:
         lines.append(
             f"  {t.name}: uploaded {t.blobs_uploaded} blob(s) ({human_size(t.bytes_uploaded)}), "
@@ -243,6 +258,7 @@ def run(args: argparse.Namespace) -> int:
                 platforms=_parse_platforms(args.platform),
                 tag_latest=args.latest,
                 release_dir=args.release_dir,
+                replace_release_dir=args.replace_release_dir,
                 work_dir=args.work_dir or Path(tmp),
                 created=args.created,
                 revision=args.revision,

@@ -12,6 +12,7 @@ import asyncio
 from typing import Any
 
 from exec_sandbox_assets.base.errors import AssetError
+from exec_sandbox_assets.base.safetext import clean_text
 from exec_sandbox_assets.cli.inspect import _signature as signature_report
 from exec_sandbox_assets.cli.inspect import open_ref, parse_ref
 from exec_sandbox_assets.cli.login import given_credentials
@@ -117,7 +118,7 @@ def run_versions(ctx: Context) -> int:
     rows = [
         (
             r["tag"],
-            str(r.get("created") or "-"),
+            clean_text(str(r.get("created") or "-")),  # the index's, as its source wrote it
             short_digest(r["digest"]) if "digest" in r else "-",
             _verdict(r),
         )

@@ -405,7 +405,7 @@ async def _signature_copy(
             len(junk),
             len(signature.layers),
         )
-        rebuilt = build_signature_manifest(signature.pairs())
+        rebuilt = build_signature_manifest(signature.pairs(), signature.key_ids())
         clean = Manifest.from_bytes(rebuilt.manifest, "rebuilt signature")
         return rebuilt.manifest, [
             Blob(clean.config, "signature blob", rebuilt.config),

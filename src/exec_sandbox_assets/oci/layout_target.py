@@ -3,8 +3,8 @@ OCI archive (`oci-archive:FILE`)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -12,7 +12,7 @@ from pathlib import Path
 from exec_sandbox_assets.base.errors import AssetNotFoundError, ConfigError
 from exec_sandbox_assets.oci.archive import extract_archive, write_archive
 from exec_sandbox_assets.oci.layout import LayoutReader
-from exec_sandbox_assets.oci.layout_files import lock_exclusive
+from exec_sandbox_assets.oci.layout_files import lock_file
 from exec_sandbox_assets.oci.layout_writer import LayoutWriter
 from exec_sandbox_assets.oci.model import MAX_MANIFEST_SIZE, is_digest, sha256_digest
 from exec_sandbox_assets.oci.target import PushStats
@@ -95,14 +95,16 @@ class ArchiveTarget(LayoutTarget):
         work_dir.mkdir(parents=True, exist_ok=True)
         # Unpack, add, replace is a read-modify-write of the whole file: a second writer
         # that unpacked the old archive would drop the first writer's release. The lock
-        # is held from before the unpack until the new archive has replaced the old.
+        # is held from before the unpack until the new archive has replaced the old; its
+        # file beside the archive is removed when the lock is let go (`lock_file`).
         lock = self.archive.with_name(f".{self.archive.name}.lock")
         lock.parent.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = lock_exclusive(lock)
+        self._lock = contextlib.ExitStack()
+        self._lock.enter_context(lock_file(lock))
         try:
             self._tmp = Path(tempfile.mkdtemp(prefix="archive-", dir=work_dir))
         except BaseException:
-            os.close(self._lock_fd)
+            self._lock.close()
             raise
         layout = self._tmp / "layout"
         try:
@@ -121,5 +123,7 @@ class ArchiveTarget(LayoutTarget):
             self._release()
 
     def _release(self) -> None:
-        shutil.rmtree(self._tmp, ignore_errors=True)
-        os.close(self._lock_fd)  # closing releases the flock
+        try:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+        finally:
+            self._lock.close()  # removes the lock file, then lets go

@@ -2,8 +2,10 @@
 
 Writers never leave a half file under a final name: every blob and every
 `index.json` is written to a temp name in its own directory, verified, fsynced
-and renamed. The `index.json.lock` lock only keeps two writers from losing each
-other's tags; it is never what makes a blob correct (the digest check is).
+and renamed. A lock on the layout directory itself (`layout_files.locked_directory`:
+no lock file, so nothing extra travels with a copy of the layout) only keeps two
+writers from losing each other's tags; it is never what makes a blob correct (the
+digest check is).
 """
 
 from __future__ import annotations
@@ -30,12 +32,12 @@ from exec_sandbox_assets.oci.layout_files import (
     CHUNK,
     INDEX_FILE,
     LAYOUT_FILE,
-    LOCK_FILE,
+    LEGACY_LOCK_FILE,
     OCI_LAYOUT_BYTES,
     REF_NAME,
     blob_relpath,
     check_tag,
-    lock_exclusive,
+    locked_directory,
     no_space,
     parse_index,
     parse_oci_layout,
@@ -120,7 +122,7 @@ class LayoutWriter:
         layout_file = self.root / LAYOUT_FILE
         if layout_file.exists():
             parse_oci_layout(layout_file.read_bytes(), str(layout_file))
-        elif any(p.name != LOCK_FILE for p in self.root.iterdir()):
+        elif any(p.name != LEGACY_LOCK_FILE for p in self.root.iterdir()):
             raise ConfigError(
                 f"{self.root} is not empty and is not an OCI image layout (no {LAYOUT_FILE})"
             )
@@ -229,13 +231,8 @@ class LayoutWriter:
                         f"{self.root}: blob {blob.digest} of manifest {desc.digest} missing"
                     )
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        fd = lock_exclusive(self.root / LOCK_FILE)
-        try:
-            yield
-        finally:
-            os.close(fd)  # closing releases the flock
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
+        return locked_directory(self.root)
 
 
 def _entry_ref(entry: Mapping[str, Any]) -> str | None:

@@ -56,8 +56,17 @@ from exec_sandbox_assets.publish.pipeline import (
     push_as_made,
     push_blob,
 )
-from exec_sandbox_assets.publish.release_dir import ReleaseFiles, write_release_dir
-from exec_sandbox_assets.publish.signatures import existing_signatures, plan_signature, read_back
+from exec_sandbox_assets.publish.release_dir import (
+    ReleaseFiles,
+    check_release_dir,
+    write_release_dir,
+)
+from exec_sandbox_assets.publish.signatures import (
+    added_count,
+    existing_signatures,
+    plan_signature,
+    read_back,
+)
 from exec_sandbox_assets.release import catalog, keys, signing
 from exec_sandbox_assets.release.chunks import DEFAULT_CHUNK_SIZE, ChunkDigests, chunk_digests_of
 from exec_sandbox_assets.release.documents import (
@@ -85,6 +94,7 @@ class PublishRequest:
     platforms: tuple[tuple[str, str], ...] | None = None  # None: those whose gvproxy exists
     tag_latest: bool = False
     release_dir: Path | None = None
+    replace_release_dir: bool = False  # allow a release_dir holding another release
     created: str | None = None  # RFC 3339; default: the existing vV's, else now
     revision: str | None = None
     docker_reference: str = catalog.DEFAULT_REPOSITORY
@@ -120,6 +130,7 @@ class PublishResult:
     release_dir: Path | None = None
     release_files: tuple[str, ...] = ()
     signatures: int = 0  # in the signature manifest: ours, and those kept from before
+    signatures_added: int = 0  # of those, made by this run (0: every key had signed)
 
     @property
     def blobs_uploaded(self) -> int:
@@ -281,6 +292,10 @@ def publish(req: PublishRequest) -> PublishResult:
     if not req.targets and req.release_dir is None:
         raise ConfigError("nothing to publish to: give --to TARGET and/or --release-dir DIR")
     created_arg = normalize_created(req.created) if req.created else None
+    held = None  # before any work: a folder of another version is refused
+    if req.release_dir is not None:
+        held = check_release_dir(req.release_dir, version, replace=req.replace_release_dir)
+    held_created = held.created if held is not None and held.version == version else None
 
     keys = load_keys(req.keys, req.key_password)  # a wrong key fails before any upload
     inputs = find_inputs(req.inputs, req.platforms)
@@ -303,21 +318,25 @@ def publish(req: PublishRequest) -> PublishResult:
         early = targets if req.replace or all(d is None for _, d in existing) else []
         pushed = push_as_made(maker, early, progress)
         blobs = maker.result()
-        created = created_arg or _existing_created(existing, version_tag) or now_created()
+        created = (
+            created_arg or _existing_created(existing, version_tag) or held_created or now_created()
+        )
         info = ReleaseInfo(version=version, created=created, revision=req.revision)
         built = build_documents(inputs, blobs, info)
         index_digest = sha256_digest(built.index)
         if not req.replace:
             _check_no_conflict(existing, version_tag, index_digest)
 
+        kept = existing_signatures(targets, index_digest, version, created)
         signature = plan_signature(
-            existing_signatures(targets, index_digest, version, created),
+            kept.pairs,
             keys,
             index_digest,
             req.docker_reference,
             version,
             created,
             replace=req.replace_signatures,
+            key_ids=kept.key_ids,
         )
 
         unique = list({b.digest: b for b in blobs.values()}.values())
@@ -342,7 +361,9 @@ def publish(req: PublishRequest) -> PublishResult:
         if req.release_dir is not None:
             layers = {name: blob.path for name, blob in blobs.items()}
             release_files = write_release_dir(
-                req.release_dir, ReleaseFiles(layers, built.index, built.manifests, signature)
+                req.release_dir,
+                ReleaseFiles(layers, built.index, built.manifests, signature),
+                replace=req.replace_release_dir or req.replace,
             )
         ok = True
     finally:
@@ -368,6 +389,7 @@ def publish(req: PublishRequest) -> PublishResult:
         release_dir=req.release_dir,
         release_files=release_files,
         signatures=len(signature.payloads),
+        signatures_added=added_count(kept.pairs, signature),
     )
 
 

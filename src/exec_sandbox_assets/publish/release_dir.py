@@ -7,7 +7,11 @@ name and renamed, so an interrupted run leaves whole files only; re-running with
 same release rewrites identical bytes.
 
 The folder must hold nothing else: an upload step usually takes `DIR/*`, and a stale
-file of another release would ship with this one.
+file of another release would ship with this one. Nor is another release's folder
+overwritten unless asked (`replace`, `--replace-release-dir`): its file names are the
+same for every version, so without the check a `--release-dir` pointing at last
+release's folder would silently become this one. With `replace`, the files the old
+`SHA256SUMS` lists and this release lacks are removed; anything else still refuses.
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from exec_sandbox_assets.base.errors import ConfigError
-from exec_sandbox_assets.base.fsutil import CHUNK, atomic_output
+from exec_sandbox_assets.base.errors import ConfigError, FormatError
+from exec_sandbox_assets.base.fsutil import CHUNK, atomic_output, open_regular
+from exec_sandbox_assets.oci.model import MAX_MANIFEST_SIZE, Index, sha256_digest
 from exec_sandbox_assets.release import catalog
 from exec_sandbox_assets.release import documents as release
 from exec_sandbox_assets.release.signing import SignatureManifest
@@ -41,6 +46,70 @@ class ReleaseFiles:
     index: bytes
     manifests: Mapping[tuple[str, str], bytes]
     signature: SignatureManifest
+
+
+@dataclass(frozen=True)
+class HeldRelease:
+    """The release a folder holds already, from its index file."""
+
+    version: str | None  # None: the index is unreadable or names none
+    index_digest: str
+    created: str | None = None  # reused by a re-run, as an existing vV tag's is
+
+
+def _read_small(path: Path, cap: int) -> bytes | None:
+    """A regular file's bytes (None when absent; a FIFO or directory is never read)."""
+    try:
+        fd = open_regular(path)
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        return f.read(cap)
+
+
+def held_release(dest: Path) -> HeldRelease | None:
+    """What `dest` holds, or None for a folder without a release index (new, or empty)."""
+    data = _read_small(dest / INDEX_FILE, MAX_MANIFEST_SIZE + 1)
+    if data is None:
+        return None
+    try:
+        annotations = Index.from_bytes(data, str(dest / INDEX_FILE)).annotations
+    except FormatError:
+        annotations = {}
+    return HeldRelease(
+        annotations.get(catalog.ANN_VERSION),
+        sha256_digest(data),
+        annotations.get(catalog.ANN_CREATED),
+    )
+
+
+def check_release_dir(
+    dest: Path, version: str, index_digest: str | None = None, *, replace: bool = False
+) -> HeldRelease | None:
+    """Refuse a folder that holds another release (another version; with `index_digest`,
+    also another build of this version) unless `replace`. Returns what it holds."""
+    held = held_release(dest)
+    if held is None or replace:
+        return held
+    other_version = held.version is None or held.version.removeprefix("v") != version
+    if other_version or (index_digest is not None and held.index_digest != index_digest):
+        what = (
+            f"release {held.version}" if held.version else "a release of unknown version"
+        ) + f" (index {held.index_digest})"
+        if not other_version:
+            what = f"another build of {what}"
+        raise ConfigError(
+            f"release folder {dest} holds {what}, not release {version}: use an empty "
+            "folder, or pass --replace-release-dir to replace it"
+        )
+    return held
+
+
+def _old_release_files(dest: Path) -> set[str]:
+    """The file names the folder's SHA256SUMS lists (only safe single names)."""
+    data = _read_small(dest / SUMS_FILE, 1 << 20) or b""
+    names = {line.partition("  ")[2] for line in data.decode("utf-8", "replace").splitlines()}
+    return {n for n in names if catalog.is_valid_title(n)}
 
 
 def _write_bytes(path: Path, data: bytes) -> str:
@@ -73,13 +142,19 @@ def release_file_names(files: ReleaseFiles) -> list[str]:
     return names
 
 
-def write_release_dir(dest: Path, files: ReleaseFiles) -> tuple[str, ...]:
-    """Write the folder; returns the file names written (SHA256SUMS last)."""
+def write_release_dir(dest: Path, files: ReleaseFiles, *, replace: bool = False) -> tuple[str, ...]:
+    """Write the folder; returns the file names written (SHA256SUMS last). A folder of
+    another release is refused unless `replace` (see the module docstring)."""
     names = release_file_names(files)
+    version = Index.from_bytes(files.index, "the new index").annotations.get(catalog.ANN_VERSION)
+    check_release_dir(dest, version or "", sha256_digest(files.index), replace=replace)
     dest.mkdir(parents=True, exist_ok=True)
     expected = {*names, SUMS_FILE}
     for leftover in dest.glob(".tmp-*"):  # ours, from an interrupted run
         leftover.unlink()
+    if replace:
+        for name in _old_release_files(dest) - expected:
+            (dest / name).unlink(missing_ok=True)
     stray = sorted(p.name for p in dest.iterdir() if p.name not in expected)
     if stray:
         raise ConfigError(
@@ -105,7 +180,10 @@ __all__ = [
     "INDEX_FILE",
     "SIGNATURE_FILE",
     "SUMS_FILE",
+    "HeldRelease",
     "ReleaseFiles",
+    "check_release_dir",
+    "held_release",
     "manifest_file",
     "payload_file",
     "release_file_names",

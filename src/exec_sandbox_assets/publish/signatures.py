@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from exec_sandbox_assets.base.errors import (
@@ -60,11 +61,21 @@ def _for_this_release(payload: bytes, index_digest: str, version: str, created: 
     )
 
 
+@dataclass(frozen=True)
+class KeptSignatures:
+    """The signatures the targets hold for this release: (payload, signature) pairs in
+    order, once each, and the key id each one's layer names (kept as written)."""
+
+    pairs: list[tuple[bytes, bytes]]
+    key_ids: dict[bytes, str]
+
+
 def existing_signatures(
     targets: Sequence[Target], index_digest: str, version: str, created: str
-) -> list[tuple[bytes, bytes]]:
-    """(payload, signature) pairs the targets hold for this release, in order, once each."""
+) -> KeptSignatures:
+    """What the targets hold for this release (`KeptSignatures`)."""
     found: dict[tuple[str, bytes], tuple[bytes, bytes]] = {}
+    key_ids: dict[bytes, str] = {}
     for target in targets:
         reader = ReleaseReader(TargetSource(target), None)
         try:
@@ -73,10 +84,23 @@ def existing_signatures(
             # Missing or unreadable: nothing to keep (transport errors still stop us).
             log.debug("no signature kept from %s: %s", target.name, exc)
             continue
+        named = record.key_ids()
         for payload, signature in record.pairs():
             if _for_this_release(payload, index_digest, version, created):
                 found.setdefault((sha256_digest(payload), signature), (payload, signature))
-    return list(found.values())
+                if signature in named:
+                    key_ids.setdefault(signature, named[signature])
+    return KeptSignatures(list(found.values()), key_ids)
+
+
+def added_count(
+    existing: Sequence[tuple[bytes, bytes]], manifest: signing.SignatureManifest
+) -> int:
+    """How many of `manifest`'s signatures are not among `existing` (the ones this run
+    made), for "2 signatures (1 added)"."""
+    before = {(sha256_digest(payload), signature) for payload, signature in existing}
+    layers = signing.read_signature_manifest(manifest.manifest, "the new signature")
+    return sum((layer.payload_digest, layer.signature) not in before for layer in layers)
 
 
 def plan_signature(
@@ -88,9 +112,12 @@ def plan_signature(
     created: str,
     *,
     replace: bool = False,
+    key_ids: Mapping[bytes, str] | None = None,
 ) -> signing.SignatureManifest:
     """The signature manifest to write: the existing signatures (only our keys' with
-    `replace`), plus one by each key that has none yet. Checked before it is written."""
+    `replace`), plus one by each key that has none yet, each new layer naming its key
+    (existing layers keep what they named: `key_ids`, so a re-run changes no digest).
+    Checked before it is written."""
     unique = list({k.public.key_id: k for k in keys}.values())
     if not unique:
         raise ConfigError("no signing key given")
@@ -99,19 +126,22 @@ def plan_signature(
         return any(k.public.verify(pair[1], pair[0]) for k in unique)
 
     entries = [pair for pair in existing if ours(pair)] if replace else list(existing)
+    named = dict(key_ids or {})
     payload: bytes | None = None
     for key in unique:
         if any(key.public.verify(sig, data) for data, sig in entries):
             continue  # kept as it is: re-signing would change the manifest's digest
         payload = payload or signing.make_payload(index_digest, docker_reference, version, created)
-        entries.append((payload, key.sign(payload)))
+        signature = key.sign(payload)
+        entries.append((payload, signature))
+        named[signature] = key.public.key_id
     if len(entries) > signing.MAX_SIGNATURE_LAYERS:
         raise ConfigError(
             f"index {index_digest} would carry {len(entries)} signatures, more than the "
             f"{signing.MAX_SIGNATURE_LAYERS} a client checks; pass --replace-signatures"
         )
     _check_signed(entries, unique, index_digest, version, created, "the new signature")
-    return signing.build_signature_manifest(entries)
+    return signing.build_signature_manifest(entries, named)
 
 
 def _every_key(keys: Sequence[keys.SigningKey]) -> policy.TrustPolicy:
@@ -162,4 +192,4 @@ def read_back(
     _check_created(verified.created, created, f"{target.name}:{signature_tag(index_digest)}")
 
 
-__all__ = ["existing_signatures", "plan_signature", "read_back"]
+__all__ = ["KeptSignatures", "added_count", "existing_signatures", "plan_signature", "read_back"]

@@ -92,6 +92,36 @@ def require_keys(policy: TrustPolicy, where: str) -> None:
         raise NoTrustedKeysError(f"{where}: no trusted key is configured; {_HOW_TO_CONFIGURE}")
 
 
+def _untrusted_signers(
+    signatures: Sequence[bytes], claimed: Mapping[bytes, str], keys: Sequence[PublicKey]
+) -> str:
+    """Who made the signatures no trusted key verified, as their layers name them: the
+    claim is unsigned, so it only says which key to ask for (or that one is damaged)."""
+    trusted = {k.key_id for k in keys}
+    named = [claimed[s] for s in signatures if s in claimed]
+    others = list(dict.fromkeys(k for k in named if k not in trusted))
+    forged = list(dict.fromkeys(k for k in named if k in trusted))
+    unnamed = sum(s not in claimed for s in signatures)
+    parts = []
+    if others:
+        parts.append(
+            "signed by key(s) "
+            + ", ".join(k[:16] for k in others)
+            + ", not trusted here (as the signature manifest names them)"
+        )
+    if forged:
+        parts.append(
+            "a signature naming trusted key(s) "
+            + ", ".join(k[:16] for k in forged)
+            + " does not verify with it (damaged or forged)"
+        )
+    if unnamed:
+        parts.append(
+            f"{unnamed} signature(s) name no key (written by cosign or an older publisher)"
+        )
+    return "".join(f"; {p}" for p in parts)
+
+
 def verify_index(
     policy: TrustPolicy,
     index_digest: str,
@@ -99,10 +129,12 @@ def verify_index(
     *,
     expected_version: str | None,
     newest_accepted_created: str | None,
+    claimed_key_ids: Mapping[bytes, str] | None = None,
     where: str,
 ) -> VerifiedRelease:
     """Accept the index `index_digest` (computed by the caller over the bytes it fetched)
-    or raise. `signatures` are (payload bytes, raw signature) pairs."""
+    or raise. `signatures` are (payload bytes, raw signature) pairs; `claimed_key_ids`
+    maps a signature to the key id its layer names, for the error only."""
     require_keys(policy, f"{where}: refusing unverified remote content (index {index_digest})")
     keys = list({k.key_id: k for k in policy.keys}.values())
 
@@ -110,9 +142,11 @@ def verify_index(
     # has vouched for them.
     accepted: dict[str, list[SignedPayload]] = {}
     other_digest = 0
+    unverified: list[bytes] = []  # signatures no trusted key made
     for n, (payload, signature) in enumerate(signatures):
         signers = [k for k in keys if k.verify(signature, payload)]
         if not signers:
+            unverified.append(signature)
             continue
         try:
             parsed = parse_payload(payload, f"{where} signature {n}")
@@ -139,6 +173,7 @@ def verify_index(
             f"{where}: index {index_digest} has valid signatures from {len(accepted)} "
             f"trusted key(s), {policy.threshold} required ({len(signatures)} signature(s) "
             f"checked{note}); trusted keys tried: {tried}"
+            f"{_untrusted_signers(unverified, claimed_key_ids or {}, keys)}"
         )
 
     claims = {(p.version, p.created) for payloads in accepted.values() for p in payloads}
@@ -278,6 +313,7 @@ def accept_index(
     annotations: Callable[[], Mapping[str, str]],
     expected_version: str | None = None,
     rollback: RollbackState | None = None,
+    claimed_key_ids: Mapping[bytes, str] | None = None,
     where: str,
 ) -> Verdict:
     """THE decision whether the index `index_digest`, read under `tag`, is accepted.
@@ -288,6 +324,7 @@ def accept_index(
     the release's version must be a valid one and, for a `vX` tag (or an explicit
     `expected_version`), be X. `annotations` parses the index: it is called only after
     the signatures verified, so untrusted index bytes are read once a key vouched.
+    `claimed_key_ids` (signature -> the key id its layer names) only words an error.
     """
     expected = expected_version if expected_version is not None else version_of_tag(tag)
     key_ids: tuple[str, ...] = ()
@@ -301,6 +338,7 @@ def accept_index(
             signatures,
             expected_version=expected,
             newest_accepted_created=rollback.created if rollback else None,
+            claimed_key_ids=claimed_key_ids,
             where=where,
         )
         version = verified.version or annotations().get(ANN_VERSION)

@@ -66,6 +66,10 @@ class SignatureRecord:
         """(payload, signature) per layer, as the policy takes them."""
         return [(self.payloads[layer.payload_digest], layer.signature) for layer in self.layers]
 
+    def key_ids(self) -> dict[bytes, str]:
+        """signature -> the key id its layer names (unverified; for messages and rebuilds)."""
+        return {layer.signature: layer.key_id for layer in self.layers if layer.key_id}
+
 
 @dataclass(frozen=True)
 class VerifiedIndex:
@@ -156,6 +160,7 @@ class ReleaseReader:
             tag=tag,
             index_digest=digest,
             signatures=signature.pairs() if signature is not None else (),
+            claimed_key_ids=signature.key_ids() if signature is not None else None,
             annotations=annotations,
             expected_version=expected_version,
             rollback=rollback,
@@ -302,6 +307,7 @@ class ReleaseReader:
                 tag=found.reference,
                 index_digest=found.digest,
                 signatures=signature.pairs(),
+                claimed_key_ids=signature.key_ids(),
                 annotations=lambda: found.annotations,
                 where=source.name,
             )
