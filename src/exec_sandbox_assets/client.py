@@ -33,6 +33,7 @@ from exec_sandbox_assets.base.errors import (
     TransportError,
 )
 from exec_sandbox_assets.cache import legacy
+from exec_sandbox_assets.cache.content import ContentState
 from exec_sandbox_assets.cache.download import MAX_RESUMES
 from exec_sandbox_assets.cache.refs import FLOATING_REF_PREFIX
 from exec_sandbox_assets.cache.store import CacheTrust, OutputSpec, Store
@@ -70,7 +71,10 @@ class AssetClient:
     def __init__(self, settings: Settings, *, sources: SourcesFactory | None = None) -> None:
         self.settings = settings
         self.store = Store(
-            settings.cache_dir, lock_timeout=settings.lock_timeout, trust=cache_trust(settings)
+            settings.cache_dir,
+            lock_timeout=settings.lock_timeout,
+            trust=cache_trust(settings),
+            content_check_after=settings.verify_content_after,
         )
         self.sources: SourcesFactory = sources or _default_sources
 
@@ -110,6 +114,19 @@ class AssetClient:
     def find_cached(self, output_name: str) -> Path | None:
         version = self.cached_version()
         return self.store.lookup(version, output_name) if version else None
+
+    def check_cached_content(self, specs: Sequence[AssetSpec]) -> dict[str, ContentState]:
+        """Hash the cached file of each of `specs` that has a record (`pull --force`): one
+        that does not match its digest loses its record, so a fetch that follows downloads
+        it again; one whose bytes match but whose stat changed gets its stat recorded."""
+        version = self.cached_version()
+        if version is None:
+            return {}
+        return {
+            s.output_name: self.store.check_content(version, s.output_name, restat=True)
+            for s in specs
+            if self.store.read_record(version, s.output_name) is not None
+        }
 
     def find(self, output_name: str, override: Path | None = None) -> Path | None:
         return self.find_local(output_name, override) or self.find_cached(output_name)

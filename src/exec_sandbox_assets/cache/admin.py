@@ -332,28 +332,37 @@ class VerifyResult:
     note: str = ""
 
 
-def verify_version(store: Store, version: str, *, full: bool) -> list[VerifyResult]:
+def verify_version(
+    store: Store, version: str, *, full: bool, restat: bool = False
+) -> list[VerifyResult]:
     """Check each output of `version`.
 
     Default: its stat against its verification record, the check a boot makes. With
-    `full`: its content digest (every byte is read); a file whose bytes still match but
-    whose stat changed (touched, copied back) passes, with a note that the next use
-    re-installs it.
+    `full`: its content digest (every byte is read, `Store.check_content`); a file that
+    does not match loses its record, so the next pull or boot fetches it again. A file
+    whose bytes still match but whose stat changed (touched, copied back) passes, with a
+    note that the next use re-installs it, or (`restat`) with its new stat recorded.
     """
-    outputs = store.outputs(version)
-    hashed = dict(store.verify_full(version)) if full else {}
     results = []
-    for info in outputs:
+    for info in store.outputs(version):
         problem = note = ""
         if not info.content_digest:
-            problem = "no verification record (never verified; the next use re-fetches it)"
+            problem = "no verification record (never verified; the next use fetches it)"
         elif not info.path.is_file():
             problem = "file missing"
         elif full:
-            if not hashed.get(info.name, False):
-                problem = f"content does not match {info.content_digest} (modified or corrupt)"
-            elif not info.valid:
+            state = store.check_content(version, info.name, restat=restat)
+            if state == "mismatch":
+                problem = (
+                    f"content does not match {info.content_digest} (modified or corrupt); "
+                    "its record is removed, so the next pull or boot fetches it again"
+                )
+            elif state == "changed":
                 note = "content intact, but its stat changed: the next use re-installs it"
+            elif state == "restated":
+                note = "content intact; its stat had changed and is now recorded"
+            elif state != "ok":
+                problem = "file missing" if state == "missing" else "no verification record"
         elif not info.valid:
             problem = "changed since it was verified (size, mtime or inode differ)"
         results.append(VerifyResult(version, info.name, info.path, not problem, problem, note))
