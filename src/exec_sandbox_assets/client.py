@@ -32,10 +32,11 @@ from exec_sandbox_assets.base.errors import (
     Attempt,
     TransportError,
 )
-from exec_sandbox_assets.cache import legacy
+from exec_sandbox_assets.cache import legacy, space
 from exec_sandbox_assets.cache.content import ContentState
 from exec_sandbox_assets.cache.download import MAX_RESUMES
 from exec_sandbox_assets.cache.refs import FLOATING_REF_PREFIX
+from exec_sandbox_assets.cache.space import SpacePlan
 from exec_sandbox_assets.cache.store import CacheTrust, OutputSpec, Store
 from exec_sandbox_assets.config import LATEST, Settings
 from exec_sandbox_assets.release import catalog
@@ -224,6 +225,10 @@ class AssetClient:
             # Largest first: the longest install (a base image) starts at once, not after
             # the kernels; the small ones fill in around it.
             jobs.sort(key=lambda job: -_layer_size(*job))
+            # Before the first byte: what does not fit is refused, smallest files first in.
+            room = self._space_plan(jobs)
+            refused = set(room.refused) if room else set()
+            jobs = [job for job in jobs if job[1].output_name not in refused]
             limit = asyncio.Semaphore(self.settings.concurrency)
             outcomes = await asyncio.gather(
                 *(self._fetch_one(sources, part, spec, limit, progress) for part, spec in jobs),
@@ -238,12 +243,35 @@ class AssetClient:
             if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
                 raise outcome  # cancellation, KeyboardInterrupt: not a per-asset failure
             results[spec.output_name] = outcome
+        if room is not None:
+            results.update({name: room.error(name) for name in room.refused})
         accepted = self.releases.accepted(LATEST) if self.settings.floating else None
         if accepted is not None and any(isinstance(v, Path) for v in results.values()):
             # The cache's `latest` moves to the release just fetched, never before.
             ref = {"version": accepted.version, "digest": accepted.digest}
             self.store.write_state(FLOATING_REF_PREFIX + LATEST, ref)
         return results
+
+    def _space_plan(self, jobs: Sequence[tuple[PlatformRelease, AssetSpec]]) -> SpacePlan | None:
+        """What the downloads of `jobs` need against the cache's free space (see
+        `cache.space`); None where free space cannot be measured."""
+        needs = [
+            space.need_of(
+                spec.output_name,
+                self.store.blob_path(layer.digest),
+                layer.size,
+                layer.content_size,
+                layer.compressed,
+            )
+            for part, spec in jobs
+            if (layer := part.layers.get(spec.name)) is not None
+        ]
+        try:
+            _, free = space.free_bytes(self.store.root)
+        except OSError as exc:
+            log.debug("free space unknown", extra={"path": str(self.store.root), "error": str(exc)})
+            return None
+        return space.plan(needs, free, self.settings.min_free, self.store.root)
 
     async def _fetch_one(
         self,

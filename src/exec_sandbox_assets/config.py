@@ -24,6 +24,7 @@ Environment variables (all optional):
 | EXEC_SANDBOX_LOCK_TIMEOUT | seconds to wait for another process's download | 1800 |
 | EXEC_SANDBOX_SOURCE_TIMEOUT | seconds a metadata read (retries included) or a blob's first answer may take per source | 30 |
 | EXEC_SANDBOX_MIN_RATE | bytes/s a blob body must keep up over each 30 s window (`0`: no minimum) | 1024 |
+| EXEC_SANDBOX_MIN_FREE | space to leave free on the cache's file system: a download that would eat into it is refused before its first byte (bytes, or with K, M, G, T: `512M`; `0`: only what the files need) | 64M |
 | EXEC_SANDBOX_VERIFY_CONTENT_AFTER | opt-in: the boot path hashes a cached file once per process start when its bytes were last checked this long ago (`30d`, `12h`, `90m`, seconds; `0`: at every start); a mismatch is fetched again | - (off: a stat) |
 | EXEC_SANDBOX_DISABLE_PROGRESS_BARS | `1`: the CLI draws no progress (as `--no-progress`) | 0 |
 | EXEC_SANDBOX_ALLOW_LEGACY_RELEASES | `1`: accept exec-sandbox <= 0.22.0 GitHub releases (no signature: TLS + GitHub API digest only) | 0 |
@@ -87,6 +88,7 @@ class Settings:
     lock_timeout: float = 1800.0
     source_timeout: float = DEFAULT_DEADLINE
     min_rate: int = DEFAULT_MIN_RATE
+    min_free: int = DEFAULT_MIN_FREE
     verify_content_after: float | None = None  # seconds; None: the warm path hashes nothing
     progress_bars: bool = True
     # (host, username, password) given on the command line: used before any auth file.
@@ -282,6 +284,7 @@ def load_settings(env: Mapping[str, str] | None = None, **explicit: Any) -> Sett
         "lock_timeout": float(_int(env, "LOCK_TIMEOUT", 1800, minimum=0)),
         "source_timeout": _seconds(env, ENV_PREFIX + "SOURCE_TIMEOUT", DEFAULT_DEADLINE),
         "min_rate": _int(env, "MIN_RATE", DEFAULT_MIN_RATE, minimum=0),
+        "min_free": _size(env, ENV_PREFIX + "MIN_FREE", DEFAULT_MIN_FREE),
         "verify_content_after": _age(env, ENV_PREFIX + "VERIFY_CONTENT_AFTER"),
         "progress_bars": progress_bars_enabled(env),
         "allow_legacy_releases": _flag(env, "ALLOW_LEGACY_RELEASES"),

@@ -155,6 +155,7 @@ class GcItem:
 class GcPlan:
     items: tuple[GcItem, ...]
     kept_versions: tuple[str, ...]
+    resumable: tuple[FileEntry, ...] = ()  # downloads kept for the next pull (no --partials)
 
     @property
     def total(self) -> int:
@@ -185,12 +186,15 @@ def plan_gc(
     *,
     keep: int = 1,
     protected: Sequence[str] = (),
+    partials: bool = False,
     now: float,
     state_temp_min_age: float = STATE_TEMP_MIN_AGE,
 ) -> GcPlan:
     """What `gc` removes: versions beyond the newest `keep` (floating refs' versions and
-    `protected` ones are kept), complete blobs never installed, partial downloads, and
-    temp files of interrupted writes. Items are in a stable order (by kind, then path)."""
+    `protected` ones are kept) and temp files of interrupted writes; with `partials`,
+    resumable downloads too (partials, and complete blobs never installed, which a full
+    disk or a crash left and the next pull reuses). Without it they are kept and listed
+    in `GcPlan.resumable`. Items are in a stable order (by kind, then path)."""
     if keep < 0:
         raise ValueError(f"keep must be >= 0, not {keep}")
     protect = (*protected, *listing.floating.values())
@@ -218,18 +222,20 @@ def plan_gc(
                 tuple(LockRef("output", v.version, n) for n in names),
             )
         )
-    for b in listing.blobs:
-        items.append(
-            GcItem("blob", b.path, b.size, "blob never installed (orphan)", _blob_locks(b.path))
-        )
-    for p in listing.partials:
-        items.append(GcItem("partial", p.path, p.size, "partial download", _blob_locks(p.path)))
+    if partials:
+        for b in listing.blobs:
+            why = "downloaded blob never installed (resumable)"
+            items.append(GcItem("blob", b.path, b.size, why, _blob_locks(b.path)))
+        for p in listing.partials:
+            why = "partial download (resumable)"
+            items.append(GcItem("partial", p.path, p.size, why, _blob_locks(p.path)))
     for t in listing.state_temps:
         if now - t.mtime >= state_temp_min_age:
             items.append(GcItem("temp", t.path, t.size, "temp file of an interrupted write"))
     order = {"version": 0, "blob": 1, "partial": 2, "temp": 3}
     items.sort(key=lambda i: (order[i.kind], str(i.path)))
-    return GcPlan(tuple(items), kept)
+    resumable = () if partials else (*listing.blobs, *listing.partials)
+    return GcPlan(tuple(items), kept, tuple(sorted(resumable, key=lambda e: str(e.path))))
 
 
 # -- gc run (I/O edge) -----------------------------------------------------------------------
@@ -247,6 +253,7 @@ class GcReport:
     dry_run: bool
     outcomes: tuple[GcOutcome, ...]
     kept_versions: tuple[str, ...] = ()
+    resumable: tuple[FileEntry, ...] = ()  # kept for the next pull (gc --partials frees them)
 
     @property
     def freed(self) -> int:
@@ -316,7 +323,7 @@ def run_gc(store: Store, plan: GcPlan, *, dry_run: bool) -> GcReport:
             if not dry_run:
                 _remove(item.path)
             outcomes.append(GcOutcome(item, True))
-    return GcReport(dry_run, tuple(outcomes), plan.kept_versions)
+    return GcReport(dry_run, tuple(outcomes), plan.kept_versions, plan.resumable)
 
 
 # -- verify ----------------------------------------------------------------------------------

@@ -399,7 +399,9 @@ def run_gc(ctx: Context) -> int:
     client = AssetClient(settings)
     listing = cache_admin.scan(client.store)
     protected = () if settings.floating else (settings.version,)
-    plan = cache_admin.plan_gc(listing, keep=args.keep, protected=protected, now=time.time())
+    plan = cache_admin.plan_gc(
+        listing, keep=args.keep, protected=protected, partials=args.partials, now=time.time()
+    )
     report = cache_admin.run_gc(client.store, plan, dry_run=args.dry_run)
     if args.json:
         emit_json(
@@ -418,6 +420,7 @@ def run_gc(ctx: Context) -> int:
                     for o in report.outcomes
                 ],
                 "freed": report.freed,
+                "kept_resumable": [{"path": e.path, "size": e.size} for e in report.resumable],
             }
         )
         return EXIT_OK
@@ -441,6 +444,12 @@ def run_gc(ctx: Context) -> int:
     removed = sum(1 for o in report.outcomes if o.removed)
     total = "would free" if report.dry_run else "freed"
     out(f"{total} {human_size(report.freed)} ({report.freed} bytes) in {removed} item(s)")
+    if report.resumable:
+        size = sum(e.size for e in report.resumable)
+        out(
+            f"kept {len(report.resumable)} resumable download(s), {human_size(size)}: the next "
+            "pull resumes them; `gc --partials` removes them"
+        )
     return EXIT_OK
 
 
