@@ -19,7 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from exec_sandbox_assets.base.errors import ConfigError
+from exec_sandbox_assets.cache.space import Need, need_of, plan
 from exec_sandbox_assets.cli.commands import pull_specs
+from exec_sandbox_assets.config import load_settings
 from exec_sandbox_assets.release import catalog
 from releases import SampleRelease, make_key_pair, publish_sample_release
 from test_cli import HOST, Result, layout_args
@@ -166,3 +169,42 @@ def test_mirror_into_a_full_layout_removes_what_it_wrote(
         assert "that no tag names" not in result.stderr, result.stderr
         assert [p for p in (dst / "blobs").rglob("*") if p.is_file()] == []
         assert free(small) >= before - 64 * 1024  # the layout's own small files
+
+
+# -- the plan, pure ------------------------------------------------------------------------------
+
+
+def test_plan_takes_everything_that_fits_else_the_smallest_first() -> None:
+    needs = [Need("base", 8 * MiB), Need("kernel", 2 * MiB), Need("gvproxy", 3 * MiB)]
+    where = Path("/cache")
+    assert plan(needs, 20 * MiB, 5 * MiB, where).refused == ()
+    room = plan(needs, 10 * MiB, 4 * MiB, where)  # 6 MiB usable: kernel + gvproxy
+    assert room.refused == ("base",)
+    message = str(room.error("base"))
+    assert "it needs up to 8.0 MiB (8388608 bytes) and 10.0 MiB" in message
+    assert "4.0 MiB (4194304 bytes) kept free by EXEC_SANDBOX_MIN_FREE" in message
+    assert "1.0 MiB (1048576 bytes) left after the 2 file(s) that fit" in message
+    assert plan(needs, 4 * MiB, 0, where).refused == ("gvproxy", "base")
+    # Nothing left to write (a complete blob on disk) is never refused, even when full.
+    assert plan([Need("done", 0), Need("x", 1)], 0, 64 * MiB, where).refused == ("x",)
+
+
+def test_need_counts_what_is_on_disk_already(tmp_path: Path) -> None:
+    blob = tmp_path / ("ab" * 32)
+    assert need_of("f", blob, 1000, 4000, compressed=True) == Need("f", 5000)
+    assert need_of("f", blob, 1000, 1000, compressed=False) == Need("f", 1000)
+    blob.with_name(blob.name + ".partial").write_bytes(os.urandom(8192))
+    assert need_of("f", blob, 10000, 40000, compressed=True).size <= 40000 + 10000 - 4096
+    blob.write_bytes(b"x")  # a complete, verified blob a full disk kept
+    assert need_of("f", blob, 10000, 40000, compressed=True) == Need("f", 40000)
+
+
+def test_min_free_takes_sizes_with_units() -> None:
+    sizes = {"0": 0, "512": 512, "64M": 64 * MiB, "1.5G": 3 << 29, "2GiB": 2 << 30, "1k": 1024}
+    for text, value in sizes.items():
+        settings = load_settings({"EXEC_SANDBOX_MIN_FREE": text}, cache_dir="/c")
+        assert settings.min_free == value, text
+    assert load_settings({}, cache_dir="/c").min_free == 64 * MiB
+    for bad in ("lots", "-1", "5Q", "nan", "M"):
+        with pytest.raises(ConfigError, match=r"EXEC_SANDBOX_MIN_FREE=.*expected a size"):
+            load_settings({"EXEC_SANDBOX_MIN_FREE": bad}, cache_dir="/c")

@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 import exec_sandbox_assets as esa
+from exec_sandbox_assets.base.errors import ConfigError
 from exec_sandbox_assets.cache.admin import verify_version
+from exec_sandbox_assets.cache.content import due
+from exec_sandbox_assets.cache.records import Record
+from exec_sandbox_assets.config import load_settings
 from releases import SampleRelease, make_key_pair, publish_sample_release
 from servers import RegistryServer
 from test_cli import HOST, layout_args, run
@@ -196,3 +201,33 @@ def backdate(record: Path, when: str) -> None:
     doc = json.loads(record.read_text())
     doc["content_checked_at"] = when
     record.write_text(json.dumps(doc))
+
+
+def test_verify_content_after_takes_ages_and_old_records_count_from_verified_at() -> None:
+    ages = {"0": 0.0, "3600": 3600.0, "90m": 5400.0, "12h": 43200.0, "30d": 2592000.0}
+    for text, seconds in ages.items():
+        env = {"EXEC_SANDBOX_VERIFY_CONTENT_AFTER": text}
+        assert load_settings(env, cache_dir="/c").verify_content_after == seconds, text
+    assert load_settings({}, cache_dir="/c").verify_content_after is None
+    for bad in ("soon", "-5", "3y", "d"):
+        with pytest.raises(ConfigError, match="expected an age"):
+            load_settings({"EXEC_SANDBOX_VERIFY_CONTENT_AFTER": bad}, cache_dir="/c")
+
+    fields = {
+        "format": 1,
+        "content_digest": "sha256:" + "a" * 64,
+        "size": 1,
+        "mtime_ns": 1,
+        "ino": 1,
+        "layer_digest": "sha256:" + "b" * 64,
+        "source": "s",
+        "verified_at": "2026-01-01T00:00:00+00:00",
+    }
+    old = Record.from_bytes(json.dumps(fields).encode())  # written before content_checked_at
+    now = datetime(2026, 1, 2, tzinfo=UTC)
+    assert old.content_checked_at is None
+    assert due(old, 86400, now) and not due(old, 86401, now)
+    new = Record.from_bytes(
+        json.dumps({**fields, "content_checked_at": "2026-01-01T12:00:00+00:00"}).encode()
+    )
+    assert not due(new, 86400, now) and due(new, 43200, now)
