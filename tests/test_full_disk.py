@@ -19,12 +19,14 @@ from pathlib import Path
 
 import pytest
 
+from conftest import FaultProxyFactory
 from exec_sandbox_assets.base.errors import ConfigError
 from exec_sandbox_assets.cache.space import Need, need_of, plan
 from exec_sandbox_assets.cli.commands import pull_specs
 from exec_sandbox_assets.config import load_settings
 from exec_sandbox_assets.release import catalog
 from releases import SampleRelease, make_key_pair, publish_sample_release
+from servers import RegistryServer
 from test_cli import HOST, Result, layout_args
 from test_cli_operator import cli
 
@@ -208,3 +210,38 @@ def test_min_free_takes_sizes_with_units() -> None:
     for bad in ("lots", "-1", "5Q", "nan", "M"):
         with pytest.raises(ConfigError, match=r"EXEC_SANDBOX_MIN_FREE=.*expected a size"):
             load_settings({"EXEC_SANDBOX_MIN_FREE": bad}, cache_dir="/c")
+
+
+def test_a_mirror_that_fails_otherwise_names_what_it_left(
+    tmp_path: Path, registry: RegistryServer, repo_name: str, fault_proxy: FaultProxyFactory
+) -> None:
+    """Not a full disk (a blob arrives corrupt): what was written stays for the re-run,
+    and the warning says exactly what and where."""
+    release = publish_sample_release(
+        registry.ref(repo_name),
+        "1.0.0",
+        tmp_path / "work",
+        key=make_key_pair(tmp_path / "keys"),
+        size=64 * 1024,
+        platforms=[HOST],
+    )
+    proxy = fault_proxy(registry)
+    proxy.match_path = release.layer(BIG).digest
+    proxy.flip_byte_at = 100
+    dst = tmp_path / "layout"
+    args = ["--trusted-key", str(release.key.public), "--cache-dir", str(tmp_path / "cache")]
+    mirror = [*args, "mirror", proxy.ref(repo_name), f"oci:{dst}", "--version", "1.0.0"]
+    result = cli(*mirror)
+    assert result.code == 3, result.stdout + result.stderr
+    found = re.search(
+        rf"mirror to oci:{re.escape(str(dst))} failed: left (\d+) blob\(s\), .* at "
+        rf"oci:{re.escape(str(dst))} that no tag names \(sha256:\w+.*\); a re-run reuses them",
+        result.stderr,
+    )
+    assert found, result.stderr
+    assert len(files_under(dst / "blobs")) == int(found.group(1)) > 0
+    # The re-run (the proxy fixed) completes, reusing them.
+    proxy.reset()
+    again = cli(*mirror, "--json")
+    assert again.code == 0, again.stderr
+    assert again.json()["releases"][0]["blobs_skipped"] >= int(found.group(1)) - 3

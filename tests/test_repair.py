@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from releases import SampleRelease, make_key_pair, publish_sample_release
 from servers import RegistryServer
 from test_cli import HOST, layout_args, run
 from test_client_e2e import PYTHON, VERSION, reconfigure, use
+from test_full_disk import tmpfs
 
 
 @pytest.fixture
@@ -231,3 +233,32 @@ def test_verify_content_after_takes_ages_and_old_records_count_from_verified_at(
         json.dumps({**fields, "content_checked_at": "2026-01-01T12:00:00+00:00"}).encode()
     )
     assert not due(new, 86400, now) and due(new, 43200, now)
+
+
+async def test_the_boot_path_check_on_a_read_only_cache_serves_intact_files_only(
+    tmp_path: Path, release: SampleRelease, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cache shared read-only: a match cannot be recorded but is served; a mismatch
+    cannot be repaired there, and is not served either."""
+    with tmpfs(tmp_path / "ro", "16m") as mount:
+        use(monkeypatch, tmp_path, release.target, release.key.public, EXEC_SANDBOX_MIN_FREE="0")
+        monkeypatch.setenv("EXEC_SANDBOX_CACHE_DIR", str(mount / "cache"))
+        reconfigure(tmp_path)
+        images = await esa.ensure_assets(download=True, language="python")
+        remount(mount, "ro")
+        try:
+            monkeypatch.setenv("EXEC_SANDBOX_VERIFY_CONTENT_AFTER", "0")
+            reconfigure(tmp_path)
+            assert await esa.ensure_assets(download=True, language="python") == images
+            remount(mount, "rw")
+            flip_byte(images / PYTHON)
+            remount(mount, "ro")
+            reconfigure(tmp_path)
+            with pytest.raises(esa.AssetError, match="Read-only file system"):
+                await esa.ensure_assets(download=True, language="python")
+        finally:
+            remount(mount, "rw")
+
+
+def remount(path: Path, mode: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{mode}", str(path)], check=True)
