@@ -337,11 +337,23 @@ def test_gc_dry_run_then_gc_frees_exactly_what_it_said(
     fcntl.flock(fd, fcntl.LOCK_EX)  # a download of that blob is running
     try:
         size_before = tree_size(cache)
-        plan = run("--cache-dir", cache, "gc", "--dry-run", "--json")
+        # Plain gc keeps what a pull resumes from (partials, blobs never installed).
+        plain = run("--cache-dir", cache, "gc", "--dry-run", "--json")
+        assert plain.code == 0, plain.stderr
+        assert {Path(i["path"]) for i in plain.json()["items"]} == {cache / "v1.0.0", kept_temp}
+        assert {Path(e["path"]) for e in plain.json()["kept_resumable"]} == {
+            orphan,
+            free_partial,
+            busy_partial,
+        }
+        text_plain = run("--cache-dir", cache, "gc", "--dry-run")
+        assert "kept 3 resumable download(s)" in text_plain.stdout, text_plain.stdout
+        assert "`gc --partials` removes them" in text_plain.stdout
+        plan = run("--cache-dir", cache, "gc", "--partials", "--dry-run", "--json")
         assert plan.code == 0, plan.stderr
         assert tree_size(cache) == size_before
-        text_plan = run("--cache-dir", cache, "gc", "--dry-run")
-        done = run("--cache-dir", cache, "gc", "--json")
+        text_plan = run("--cache-dir", cache, "gc", "--partials", "--dry-run")
+        done = run("--cache-dir", cache, "gc", "--partials", "--json")
         assert done.code == 0, done.stderr
     finally:
         os.close(fd)
@@ -361,7 +373,7 @@ def test_gc_dry_run_then_gc_frees_exactly_what_it_said(
     assert "would free " in text_plan.stdout and f"({d['freed']} bytes)" in text_plan.stdout
     # What is kept still verifies, and a second gc has nothing left but the busy partial.
     assert run("--cache-dir", cache, "verify", "--full").code == 0
-    again = run("--cache-dir", cache, "gc", "--json").json()
+    again = run("--cache-dir", cache, "gc", "--partials", "--json").json()
     assert [Path(i["path"]) for i in again["items"]] == [busy_partial]
     assert again["freed"] == 9000  # no longer locked: now it goes
 

@@ -864,6 +864,7 @@ def test_store_module_imports_nothing_heavy() -> None:
         "exec_sandbox_assets.base.safejson",  # stdlib only: the parser of untrusted JSON
         "exec_sandbox_assets.base.safetext",
         "exec_sandbox_assets.cache",
+        "exec_sandbox_assets.cache.content",
         "exec_sandbox_assets.cache.download",
         "exec_sandbox_assets.cache.files",
         "exec_sandbox_assets.cache.install",

@@ -32,9 +32,11 @@ from exec_sandbox_assets.base.errors import (
     Attempt,
     TransportError,
 )
-from exec_sandbox_assets.cache import legacy
+from exec_sandbox_assets.cache import legacy, space
+from exec_sandbox_assets.cache.content import ContentState
 from exec_sandbox_assets.cache.download import MAX_RESUMES
 from exec_sandbox_assets.cache.refs import FLOATING_REF_PREFIX
+from exec_sandbox_assets.cache.space import SpacePlan
 from exec_sandbox_assets.cache.store import CacheTrust, OutputSpec, Store
 from exec_sandbox_assets.config import LATEST, Settings
 from exec_sandbox_assets.release import catalog
@@ -70,7 +72,10 @@ class AssetClient:
     def __init__(self, settings: Settings, *, sources: SourcesFactory | None = None) -> None:
         self.settings = settings
         self.store = Store(
-            settings.cache_dir, lock_timeout=settings.lock_timeout, trust=cache_trust(settings)
+            settings.cache_dir,
+            lock_timeout=settings.lock_timeout,
+            trust=cache_trust(settings),
+            content_check_after=settings.verify_content_after,
         )
         self.sources: SourcesFactory = sources or _default_sources
 
@@ -110,6 +115,19 @@ class AssetClient:
     def find_cached(self, output_name: str) -> Path | None:
         version = self.cached_version()
         return self.store.lookup(version, output_name) if version else None
+
+    def check_cached_content(self, specs: Sequence[AssetSpec]) -> dict[str, ContentState]:
+        """Hash the cached file of each of `specs` that has a record (`pull --force`): one
+        that does not match its digest loses its record, so a fetch that follows downloads
+        it again; one whose bytes match but whose stat changed gets its stat recorded."""
+        version = self.cached_version()
+        if version is None:
+            return {}
+        return {
+            s.output_name: self.store.check_content(version, s.output_name, restat=True)
+            for s in specs
+            if self.store.read_record(version, s.output_name) is not None
+        }
 
     def find(self, output_name: str, override: Path | None = None) -> Path | None:
         return self.find_local(output_name, override) or self.find_cached(output_name)
@@ -207,6 +225,10 @@ class AssetClient:
             # Largest first: the longest install (a base image) starts at once, not after
             # the kernels; the small ones fill in around it.
             jobs.sort(key=lambda job: -_layer_size(*job))
+            # Before the first byte: what does not fit is refused, smallest files first in.
+            room = self._space_plan(jobs)
+            refused = set(room.refused) if room else set()
+            jobs = [job for job in jobs if job[1].output_name not in refused]
             limit = asyncio.Semaphore(self.settings.concurrency)
             outcomes = await asyncio.gather(
                 *(self._fetch_one(sources, part, spec, limit, progress) for part, spec in jobs),
@@ -221,12 +243,35 @@ class AssetClient:
             if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
                 raise outcome  # cancellation, KeyboardInterrupt: not a per-asset failure
             results[spec.output_name] = outcome
+        if room is not None:
+            results.update({name: room.error(name) for name in room.refused})
         accepted = self.releases.accepted(LATEST) if self.settings.floating else None
         if accepted is not None and any(isinstance(v, Path) for v in results.values()):
             # The cache's `latest` moves to the release just fetched, never before.
             ref = {"version": accepted.version, "digest": accepted.digest}
             self.store.write_state(FLOATING_REF_PREFIX + LATEST, ref)
         return results
+
+    def _space_plan(self, jobs: Sequence[tuple[PlatformRelease, AssetSpec]]) -> SpacePlan | None:
+        """What the downloads of `jobs` need against the cache's free space (see
+        `cache.space`); None where free space cannot be measured."""
+        needs = [
+            space.need_of(
+                spec.output_name,
+                self.store.blob_path(layer.digest),
+                layer.size,
+                layer.content_size,
+                layer.compressed,
+            )
+            for part, spec in jobs
+            if (layer := part.layers.get(spec.name)) is not None
+        ]
+        try:
+            _, free = space.free_bytes(self.store.root)
+        except OSError as exc:
+            log.debug("free space unknown", extra={"path": str(self.store.root), "error": str(exc)})
+            return None
+        return space.plan(needs, free, self.settings.min_free, self.store.root)
 
     async def _fetch_one(
         self,

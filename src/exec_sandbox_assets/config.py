@@ -24,6 +24,8 @@ Environment variables (all optional):
 | EXEC_SANDBOX_LOCK_TIMEOUT | seconds to wait for another process's download | 1800 |
 | EXEC_SANDBOX_SOURCE_TIMEOUT | seconds a metadata read (retries included) or a blob's first answer may take per source | 30 |
 | EXEC_SANDBOX_MIN_RATE | bytes/s a blob body must keep up over each 30 s window (`0`: no minimum) | 1024 |
+| EXEC_SANDBOX_MIN_FREE | space to leave free on the cache's file system: a download that would eat into it is refused before its first byte (bytes, or with K, M, G, T: `512M`; `0`: only what the files need) | 64M |
+| EXEC_SANDBOX_VERIFY_CONTENT_AFTER | opt-in: the boot path hashes a cached file once per process start when its bytes were last checked this long ago (`30d`, `12h`, `90m`, seconds; `0`: at every start); a mismatch is fetched again | - (off: a stat) |
 | EXEC_SANDBOX_DISABLE_PROGRESS_BARS | `1`: the CLI draws no progress (as `--no-progress`) | 0 |
 | EXEC_SANDBOX_ALLOW_LEGACY_RELEASES | `1`: accept exec-sandbox <= 0.22.0 GitHub releases (no signature: TLS + GitHub API digest only) | 0 |
 | EXEC_SANDBOX_GITHUB_API_URL | GitHub API base for legacy releases | https://api.github.com |
@@ -58,6 +60,9 @@ PACKAGED_KEYS_DIR = Path(__file__).resolve().parent / "keys"
 # included (subdomains too: objects., release-assets., pkg-containers.githubusercontent.com
 # are the CDNs that GitHub Releases and ghcr.io redirect to).
 AIRGAP_BLOCKED_HOSTS = ("ghcr.io", "github.com", "githubusercontent.com")
+DEFAULT_MIN_FREE = 64 << 20
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_AGE_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 AIRGAP_REASON = "the air gap (EXEC_SANDBOX_AIRGAP=1) allows no connection to GitHub or ghcr.io"
 
 
@@ -83,6 +88,8 @@ class Settings:
     lock_timeout: float = 1800.0
     source_timeout: float = DEFAULT_DEADLINE
     min_rate: int = DEFAULT_MIN_RATE
+    min_free: int = DEFAULT_MIN_FREE
+    verify_content_after: float | None = None  # seconds; None: the warm path hashes nothing
     progress_bars: bool = True
     # (host, username, password) given on the command line: used before any auth file.
     registry_credentials: tuple[tuple[str, str, str], ...] = field(default=(), repr=False)
@@ -148,6 +155,36 @@ def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
     if not 0 < value < 1e9:  # NaN fails this too
         raise ConfigError(f"{name}={raw!r}: must be a positive number of seconds")
     return value
+
+
+def _number_with_unit(
+    env: Mapping[str, str], name: str, units: Mapping[str, int], expected: str
+) -> float | None:
+    """`12`, `1.5G`, `30d`: a number times its unit (`units`, case-insensitive keys
+    tried as given and upper/lower), None when unset."""
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    text = raw.removesuffix("iB").removesuffix("B") if units is _SIZE_UNITS else raw
+    number = text.rstrip("".join(units).upper() + "".join(units).lower())
+    unit = text[len(number) :]
+    factor = units.get(unit.upper(), units.get(unit.lower()))
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if factor is None or not 0 <= value < 1e15:  # NaN fails this too
+        raise ConfigError(f"{name}={raw!r}: expected {expected}")
+    return value * factor
+
+
+def _size(env: Mapping[str, str], name: str, default: int) -> int:
+    value = _number_with_unit(env, name, _SIZE_UNITS, "a size in bytes, or with K, M, G, T")
+    return default if value is None else int(value)
+
+
+def _age(env: Mapping[str, str], name: str) -> float | None:
+    return _number_with_unit(env, name, _AGE_UNITS, "an age: seconds, or with s, m, h, d, w")
 
 
 def _path(env: Mapping[str, str], name: str) -> Path | None:
@@ -247,6 +284,8 @@ def load_settings(env: Mapping[str, str] | None = None, **explicit: Any) -> Sett
         "lock_timeout": float(_int(env, "LOCK_TIMEOUT", 1800, minimum=0)),
         "source_timeout": _seconds(env, ENV_PREFIX + "SOURCE_TIMEOUT", DEFAULT_DEADLINE),
         "min_rate": _int(env, "MIN_RATE", DEFAULT_MIN_RATE, minimum=0),
+        "min_free": _size(env, ENV_PREFIX + "MIN_FREE", DEFAULT_MIN_FREE),
+        "verify_content_after": _age(env, ENV_PREFIX + "VERIFY_CONTENT_AFTER"),
         "progress_bars": progress_bars_enabled(env),
         "allow_legacy_releases": _flag(env, "ALLOW_LEGACY_RELEASES"),
         "github_api_url": env.get(ENV_PREFIX + "GITHUB_API_URL", "").strip().rstrip("/")

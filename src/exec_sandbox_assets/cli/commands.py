@@ -102,8 +102,10 @@ def run_pull(ctx: Context) -> int:
         catalog.parse_language(lang)
     specs = pull_specs(settings.host_os, settings.host_goarch, languages)
     client = AssetClient(settings)
-    cached_before = {s.output_name for s in specs if client.find_cached(s.output_name)}
     started = time.monotonic()
+    # --force: hash what is cached first; what does not match is fetched again below.
+    checked = client.check_cached_content(specs) if args.force else {}
+    cached_before = {s.output_name for s in specs if client.find_cached(s.output_name)}
     with progress_bars(ctx.ui.wants_progress(), ctx.log_handler) as bars:
         results = asyncio.run(client.fetch_each(specs, use_local=False, progress=bars))
     seconds = time.monotonic() - started
@@ -129,6 +131,8 @@ def run_pull(ctx: Context) -> int:
         )
         entry["kind"] = spec.kind.value
         entry["downloaded"] = spec.output_name not in cached_before
+        if args.force:
+            entry["content_check"] = checked.get(spec.output_name)
         files.append(entry)
     failures = group_failures(errors)
     code = worst_exit_code(f.error for f in failures)
@@ -170,7 +174,7 @@ def run_pull(ctx: Context) -> int:
             (
                 f["name"],
                 human_size(int(f["size"])),
-                "downloaded" if f["downloaded"] else "cached",
+                pull_status(f),
                 str(f.get("source") or ""),
             )
             for f in files
@@ -194,6 +198,14 @@ def run_pull(ctx: Context) -> int:
         names = "every file" if len(failure.names) == len(specs) > 1 else ", ".join(failure.names)
         err(f"error: {names}: {error_message(failure.error)}")
     return code
+
+
+def pull_status(entry: dict[str, Any]) -> str:
+    if not entry["downloaded"]:
+        return "cached, content checked" if entry.get("content_check") else "cached"
+    if entry.get("content_check") == "mismatch":
+        return "downloaded (the cached copy was corrupt)"
+    return "downloaded"
 
 
 # -- status ------------------------------------------------------------------------------------
@@ -295,15 +307,20 @@ def run_verify(ctx: Context) -> int:
                 emit_json({"ok": False, "full": args.full, "results": [], "error": message})
             err(f"error: {message}")
             return EXIT_NOT_FOUND
+    full = args.full or args.repair
     results = [
-        r for v in versions for r in cache_admin.verify_version(client.store, v, full=args.full)
+        r
+        for v in versions
+        for r in cache_admin.verify_version(client.store, v, full=full, restat=args.repair)
     ]
-    bad = [r for r in results if not r.ok]
+    repaired = repair(settings, [r for r in results if not r.ok]) if args.repair else {}
+    bad = [r for r in results if not r.ok and not isinstance(repaired.get(r.path), Path)]
     if args.json:
         emit_json(
             {
                 "ok": not bad,
-                "full": args.full,
+                "full": full,
+                "repair": args.repair,
                 "results": [
                     {
                         "version": r.version,
@@ -312,24 +329,62 @@ def run_verify(ctx: Context) -> int:
                         "ok": r.ok,
                         "problem": r.problem or None,
                         "note": r.note or None,
+                        "repaired": repair_json(repaired[r.path]) if r.path in repaired else None,
                     }
                     for r in results
                 ],
             }
         )
     elif not ctx.ui.quiet:
-        how = "content digests (full)" if args.full else "stat against verification records"
+        how = "content digests (full)" if full else "stat against verification records"
         out(f"checked {len(results)} file(s) in {len(versions)} version(s): {how}")
         for r in results:
             status = "ok" if r.ok else "MISMATCH"
             detail = r.problem or r.note
             out(f"  {status:<8} {r.version}/{r.name}" + (f": {detail}" if detail else ""))
+            fixed = repaired.get(r.path)
+            if isinstance(fixed, Path):
+                out(f"  repaired {r.version}/{r.name}: fetched again and verified")
+            elif fixed is not None:
+                out(f"  FAILED   {r.version}/{r.name}: not repaired: {first_line(fixed)}")
     if bad:
         err(
             f"error: {len(bad)} file(s) failed verification: " + ", ".join(str(r.path) for r in bad)
         )
-        return EXIT_TRUST
+        failed = [e for r in bad if isinstance(e := repaired.get(r.path), BaseException)]
+        return worst_exit_code(failed) if failed else EXIT_TRUST
     return EXIT_OK
+
+
+def repair(
+    settings: Settings, bad: Sequence[cache_admin.VerifyResult]
+) -> dict[Path, Path | BaseException]:
+    """Fetch again (and verify) every file of `bad`, each from the release of its own
+    version: cached path -> the installed path, or why it could not be."""
+    fixed: dict[Path, Path | BaseException] = {}
+    by_version: dict[str, list[cache_admin.VerifyResult]] = {}
+    for r in bad:
+        by_version.setdefault(r.version, []).append(r)
+    for version, results in by_version.items():
+        specs: dict[str, AssetSpec] = {}
+        for r in results:
+            spec = catalog.spec_for_name(r.name)
+            if spec is None:
+                fixed[r.path] = AssetNotFoundError(f"{r.name} is not an asset name; not fetched")
+            else:
+                specs[r.name] = spec
+        client = AssetClient(settings.with_(version=version))
+        got = asyncio.run(client.fetch_each(list(specs.values()), use_local=False))
+        for r in results:
+            if r.name in specs:
+                fixed[r.path] = got[specs[r.name].output_name]
+    return fixed
+
+
+def repair_json(result: Path | BaseException) -> dict[str, Any]:
+    if isinstance(result, Path):
+        return {"ok": True, "path": result}
+    return {"ok": False, "error": error_message(result)}
 
 
 # -- gc ----------------------------------------------------------------------------------------
@@ -344,7 +399,9 @@ def run_gc(ctx: Context) -> int:
     client = AssetClient(settings)
     listing = cache_admin.scan(client.store)
     protected = () if settings.floating else (settings.version,)
-    plan = cache_admin.plan_gc(listing, keep=args.keep, protected=protected, now=time.time())
+    plan = cache_admin.plan_gc(
+        listing, keep=args.keep, protected=protected, partials=args.partials, now=time.time()
+    )
     report = cache_admin.run_gc(client.store, plan, dry_run=args.dry_run)
     if args.json:
         emit_json(
@@ -363,6 +420,7 @@ def run_gc(ctx: Context) -> int:
                     for o in report.outcomes
                 ],
                 "freed": report.freed,
+                "kept_resumable": [{"path": e.path, "size": e.size} for e in report.resumable],
             }
         )
         return EXIT_OK
@@ -386,6 +444,12 @@ def run_gc(ctx: Context) -> int:
     removed = sum(1 for o in report.outcomes if o.removed)
     total = "would free" if report.dry_run else "freed"
     out(f"{total} {human_size(report.freed)} ({report.freed} bytes) in {removed} item(s)")
+    if report.resumable:
+        size = sum(e.size for e in report.resumable)
+        out(
+            f"kept {len(report.resumable)} resumable download(s), {human_size(size)}: the next "
+            "pull resumes them; `gc --partials` removes them"
+        )
     return EXIT_OK
 
 

@@ -64,6 +64,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 from exec_sandbox_assets.base.errors import (
     AssetNotFoundError,
     ConfigError,
+    OutOfSpaceError,
 )
 from exec_sandbox_assets.cache.store import Store
 from exec_sandbox_assets.config import auth_files, docker_config_path
@@ -169,6 +170,7 @@ async def mirror_async(
 
     source = _open_source(src, src_ref, src_credentials, ca_bundle, docker_config, transfer)
     target: Target | None = None
+    copier: Copier | None = None
     ok = False
     try:
         plans = [await _plan(source, tag, policy, platforms, progress) for tag in tags]
@@ -188,6 +190,17 @@ async def mirror_async(
         for plan in plans:
             await copier.copy(plan)
         ok = True
+    except OutOfSpaceError as exc:
+        # A full destination: what this run wrote there is removed, not left to fill it.
+        note = await asyncio.to_thread(copier.after_failure, True) if copier else ""
+        if not note:
+            raise
+        raise OutOfSpaceError(f"{exc}; {note}") from exc
+    except BaseException:
+        # Another failure: what was written stays for a re-run to reuse, and is named.
+        if copier is not None and (note := await asyncio.to_thread(copier.after_failure, False)):
+            log.warning("mirror to %s failed: %s", dst, note)
+        raise
     finally:
         await source.aclose()
         if target is not None:

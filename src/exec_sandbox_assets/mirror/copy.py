@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from exec_sandbox_assets.base.errors import ConfigError, FormatError
+from exec_sandbox_assets.base.errors import AssetError, ConfigError, FormatError
+from exec_sandbox_assets.base.sizes import describe_size
 from exec_sandbox_assets.cache.store import BlobRequest, Store
 from exec_sandbox_assets.oci.model import (
     Descriptor,
@@ -122,6 +123,8 @@ class Copier:
         self.mount_from = mount_from
         self.keep_downloads = keep_downloads
         self.progress = progress
+        # (digest, size) of what this copy wrote to the target: blobs, manifests, indexes.
+        self.written: list[tuple[str, int]] = []
 
     def _emit(
         self, plan: Plan, kind: EventKind, digest: str = "", name: str = "", size: int = 0
@@ -154,10 +157,10 @@ class Copier:
     async def copy(self, plan: Plan) -> None:
         await self._blobs(plan, plan.blobs)
         for desc, data in plan.manifests:
-            await asyncio.to_thread(self.target.put_manifest, data, desc.media_type, None)
+            await self._put_manifest(data, desc.digest, desc.media_type)
             self._emit(plan, "manifest", desc.digest, show(platform_of(desc)))
         index_type = media_type_of(plan.index, plan.index_digest)
-        await asyncio.to_thread(self.target.put_manifest, plan.index, index_type, None)
+        await self._put_manifest(plan.index, plan.index_digest, index_type)
         self._emit(plan, "index", plan.index_digest)
         if plan.signature is not None:
             await self._blobs(plan, plan.signature_blobs)
@@ -176,6 +179,37 @@ class Copier:
             self._emit(plan, "tag", plan.index_digest, tag)
             log.info("mirrored %s:%s -> %s", self.target.name, tag, plan.index_digest)
 
+    async def _put_manifest(self, data: bytes, digest: str, media_type: str) -> None:
+        new = not await asyncio.to_thread(self.target.has_blob, digest)
+        await asyncio.to_thread(self.target.put_manifest, data, media_type, None)
+        if new:
+            self.written.append((digest, len(data)))
+
+    def after_failure(self, remove: bool) -> str:
+        """What this copy left at the destination, removed first when `remove` and the
+        target can (a layout: what no tag reaches; an archive is replaced only on
+        success): a sentence for the error, or "" when it wrote nothing."""
+        if not self.written:
+            return ""
+        where = self.target.name
+        discard = getattr(self.target, "discard", None)  # not part of `Target`: local only
+        if remove and discard is not None:
+            try:
+                gone = set(discard([d for d, _ in self.written]))
+            except (OSError, AssetError) as exc:
+                log.warning("could not remove what the failed copy wrote: %s", exc)
+                gone = set()
+            removed = [(d, n) for d, n in self.written if d in gone]
+            left = [(d, n) for d, n in self.written if d not in gone]
+            text = (
+                f"removed the {len(removed)} blob(s), {_bytes(removed)}, this mirror had "
+                f"written to {where}"
+            )
+            if not left:
+                return text
+            return f"{text}; left {_left(left, where)}"
+        return f"left {_left(self.written, where)}; a re-run reuses them"
+
     async def _blobs(self, plan: Plan, blobs: Sequence[Blob]) -> None:
         """Copy what the destination lacks. Pushes run one at a time (the target is not
         shared between threads); the next download runs while the current blob is pushed,
@@ -192,6 +226,7 @@ class Copier:
             elif blob.data is not None:
                 self._emit(plan, "blob-start", desc.digest, blob.name, desc.size)
                 await asyncio.to_thread(self.target.push_bytes, blob.data, desc.media_type)
+                self.written.append((desc.digest, desc.size))
                 self._done(plan, blob)
             else:
                 todo.append(blob)
@@ -204,6 +239,7 @@ class Copier:
                 path = await downloads.pop(i)
                 desc = blob.desc
                 await asyncio.to_thread(self.target.push_blob, path, desc.digest, desc.size)
+                self.written.append((desc.digest, desc.size))  # a failed push leaves nothing
                 if not self.keep_downloads:
                     path.unlink(missing_ok=True)
                 self._done(plan, blob)
@@ -239,6 +275,15 @@ class Copier:
         # The cache resumes a body that broke off after making progress (its one loop).
         async with self.store.blob_lock(desc.digest):
             return await self.store.fetch_blob(req, opener, advance)
+
+
+def _bytes(blobs: Sequence[tuple[str, int]]) -> str:
+    return describe_size(sum(n for _, n in blobs))
+
+
+def _left(blobs: Sequence[tuple[str, int]], where: str) -> str:
+    names = ", ".join(d for d, _ in blobs[:3]) + (", ..." if len(blobs) > 3 else "")
+    return f"{len(blobs)} blob(s), {_bytes(blobs)}, at {where} that no tag names ({names})"
 
 
 def _newer(current_index: bytes, created: str | None) -> bool:

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from exec_sandbox_assets.base.errors import AssetNotFoundError, ConfigError
@@ -78,6 +79,11 @@ class LayoutTarget:
         with LayoutReader.open(self.root) as reader:
             return reader.read_blob(digest, max_size)
 
+    def discard(self, digests: Sequence[str]) -> list[str]:
+        """Remove those blobs of `digests` that no tag reaches (a failed copy's); returns
+        the digests removed."""
+        return [d for d, _ in self._writer.remove_unreferenced(digests)]
+
     def close(self, ok: bool) -> None:
         pass
 
@@ -114,6 +120,11 @@ class ArchiveTarget(LayoutTarget):
         except BaseException:
             self._release()
             raise
+
+    def discard(self, digests: Sequence[str]) -> list[str]:
+        """All of them: the archive is replaced only on success (`close`), so nothing a
+        failed copy wrote reaches it."""
+        return list(digests)
 
     def close(self, ok: bool) -> None:
         try:
