@@ -20,11 +20,11 @@ from exec_sandbox_assets.cli.arguments import merge_global_options
 from exec_sandbox_assets.cli.logs import restore_logging, setup_logging
 from exec_sandbox_assets.cli.output import (
     EXIT_BROKEN_PIPE,
-    EXIT_INTERRUPTED,
     EXIT_USAGE,
     err,
     exit_code_for,
     report_error,
+    report_interrupted,
 )
 from exec_sandbox_assets.cli.parser import (
     PROG,
@@ -118,8 +118,10 @@ def _run(args: argparse.Namespace, log_handler: LogHandler) -> int:
         ui = Ui(quiet=args.quiet, progress=progress and not args.no_progress)
         return command.load()(Context(args, ui, log_handler, settings))
     except KeyboardInterrupt:
-        err("interrupted: partial downloads are kept; running the command again resumes them")
-        return EXIT_INTERRUPTED
+        return report_interrupted(
+            "interrupted: partial downloads are kept; running the command again resumes them",
+            as_json,
+        )
     except BrokenPipeError:
         raise
     except (AssetError, OSError, ValueError) as exc:

@@ -14,17 +14,19 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from exec_sandbox_assets.base.errors import AssetNotFoundError, ConfigError
+from exec_sandbox_assets.base.errors import AssetNotFoundError, ConfigError, TrustError
 from exec_sandbox_assets.cli.login import with_given_credentials
 from exec_sandbox_assets.cli.output import (
     EXIT_NOT_FOUND,
     EXIT_OK,
     EXIT_TRUST,
+    Failure,
     emit_json,
     err,
     error_message,
     group_failures,
     human_size,
+    json_result,
     out,
     short_digest,
     table,
@@ -140,23 +142,25 @@ def run_pull(ctx: Context) -> int:
 
     if args.json:
         emit_json(
-            {
-                "ok": code == EXIT_OK,
-                "version": version,
-                "tag": settings.tag,
-                "platform": platform,
-                "index_digest": index_digest,
-                "signed_by": key_ids,
-                "source": verified.source if verified else None,
-                "cache_dir": settings.cache_dir,
-                "dir": vdir,
-                "seconds": round(seconds, 3),
-                "files": files,
-                "skipped": skipped,
-                "errors": [f.to_json() for f in failures],
-            }
+            json_result(
+                {
+                    "version": version,
+                    "tag": settings.tag,
+                    "platform": platform,
+                    "index_digest": index_digest,
+                    "signed_by": key_ids,
+                    "source": verified.source if verified else None,
+                    "cache_dir": settings.cache_dir,
+                    "dir": vdir,
+                    "seconds": round(seconds, 3),
+                    "files": files,
+                    "skipped": skipped,
+                },
+                failures,
+            )
         )
-    elif not ctx.ui.quiet:
+    elif not ctx.ui.quiet and (files or not failures):
+        # A pull that got nothing says so on stderr only, not "0 file(s)" on stdout first.
         where = f" into {vdir}" if vdir else ""
         out(f"release {version or '?'} (tag {settings.tag}) for {platform}{where}")
         if verified is not None:
@@ -186,9 +190,12 @@ def run_pull(ctx: Context) -> int:
             out(line)
         total = sum(int(f["size"]) for f in files)
         fetched = sum(1 for f in files if f["downloaded"])
+        failed = sum(len(f.names) for f in failures)
         out(
             f"{len(files)} file(s), {human_size(total)}: {fetched} downloaded, "
-            f"{len(files) - fetched} already cached ({seconds:.1f}s)"
+            f"{len(files) - fetched} already cached"
+            + (f", {failed} failed" if failed else "")
+            + f" ({seconds:.1f}s)"
         )
     for failure in failures:
         names = "every file" if len(failure.names) == len(specs) > 1 else ", ".join(failure.names)
@@ -205,32 +212,34 @@ def status_json(listing: cache_admin.CacheListing, settings: Settings) -> dict[s
     tags_of: dict[str, list[str]] = {}
     for tag, version in listing.floating.items():
         tags_of.setdefault(version, []).append(tag)
-    return {
-        "cache_dir": listing.root,
-        "tag": settings.tag,
-        "floating": listing.floating,
-        "total_size": listing.total_size,
-        "versions": [
-            {
-                "version": v.version,
-                "path": v.path,
-                "size": v.size,
-                "tags": sorted(tags_of.get(v.version, [])),
-                "files": [record_json(o) for o in v.outputs],
-                "temp_files": [{"path": t.path, "size": t.size} for t in v.temps],
-            }
-            for v in listing.versions
-        ],
-        "partials": [
-            {"path": p.path, "size": p.size, "digest": cache_admin.blob_digest(p.path)}
-            for p in listing.partials
-        ],
-        "orphan_blobs": [
-            {"path": b.path, "size": b.size, "digest": cache_admin.blob_digest(b.path)}
-            for b in listing.blobs
-        ],
-        "temp_files": [{"path": t.path, "size": t.size} for t in listing.state_temps],
-    }
+    return json_result(
+        {
+            "cache_dir": listing.root,
+            "tag": settings.tag,
+            "floating": listing.floating,
+            "total_size": listing.total_size,
+            "versions": [
+                {
+                    "version": v.version,
+                    "path": v.path,
+                    "size": v.size,
+                    "tags": sorted(tags_of.get(v.version, [])),
+                    "files": [record_json(o) for o in v.outputs],
+                    "temp_files": [{"path": t.path, "size": t.size} for t in v.temps],
+                }
+                for v in listing.versions
+            ],
+            "partials": [
+                {"path": p.path, "size": p.size, "digest": cache_admin.blob_digest(p.path)}
+                for p in listing.partials
+            ],
+            "orphan_blobs": [
+                {"path": b.path, "size": b.size, "digest": cache_admin.blob_digest(b.path)}
+                for b in listing.blobs
+            ],
+            "temp_files": [{"path": t.path, "size": t.size} for t in listing.state_temps],
+        }
+    )
 
 
 def run_status(ctx: Context) -> int:
@@ -290,32 +299,39 @@ def run_verify(ctx: Context) -> int:
     else:
         versions = [settings.version] if settings.version in cached else []
         if not versions:
-            message = f"version {settings.version} is not cached in {settings.cache_dir}"
+            missing = AssetNotFoundError(
+                f"version {settings.version} is not cached in {settings.cache_dir}"
+            )
             if args.json:
-                emit_json({"ok": False, "full": args.full, "results": [], "error": message})
-            err(f"error: {message}")
+                emit_json(json_result({"full": args.full, "results": []}, [Failure(missing)]))
+            err(f"error: {missing}")
             return EXIT_NOT_FOUND
     results = [
         r for v in versions for r in cache_admin.verify_version(client.store, v, full=args.full)
     ]
     bad = [r for r in results if not r.ok]
+    mismatch = (
+        [Failure(TrustError(_mismatch_message(bad)), tuple(r.name for r in bad))] if bad else []
+    )
     if args.json:
         emit_json(
-            {
-                "ok": not bad,
-                "full": args.full,
-                "results": [
-                    {
-                        "version": r.version,
-                        "name": r.name,
-                        "path": r.path,
-                        "ok": r.ok,
-                        "problem": r.problem or None,
-                        "note": r.note or None,
-                    }
-                    for r in results
-                ],
-            }
+            json_result(
+                {
+                    "full": args.full,
+                    "results": [
+                        {
+                            "version": r.version,
+                            "name": r.name,
+                            "path": r.path,
+                            "ok": r.ok,
+                            "problem": r.problem or None,
+                            "note": r.note or None,
+                        }
+                        for r in results
+                    ],
+                },
+                mismatch,
+            )
         )
     elif not ctx.ui.quiet:
         how = "content digests (full)" if args.full else "stat against verification records"
@@ -325,11 +341,13 @@ def run_verify(ctx: Context) -> int:
             detail = r.problem or r.note
             out(f"  {status:<8} {r.version}/{r.name}" + (f": {detail}" if detail else ""))
     if bad:
-        err(
-            f"error: {len(bad)} file(s) failed verification: " + ", ".join(str(r.path) for r in bad)
-        )
+        err(f"error: {_mismatch_message(bad)}")
         return EXIT_TRUST
     return EXIT_OK
+
+
+def _mismatch_message(bad: Sequence[cache_admin.VerifyResult]) -> str:
+    return f"{len(bad)} file(s) failed verification: " + ", ".join(str(r.path) for r in bad)
 
 
 # -- gc ----------------------------------------------------------------------------------------
@@ -348,22 +366,24 @@ def run_gc(ctx: Context) -> int:
     report = cache_admin.run_gc(client.store, plan, dry_run=args.dry_run)
     if args.json:
         emit_json(
-            {
-                "dry_run": report.dry_run,
-                "kept_versions": report.kept_versions,
-                "items": [
-                    {
-                        "kind": o.item.kind,
-                        "path": o.item.path,
-                        "size": o.item.size,
-                        "reason": o.item.reason,
-                        "removed": o.removed,
-                        "skipped": o.skipped or None,
-                    }
-                    for o in report.outcomes
-                ],
-                "freed": report.freed,
-            }
+            json_result(
+                {
+                    "dry_run": report.dry_run,
+                    "kept_versions": report.kept_versions,
+                    "items": [
+                        {
+                            "kind": o.item.kind,
+                            "path": o.item.path,
+                            "size": o.item.size,
+                            "reason": o.item.reason,
+                            "removed": o.removed,
+                            "skipped": o.skipped or None,
+                        }
+                        for o in report.outcomes
+                    ],
+                    "freed": report.freed,
+                }
+            )
         )
         return EXIT_OK
     if ctx.ui.quiet:

@@ -10,7 +10,14 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from exec_sandbox_assets.cli.login import given_credentials, registry_host
-from exec_sandbox_assets.cli.output import EXIT_OK, emit_json, human_size, out, short_digest
+from exec_sandbox_assets.cli.output import (
+    EXIT_OK,
+    emit_json,
+    human_size,
+    json_result,
+    out,
+    short_digest,
+)
 from exec_sandbox_assets.cli.progress import ProgressDisplay, progress_bars
 from exec_sandbox_assets.cli.table import Context
 from exec_sandbox_assets.release import catalog
@@ -49,32 +56,33 @@ class MirrorProgress:
 
 
 def result_json(result: MirrorResult, seconds: float) -> dict[str, Any]:
-    return {
-        "ok": True,
-        "source": result.source,
-        "destination": result.destination,
-        "seconds": round(seconds, 3),
-        "blobs_copied": result.blobs_copied,
-        "bytes_copied": result.bytes_copied,
-        "blobs_skipped": result.blobs_skipped,
-        "blobs_mounted": result.blobs_mounted,
-        "releases": [
-            {
-                "version": r.version,
-                "tags": list(r.tags),
-                "index_digest": r.index_digest,
-                "manifests": {f"{o}/{a}": d for (o, a), d in r.manifest_digests.items()},
-                "signature_digest": r.signature_digest,
-                "signed_by": list(r.signed_by),
-                "blobs_copied": r.blobs_copied,
-                "bytes_copied": r.bytes_copied,
-                "blobs_skipped": r.blobs_skipped,
-                "blobs_mounted": r.blobs_mounted,
-                "latest_kept": r.latest_kept,
-            }
-            for r in result.releases
-        ],
-    }
+    return json_result(
+        {
+            "source": result.source,
+            "destination": result.destination,
+            "seconds": round(seconds, 3),
+            "blobs_copied": result.blobs_copied,
+            "bytes_copied": result.bytes_copied,
+            "blobs_skipped": result.blobs_skipped,
+            "blobs_mounted": result.blobs_mounted,
+            "releases": [
+                {
+                    "version": r.version,
+                    "tags": list(r.tags),
+                    "index_digest": r.index_digest,
+                    "manifests": {f"{o}/{a}": d for (o, a), d in r.manifest_digests.items()},
+                    "signature_digest": r.signature_digest,
+                    "signed_by": list(r.signed_by),
+                    "blobs_copied": r.blobs_copied,
+                    "bytes_copied": r.bytes_copied,
+                    "blobs_skipped": r.blobs_skipped,
+                    "blobs_mounted": r.blobs_mounted,
+                    "latest_kept": r.latest_kept,
+                }
+                for r in result.releases
+            ],
+        }
+    )
 
 
 def run_mirror(ctx: Context) -> int:

@@ -21,7 +21,13 @@ from typing import Any
 
 from exec_sandbox_assets.base.errors import AssetError, ConfigError, FormatError
 from exec_sandbox_assets.cli.arguments import add_json, add_output_options
-from exec_sandbox_assets.cli.output import emit_json, err, human_size, report_error
+from exec_sandbox_assets.cli.output import (
+    emit_json,
+    human_size,
+    json_result,
+    report_error,
+    report_interrupted,
+)
 from exec_sandbox_assets.cli.progress import LogHandler, Ui, progress_bars
 from exec_sandbox_assets.config import progress_bars_enabled
 from exec_sandbox_assets.publish.compress import DEFAULT_LEVEL
@@ -176,28 +182,29 @@ def _registry_password(args: argparse.Namespace) -> str | None:
 
 def result_json(result: PublishResult) -> dict[str, Any]:
     """`publish --json`: what was published where, with every digest."""
-    return {
-        "ok": True,
-        "version": result.version,
-        "created": result.created,
-        "index_digest": result.index_digest,
-        "manifests": {f"{o}/{a}": d for (o, a), d in result.manifest_digests.items()},
-        "signature_tag": result.signature_tag,
-        "signature_digest": result.signature_digest,
-        "signers": result.signers,
-        "targets": [
-            {
-                "name": t.name,
-                "blobs_uploaded": t.blobs_uploaded,
-                "bytes_uploaded": t.bytes_uploaded,
-                "blobs_skipped": t.blobs_skipped,
-                "tags": list(t.tags),
-            }
-            for t in result.targets
-        ],
-        "release_dir": result.release_dir,
-        "release_files": list(result.release_files),
-    }
+    return json_result(
+        {
+            "version": result.version,
+            "created": result.created,
+            "index_digest": result.index_digest,
+            "manifests": {f"{o}/{a}": d for (o, a), d in result.manifest_digests.items()},
+            "signature_tag": result.signature_tag,
+            "signature_digest": result.signature_digest,
+            "signers": result.signers,
+            "targets": [
+                {
+                    "name": t.name,
+                    "blobs_uploaded": t.blobs_uploaded,
+                    "bytes_uploaded": t.bytes_uploaded,
+                    "blobs_skipped": t.blobs_skipped,
+                    "tags": list(t.tags),
+                }
+                for t in result.targets
+            ],
+            "release_dir": result.release_dir,
+            "release_files": list(result.release_files),
+        }
+    )
 
 
 def format_summary(result: PublishResult) -> str:
@@ -260,8 +267,7 @@ def run(args: argparse.Namespace) -> int:
         code = EXIT_BAD_INPUT if isinstance(exc, ConfigError | FormatError) else EXIT_FAILURE
         return report_error(exc, code, args.json)
     except KeyboardInterrupt:
-        err("interrupted; tags were not moved (a re-run resumes)")
-        return EXIT_INTERRUPTED
+        return report_interrupted("interrupted; tags were not moved (a re-run resumes)", args.json)
     if args.json:
         emit_json(result_json(result))
     elif not args.quiet:
