@@ -25,6 +25,7 @@ Environment variables (all optional):
 | EXEC_SANDBOX_SOURCE_TIMEOUT | seconds a metadata read (retries included) or a blob's first answer may take per source | 30 |
 | EXEC_SANDBOX_MIN_RATE | bytes/s a blob body must keep up over each 30 s window (`0`: no minimum) | 1024 |
 | EXEC_SANDBOX_DISABLE_PROGRESS_BARS | `1`: the CLI draws no progress (as `--no-progress`) | 0 |
+| EXEC_SANDBOX_PROGRESS_INTERVAL | seconds between the CLI's progress lines when stderr is not a terminal (CI logs) | 5 |
 | EXEC_SANDBOX_ALLOW_LEGACY_RELEASES | `1`: accept exec-sandbox <= 0.22.0 GitHub releases (no signature: TLS + GitHub API digest only) | 0 |
 | EXEC_SANDBOX_GITHUB_API_URL | GitHub API base for legacy releases | https://api.github.com |
 | GITHUB_TOKEN | token for GitHub API requests (legacy releases only; raises the rate limit) | - |
@@ -59,6 +60,8 @@ PACKAGED_KEYS_DIR = Path(__file__).resolve().parent / "keys"
 # are the CDNs that GitHub Releases and ghcr.io redirect to).
 AIRGAP_BLOCKED_HOSTS = ("ghcr.io", "github.com", "githubusercontent.com")
 AIRGAP_REASON = "the air gap (EXEC_SANDBOX_AIRGAP=1) allows no connection to GitHub or ghcr.io"
+# Seconds between two progress lines of the CLI when stderr is not a terminal.
+DEFAULT_PROGRESS_INTERVAL = 5.0
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,7 @@ class Settings:
     source_timeout: float = DEFAULT_DEADLINE
     min_rate: int = DEFAULT_MIN_RATE
     progress_bars: bool = True
+    progress_interval: float = DEFAULT_PROGRESS_INTERVAL  # seconds, lines off a terminal
     # (host, username, password) given on the command line: used before any auth file.
     registry_credentials: tuple[tuple[str, str, str], ...] = field(default=(), repr=False)
     # Where exec-sandbox <= 0.22.0 left decompressed files (adopted by hash, docs/compat.md).
@@ -168,6 +172,12 @@ def progress_bars_enabled(env: Mapping[str, str] | None = None) -> bool:
     return not _flag(env, "DISABLE_PROGRESS_BARS")
 
 
+def progress_interval(env: Mapping[str, str] | None = None) -> float:
+    """EXEC_SANDBOX_PROGRESS_INTERVAL: seconds between progress lines off a terminal."""
+    env = os.environ if env is None else env
+    return _seconds(env, ENV_PREFIX + "PROGRESS_INTERVAL", DEFAULT_PROGRESS_INTERVAL)
+
+
 def auth_files(docker_config: Path | None, env: Mapping[str, str] | None = None) -> list[Path]:
     """Registry auth files, in the order they are searched: $REGISTRY_AUTH_FILE, docker's
     config.json (`docker_config`), then podman's $XDG_RUNTIME_DIR/containers/auth.json and
@@ -248,6 +258,7 @@ def load_settings(env: Mapping[str, str] | None = None, **explicit: Any) -> Sett
         "source_timeout": _seconds(env, ENV_PREFIX + "SOURCE_TIMEOUT", DEFAULT_DEADLINE),
         "min_rate": _int(env, "MIN_RATE", DEFAULT_MIN_RATE, minimum=0),
         "progress_bars": progress_bars_enabled(env),
+        "progress_interval": progress_interval(env),
         "allow_legacy_releases": _flag(env, "ALLOW_LEGACY_RELEASES"),
         "github_api_url": env.get(ENV_PREFIX + "GITHUB_API_URL", "").strip().rstrip("/")
         or DEFAULT_GITHUB_API,

@@ -114,8 +114,15 @@ def _run(args: argparse.Namespace, log_handler: LogHandler) -> int:
     as_json = bool(getattr(args, "json", False))
     try:
         settings = settings_from_args(args) if command.settings else None
-        progress = settings.progress_bars if settings is not None else True
-        ui = Ui(quiet=args.quiet, progress=progress and not args.no_progress)
+        ui = (
+            Ui(
+                args.quiet,
+                settings.progress_bars and not args.no_progress,
+                settings.progress_interval,
+            )
+            if settings is not None
+            else Ui(args.quiet, not args.no_progress)
+        )
         return command.load()(Context(args, ui, log_handler, settings))
     except KeyboardInterrupt:
         return report_interrupted(

@@ -32,7 +32,7 @@ from exec_sandbox_assets.cli.output import (
     table,
     worst_exit_code,
 )
-from exec_sandbox_assets.cli.progress import progress_bars
+from exec_sandbox_assets.cli.progress import progress_display
 from exec_sandbox_assets.cli.table import Context
 from exec_sandbox_assets.client import AssetClient
 from exec_sandbox_assets.config import Settings
@@ -106,7 +106,7 @@ def run_pull(ctx: Context) -> int:
     client = AssetClient(settings)
     cached_before = {s.output_name for s in specs if client.find_cached(s.output_name)}
     started = time.monotonic()
-    with progress_bars(ctx.ui.wants_progress(), ctx.log_handler) as bars:
+    with progress_display(ctx.ui, ctx.log_handler) as bars:
         results = asyncio.run(client.fetch_each(specs, use_local=False, progress=bars))
     seconds = time.monotonic() - started
 

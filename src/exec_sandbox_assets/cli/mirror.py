@@ -18,7 +18,7 @@ from exec_sandbox_assets.cli.output import (
     out,
     short_digest,
 )
-from exec_sandbox_assets.cli.progress import ProgressDisplay, progress_bars
+from exec_sandbox_assets.cli.progress import ProgressDisplay, progress_display
 from exec_sandbox_assets.cli.table import Context
 from exec_sandbox_assets.release import catalog
 
@@ -97,7 +97,7 @@ def run_mirror(ctx: Context) -> int:
     platforms = [catalog.parse_platform(p) for p in args.platforms] if args.platforms else None
     work_dir = args.work_dir or settings.cache_dir / "mirror-work"
     started = time.monotonic()
-    with progress_bars(ctx.ui.wants_progress(), ctx.log_handler) as bars:
+    with progress_display(ctx.ui, ctx.log_handler) as bars:
         result = mirror(
             args.src,
             args.dst,

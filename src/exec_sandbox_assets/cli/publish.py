@@ -28,8 +28,8 @@ from exec_sandbox_assets.cli.output import (
     report_error,
     report_interrupted,
 )
-from exec_sandbox_assets.cli.progress import LogHandler, Ui, progress_bars
-from exec_sandbox_assets.config import progress_bars_enabled
+from exec_sandbox_assets.cli.progress import LogHandler, Ui, progress_display
+from exec_sandbox_assets.config import progress_bars_enabled, progress_interval
 from exec_sandbox_assets.publish.compress import DEFAULT_LEVEL
 from exec_sandbox_assets.publish.publisher import PublishRequest, PublishResult, publish
 from exec_sandbox_assets.release import catalog
@@ -238,8 +238,8 @@ def run(args: argparse.Namespace) -> int:
     elif level < root.level:  # under the main CLI: its handler prints, this -v sets the level
         root.setLevel(level)
     log_handler = next((h for h in root.handlers if isinstance(h, LogHandler)), None)
-    ui = Ui(quiet=args.quiet, progress=not args.no_progress and progress_bars_enabled())
     try:
+        ui = Ui(args.quiet, not args.no_progress and progress_bars_enabled(), progress_interval())
         with tempfile.TemporaryDirectory(prefix="exec-sandbox-publish-") as tmp:
             request = PublishRequest(
                 inputs=tuple(args.input),
@@ -261,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
                 replace=args.replace,
                 replace_signatures=args.replace_signatures,
             )
-            with progress_bars(ui.wants_progress(), log_handler) as bars:
+            with progress_display(ui, log_handler) as bars:
                 result = publish(replace(request, progress=bars))
     except (AssetError, OSError) as exc:
         code = EXIT_BAD_INPUT if isinstance(exc, ConfigError | FormatError) else EXIT_FAILURE
