@@ -80,6 +80,8 @@ def test_every_command_s_json_has_ok_and_errors_on_success_and_on_failure(
 
     check_shape(run(*settings, "gc", "--dry-run", "--json"), 0)
     check_shape(run(*settings, "gc", "--keep", "-1", "--json"), 2)
+    usage = check_shape(run(*settings, "gc", "--keep", "two", "--json"), 2)
+    assert "--keep" in usage["errors"][0]["error"] and usage["errors"][0]["type"] == "ConfigError"
 
     check_shape(run("--trusted-key", key.public, "inspect", ref, "--json"), 0)
     refused = run("--trusted-key", stranger.public, "inspect", ref, "--require-signature", "--json")
@@ -100,6 +102,7 @@ def test_every_command_s_json_has_ok_and_errors_on_success_and_on_failure(
         *("--platform", f"{HOST[0]}/{HOST[1]}", "--level", "1", "--json"),
     ]
     check_shape(run(*publish, "--to", f"oci:{tmp_path / 'published'}"), 0)
+    check_shape(run(*publish, "--to", f"oci:{tmp_path / 'published'}", "--bogus"), 2)
     no_input = [a if a != dist else tmp_path / "no-such-dir" for a in publish]
     check_shape(run(*no_input, "--to", f"oci:{tmp_path / 'published2'}"), 2)
 

@@ -30,6 +30,7 @@ from exec_sandbox_assets.cli.parser import (
     PROG,
     build_parser,
     command_index,
+    parse_failed,
     settings_from_args,
 )
 from exec_sandbox_assets.cli.progress import LogHandler, Ui
@@ -59,7 +60,7 @@ def run_publish(ctx: Context) -> int:
     try:
         own = parser.parse_args([*flags, *args.rest])
     except SystemExit as exc:  # --help or a usage error, already printed
-        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+        return parse_failed(exc, args.rest)
     return publish_cli.run(own)
 
 
@@ -83,8 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             args = merge_global_options(parser.parse_args(argv))
         except SystemExit as exc:  # --help, --version, usage errors: argparse printed them
-            sys.stdout.flush()
-            return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+            return parse_failed(exc, argv)
         args.rest = rest
         log_handler, saved = setup_logging(args.verbose, args.quiet)
         try:

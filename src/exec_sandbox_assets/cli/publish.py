@@ -294,7 +294,9 @@ resumes).
 
 
 def build_parser(prog: str = "python -m exec_sandbox_assets.publish") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from exec_sandbox_assets.cli.parser import Parser  # a usage error --json reports
+
+    parser = Parser(
         prog=prog,
         description="Publish exec-sandbox assets as signed OCI artifacts "
         "(registry, OCI layout, archive) and a GitHub Release folder.",
@@ -306,7 +308,14 @@ def build_parser(prog: str = "python -m exec_sandbox_assets.publish") -> argpars
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(build_parser().parse_args(argv))
+    from exec_sandbox_assets.cli.parser import parse_failed
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:
+        return parse_failed(exc, argv)
+    return run(args)
 
 
 __all__ = [
