@@ -41,6 +41,11 @@ HOST = catalog.host_platform()
 HOST_PLATFORM = f"{HOST[0]}/{HOST[1]}"
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 PROGRESS = re.compile(r"\d+%|[KMG]i?B/s")
+# A progress line off a terminal (cli/progress.py, LineProgress).
+PROGRESS_LINE = re.compile(
+    r"progress: [\d.]+ (B|KiB|MiB|GiB) of [\d.]+ (B|KiB|MiB|GiB)( \(\d+%\))?, "
+    r"[\d.]+ (B|KiB|MiB|GiB)/s, \d+ of \d+ done; \S"
+)
 HOST_FILES = [s.output_name for s in pull_specs(*HOST, None)]
 CLI = [sys.executable, "-m", "exec_sandbox_assets.cli"]
 
@@ -163,13 +168,14 @@ def layout_args(release: SampleRelease, cache: Path) -> list[str]:
 # -- pull: terminal vs pipe, JSON ----------------------------------------------------------------
 
 
-def test_pull_draws_progress_on_a_terminal_and_only_a_summary_on_pipes(
+def test_pull_draws_progress_on_a_terminal_and_plain_lines_on_pipes(
     tmp_path: Path,
     registry: RegistryServer,
     fault_proxy: FaultProxyFactory,
     key: KeyPair,
     repo_name: str,
     big_release: SampleRelease,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     release = big_release
     proxy = fault_proxy(registry)
@@ -187,10 +193,17 @@ def test_pull_draws_progress_on_a_terminal_and_only_a_summary_on_pipes(
     assert "all files" in text, text  # the overall bar
     assert "7 file(s)" in text and "7 downloaded" in text, text
 
+    # On pipes: the summary on stdout; on stderr a plain line every interval (CI logs).
+    monkeypatch.setenv("EXEC_SANDBOX_PROGRESS_INTERVAL", "0.2")
     plain = run(*common, *source, "--cache-dir", tmp_path / "pipe-cache", "pull")
     assert plain.code == 0, plain.stderr
-    assert plain.stderr == ""
-    assert not ANSI.search(plain.stdout) and not PROGRESS.search(plain.stdout), plain.stdout
+    progress_lines = plain.stderr.splitlines()
+    assert progress_lines and all(PROGRESS_LINE.match(line) for line in progress_lines), (
+        plain.stderr
+    )
+    assert any(line.endswith(tuple(HOST_FILES)) for line in progress_lines), plain.stderr
+    assert not ANSI.search(plain.stderr + plain.stdout), plain.stderr
+    assert not PROGRESS.search(plain.stdout), plain.stdout
     lines = plain.stdout.splitlines()
     assert lines[0].startswith(f"release 2.0.0 (tag v2.0.0) for {HOST_PLATFORM} into ")
     assert lines[-1].startswith("7 file(s), ") and "7 downloaded" in lines[-1]

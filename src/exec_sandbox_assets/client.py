@@ -29,7 +29,6 @@ from exec_sandbox_assets.base.errors import (
     AssetError,
     AssetNotFoundError,
     AssetsNotFoundLocally,
-    Attempt,
     TransportError,
 )
 from exec_sandbox_assets.cache import legacy, space
@@ -310,26 +309,20 @@ class AssetClient:
                 return adopted
             # Blobs are content-addressed: any source may serve one, starting with the one
             # whose index we verified; a partial download resumes across sources.
-            attempts: list[Attempt] = []
+            from exec_sandbox_assets.sources.failover import Failover  # the network path only
+
+            failover = Failover(spec.name)
             for source in _prefer(sources, part.release.source):
                 try:
                     path = await self._ensure_resuming(out, source, layer, bar)
                 except TransportError as exc:
-                    log.warning(
-                        "%s: download from %s failed, trying the next source: %s",
-                        spec.name,
-                        source.name,
-                        exc,
-                        extra={"source": source.name, "asset": spec.name, "error": str(exc)},
-                    )
-                    attempts.append(
-                        Attempt(source.name, str(exc), isinstance(exc, AssetNotFoundError))
-                    )
+                    failover.failed(source.name, exc)
                     continue
+                failover.succeeded(source.name)
                 if progress is not None:
                     progress.finish(layer.output_name)
                 return path
-        raise AllSourcesFailedError(spec.name, attempts)
+        raise AllSourcesFailedError(spec.name, failover.attempts)
 
     async def _ensure_resuming(
         self,

@@ -27,6 +27,7 @@ Environment variables (all optional):
 | EXEC_SANDBOX_MIN_FREE | space to leave free on the cache's file system: a download that would eat into it is refused before its first byte (bytes, or with K, M, G, T: `512M`; `0`: only what the files need) | 64M |
 | EXEC_SANDBOX_VERIFY_CONTENT_AFTER | opt-in: the boot path hashes a cached file once per process start when its bytes were last checked this long ago (`30d`, `12h`, `90m`, seconds; `0`: at every start); a mismatch is fetched again | - (off: a stat) |
 | EXEC_SANDBOX_DISABLE_PROGRESS_BARS | `1`: the CLI draws no progress (as `--no-progress`) | 0 |
+| EXEC_SANDBOX_PROGRESS_INTERVAL | seconds between the CLI's progress lines when stderr is not a terminal (CI logs) | 5 |
 | EXEC_SANDBOX_ALLOW_LEGACY_RELEASES | `1`: accept exec-sandbox <= 0.22.0 GitHub releases (no signature: TLS + GitHub API digest only) | 0 |
 | EXEC_SANDBOX_GITHUB_API_URL | GitHub API base for legacy releases | https://api.github.com |
 | GITHUB_TOKEN | token for GitHub API requests (legacy releases only; raises the rate limit) | - |
@@ -64,6 +65,8 @@ DEFAULT_MIN_FREE = 64 << 20
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _AGE_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 AIRGAP_REASON = "the air gap (EXEC_SANDBOX_AIRGAP=1) allows no connection to GitHub or ghcr.io"
+# Seconds between two progress lines of the CLI when stderr is not a terminal.
+DEFAULT_PROGRESS_INTERVAL = 5.0
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,7 @@ class Settings:
     min_free: int = DEFAULT_MIN_FREE
     verify_content_after: float | None = None  # seconds; None: the warm path hashes nothing
     progress_bars: bool = True
+    progress_interval: float = DEFAULT_PROGRESS_INTERVAL  # seconds, lines off a terminal
     # (host, username, password) given on the command line: used before any auth file.
     registry_credentials: tuple[tuple[str, str, str], ...] = field(default=(), repr=False)
     # Where exec-sandbox <= 0.22.0 left decompressed files (adopted by hash, docs/compat.md).
@@ -205,6 +209,12 @@ def progress_bars_enabled(env: Mapping[str, str] | None = None) -> bool:
     return not _flag(env, "DISABLE_PROGRESS_BARS")
 
 
+def progress_interval(env: Mapping[str, str] | None = None) -> float:
+    """EXEC_SANDBOX_PROGRESS_INTERVAL: seconds between progress lines off a terminal."""
+    env = os.environ if env is None else env
+    return _seconds(env, ENV_PREFIX + "PROGRESS_INTERVAL", DEFAULT_PROGRESS_INTERVAL)
+
+
 def auth_files(docker_config: Path | None, env: Mapping[str, str] | None = None) -> list[Path]:
     """Registry auth files, in the order they are searched: $REGISTRY_AUTH_FILE, docker's
     config.json (`docker_config`), then podman's $XDG_RUNTIME_DIR/containers/auth.json and
@@ -287,6 +297,7 @@ def load_settings(env: Mapping[str, str] | None = None, **explicit: Any) -> Sett
         "min_free": _size(env, ENV_PREFIX + "MIN_FREE", DEFAULT_MIN_FREE),
         "verify_content_after": _age(env, ENV_PREFIX + "VERIFY_CONTENT_AFTER"),
         "progress_bars": progress_bars_enabled(env),
+        "progress_interval": progress_interval(env),
         "allow_legacy_releases": _flag(env, "ALLOW_LEGACY_RELEASES"),
         "github_api_url": env.get(ENV_PREFIX + "GITHUB_API_URL", "").strip().rstrip("/")
         or DEFAULT_GITHUB_API,

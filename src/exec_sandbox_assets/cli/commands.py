@@ -14,23 +14,25 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from exec_sandbox_assets.base.errors import AssetNotFoundError, ConfigError
+from exec_sandbox_assets.base.errors import AssetNotFoundError, ConfigError, TrustError
 from exec_sandbox_assets.cli.login import with_given_credentials
 from exec_sandbox_assets.cli.output import (
     EXIT_NOT_FOUND,
     EXIT_OK,
     EXIT_TRUST,
+    Failure,
     emit_json,
     err,
     error_message,
     group_failures,
     human_size,
+    json_result,
     out,
     short_digest,
     table,
     worst_exit_code,
 )
-from exec_sandbox_assets.cli.progress import progress_bars
+from exec_sandbox_assets.cli.progress import progress_display
 from exec_sandbox_assets.cli.table import Context
 from exec_sandbox_assets.client import AssetClient
 from exec_sandbox_assets.config import Settings
@@ -106,7 +108,7 @@ def run_pull(ctx: Context) -> int:
     # --force: hash what is cached first; what does not match is fetched again below.
     checked = client.check_cached_content(specs) if args.force else {}
     cached_before = {s.output_name for s in specs if client.find_cached(s.output_name)}
-    with progress_bars(ctx.ui.wants_progress(), ctx.log_handler) as bars:
+    with progress_display(ctx.ui, ctx.log_handler) as bars:
         results = asyncio.run(client.fetch_each(specs, use_local=False, progress=bars))
     seconds = time.monotonic() - started
 
@@ -144,23 +146,25 @@ def run_pull(ctx: Context) -> int:
 
     if args.json:
         emit_json(
-            {
-                "ok": code == EXIT_OK,
-                "version": version,
-                "tag": settings.tag,
-                "platform": platform,
-                "index_digest": index_digest,
-                "signed_by": key_ids,
-                "source": verified.source if verified else None,
-                "cache_dir": settings.cache_dir,
-                "dir": vdir,
-                "seconds": round(seconds, 3),
-                "files": files,
-                "skipped": skipped,
-                "errors": [f.to_json() for f in failures],
-            }
+            json_result(
+                {
+                    "version": version,
+                    "tag": settings.tag,
+                    "platform": platform,
+                    "index_digest": index_digest,
+                    "signed_by": key_ids,
+                    "source": verified.source if verified else None,
+                    "cache_dir": settings.cache_dir,
+                    "dir": vdir,
+                    "seconds": round(seconds, 3),
+                    "files": files,
+                    "skipped": skipped,
+                },
+                failures,
+            )
         )
-    elif not ctx.ui.quiet:
+    elif not ctx.ui.quiet and (files or not failures):
+        # A pull that got nothing says so on stderr only, not "0 file(s)" on stdout first.
         where = f" into {vdir}" if vdir else ""
         out(f"release {version or '?'} (tag {settings.tag}) for {platform}{where}")
         if verified is not None:
@@ -190,9 +194,12 @@ def run_pull(ctx: Context) -> int:
             out(line)
         total = sum(int(f["size"]) for f in files)
         fetched = sum(1 for f in files if f["downloaded"])
+        failed = sum(len(f.names) for f in failures)
         out(
             f"{len(files)} file(s), {human_size(total)}: {fetched} downloaded, "
-            f"{len(files) - fetched} already cached ({seconds:.1f}s)"
+            f"{len(files) - fetched} already cached"
+            + (f", {failed} failed" if failed else "")
+            + f" ({seconds:.1f}s)"
         )
     for failure in failures:
         names = "every file" if len(failure.names) == len(specs) > 1 else ", ".join(failure.names)
@@ -217,32 +224,34 @@ def status_json(listing: cache_admin.CacheListing, settings: Settings) -> dict[s
     tags_of: dict[str, list[str]] = {}
     for tag, version in listing.floating.items():
         tags_of.setdefault(version, []).append(tag)
-    return {
-        "cache_dir": listing.root,
-        "tag": settings.tag,
-        "floating": listing.floating,
-        "total_size": listing.total_size,
-        "versions": [
-            {
-                "version": v.version,
-                "path": v.path,
-                "size": v.size,
-                "tags": sorted(tags_of.get(v.version, [])),
-                "files": [record_json(o) for o in v.outputs],
-                "temp_files": [{"path": t.path, "size": t.size} for t in v.temps],
-            }
-            for v in listing.versions
-        ],
-        "partials": [
-            {"path": p.path, "size": p.size, "digest": cache_admin.blob_digest(p.path)}
-            for p in listing.partials
-        ],
-        "orphan_blobs": [
-            {"path": b.path, "size": b.size, "digest": cache_admin.blob_digest(b.path)}
-            for b in listing.blobs
-        ],
-        "temp_files": [{"path": t.path, "size": t.size} for t in listing.state_temps],
-    }
+    return json_result(
+        {
+            "cache_dir": listing.root,
+            "tag": settings.tag,
+            "floating": listing.floating,
+            "total_size": listing.total_size,
+            "versions": [
+                {
+                    "version": v.version,
+                    "path": v.path,
+                    "size": v.size,
+                    "tags": sorted(tags_of.get(v.version, [])),
+                    "files": [record_json(o) for o in v.outputs],
+                    "temp_files": [{"path": t.path, "size": t.size} for t in v.temps],
+                }
+                for v in listing.versions
+            ],
+            "partials": [
+                {"path": p.path, "size": p.size, "digest": cache_admin.blob_digest(p.path)}
+                for p in listing.partials
+            ],
+            "orphan_blobs": [
+                {"path": b.path, "size": b.size, "digest": cache_admin.blob_digest(b.path)}
+                for b in listing.blobs
+            ],
+            "temp_files": [{"path": t.path, "size": t.size} for t in listing.state_temps],
+        }
+    )
 
 
 def run_status(ctx: Context) -> int:
@@ -302,10 +311,12 @@ def run_verify(ctx: Context) -> int:
     else:
         versions = [settings.version] if settings.version in cached else []
         if not versions:
-            message = f"version {settings.version} is not cached in {settings.cache_dir}"
+            missing = AssetNotFoundError(
+                f"version {settings.version} is not cached in {settings.cache_dir}"
+            )
             if args.json:
-                emit_json({"ok": False, "full": args.full, "results": [], "error": message})
-            err(f"error: {message}")
+                emit_json(json_result({"full": args.full, "results": []}, [Failure(missing)]))
+            err(f"error: {missing}")
             return EXIT_NOT_FOUND
     full = args.full or args.repair
     results = [
@@ -315,25 +326,33 @@ def run_verify(ctx: Context) -> int:
     ]
     repaired = repair(settings, [r for r in results if not r.ok]) if args.repair else {}
     bad = [r for r in results if not r.ok and not isinstance(repaired.get(r.path), Path)]
+    unrepaired = [e for r in bad if isinstance(e := repaired.get(r.path), BaseException)]
+    mismatch = (
+        [Failure(TrustError(_mismatch_message(bad)), tuple(r.name for r in bad))] if bad else []
+    )
     if args.json:
         emit_json(
-            {
-                "ok": not bad,
-                "full": full,
-                "repair": args.repair,
-                "results": [
-                    {
-                        "version": r.version,
-                        "name": r.name,
-                        "path": r.path,
-                        "ok": r.ok,
-                        "problem": r.problem or None,
-                        "note": r.note or None,
-                        "repaired": repair_json(repaired[r.path]) if r.path in repaired else None,
-                    }
-                    for r in results
-                ],
-            }
+            json_result(
+                {
+                    "full": full,
+                    "repair": args.repair,
+                    "results": [
+                        {
+                            "version": r.version,
+                            "name": r.name,
+                            "path": r.path,
+                            "ok": r.ok,
+                            "problem": r.problem or None,
+                            "note": r.note or None,
+                            "repaired": (
+                                repair_json(repaired[r.path]) if r.path in repaired else None
+                            ),
+                        }
+                        for r in results
+                    ],
+                },
+                mismatch,
+            )
         )
     elif not ctx.ui.quiet:
         how = "content digests (full)" if full else "stat against verification records"
@@ -348,12 +367,13 @@ def run_verify(ctx: Context) -> int:
             elif fixed is not None:
                 out(f"  FAILED   {r.version}/{r.name}: not repaired: {first_line(fixed)}")
     if bad:
-        err(
-            f"error: {len(bad)} file(s) failed verification: " + ", ".join(str(r.path) for r in bad)
-        )
-        failed = [e for r in bad if isinstance(e := repaired.get(r.path), BaseException)]
-        return worst_exit_code(failed) if failed else EXIT_TRUST
+        err(f"error: {_mismatch_message(bad)}")
+        return worst_exit_code(unrepaired) if unrepaired else EXIT_TRUST
     return EXIT_OK
+
+
+def _mismatch_message(bad: Sequence[cache_admin.VerifyResult]) -> str:
+    return f"{len(bad)} file(s) failed verification: " + ", ".join(str(r.path) for r in bad)
 
 
 def repair(
@@ -405,23 +425,25 @@ def run_gc(ctx: Context) -> int:
     report = cache_admin.run_gc(client.store, plan, dry_run=args.dry_run)
     if args.json:
         emit_json(
-            {
-                "dry_run": report.dry_run,
-                "kept_versions": report.kept_versions,
-                "items": [
-                    {
-                        "kind": o.item.kind,
-                        "path": o.item.path,
-                        "size": o.item.size,
-                        "reason": o.item.reason,
-                        "removed": o.removed,
-                        "skipped": o.skipped or None,
-                    }
-                    for o in report.outcomes
-                ],
-                "freed": report.freed,
-                "kept_resumable": [{"path": e.path, "size": e.size} for e in report.resumable],
-            }
+            json_result(
+                {
+                    "dry_run": report.dry_run,
+                    "kept_versions": report.kept_versions,
+                    "items": [
+                        {
+                            "kind": o.item.kind,
+                            "path": o.item.path,
+                            "size": o.item.size,
+                            "reason": o.item.reason,
+                            "removed": o.removed,
+                            "skipped": o.skipped or None,
+                        }
+                        for o in report.outcomes
+                    ],
+                    "freed": report.freed,
+                    "kept_resumable": [{"path": e.path, "size": e.size} for e in report.resumable],
+                }
+            )
         )
         return EXIT_OK
     if ctx.ui.quiet:

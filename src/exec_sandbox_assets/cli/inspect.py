@@ -13,15 +13,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from exec_sandbox_assets import sources
-from exec_sandbox_assets.base.errors import ConfigError, FormatError
+from exec_sandbox_assets.base.errors import ConfigError, FormatError, SignatureError
 from exec_sandbox_assets.base.safetext import clean_text
 from exec_sandbox_assets.cli.login import given_credentials
 from exec_sandbox_assets.cli.output import (
     EXIT_OK,
     EXIT_TRUST,
+    Failure,
     emit_json,
     err,
     human_size,
+    json_result,
     out,
     short_digest,
     table,
@@ -248,12 +250,17 @@ def print_report(report: InspectReport) -> None:
 def run_inspect(ctx: Context) -> int:
     args = ctx.args
     report = asyncio.run(inspect_ref(args.ref, ctx.settings, given_credentials(args)))
+    refused = (
+        [SignatureError(f"{report.ref}: signature not verified: {report.signature.get('error')}")]
+        if args.require_signature and not report.verified
+        else []
+    )
     if args.json:
-        emit_json(report.to_json())
+        emit_json(json_result(report.to_json(), [Failure(e) for e in refused]))
     elif not ctx.ui.quiet:
         print_report(report)
-    if args.require_signature and not report.verified:
-        err(f"error: {report.ref}: signature not verified: {report.signature.get('error')}")
+    for exc in refused:
+        err(f"error: {exc}")
         return EXIT_TRUST
     return EXIT_OK
 

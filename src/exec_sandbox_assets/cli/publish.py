@@ -21,9 +21,15 @@ from typing import Any
 
 from exec_sandbox_assets.base.errors import AssetError, ConfigError, FormatError
 from exec_sandbox_assets.cli.arguments import add_json, add_output_options
-from exec_sandbox_assets.cli.output import emit_json, err, human_size, report_error
-from exec_sandbox_assets.cli.progress import LogHandler, Ui, progress_bars
-from exec_sandbox_assets.config import progress_bars_enabled
+from exec_sandbox_assets.cli.output import (
+    emit_json,
+    human_size,
+    json_result,
+    report_error,
+    report_interrupted,
+)
+from exec_sandbox_assets.cli.progress import LogHandler, Ui, progress_display
+from exec_sandbox_assets.config import progress_bars_enabled, progress_interval
 from exec_sandbox_assets.publish.compress import DEFAULT_LEVEL
 from exec_sandbox_assets.publish.publisher import PublishRequest, PublishResult, publish
 from exec_sandbox_assets.release import catalog
@@ -182,30 +188,31 @@ def _registry_password(args: argparse.Namespace) -> str | None:
 
 def result_json(result: PublishResult) -> dict[str, Any]:
     """`publish --json`: what was published where, with every digest."""
-    return {
-        "ok": True,
-        "version": result.version,
-        "created": result.created,
-        "index_digest": result.index_digest,
-        "manifests": {f"{o}/{a}": d for (o, a), d in result.manifest_digests.items()},
-        "signature_tag": result.signature_tag,
-        "signature_digest": result.signature_digest,
-        "signers": result.signers,
-        "signatures": result.signatures,
-        "signatures_added": result.signatures_added,
-        "targets": [
-            {
-                "name": t.name,
-                "blobs_uploaded": t.blobs_uploaded,
-                "bytes_uploaded": t.bytes_uploaded,
-                "blobs_skipped": t.blobs_skipped,
-                "tags": list(t.tags),
-            }
-            for t in result.targets
-        ],
-        "release_dir": result.release_dir,
-        "release_files": list(result.release_files),
-    }
+    return json_result(
+        {
+            "version": result.version,
+            "created": result.created,
+            "index_digest": result.index_digest,
+            "manifests": {f"{o}/{a}": d for (o, a), d in result.manifest_digests.items()},
+            "signature_tag": result.signature_tag,
+            "signature_digest": result.signature_digest,
+            "signers": result.signers,
+            "signatures": result.signatures,
+            "signatures_added": result.signatures_added,
+            "targets": [
+                {
+                    "name": t.name,
+                    "blobs_uploaded": t.blobs_uploaded,
+                    "bytes_uploaded": t.bytes_uploaded,
+                    "blobs_skipped": t.blobs_skipped,
+                    "tags": list(t.tags),
+                }
+                for t in result.targets
+            ],
+            "release_dir": result.release_dir,
+            "release_files": list(result.release_files),
+        }
+    )
 
 
 def signature_count(result: PublishResult) -> str:
@@ -213,6 +220,7 @@ def signature_count(result: PublishResult) -> str:
     "2 signatures (1 added)" after a second key (kept signatures count too)."""
     noun = "signature" if result.signatures == 1 else "signatures"
     return f"{result.signatures} {noun} ({result.signatures_added} added)"
+
 
 
 def format_summary(result: PublishResult) -> str:
@@ -246,8 +254,8 @@ def run(args: argparse.Namespace) -> int:
     elif level < root.level:  # under the main CLI: its handler prints, this -v sets the level
         root.setLevel(level)
     log_handler = next((h for h in root.handlers if isinstance(h, LogHandler)), None)
-    ui = Ui(quiet=args.quiet, progress=not args.no_progress and progress_bars_enabled())
     try:
+        ui = Ui(args.quiet, not args.no_progress and progress_bars_enabled(), progress_interval())
         with tempfile.TemporaryDirectory(prefix="exec-sandbox-publish-") as tmp:
             request = PublishRequest(
                 inputs=tuple(args.input),
@@ -270,14 +278,13 @@ def run(args: argparse.Namespace) -> int:
                 replace=args.replace,
                 replace_signatures=args.replace_signatures,
             )
-            with progress_bars(ui.wants_progress(), log_handler) as bars:
+            with progress_display(ui, log_handler) as bars:
                 result = publish(replace(request, progress=bars))
     except (AssetError, OSError) as exc:
         code = EXIT_BAD_INPUT if isinstance(exc, ConfigError | FormatError) else EXIT_FAILURE
         return report_error(exc, code, args.json)
     except KeyboardInterrupt:
-        err("interrupted; tags were not moved (a re-run resumes)")
-        return EXIT_INTERRUPTED
+        return report_interrupted("interrupted; tags were not moved (a re-run resumes)", args.json)
     if args.json:
         emit_json(result_json(result))
     elif not args.quiet:
@@ -304,7 +311,9 @@ resumes).
 
 
 def build_parser(prog: str = "python -m exec_sandbox_assets.publish") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from exec_sandbox_assets.cli.parser import Parser  # a usage error --json reports
+
+    parser = Parser(
         prog=prog,
         description="Publish exec-sandbox assets as signed OCI artifacts "
         "(registry, OCI layout, archive) and a GitHub Release folder.",
@@ -316,7 +325,14 @@ def build_parser(prog: str = "python -m exec_sandbox_assets.publish") -> argpars
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(build_parser().parse_args(argv))
+    from exec_sandbox_assets.cli.parser import parse_failed
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:
+        return parse_failed(exc, argv)
+    return run(args)
 
 
 __all__ = [

@@ -11,19 +11,29 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from exec_sandbox_assets.base.errors import AssetError
+from exec_sandbox_assets.base.errors import AssetError, NoTrustedKeysError
 from exec_sandbox_assets.base.safetext import clean_text
 from exec_sandbox_assets.cli.inspect import _signature as signature_report
 from exec_sandbox_assets.cli.inspect import open_ref, parse_ref
 from exec_sandbox_assets.cli.login import given_credentials
-from exec_sandbox_assets.cli.output import EXIT_OK, emit_json, out, short_digest, table
+from exec_sandbox_assets.cli.output import (
+    EXIT_OK,
+    emit_json,
+    err,
+    json_result,
+    out,
+    short_digest,
+    table,
+)
 from exec_sandbox_assets.cli.table import Context
 from exec_sandbox_assets.config import LATEST, Settings
 from exec_sandbox_assets.oci.auth import Credentials
 from exec_sandbox_assets.oci.model import INDEX_MEDIA_TYPES, Index, media_type_of, sha256_digest
 from exec_sandbox_assets.oci.reference import LayoutRef
 from exec_sandbox_assets.release import catalog
-from exec_sandbox_assets.release.keys import load_public_key_file
+from exec_sandbox_assets.release.keys import PublicKey, load_public_key_file
+from exec_sandbox_assets.release.policy import TrustPolicy, require_keys
+from exec_sandbox_assets.sources import Source
 
 
 def is_release_tag(tag: str) -> bool:
@@ -56,11 +66,26 @@ async def list_tags(text: str, settings: Settings, credentials: Credentials | No
         return await client.list_tags()
 
 
+# A release's verdict when no key is trusted; the hint how to configure one is said once
+# for all of them (`no_keys_hint`), not once per tag.
+NO_TRUSTED_KEY = "no trusted key is configured"
+
+
+def no_keys_hint(text: str, keys: tuple[PublicKey, ...], threshold: int) -> str | None:
+    """How to configure a trusted key, when none is (the policy's own message), else None."""
+    try:
+        require_keys(TrustPolicy(keys=keys, threshold=threshold), text)
+    except NoTrustedKeysError as exc:
+        return str(exc)
+    return None
+
+
 async def list_releases(
     text: str, settings: Settings, credentials: Credentials | None = None
 ) -> list[dict[str, Any]]:
     """One entry per release tag of `text`, newest first (`latest` on top)."""
     keys = tuple(load_public_key_file(p) for p in settings.trusted_keys)
+    no_keys = no_keys_hint(text, keys, settings.threshold) is not None
     tags = [t for t in await list_tags(text, settings, credentials) if is_release_tag(t)]
     source, _ = open_ref(text, settings, credentials)
     releases: list[dict[str, Any]] = []
@@ -76,12 +101,12 @@ async def list_releases(
                     annotations = dict(Index.from_bytes(data, f"{source.name} {tag}").annotations)
                 entry["version"] = annotations.get(catalog.ANN_VERSION)
                 entry["created"] = annotations.get(catalog.ANN_CREATED)
-                sig = await signature_report(source, digest, keys, settings, tag)
-                entry["signature"] = {
-                    "verified": sig["verified"],
-                    "signed_by": sig["verified_by"],
-                    "error": sig["error"],
-                }
+                entry["signature"] = (
+                    # Nothing could verify it: not read at all.
+                    {"verified": False, "signed_by": [], "error": NO_TRUSTED_KEY}
+                    if no_keys
+                    else await _signature_entry(source, digest, keys, settings, tag)
+                )
             except AssetError as exc:
                 entry["error"] = str(exc)
             releases.append(entry)
@@ -94,6 +119,13 @@ async def list_releases(
         reverse=True,
     )
     return latest + rest
+
+
+async def _signature_entry(
+    source: Source, digest: str, keys: tuple[PublicKey, ...], settings: Settings, tag: str
+) -> dict[str, Any]:
+    sig = await signature_report(source, digest, keys, settings, tag)
+    return {"verified": sig["verified"], "signed_by": sig["verified_by"], "error": sig["error"]}
 
 
 def _verdict(entry: dict[str, Any]) -> str:
@@ -109,9 +141,13 @@ def run_versions(ctx: Context) -> int:
     args, settings = ctx.args, ctx.settings
     text = args.source or (settings.mirrors[0] if settings.mirrors else settings.registry)
     releases = asyncio.run(list_releases(text, settings, given_credentials(args)))
+    keys = tuple(load_public_key_file(p) for p in settings.trusted_keys)
+    hint = no_keys_hint(text, keys, settings.threshold)
     if args.json:
-        emit_json({"source": text, "releases": releases})
+        emit_json(json_result({"source": text, "releases": releases, "hint": hint}))
         return EXIT_OK
+    if hint is not None:
+        err(f"warning: {hint}")
     if ctx.ui.quiet:
         return EXIT_OK
     out(f"{text}: {len(releases)} release tag(s)")
@@ -129,4 +165,11 @@ def run_versions(ctx: Context) -> int:
     return EXIT_OK
 
 
-__all__ = ["is_release_tag", "list_releases", "list_tags", "run_versions"]
+__all__ = [
+    "NO_TRUSTED_KEY",
+    "is_release_tag",
+    "list_releases",
+    "list_tags",
+    "no_keys_hint",
+    "run_versions",
+]

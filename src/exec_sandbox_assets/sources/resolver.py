@@ -13,17 +13,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from exec_sandbox_assets.base.errors import (
-    AllSourcesFailedError,
-    AssetNotFoundError,
-    Attempt,
-    ReleaseNotFoundError,
-    TransportError,
-)
+from exec_sandbox_assets.base.errors import TransportError
 from exec_sandbox_assets.cache.store import Store
 from exec_sandbox_assets.config import Settings
 from exec_sandbox_assets.release.policy import RollbackState, TrustPolicy, load_policy
 from exec_sandbox_assets.sources.base import Source
+from exec_sandbox_assets.sources.failover import Failover
 from exec_sandbox_assets.sources.reader import PlatformRelease, ReleaseReader, VerifiedIndex
 
 log = logging.getLogger(__name__)
@@ -57,28 +52,19 @@ class ReleaseResolver:
         if (hit := self._platforms.get(cache_key)) is not None:
             return hit
         policy = None if self.settings.insecure_skip_verify else self._policy()
-        attempts: list[Attempt] = []
+        failover = Failover(f"release {tag} for {'/'.join(platform)}")
         for source in sources:
             reader = ReleaseReader(source, policy)
             try:
                 verified = await self._verified_index(reader, sources)
                 part = await reader.platform(verified, platform)
             except TransportError as exc:
-                log.warning(
-                    "release %s: source %s failed, trying the next one: %s",
-                    tag,
-                    source.name,
-                    exc,
-                    extra={"source": source.name, "tag": tag, "error": str(exc)},
-                )
-                attempts.append(Attempt(source.name, str(exc), isinstance(exc, AssetNotFoundError)))
+                failover.failed(source.name, exc)
                 continue
+            failover.succeeded(source.name)
             self._platforms[cache_key] = part
             return part
-        what = f"release {tag} for {'/'.join(platform)}"
-        if attempts and all(a.not_found for a in attempts):
-            raise ReleaseNotFoundError(what, attempts)
-        raise AllSourcesFailedError(what, attempts)
+        raise failover.error()
 
     def _policy(self) -> TrustPolicy:
         s = self.settings
