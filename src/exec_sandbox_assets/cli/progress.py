@@ -270,7 +270,8 @@ class LineProgress:
             current = self._current if self._current not in self._finished else ""
             if not current:  # the one named last is done: name one still under way
                 current = next((n for n in self._totals if n not in self._finished), "")
-            rate = (done - before) / (now - then) if now > then else 0.0
+            # Never below 0: a download restarted from scratch counts its bytes again.
+            rate = max(0.0, (done - before) / (now - then)) if now > then else 0.0
             percent = f" ({100 * done // total}%)" if total else ""
             return (
                 f"progress: {_size(done)} of {_size(total)}{percent}, {_size(int(rate))}/s, "
@@ -280,9 +281,13 @@ class LineProgress:
     def _tick(self) -> None:
         while not self._stop.wait(self._interval):
             text = self.line()
-            if text is not None:
+            if text is None:
+                continue
+            try:
                 self._stream.write(text + "\n")
                 self._stream.flush()
+            except (OSError, ValueError):  # stderr closed: the command goes on, silent
+                return
 
 
 def _size(n: int) -> str:
