@@ -179,37 +179,6 @@ class Copier:
             self._emit(plan, "tag", plan.index_digest, tag)
             log.info("mirrored %s:%s -> %s", self.target.name, tag, plan.index_digest)
 
-    async def _put_manifest(self, data: bytes, digest: str, media_type: str) -> None:
-        new = not await asyncio.to_thread(self.target.has_blob, digest)
-        await asyncio.to_thread(self.target.put_manifest, data, media_type, None)
-        if new:
-            self.written.append((digest, len(data)))
-
-    def after_failure(self, remove: bool) -> str:
-        """What this copy left at the destination, removed first when `remove` and the
-        target can (a layout: what no tag reaches; an archive is replaced only on
-        success): a sentence for the error, or "" when it wrote nothing."""
-        if not self.written:
-            return ""
-        where = self.target.name
-        discard = getattr(self.target, "discard", None)  # not part of `Target`: local only
-        if remove and discard is not None:
-            try:
-                gone = set(discard([d for d, _ in self.written]))
-            except (OSError, AssetError) as exc:
-                log.warning("could not remove what the failed copy wrote: %s", exc)
-                gone = set()
-            removed = [(d, n) for d, n in self.written if d in gone]
-            left = [(d, n) for d, n in self.written if d not in gone]
-            text = (
-                f"removed the {len(removed)} blob(s), {_bytes(removed)}, this mirror had "
-                f"written to {where}"
-            )
-            if not left:
-                return text
-            return f"{text}; left {_left(left, where)}"
-        return f"left {_left(self.written, where)}; a re-run reuses them"
-
     async def _blobs(self, plan: Plan, blobs: Sequence[Blob]) -> None:
         """Copy what the destination lacks. Pushes run one at a time (the target is not
         shared between threads); the next download runs while the current blob is pushed,
@@ -275,6 +244,37 @@ class Copier:
         # The cache resumes a body that broke off after making progress (its one loop).
         async with self.store.blob_lock(desc.digest):
             return await self.store.fetch_blob(req, opener, advance)
+
+    async def _put_manifest(self, data: bytes, digest: str, media_type: str) -> None:
+        new = not await asyncio.to_thread(self.target.has_blob, digest)
+        await asyncio.to_thread(self.target.put_manifest, data, media_type, None)
+        if new:
+            self.written.append((digest, len(data)))
+
+    def after_failure(self, remove: bool) -> str:
+        """What this copy left at the destination, removed first when `remove` and the
+        target can (a layout: what no tag reaches; an archive is replaced only on
+        success): a sentence for the error, or "" when it wrote nothing."""
+        if not self.written:
+            return ""
+        where = self.target.name
+        discard = getattr(self.target, "discard", None)  # not part of `Target`: local only
+        if remove and discard is not None:
+            try:
+                gone = set(discard([d for d, _ in self.written]))
+            except (OSError, AssetError) as exc:
+                log.warning("could not remove what the failed copy wrote: %s", exc)
+                gone = set()
+            removed = [(d, n) for d, n in self.written if d in gone]
+            left = [(d, n) for d, n in self.written if d not in gone]
+            text = (
+                f"removed the {len(removed)} blob(s), {_bytes(removed)}, this mirror had "
+                f"written to {where}"
+            )
+            if not left:
+                return text
+            return f"{text}; left {_left(left, where)}"
+        return f"left {_left(self.written, where)}; a re-run reuses them"
 
 
 def _bytes(blobs: Sequence[tuple[str, int]]) -> str:
