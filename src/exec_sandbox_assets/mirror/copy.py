@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from exec_sandbox_assets.base.errors import AssetError, ConfigError, FormatError
+from exec_sandbox_assets.base.errors import AssetError, ConfigError, FormatError, OutOfSpaceError
 from exec_sandbox_assets.base.sizes import describe_size
+from exec_sandbox_assets.cache.space import free_bytes
 from exec_sandbox_assets.cache.store import BlobRequest, Store
 from exec_sandbox_assets.oci.model import (
     Descriptor,
@@ -244,6 +245,29 @@ class Copier:
         # The cache resumes a body that broke off after making progress (its one loop).
         async with self.store.blob_lock(desc.digest):
             return await self.store.fetch_blob(req, opener, advance)
+
+    async def check_space(self, plans: Sequence[Plan]) -> None:
+        """Before the first byte: an `oci:` layout destination (on this machine, so its free
+        space is known) must have room for every blob and manifest it lacks. An archive is
+        built in the work dir and replaced whole; a registry's space is its own."""
+        from exec_sandbox_assets.oci.layout_target import ArchiveTarget, LayoutTarget
+
+        if not isinstance(self.target, LayoutTarget) or isinstance(self.target, ArchiveTarget):
+            return
+        sizes: dict[str, int] = {}
+        for plan in plans:
+            sizes.update((b.desc.digest, b.desc.size) for b in (*plan.blobs, *plan.signature_blobs))
+            sizes.update((d.digest, len(data)) for d, data in plan.manifests)
+            sizes[plan.index_digest] = len(plan.index)
+        lacking = [n for d, n in sizes.items() if not self.target.has_blob(d)]
+        where, free = free_bytes(self.target.root)
+        if sum(lacking) > free:
+            raise OutOfSpaceError(
+                f"not enough space in {where} for {self.target.name}: the copy needs "
+                f"{describe_size(sum(lacking))} ({len(lacking)} blob(s) the destination "
+                f"lacks) and {describe_size(free)} are free there; no blob was written. "
+                "Free space there, or copy to another place"
+            )
 
     async def _put_manifest(self, data: bytes, digest: str, media_type: str) -> None:
         new = not await asyncio.to_thread(self.target.has_blob, digest)

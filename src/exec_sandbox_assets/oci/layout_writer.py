@@ -67,7 +67,10 @@ class BlobWriter:
         self._tmp = tmp_name(final.parent, final.name[:16])
         self._hasher = new_hasher(digest)
         self._written = 0
-        fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as exc:  # no inode left is a full disk too
+            raise no_space(exc, self.final) from exc
         self._fh: IO[bytes] = os.fdopen(fd, "wb")
 
     @property
