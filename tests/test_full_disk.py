@@ -150,7 +150,7 @@ def test_mirror_into_a_small_layout_is_refused_before_the_first_blob(
     key = ("--trusted-key", str(release.key.public))
     with tmpfs(tmp_path / "small", "1m") as small:
         dst = small / "layout"
-        args = [*key, "--cache-dir", tmp_path / "cache"]
+        args = [*key, "--cache-dir", str(tmp_path / "cache")]
         result = cli(*args, "mirror", release.target, f"oci:{dst}", "--version", "1.0.0")
         assert result.code == 1, result.stdout + result.stderr
         assert re.search(
@@ -170,7 +170,7 @@ def test_mirror_into_a_layout_that_fills_up_removes_what_it_wrote(
     key = ("--trusted-key", str(release.key.public))
     with tmpfs(tmp_path / "small", "64m,nr_inodes=12") as small:
         dst = small / "layout"
-        args = [*key, "--cache-dir", tmp_path / "cache"]
+        args = [*key, "--cache-dir", str(tmp_path / "cache")]
         result = cli(*args, "mirror", release.target, f"oci:{dst}", "--version", "1.0.0")
         assert result.code == 1, result.stdout + result.stderr
         assert "no space left" in result.stderr, result.stderr
