@@ -144,33 +144,43 @@ def test_gc_keeps_partials_and_gc_partials_frees_them(tmp_path: Path) -> None:
         assert free(small) >= before + 3 * MiB
 
 
-def test_mirror_into_a_full_layout_removes_what_it_wrote(
+def test_mirror_into_a_small_layout_is_refused_before_the_first_blob(
     tmp_path: Path, release: SampleRelease
 ) -> None:
     key = ("--trusted-key", str(release.key.public))
     with tmpfs(tmp_path / "small", "1m") as small:
         dst = small / "layout"
-        before = free(small)
-        result = cli(
-            *key,
-            "--cache-dir",
-            tmp_path / "cache",
-            "mirror",
-            release.target,
-            f"oci:{dst}",
-            "--version",
-            "1.0.0",
-        )
+        args = [*key, "--cache-dir", str(tmp_path / "cache")]
+        result = cli(*args, "mirror", release.target, f"oci:{dst}", "--version", "1.0.0")
+        assert result.code == 1, result.stdout + result.stderr
+        assert re.search(
+            rf"not enough space in {re.escape(str(dst))} for oci:{re.escape(str(dst))}: the "
+            r"copy needs [\d.]+ MiB \(\d+ bytes\) \(\d+ blob\(s\) the destination lacks\) "
+            r"and [\d.]+ [KM]iB \(\d+ bytes\) are free there; no blob was written",
+            result.stderr,
+        ), result.stderr
+        assert files_under(dst / "blobs") == []
+
+
+def test_mirror_into_a_layout_that_fills_up_removes_what_it_wrote(
+    tmp_path: Path, release: SampleRelease
+) -> None:
+    """Bytes to spare but few inodes: the pre-check passes, the disk fills anyway (as with
+    another writer at work), and what this run wrote there is removed."""
+    key = ("--trusted-key", str(release.key.public))
+    with tmpfs(tmp_path / "small", "64m,nr_inodes=12") as small:
+        dst = small / "layout"
+        args = [*key, "--cache-dir", str(tmp_path / "cache")]
+        result = cli(*args, "mirror", release.target, f"oci:{dst}", "--version", "1.0.0")
         assert result.code == 1, result.stdout + result.stderr
         assert "no space left" in result.stderr, result.stderr
         assert re.search(
-            rf"removed the \d+ blob\(s\), [\d.]+ [KM]iB \(\d+ bytes\), this mirror had written to "
-            rf"oci:{re.escape(str(dst))}",
+            r"removed the \d+ blob\(s\), [\d.]+ [KM]iB \(\d+ bytes\), this mirror had "
+            rf"written to oci:{re.escape(str(dst))}",
             result.stderr,
         ), result.stderr
         assert "that no tag names" not in result.stderr, result.stderr
-        assert [p for p in (dst / "blobs").rglob("*") if p.is_file()] == []
-        assert free(small) >= before - 64 * 1024  # the layout's own small files
+        assert files_under(dst / "blobs") == []
 
 
 # -- the plan, pure ------------------------------------------------------------------------------

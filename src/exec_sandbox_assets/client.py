@@ -225,9 +225,9 @@ class AssetClient:
             # the kernels; the small ones fill in around it.
             jobs.sort(key=lambda job: -_layer_size(*job))
             # Before the first byte: what does not fit is refused, smallest files first in.
-            room = self._space_plan(jobs)
+            room = self._space_plan([(job[0], job[-1]) for job in jobs])
             refused = set(room.refused) if room else set()
-            jobs = [job for job in jobs if job[1].output_name not in refused]
+            jobs = [job for job in jobs if job[-1].output_name not in refused]
             limit = asyncio.Semaphore(self.settings.concurrency)
             outcomes = await asyncio.gather(
                 *(self._fetch_one(sources, part, spec, limit, progress) for part, spec in jobs),

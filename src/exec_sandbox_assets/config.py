@@ -38,6 +38,7 @@ Environment variables (all optional):
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -62,7 +63,13 @@ PACKAGED_KEYS_DIR = Path(__file__).resolve().parent / "keys"
 # are the CDNs that GitHub Releases and ghcr.io redirect to).
 AIRGAP_BLOCKED_HOSTS = ("ghcr.io", "github.com", "githubusercontent.com")
 DEFAULT_MIN_FREE = 64 << 20
-_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_NUMBER_AND_UNIT = re.compile(r"(\d+(?:\.\d+)?) ?([A-Za-z]*)")
+# 512, 512B, 64M, 64m, 64MB, 64MiB: binary multiples whatever the spelling.
+_SIZE_UNITS = {"": 1, "B": 1} | {
+    spelling: 1 << (10 * power)
+    for power, letter in enumerate("KMGT", start=1)
+    for spelling in (letter, letter.lower(), f"{letter}B", f"{letter}iB")
+}
 _AGE_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 AIRGAP_REASON = "the air gap (EXEC_SANDBOX_AIRGAP=1) allows no connection to GitHub or ghcr.io"
 # Seconds between two progress lines of the CLI when stderr is not a terminal.
@@ -164,22 +171,16 @@ def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
 def _number_with_unit(
     env: Mapping[str, str], name: str, units: Mapping[str, int], expected: str
 ) -> float | None:
-    """`12`, `1.5G`, `30d`: a number times its unit (`units`, case-insensitive keys
-    tried as given and upper/lower), None when unset."""
+    """`12`, `1.5G`, `30d`: the number times the factor of its unit in `units`; None
+    when unset."""
     raw = env.get(name, "").strip()
     if not raw:
         return None
-    text = raw.removesuffix("iB").removesuffix("B") if units is _SIZE_UNITS else raw
-    number = text.rstrip("".join(units).upper() + "".join(units).lower())
-    unit = text[len(number) :]
-    factor = units.get(unit.upper(), units.get(unit.lower()))
-    try:
-        value = float(number)
-    except ValueError:
-        value = -1.0
-    if factor is None or not 0 <= value < 1e15:  # NaN fails this too
+    match = _NUMBER_AND_UNIT.fullmatch(raw)
+    factor = units.get(match.group(2)) if match else None
+    if match is None or factor is None:
         raise ConfigError(f"{name}={raw!r}: expected {expected}")
-    return value * factor
+    return float(match.group(1)) * factor
 
 
 def _size(env: Mapping[str, str], name: str, default: int) -> int:

@@ -294,6 +294,7 @@ class Store:
         await asyncio.to_thread(
             self.records.write, self.record_path(out.version, out.name), out, st
         )
+        self._content_seen.add(str(final))  # every byte was just hashed: not again
         # Without working locks another writer may have replaced the file after our
         # rename: then our record does not describe it, and we start over.
         if self.lookup(out.version, out.name, content_digest=out.content_digest) is None:

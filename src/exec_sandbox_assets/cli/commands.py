@@ -33,6 +33,7 @@ from exec_sandbox_assets.cli.output import (
     worst_exit_code,
 )
 from exec_sandbox_assets.cli.progress import progress_display
+from exec_sandbox_assets.cli.repair import pull_status, repair, repair_json
 from exec_sandbox_assets.cli.table import Context
 from exec_sandbox_assets.client import AssetClient
 from exec_sandbox_assets.config import Settings
@@ -207,14 +208,6 @@ def run_pull(ctx: Context) -> int:
     return code
 
 
-def pull_status(entry: dict[str, Any]) -> str:
-    if not entry["downloaded"]:
-        return "cached, content checked" if entry.get("content_check") else "cached"
-    if entry.get("content_check") == "mismatch":
-        return "downloaded (the cached copy was corrupt)"
-    return "downloaded"
-
-
 # -- status ------------------------------------------------------------------------------------
 
 
@@ -374,37 +367,6 @@ def run_verify(ctx: Context) -> int:
 
 def _mismatch_message(bad: Sequence[cache_admin.VerifyResult]) -> str:
     return f"{len(bad)} file(s) failed verification: " + ", ".join(str(r.path) for r in bad)
-
-
-def repair(
-    settings: Settings, bad: Sequence[cache_admin.VerifyResult]
-) -> dict[Path, Path | BaseException]:
-    """Fetch again (and verify) every file of `bad`, each from the release of its own
-    version: cached path -> the installed path, or why it could not be."""
-    fixed: dict[Path, Path | BaseException] = {}
-    by_version: dict[str, list[cache_admin.VerifyResult]] = {}
-    for r in bad:
-        by_version.setdefault(r.version, []).append(r)
-    for version, results in by_version.items():
-        specs: dict[str, AssetSpec] = {}
-        for r in results:
-            spec = catalog.spec_for_name(r.name)
-            if spec is None:
-                fixed[r.path] = AssetNotFoundError(f"{r.name} is not an asset name; not fetched")
-            else:
-                specs[r.name] = spec
-        client = AssetClient(settings.with_(version=version))
-        got = asyncio.run(client.fetch_each(list(specs.values()), use_local=False))
-        for r in results:
-            if r.name in specs:
-                fixed[r.path] = got[specs[r.name].output_name]
-    return fixed
-
-
-def repair_json(result: Path | BaseException) -> dict[str, Any]:
-    if isinstance(result, Path):
-        return {"ok": True, "path": result}
-    return {"ok": False, "error": error_message(result)}
 
 
 # -- gc ----------------------------------------------------------------------------------------

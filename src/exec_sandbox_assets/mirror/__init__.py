@@ -187,6 +187,7 @@ async def mirror_async(
         )
         for plan in plans:  # every conflict is found before anything is written
             await copier.check_tags(plan, allow_downgrade)
+        await copier.check_space(plans)  # and a full destination too
         for plan in plans:
             await copier.copy(plan)
         ok = True

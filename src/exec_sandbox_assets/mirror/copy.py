@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from exec_sandbox_assets.base.errors import AssetError, ConfigError, FormatError
+from exec_sandbox_assets.base.errors import AssetError, ConfigError, FormatError, OutOfSpaceError
 from exec_sandbox_assets.base.sizes import describe_size
+from exec_sandbox_assets.cache.space import free_bytes
 from exec_sandbox_assets.cache.store import BlobRequest, Store
 from exec_sandbox_assets.oci.model import (
     Descriptor,
@@ -179,37 +180,6 @@ class Copier:
             self._emit(plan, "tag", plan.index_digest, tag)
             log.info("mirrored %s:%s -> %s", self.target.name, tag, plan.index_digest)
 
-    async def _put_manifest(self, data: bytes, digest: str, media_type: str) -> None:
-        new = not await asyncio.to_thread(self.target.has_blob, digest)
-        await asyncio.to_thread(self.target.put_manifest, data, media_type, None)
-        if new:
-            self.written.append((digest, len(data)))
-
-    def after_failure(self, remove: bool) -> str:
-        """What this copy left at the destination, removed first when `remove` and the
-        target can (a layout: what no tag reaches; an archive is replaced only on
-        success): a sentence for the error, or "" when it wrote nothing."""
-        if not self.written:
-            return ""
-        where = self.target.name
-        discard = getattr(self.target, "discard", None)  # not part of `Target`: local only
-        if remove and discard is not None:
-            try:
-                gone = set(discard([d for d, _ in self.written]))
-            except (OSError, AssetError) as exc:
-                log.warning("could not remove what the failed copy wrote: %s", exc)
-                gone = set()
-            removed = [(d, n) for d, n in self.written if d in gone]
-            left = [(d, n) for d, n in self.written if d not in gone]
-            text = (
-                f"removed the {len(removed)} blob(s), {_bytes(removed)}, this mirror had "
-                f"written to {where}"
-            )
-            if not left:
-                return text
-            return f"{text}; left {_left(left, where)}"
-        return f"left {_left(self.written, where)}; a re-run reuses them"
-
     async def _blobs(self, plan: Plan, blobs: Sequence[Blob]) -> None:
         """Copy what the destination lacks. Pushes run one at a time (the target is not
         shared between threads); the next download runs while the current blob is pushed,
@@ -275,6 +245,60 @@ class Copier:
         # The cache resumes a body that broke off after making progress (its one loop).
         async with self.store.blob_lock(desc.digest):
             return await self.store.fetch_blob(req, opener, advance)
+
+    async def check_space(self, plans: Sequence[Plan]) -> None:
+        """Before the first byte: an `oci:` layout destination (on this machine, so its free
+        space is known) must have room for every blob and manifest it lacks. An archive is
+        built in the work dir and replaced whole; a registry's space is its own."""
+        from exec_sandbox_assets.oci.layout_target import ArchiveTarget, LayoutTarget
+
+        if not isinstance(self.target, LayoutTarget) or isinstance(self.target, ArchiveTarget):
+            return
+        sizes: dict[str, int] = {}
+        for plan in plans:
+            sizes.update((b.desc.digest, b.desc.size) for b in (*plan.blobs, *plan.signature_blobs))
+            sizes.update((d.digest, len(data)) for d, data in plan.manifests)
+            sizes[plan.index_digest] = len(plan.index)
+        lacking = [n for d, n in sizes.items() if not self.target.has_blob(d)]
+        where, free = free_bytes(self.target.root)
+        if sum(lacking) > free:
+            raise OutOfSpaceError(
+                f"not enough space in {where} for {self.target.name}: the copy needs "
+                f"{describe_size(sum(lacking))} ({len(lacking)} blob(s) the destination "
+                f"lacks) and {describe_size(free)} are free there; no blob was written. "
+                "Free space there, or copy to another place"
+            )
+
+    async def _put_manifest(self, data: bytes, digest: str, media_type: str) -> None:
+        new = not await asyncio.to_thread(self.target.has_blob, digest)
+        await asyncio.to_thread(self.target.put_manifest, data, media_type, None)
+        if new:
+            self.written.append((digest, len(data)))
+
+    def after_failure(self, remove: bool) -> str:
+        """What this copy left at the destination, removed first when `remove` and the
+        target can (a layout: what no tag reaches; an archive is replaced only on
+        success): a sentence for the error, or "" when it wrote nothing."""
+        if not self.written:
+            return ""
+        where = self.target.name
+        discard = getattr(self.target, "discard", None)  # not part of `Target`: local only
+        if remove and discard is not None:
+            try:
+                gone = set(discard([d for d, _ in self.written]))
+            except (OSError, AssetError) as exc:
+                log.warning("could not remove what the failed copy wrote: %s", exc)
+                gone = set()
+            removed = [(d, n) for d, n in self.written if d in gone]
+            left = [(d, n) for d, n in self.written if d not in gone]
+            text = (
+                f"removed the {len(removed)} blob(s), {_bytes(removed)}, this mirror had "
+                f"written to {where}"
+            )
+            if not left:
+                return text
+            return f"{text}; left {_left(left, where)}"
+        return f"left {_left(self.written, where)}; a re-run reuses them"
 
 
 def _bytes(blobs: Sequence[tuple[str, int]]) -> str:

@@ -69,7 +69,10 @@ class BlobWriter:
         self._tmp = tmp_name(final.parent, final.name[:16])
         self._hasher = new_hasher(digest)
         self._written = 0
-        fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as exc:  # no inode left is a full disk too
+            raise no_space(exc, self.final) from exc
         self._fh: IO[bytes] = os.fdopen(fd, "wb")
 
     @property
@@ -184,6 +187,41 @@ class LayoutWriter:
         finally:
             writer._discard()
 
+    def remove_unreferenced(self, digests: Iterable[str]) -> list[tuple[str, int]]:
+        """Remove those of `digests` that no tagged entry of index.json reaches (its
+        manifests, their config and layers): what a failed copy wrote and nothing names.
+        Returns (digest, size) of each removed. Under the layout lock; a writer that reused
+        one of them meanwhile finds it missing when it tags (`tag` refuses), never a tag
+        naming an incomplete image."""
+        removed: list[tuple[str, int]] = []
+        with self._locked():
+            _, entries = _read_index_json(self.root / INDEX_FILE)
+            reached: set[str] = set()
+            for entry in entries:  # validated by _read_index_json
+                self._reach(Descriptor.from_json(entry, str(self.root)), reached, 0)
+            for digest in dict.fromkeys(digests):
+                path = self.blob_path(digest)
+                if digest in reached or not path.is_file():
+                    continue
+                size = path.stat().st_size
+                path.unlink()
+                removed.append((digest, size))
+        return removed
+
+    def _reach(self, desc: Descriptor, reached: set[str], depth: int) -> None:
+        """Add `desc` and every blob it names (present ones) to `reached`."""
+        reached.add(desc.digest)
+        if depth > 4 or not self.has_blob(desc.digest):
+            return
+        path = self.blob_path(desc.digest)
+        if desc.media_type in INDEX_MEDIA_TYPES:
+            index = Index.from_bytes(read_file_capped(path, MAX_MANIFEST_SIZE), str(path))
+            for child in index.manifests:
+                self._reach(child, reached, depth + 1)
+        elif desc.media_type in MANIFEST_MEDIA_TYPES:
+            manifest = Manifest.from_bytes(read_file_capped(path, MAX_MANIFEST_SIZE), str(path))
+            reached.update(b.digest for b in (manifest.config, *manifest.layers))
+
     # -- manifests and tags --
 
     def put_manifest(self, data: bytes, tag: str | None = None) -> Descriptor:
@@ -230,41 +268,6 @@ class LayoutWriter:
                     raise AssetNotFoundError(
                         f"{self.root}: blob {blob.digest} of manifest {desc.digest} missing"
                     )
-
-    def remove_unreferenced(self, digests: Iterable[str]) -> list[tuple[str, int]]:
-        """Remove those of `digests` that no tagged entry of index.json reaches (its
-        manifests, their config and layers): what a failed copy wrote and nothing names.
-        Returns (digest, size) of each removed. Under the layout lock; a writer that reused
-        one of them meanwhile finds it missing when it tags (`tag` refuses), never a tag
-        naming an incomplete image."""
-        removed: list[tuple[str, int]] = []
-        with self._locked():
-            _, entries = _read_index_json(self.root / INDEX_FILE)
-            reached: set[str] = set()
-            for entry in entries:  # validated by _read_index_json
-                self._reach(Descriptor.from_json(entry, str(self.root)), reached, 0)
-            for digest in dict.fromkeys(digests):
-                path = self.blob_path(digest)
-                if digest in reached or not path.is_file():
-                    continue
-                size = path.stat().st_size
-                path.unlink()
-                removed.append((digest, size))
-        return removed
-
-    def _reach(self, desc: Descriptor, reached: set[str], depth: int) -> None:
-        """Add `desc` and every blob it names (present ones) to `reached`."""
-        reached.add(desc.digest)
-        if depth > 4 or not self.has_blob(desc.digest):
-            return
-        path = self.blob_path(desc.digest)
-        if desc.media_type in INDEX_MEDIA_TYPES:
-            index = Index.from_bytes(read_file_capped(path, MAX_MANIFEST_SIZE), str(path))
-            for child in index.manifests:
-                self._reach(child, reached, depth + 1)
-        elif desc.media_type in MANIFEST_MEDIA_TYPES:
-            manifest = Manifest.from_bytes(read_file_capped(path, MAX_MANIFEST_SIZE), str(path))
-            reached.update(b.digest for b in (manifest.config, *manifest.layers))
 
     def _locked(self) -> contextlib.AbstractContextManager[None]:
         return locked_directory(self.root)
