@@ -6,7 +6,6 @@ and the workflow policy before any tag moves, stored as an OCI 1.1 referrer of t
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -16,22 +15,19 @@ import pytest
 from exec_sandbox_assets.base.errors import SignatureError
 from exec_sandbox_assets.cli.publish import main as publish_main
 from exec_sandbox_assets.oci.model import Manifest
-from exec_sandbox_assets.oci.policy import DEFAULT_POLICY
-from exec_sandbox_assets.oci.reference import parse_source_ref
 from exec_sandbox_assets.oci.referrers import BUNDLE_MEDIA_TYPE, fallback_tag
 from exec_sandbox_assets.publish import PublishRequest, PublishResult, make_sample_inputs, publish
 from exec_sandbox_assets.publish.keyless import KeylessOptions, Signer
 from exec_sandbox_assets.publish.release_dir import BUNDLE_FILE, SUMS_FILE
 from exec_sandbox_assets.release import keyless
-from exec_sandbox_assets.sources import open_source
-from releases import make_key_pair, read_manifest
+from releases import TEST_WORKFLOW, make_key_pair, read_bundles, read_manifest, verify_keyless
 from servers import RegistryServer
 from sigstore_instance import SigstoreInstance
 
 VERSION = "0.9.3"
 CREATED = "2026-03-04T05:06:07Z"
 PLATFORMS = (("linux", "amd64"),)
-WORKFLOW = "https://github.com/dualeai/exec-sandbox/.github/workflows/release.yml"
+WORKFLOW = TEST_WORKFLOW
 
 
 def _signer(instance: SigstoreInstance, ref: str = f"refs/tags/v{VERSION}") -> Signer:
@@ -61,29 +57,6 @@ def _publish(targets: tuple[str, ...], dist: Path, work: Path, **options: Any) -
             platforms=PLATFORMS,
             **{"keys": (), **options},
         )
-    )
-
-
-def _bundles(text: str, index_digest: str) -> list[bytes]:
-    async def go() -> list[bytes]:
-        source = open_source(
-            text, parse_source_ref(text), docker_config=None, ca_bundle=None, policy=DEFAULT_POLICY
-        )
-        try:
-            return await source.bundles(index_digest)
-        finally:
-            await source.aclose()
-
-    return asyncio.run(go())
-
-
-def _verify(bundle: bytes, index_digest: str, root: Path) -> keyless.KeylessSignature:
-    return keyless.verify_bundle(
-        bundle,
-        index_digest=index_digest,
-        version=VERSION,
-        workflows=(keyless.Workflow(WORKFLOW),),
-        trusted_root=root,
     )
 
 
@@ -118,8 +91,8 @@ def test_keyless_release_is_stored_as_a_referrer_everywhere_and_verifies(
     assert BUNDLE_FILE in result.release_files
     assert BUNDLE_FILE in (tmp_path / "release" / SUMS_FILE).read_text()
     for text in targets:
-        assert _bundles(text, result.index_digest) == [folder_bundle], text
-    signed = _verify(folder_bundle, result.index_digest, sigstore_root)
+        assert read_bundles(text, result.index_digest) == [folder_bundle], text
+    signed = verify_keyless(folder_bundle, result.index_digest, VERSION, sigstore_root)
     assert (signed.version, signed.created) == (VERSION, CREATED)
 
     # The referrer is cosign 3's: artifactType, empty config, subject = the index.
@@ -163,8 +136,8 @@ def test_keyless_only_release_has_no_key_signature(
         keyless=_options(_signer(sigstore_test_instance), sigstore_root),
     )
     assert result.signature_digest is None and result.signers == 0
-    (bundle,) = _bundles(layout, result.index_digest)
-    _verify(bundle, result.index_digest, sigstore_root)
+    (bundle,) = read_bundles(layout, result.index_digest)
+    verify_keyless(bundle, result.index_digest, VERSION, sigstore_root)
     index = json.loads((tmp_path / "layout" / "index.json").read_text())
     tags = {m["annotations"]["org.opencontainers.image.ref.name"] for m in index["manifests"]}
     assert tags == {f"v{VERSION}", fallback_tag(result.index_digest)}
@@ -229,7 +202,7 @@ def test_cli_stores_a_premade_bundle(
     out = json.loads(capsys.readouterr().out)
     assert out["index_digest"] == index_digest
     assert out["keyless_identity"] == f"{WORKFLOW}@refs/tags/v{VERSION}"
-    assert _bundles(layout, index_digest) == [bundle.read_bytes()]
+    assert read_bundles(layout, index_digest) == [bundle.read_bytes()]
 
     other = ["--keyless-workflow", WORKFLOW.replace("release.yml", "other.yml")]
     assert publish_main([*base, *keyless_args[:2], *other, *keyless_args[4:]]) == 1
