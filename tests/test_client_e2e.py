@@ -1030,6 +1030,7 @@ _NOT_ON_THE_IMPORT_PATH = (
     "rich",
     "exec_sandbox_assets.publish",
     "exec_sandbox_assets.cli",
+    "sigstore",
 )
 _NOT_ON_THE_WARM_PATH = (*_NOT_ON_THE_IMPORT_PATH, "httpx", "cryptography", "zstandard")
 
