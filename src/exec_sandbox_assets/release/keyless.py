@@ -27,21 +27,18 @@ from exec_sandbox_assets.base import safejson
 from exec_sandbox_assets.base.errors import ConfigError, FormatError, SignatureError
 from exec_sandbox_assets.base.safetext import clean_text
 from exec_sandbox_assets.oci.model import check_digest, is_digest
+from exec_sandbox_assets.oci.referrers import BUNDLE_MEDIA_TYPE, MAX_BUNDLE_SIZE
 from exec_sandbox_assets.release.signing import OPT_CREATED, OPT_VERSION, parse_timestamp
 from exec_sandbox_assets.release.version import is_valid, same_version
 
 if TYPE_CHECKING:  # only for annotations: loading cryptography is sigstore's job here
     from cryptography.x509 import Certificate
 
-BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
 PREDICATE_TYPE = "https://sigstore.dev/cosign/sign/v1"
 INTOTO_PAYLOAD_TYPE = "application/vnd.in-toto+json"
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 GITHUB_ISSUER = "https://token.actions.githubusercontent.com"
 DEFAULT_TRUSTED_WORKFLOW = "https://github.com/dualeai/exec-sandbox/.github/workflows/release.yml"
-# A bundle is ~10 KB (one certificate, one log entry, a ~400-byte statement); referrers
-# are unsigned, so anyone serving them could otherwise hand the client megabytes to parse.
-MAX_BUNDLE_SIZE = 128 * 1024
 # Each bundle costs a full verification (~5 ms); a release needs one or two.
 MAX_BUNDLES = 16
 # Sigstore's production root, as sigstore-python's TUF client last fetched it

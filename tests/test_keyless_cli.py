@@ -1,0 +1,174 @@
+"""Keyless releases end to end: a release in a real registry (docker-registry) with a
+Sigstore bundle made by the test instance, stored as an OCI referrer under the
+`sha256-<hex>` fallback tag, pulled by the command line with no key and only
+EXEC_SANDBOX_SIGSTORE_ROOT and EXEC_SANDBOX_TRUSTED_WORKFLOWS set; every bad bundle is
+refused with exit 3 and one line naming the identity found and the one wanted."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from exec_sandbox_assets.oci.model import (
+    EMPTY_JSON,
+    MEDIA_TYPE_INDEX,
+    MEDIA_TYPE_MANIFEST,
+    Descriptor,
+)
+from exec_sandbox_assets.oci.referrers import (
+    BUNDLE_MEDIA_TYPE,
+    fallback_tag,
+    merge_referrer,
+    referrer_descriptor,
+    referrer_manifest,
+)
+from exec_sandbox_assets.release import keyless
+from releases import SampleRelease, open_writer, publish_sample_release
+from servers import RegistryServer
+from sigstore_instance import Flaw, SigstoreInstance
+
+WORKFLOW = "https://github.com/acme/assets/.github/workflows/release.yml"
+ISSUER = "https://token.actions.githubusercontent.com"
+VERSION = "1.0.0"
+CLI = [sys.executable, "-m", "exec_sandbox_assets.cli"]
+
+
+def store_only_bundle(release: SampleRelease, work: Path, bundle: bytes) -> None:
+    """Make `bundle` the one Sigstore referrer of the release index (the fallback tag
+    rewritten to list it alone, as an attacker controlling the registry could)."""
+    writer = open_writer(release.target, work)
+    try:
+        index = writer.read_manifest(release.index_digest)
+        assert index is not None
+        subject = Descriptor.for_bytes(MEDIA_TYPE_INDEX, index)
+        writer.push_bytes(EMPTY_JSON, "empty config")
+        writer.push_bytes(bundle, BUNDLE_MEDIA_TYPE)
+        data = referrer_manifest(
+            subject, BUNDLE_MEDIA_TYPE, [Descriptor.for_bytes(BUNDLE_MEDIA_TYPE, bundle)]
+        )
+        writer.put_manifest(data, MEDIA_TYPE_MANIFEST, None)
+        entry = referrer_descriptor(data, release.index_digest, "test referrer")
+        writer.put_manifest(
+            merge_referrer(None, entry), MEDIA_TYPE_INDEX, fallback_tag(release.index_digest)
+        )
+    finally:
+        writer.close(True)
+
+
+def pull(cache: Path, ref: str, root: Path) -> subprocess.CompletedProcess[str]:
+    """`pull --json` as a default-configured user would run it: no key, no flag; only
+    the two keyless settings in the environment."""
+    env = {
+        **os.environ,
+        "EXEC_SANDBOX_SIGSTORE_ROOT": str(root),
+        "EXEC_SANDBOX_TRUSTED_WORKFLOWS": WORKFLOW,
+    }
+    return subprocess.run(
+        [
+            *CLI,
+            "--cache-dir",
+            str(cache),
+            "--asset-version",
+            VERSION,
+            "--mirror",
+            ref,
+            "--airgap",
+            "pull",
+            "--json",
+        ],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+
+
+@pytest.fixture
+def published(registry: RegistryServer, repo_name: str, tmp_path: Path) -> SampleRelease:
+    return publish_sample_release(
+        registry.ref(repo_name),
+        VERSION,
+        tmp_path / "work",
+        size=4096,
+        platforms=(("linux", "amd64"), ("linux", "arm64")),
+    )
+
+
+def test_a_default_client_pulls_a_keyless_release_and_refuses_bad_bundles(
+    published: SampleRelease,
+    sigstore_test_instance: SigstoreInstance,
+    sigstore_root: Path,
+    tmp_path: Path,
+) -> None:
+    statement = keyless.statement(published.index_digest, VERSION, published.created)
+    tag_ref = f"{WORKFLOW}@refs/tags/v{VERSION}"
+    bad = {
+        "branch": (f"{WORKFLOW}@refs/heads/main", None),
+        "other repository": (
+            f"https://github.com/evil/assets/.github/workflows/release.yml@refs/tags/v{VERSION}",
+            None,
+        ),
+        "tampered checkpoint": (tag_ref, Flaw.CHECKPOINT),
+        "expired certificate": (tag_ref, Flaw.EXPIRED),
+    }
+    for n, (case, (ref, flaw)) in enumerate(bad.items()):
+        bundle = sigstore_test_instance.bundle(statement, workflow_ref=ref, flaw=flaw)
+        store_only_bundle(published, tmp_path / "writer", bundle)
+        refused = pull(tmp_path / f"cache-{n}", published.target, sigstore_root)
+        assert refused.returncode == 3, (case, refused.stdout, refused.stderr)
+        lines = [
+            line
+            for line in refused.stderr.splitlines()
+            if f"signed by {ref} (issuer {ISSUER}), wanted {tag_ref}" in line
+        ]
+        assert lines, (case, refused.stderr)
+        assert {e["exit_code"] for e in json.loads(refused.stdout)["errors"]} == {3}
+        assert not (tmp_path / f"cache-{n}" / f"v{VERSION}").exists() or not any(
+            p.is_file() and not p.name.startswith(".")
+            for p in (tmp_path / f"cache-{n}" / f"v{VERSION}").iterdir()
+        ), case
+
+    # A bundle from another Sigstore instance is refused too; the instance's own is not.
+    other = SigstoreInstance.create("elsewhere").bundle(statement, workflow_ref=tag_ref)
+    store_only_bundle(published, tmp_path / "writer", other)
+    assert pull(tmp_path / "cache-other", published.target, sigstore_root).returncode == 3
+
+    good = sigstore_test_instance.bundle(statement, workflow_ref=tag_ref)
+    store_only_bundle(published, tmp_path / "writer", good)
+    pulled = pull(tmp_path / "cache-good", published.target, sigstore_root)
+    assert pulled.returncode == 0, pulled.stderr
+    doc = json.loads(pulled.stdout)
+    assert doc["signed_by"] == [] and doc["signed_by_identity"] == [tag_ref]
+    assert doc["files"] and all(Path(f["path"]).is_file() for f in doc["files"])
+
+    # Warm: the cache records name the workflow and the root's fingerprint; the library
+    # serves them with no network, no crypto and no sigstore import.
+    env = {
+        **os.environ,
+        "EXEC_SANDBOX_CACHE_DIR": str(tmp_path / "cache-good"),
+        "EXEC_SANDBOX_ASSET_VERSION": VERSION,
+        "EXEC_SANDBOX_REGISTRY_MIRRORS": "http://127.0.0.1:9/unreachable",
+        "EXEC_SANDBOX_AIRGAP": "1",
+        "EXEC_SANDBOX_SIGSTORE_ROOT": str(sigstore_root),
+        "EXEC_SANDBOX_TRUSTED_WORKFLOWS": WORKFLOW,
+    }
+    code = (
+        "import asyncio, json, sys\n"
+        "import exec_sandbox_assets as esa\n"
+        "esa.configure(local_build_dir=None)\n"
+        "path = asyncio.run(esa.fetch_kernel())\n"
+        "heavy = ('sigstore', 'cryptography', 'httpx')\n"
+        "print(json.dumps([str(path), sorted({m.split('.')[0] for m in sys.modules} & set(heavy))]))\n"
+    )
+    warm = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert warm.returncode == 0, warm.stderr
+    path, heavy = json.loads(warm.stdout.splitlines()[-1])
+    assert Path(path).is_file() and heavy == []
