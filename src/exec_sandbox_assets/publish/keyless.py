@@ -3,7 +3,8 @@
     statement (release.keyless) -> signer (Sigstore: the workflow's OIDC identity)
         -> bundle, verified with every given trusted root and the workflow policy
         -> per target: bundle blob + referrer manifest (subject = the index) + the
-           `sha256-<hex>` tag, read back and verified before any tag moves
+           `sha256-<hex>` tag, read back through the client's reader with each root
+           before any tag moves (publish/signatures.py `read_back`)
         -> the GitHub Release folder's `oci-index.sigstore.json`
 
 A bundle a target already holds for this very release (verifying under the same
@@ -41,7 +42,6 @@ from exec_sandbox_assets.oci.referrers import (
     ANN_BUNDLE_PREDICATE_TYPE,
     ANN_CREATED,
     BUNDLE_MEDIA_TYPE,
-    fallback_tag,
     referrer_manifest,
 )
 from exec_sandbox_assets.oci.target import Target
@@ -188,16 +188,6 @@ def store(target: Target, signed: KeylessBundle, index_digest: str) -> None:
     target.put_referrer(signed.manifest, MEDIA_TYPE_MANIFEST, index_digest)
 
 
-def read_back(target: Target, signed: KeylessBundle, index_digest: str) -> None:
-    """What clients will find on `target` includes our bundle, and it verifies."""
-    held = run_async(TargetSource(target).bundles(index_digest))
-    # The same bytes as verified before they were written: no second verification.
-    if signed.bundle not in held:
-        raise SignatureError(
-            f"{target.name}:{fallback_tag(index_digest)}: the keyless signature does not read back"
-        )
-
-
 __all__ = [
     "KeylessBundle",
     "KeylessOptions",
@@ -205,7 +195,6 @@ __all__ = [
     "ambient_signer",
     "file_signer",
     "plan_bundle",
-    "read_back",
     "referrer_of",
     "store",
     "verify",
