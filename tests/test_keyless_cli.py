@@ -60,32 +60,36 @@ def store_only_bundle(release: SampleRelease, work: Path, bundle: bytes) -> None
         writer.close(True)
 
 
-def pull(cache: Path, ref: str, root: Path) -> subprocess.CompletedProcess[str]:
-    """`pull --json` as a default-configured user would run it: no key, no flag; only
-    the two keyless settings in the environment."""
+def cli(root: Path, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    """The command line as a default-configured user runs it: no key, no trust flag;
+    only the two keyless settings in the environment."""
     env = {
         **os.environ,
         "EXEC_SANDBOX_SIGSTORE_ROOT": str(root),
         "EXEC_SANDBOX_TRUSTED_WORKFLOWS": WORKFLOW,
     }
     return subprocess.run(
-        [
-            *CLI,
-            "--cache-dir",
-            str(cache),
-            "--asset-version",
-            VERSION,
-            "--mirror",
-            ref,
-            "--airgap",
-            "pull",
-            "--json",
-        ],
+        [*CLI, *map(str, args)],
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
         timeout=120,
         env=env,
+    )
+
+
+def pull(cache: Path, ref: str, root: Path) -> subprocess.CompletedProcess[str]:
+    return cli(
+        root,
+        "--cache-dir",
+        cache,
+        "--asset-version",
+        VERSION,
+        "--mirror",
+        ref,
+        "--airgap",
+        "pull",
+        "--json",
     )
 
 
@@ -146,6 +150,18 @@ def test_a_default_client_pulls_a_keyless_release_and_refuses_bad_bundles(
     doc = json.loads(pulled.stdout)
     assert doc["signed_by"] == [] and doc["signed_by_identity"] == [tag_ref]
     assert doc["files"] and all(Path(f["path"]).is_file() for f in doc["files"])
+
+    # inspect and versions name the identity too.
+    seen = cli(sigstore_root, "inspect", f"{published.target}:v{VERSION}", "--json")
+    assert seen.returncode == 0, seen.stderr
+    signature = json.loads(seen.stdout)["signature"]
+    assert signature["verified"] is True and signature["bundles"] == 1
+    assert signature["verified_by_identity"] == [tag_ref]
+    text = cli(sigstore_root, "inspect", f"{published.target}:v{VERSION}").stdout
+    assert f"verdict: VERIFIED by 0 trusted key(s) and {tag_ref}" in text
+    listed = cli(sigstore_root, "versions", published.target, "--json")
+    (entry,) = json.loads(listed.stdout)["releases"]
+    assert entry["signature"]["signed_by_identity"] == [tag_ref]
 
     # Warm: the cache records name the workflow and the root's fingerprint; the library
     # serves them with no network, no crypto and no sigstore import.
