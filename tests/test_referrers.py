@@ -48,6 +48,7 @@ from exec_sandbox_assets.oci.targets import open_target
 from exec_sandbox_assets.release.documents import RELEASE_BUNDLE_FILE
 from exec_sandbox_assets.sources import ReleasesSource, Source, open_source
 from servers import RegistryServer, StaticServer
+from servers.scripted import Answer, HostileServer
 
 OTHER_TYPE = "application/vnd.example.delta.v1"
 T = TypeVar("T")
@@ -331,3 +332,53 @@ async def test_release_folder_bundle_file_is_read(static_server: StaticServer) -
             await source.bundles(index_digest)
     finally:
         await source.aclose()
+
+
+# ------------------------------------------------------- a registry with the referrers API
+
+
+def _api_registry(server: HostileServer, api: Answer) -> tuple[str, str, bytes]:
+    """A scripted registry serving one bundle referrer of `subject`: through the
+    referrers API as `api` says, and under the fallback tag. Returns (ref, subject
+    digest, bundle)."""
+    subject = Descriptor(MEDIA_TYPE_INDEX, sha256_digest(b"index"), 5)
+    bundle = b'{"bundle": "api"}'
+    layer = Descriptor.for_bytes(BUNDLE_MEDIA_TYPE, bundle)
+    manifest = referrer_manifest(subject, BUNDLE_MEDIA_TYPE, [layer])
+    listing = merge_referrer(None, referrer_descriptor(manifest, subject.digest, "test"))
+    index_type = (("Content-Type", MEDIA_TYPE_INDEX),)
+    repo = "/v2/test/repo"
+    server.route(
+        f"{repo}/referrers/{subject.digest}",
+        api if api.body else Answer(api.status, listing, index_type),
+    )
+    server.route(
+        f"{repo}/manifests/{fallback_tag(subject.digest)}", Answer(200, listing, index_type)
+    )
+    server.route(
+        f"{repo}/manifests/{sha256_digest(manifest)}",
+        Answer(200, manifest, (("Content-Type", MEDIA_TYPE_MANIFEST),)),
+    )
+    server.route(f"{repo}/blobs/{layer.digest}", Answer(200, bundle))
+    return f"http://{server.host}/test/repo", subject.digest, bundle
+
+
+@pytest.mark.parametrize(
+    ("api", "uses_api"),
+    [
+        (Answer(200), True),  # an OCI index (filled in by _api_registry)
+        (Answer(404, b"404 page not found\n"), False),  # distribution 2.8, ghcr.io
+        (Answer(200, b"<html>not a registry API</html>", (("Content-Type", "text/html"),)), False),
+    ],
+)
+def test_registry_referrers_api_first_then_the_fallback_tag(api: Answer, uses_api: bool) -> None:
+    with HostileServer() as server:
+        ref, subject, bundle = _api_registry(server, api)
+        assert _read(ref, lambda s: s.bundles(subject)) == [bundle]
+        paths = [r.path for r in server.requests]
+    assert paths[0] == (
+        f"/v2/test/repo/referrers/{subject}?artifactType="
+        + BUNDLE_MEDIA_TYPE.replace("/", "%2F").replace("+", "%2B")
+    )
+    tag_read = f"/v2/test/repo/manifests/{fallback_tag(subject)}" in paths
+    assert tag_read is not uses_api
