@@ -382,3 +382,15 @@ def test_registry_referrers_api_first_then_the_fallback_tag(api: Answer, uses_ap
     )
     tag_read = f"/v2/test/repo/manifests/{fallback_tag(subject)}" in paths
     assert tag_read is not uses_api
+
+
+def test_put_referrer_names_a_foreign_document_under_the_tag(tmp_path: Path) -> None:
+    target = open_target(f"oci:{tmp_path / 'layout'}", _work(tmp_path))
+    subject = _subject(target)
+    # Something else (here the subject itself) already holds the referrers tag.
+    data = target.read_manifest("v1")
+    assert data is not None
+    target.tag(data, MEDIA_TYPE_MANIFEST, fallback_tag(subject.digest))
+    with pytest.raises(FormatError, match=rf"oci:.*:{fallback_tag(subject.digest)} \(referrers"):
+        _add(target, subject, b'{"bundle": 1}')
+    assert target.read_manifest(fallback_tag(subject.digest)) == data  # untouched

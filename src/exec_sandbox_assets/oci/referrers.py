@@ -93,12 +93,14 @@ def referrer_descriptor(data: bytes, subject_digest: str, where: str) -> dict[st
     return desc.to_json()
 
 
-def merge_referrer(existing_index: bytes | None, manifest_desc: dict[str, Any]) -> bytes:
-    """The referrers index with `manifest_desc` added (once per digest).
+def merge_referrer(
+    existing_index: bytes | None, manifest_desc: dict[str, Any], where: str = "referrers index"
+) -> bytes:
+    """The referrers index with `manifest_desc` added (once per digest); `where` names
+    the existing index in errors (`target:sha256-<hex>`).
 
     An index already listing the digest comes back unchanged (re-publishing does not
     move the tag); entries and fields written by other tools are kept as they were."""
-    where = "referrers index"
     desc = Descriptor.from_json(manifest_desc, "referrer descriptor")
     top: dict[str, Any] = {"schemaVersion": 2, "mediaType": MEDIA_TYPE_INDEX}
     entries: list[Any] = []
