@@ -46,6 +46,7 @@ from exec_sandbox_assets.oci.referrers import (
 from exec_sandbox_assets.oci.target import Target
 from exec_sandbox_assets.oci.targets import open_target
 from exec_sandbox_assets.release.documents import RELEASE_BUNDLE_FILE
+from exec_sandbox_assets.release.keyless import MAX_BUNDLES
 from exec_sandbox_assets.sources import ReleasesSource, Source, open_source
 from servers import RegistryServer, StaticServer
 from servers.scripted import Answer, HostileServer
@@ -394,3 +395,13 @@ def test_put_referrer_names_a_foreign_document_under_the_tag(tmp_path: Path) -> 
     with pytest.raises(FormatError, match=rf"oci:.*:{fallback_tag(subject.digest)} \(referrers"):
         _add(target, subject, b'{"bundle": 1}')
     assert target.read_manifest(fallback_tag(subject.digest)) == data  # untouched
+
+
+def test_bundles_reads_at_most_what_a_client_checks(tmp_path: Path) -> None:
+    root = tmp_path / "layout"
+    target = open_target(f"oci:{root}", _work(tmp_path))
+    subject = _subject(target)
+    for n in range(MAX_BUNDLES + 2):
+        _add(target, subject, f'{{"bundle": {n}}}'.encode())
+    bundles = _read(f"oci:{root}", lambda s: s.bundles(subject.digest))
+    assert bundles == [f'{{"bundle": {n}}}'.encode() for n in range(2, MAX_BUNDLES + 2)]
