@@ -13,14 +13,14 @@ from typing import Any
 
 import pytest
 
-from exec_sandbox_assets.base.errors import SignatureError
+from exec_sandbox_assets.base.errors import ConfigError, SignatureError
 from exec_sandbox_assets.cli.publish import main as publish_main
 from exec_sandbox_assets.client import AssetClient
 from exec_sandbox_assets.config import Settings
 from exec_sandbox_assets.oci.model import Manifest
 from exec_sandbox_assets.oci.referrers import BUNDLE_MEDIA_TYPE, fallback_tag
 from exec_sandbox_assets.publish import PublishRequest, PublishResult, make_sample_inputs, publish
-from exec_sandbox_assets.publish.keyless import KeylessOptions, Signer
+from exec_sandbox_assets.publish.keyless import KeylessOptions, Signer, ambient_signer
 from exec_sandbox_assets.publish.release_dir import BUNDLE_FILE, SUMS_FILE
 from exec_sandbox_assets.release import catalog, keyless
 from releases import TEST_WORKFLOW, make_key_pair, read_bundles, read_manifest, verify_keyless
@@ -254,3 +254,26 @@ def test_client_pulls_a_keyless_release_from_the_release_folder_alone(
     assert paths[spec.output_name].read_bytes() == (dist / spec.output_name).read_bytes()
     with pytest.raises(SignatureError, match="keyless signature refused"):
         asyncio.run(client(WORKFLOW.replace("release.yml", "nightly.yml")).fetch([spec]))
+
+
+@pytest.mark.parametrize("in_actions", [False, True])
+def test_keyless_without_an_oidc_token_fails_before_any_write(
+    in_actions: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outside CI, or in a GitHub job without `id-token: write` (no token request
+    variables), `--keyless` is a usage error naming the permission; nothing is tagged."""
+    for name in (
+        "ACTIONS_ID_TOKEN_REQUEST_URL",
+        "ACTIONS_ID_TOKEN_REQUEST_TOKEN",
+        "GITHUB_ACTIONS",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    if in_actions:
+        monkeypatch.setenv("GITHUB_ACTIONS", "true")
+    dist = make_sample_inputs(tmp_path / "dist", size=16 * 1024)
+    layout = tmp_path / "layout"
+    with pytest.raises(ConfigError, match="id-token: write"):
+        _publish(
+            (f"oci:{layout}",), dist, tmp_path / "work", keyless=KeylessOptions(ambient_signer)
+        )
+    assert json.loads((layout / "index.json").read_text())["manifests"] == []

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from exec_sandbox_assets.base.errors import (
+    AssetDownloadError,
     AssetNotFoundError,
     ConfigError,
     FormatError,
@@ -84,15 +85,22 @@ class KeylessBundle:
 def ambient_signer(statement: bytes) -> bytes:
     """Sign through Sigstore's public instance with the CI job's OIDC identity (GitHub
     Actions: the job needs `permissions: id-token: write`)."""
-    from sigstore.oidc import detect_credential
+    import requests
+    from sigstore.errors import Error as SigstoreError
+    from sigstore.oidc import IdentityError, detect_credential
 
-    token = detect_credential()
+    hint = "in GitHub Actions the publish job needs `permissions: id-token: write`"
+    try:
+        token = detect_credential()
+    except IdentityError as exc:
+        raise ConfigError(f"--keyless: no usable OIDC credential ({exc}); {hint}") from None
     if token is None:
-        raise ConfigError(
-            "--keyless: no ambient OIDC credential found; in GitHub Actions the publish job "
-            "needs `permissions: id-token: write`"
-        )
-    return keyless.sign_bundle(statement, token)
+        raise ConfigError(f"--keyless: no ambient OIDC credential found; {hint}")
+    try:
+        return keyless.sign_bundle(statement, token)
+    except (SigstoreError, requests.RequestException) as exc:
+        # Fulcio or Rekor refused or could not be reached: nothing was written yet.
+        raise AssetDownloadError(f"--keyless: signing through Sigstore failed: {exc}") from None
 
 
 def file_signer(path: Path) -> Signer:
