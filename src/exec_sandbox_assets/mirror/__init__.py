@@ -448,6 +448,8 @@ async def _referrers_copy(
             data = await source.manifest(desc)
             manifest = Manifest.from_bytes(data, f"{where} referrer {desc.digest}")
             bundles = referrer_layers(data, subject_digest, BUNDLE_MEDIA_TYPE, where)
+            if not bundles:
+                continue  # another kind of referrer, listed without its type
             parts = (manifest.config, *manifest.layers)
             if len(bundles) != len(manifest.layers) or any(d.size > MAX_BUNDLE_SIZE for d in parts):
                 raise FormatError("holds more than small bundle blobs", desc.digest)
