@@ -112,36 +112,24 @@ def test_a_default_client_pulls_a_keyless_release_and_refuses_bad_bundles(
 ) -> None:
     statement = keyless.statement(published.index_digest, VERSION, published.created)
     tag_ref = f"{WORKFLOW}@refs/tags/v{VERSION}"
-    bad = {
-        "branch": (f"{WORKFLOW}@refs/heads/main", None),
-        "other repository": (
-            f"https://github.com/evil/assets/.github/workflows/release.yml@refs/tags/v{VERSION}",
-            None,
-        ),
-        "tampered checkpoint": (tag_ref, Flaw.CHECKPOINT),
-        "expired certificate": (tag_ref, Flaw.EXPIRED),
-    }
-    for n, (case, (ref, flaw)) in enumerate(bad.items()):
-        bundle = sigstore_test_instance.bundle(statement, workflow_ref=ref, flaw=flaw)
-        store_only_bundle(published, tmp_path / "writer", bundle)
-        refused = pull(tmp_path / f"cache-{n}", published.target, sigstore_root)
-        assert refused.returncode == 3, (case, refused.stdout, refused.stderr)
-        lines = [
-            line
-            for line in refused.stderr.splitlines()
-            if f"signed by {ref} (issuer {ISSUER}), wanted {tag_ref}" in line
-        ]
-        assert lines, (case, refused.stderr)
-        assert {e["exit_code"] for e in json.loads(refused.stdout)["errors"]} == {3}
-        assert not (tmp_path / f"cache-{n}" / f"v{VERSION}").exists() or not any(
-            p.is_file() and not p.name.startswith(".")
-            for p in (tmp_path / f"cache-{n}" / f"v{VERSION}").iterdir()
-        ), case
-
-    # A bundle from another Sigstore instance is refused too; the instance's own is not.
-    other = SigstoreInstance.create("elsewhere").bundle(statement, workflow_ref=tag_ref)
-    store_only_bundle(published, tmp_path / "writer", other)
-    assert pull(tmp_path / "cache-other", published.target, sigstore_root).returncode == 3
+    # A branch identity, through the real command line (every other case: below).
+    branch = f"{WORKFLOW}@refs/heads/main"
+    store_only_bundle(
+        published,
+        tmp_path / "writer",
+        sigstore_test_instance.bundle(statement, workflow_ref=branch),
+    )
+    refused = pull(tmp_path / "cache-bad", published.target, sigstore_root)
+    assert refused.returncode == 3, (refused.stdout, refused.stderr)
+    lines = [
+        line
+        for line in refused.stderr.splitlines()
+        if f"signed by {branch} (issuer {ISSUER}), wanted {tag_ref}" in line
+    ]
+    assert len(lines) == 1, refused.stderr
+    assert {e["exit_code"] for e in json.loads(refused.stdout)["errors"]} == {3}
+    names = {p.name for p in published.dist.iterdir()}
+    assert not [p for p in (tmp_path / "cache-bad").rglob("*") if p.name in names]
 
     good = sigstore_test_instance.bundle(statement, workflow_ref=tag_ref)
     store_only_bundle(published, tmp_path / "writer", good)
@@ -188,3 +176,106 @@ def test_a_default_client_pulls_a_keyless_release_and_refuses_bad_bundles(
     assert warm.returncode == 0, warm.stderr
     path, heavy = json.loads(warm.stdout.splitlines()[-1])
     assert Path(path).is_file() and heavy == []
+
+
+def _bundle_for(
+    instance: SigstoreInstance, release: SampleRelease, case: str, tag_ref: str
+) -> tuple[bytes, str]:
+    """A bad bundle for `case`, and the identity its certificate names."""
+    created = release.created
+    statement = keyless.statement(release.index_digest, VERSION, created)
+    other_repo = (
+        f"https://github.com/evil/assets/.github/workflows/release.yml@refs/tags/v{VERSION}"
+    )
+    refs = {
+        "branch": f"{WORKFLOW}@refs/heads/main",
+        "another repository": other_repo,
+        "another workflow": f"https://github.com/acme/assets/.github/workflows/ci.yml@refs/tags/v{VERSION}",
+        "another version": f"{WORKFLOW}@refs/tags/v1.0.1",
+    }
+    if case in refs:
+        return instance.bundle(statement, workflow_ref=refs[case]), refs[case]
+    if case == "another issuer":
+        return instance.bundle(
+            statement, workflow_ref=tag_ref, issuer="https://gitlab.com"
+        ), tag_ref
+    if case == "another subject digest":
+        other = keyless.statement("sha256:" + "0" * 64, VERSION, created)
+        return instance.bundle(other, workflow_ref=tag_ref), tag_ref
+    if case == "another predicate type":
+        doc = json.loads(statement)
+        doc["predicateType"] = "https://slsa.dev/provenance/v1"
+        return instance.bundle(json.dumps(doc).encode(), workflow_ref=tag_ref), tag_ref
+    if case == "another instance":
+        return SigstoreInstance.create("elsewhere").bundle(statement, workflow_ref=tag_ref), tag_ref
+    flaw = {
+        "tampered entry timestamp": Flaw.SET,
+        "tampered checkpoint": Flaw.CHECKPOINT,
+        "tampered proof": Flaw.PROOF,
+        "missing SCT": Flaw.NO_SCT,
+        "expired at the logged time": Flaw.EXPIRED,
+    }[case]
+    return instance.bundle(statement, workflow_ref=tag_ref, flaw=flaw), tag_ref
+
+
+CASES = (
+    "branch",
+    "another repository",
+    "another workflow",
+    "another issuer",
+    "another version",
+    "another subject digest",
+    "another predicate type",
+    "tampered entry timestamp",
+    "tampered checkpoint",
+    "tampered proof",
+    "missing SCT",
+    "expired at the logged time",
+    "another instance",
+)
+
+
+def test_every_bad_bundle_exits_3_naming_found_and_wanted(
+    published: SampleRelease,
+    sigstore_test_instance: SigstoreInstance,
+    sigstore_root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from exec_sandbox_assets.cli import main
+
+    monkeypatch.setenv("EXEC_SANDBOX_SIGSTORE_ROOT", str(sigstore_root))
+    monkeypatch.setenv("EXEC_SANDBOX_TRUSTED_WORKFLOWS", WORKFLOW)
+    tag_ref = f"{WORKFLOW}@refs/tags/v{VERSION}"
+    for n, case in enumerate(CASES):
+        bundle, found = _bundle_for(sigstore_test_instance, published, case, tag_ref)
+        store_only_bundle(published, tmp_path / "writer", bundle)
+        argv = ["--cache-dir", str(tmp_path / f"c{n}"), "--asset-version", VERSION]
+        argv += ["--mirror", published.target, "--airgap", "pull"]
+        code = main(argv)
+        err = capsys.readouterr().err
+        assert code == 3, (case, err)
+        wanted = f"signed by {found} (issuer "
+        lines = [
+            line for line in err.splitlines() if wanted in line and f"wanted {tag_ref}" in line
+        ]
+        assert len(lines) == 1, (case, err)
+    # An oversized bundle is refused before it is parsed.
+    store_only_bundle(published, tmp_path / "writer", b"{" + b" " * (128 * 1024) + b"}")
+    assert (
+        main(
+            [
+                "--cache-dir",
+                str(tmp_path / "big"),
+                "--asset-version",
+                VERSION,
+                "--mirror",
+                published.target,
+                "--airgap",
+                "pull",
+            ]
+        )
+        == 3
+    )
+    assert "is 131074 bytes" in capsys.readouterr().err  # Source.bundles caps it

@@ -173,6 +173,35 @@ def test_threshold_counts_keys_and_workflows(
         TrustPolicy(keys=(key.public,), threshold=3, workflows=(keyless.Workflow(WORKFLOW),))
 
 
+def test_a_key_and_a_workflow_must_describe_the_same_release(
+    tmp_path: Path, sigstore_test_instance: SigstoreInstance, sigstore_root: Path
+) -> None:
+    key: SigningKey = keys.generate_key()
+    key_file = tmp_path / "release.pub"
+    key_file.write_bytes(key.public.pem())
+    release = make_release("1.0.0", JAN)
+    # The workflow signed another creation time than the key did.
+    bundle = sigstore_test_instance.bundle(
+        keyless.statement(release.digest, "1.0.0", FEB),
+        workflow_ref=f"{WORKFLOW}@refs/tags/v1.0.0",
+    )
+    source = FakeSource("both").add(release.signed([key])).add_bundle(release.digest, bundle)
+    with pytest.raises(SignatureError, match="disagree on the release they describe"):
+        fetch(client(tmp_path, source, sigstore_root, trusted_keys=(key_file,), threshold=2))
+
+
+def test_a_workflow_no_longer_trusted_admits_no_cached_file(
+    tmp_path: Path, sigstore_test_instance: SigstoreInstance, sigstore_root: Path
+) -> None:
+    release, bundle = keyless_release(sigstore_test_instance)
+    source = FakeSource("registry").add(release).add_bundle(release.digest, bundle)
+    fetch(client(tmp_path, source, sigstore_root))
+    source.down = True
+    other = "https://github.com/acme/assets/.github/workflows/other.yml"
+    with pytest.raises(Exception, match="unreachable"):
+        fetch(client(tmp_path, source, sigstore_root, trusted_workflows=(other,)))
+
+
 def test_settings_for_keyless_trust(tmp_path: Path) -> None:
     default = load_settings({}, cache_dir=tmp_path)
     assert default.trusted_workflows == (keyless.DEFAULT_TRUSTED_WORKFLOW,)

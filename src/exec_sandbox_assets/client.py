@@ -40,7 +40,7 @@ from exec_sandbox_assets.config import LATEST, Settings
 from exec_sandbox_assets.release import catalog
 from exec_sandbox_assets.release.catalog import AssetSpec, Kind
 from exec_sandbox_assets.release.keyid import key_ids_of_files
-from exec_sandbox_assets.release.keyless import trust_ids
+from exec_sandbox_assets.release.workflows import trust_ids
 
 if TYPE_CHECKING:  # the cold path: imported when a fetch needs it (scheduler boot stays lean)
     from exec_sandbox_assets.release.documents import AssetLayer

@@ -45,9 +45,13 @@ from typing import Any
 from exec_sandbox_assets.base.errors import ConfigError
 from exec_sandbox_assets.oci.policy import DEFAULT_DEADLINE, DEFAULT_MIN_RATE, TransferPolicy
 from exec_sandbox_assets.release import catalog
-from exec_sandbox_assets.release.keyless import DEFAULT_TRUSTED_WORKFLOW, Workflow, parse_workflows
 from exec_sandbox_assets.release.version import LATEST as LATEST
 from exec_sandbox_assets.release.version import normalize_version as normalize_version
+from exec_sandbox_assets.release.workflows import (
+    DEFAULT_TRUSTED_WORKFLOW,
+    Workflow,
+    parse_workflows,
+)
 
 ENV_PREFIX = "EXEC_SANDBOX_"
 DEFAULT_RELEASES_DOWNLOAD = f"{catalog.DEFAULT_RELEASES_URL}/download"

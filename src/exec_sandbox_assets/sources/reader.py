@@ -348,7 +348,12 @@ class ReleaseReader:
             signature = await self.signature(found.digest, source.name)
         except TrustError as exc:  # no signature manifest, or one no client reads
             found.error = str(exc)
-        bundles = await self.keyless_bundles(found.digest) if workflows else []
+        bundles: list[bytes] = []
+        if workflows:
+            try:
+                bundles = await self.keyless_bundles(found.digest)
+            except AssetError as exc:  # unreadable referrers: reported, not fatal
+                found.error = f"{found.error}; {exc}" if found.error else str(exc)
         found.bundles = len(bundles)
         if signature is None and not bundles:
             return
