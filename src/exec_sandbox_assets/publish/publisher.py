@@ -369,8 +369,8 @@ def publish(req: PublishRequest) -> PublishResult:
                 tags,
                 progress,
                 pushed,
-                req.keyless,
-                keyless_bundle,
+                keyless=req.keyless,
+                keyless_bundle=keyless_bundle,
             )
             results.append(
                 TargetResult(
