@@ -68,13 +68,15 @@ async def list_tags(text: str, settings: Settings, credentials: Credentials | No
 
 # A release's verdict when no key is trusted; the hint how to configure one is said once
 # for all of them (`no_keys_hint`), not once per tag.
-NO_TRUSTED_KEY = "no trusted key is configured"
+NO_TRUSTED_KEY = "no trusted key or release workflow is configured"
 
 
-def no_keys_hint(text: str, keys: tuple[PublicKey, ...], threshold: int) -> str | None:
-    """How to configure a trusted key, when none is (the policy's own message), else None."""
+def no_keys_hint(text: str, keys: tuple[PublicKey, ...], settings: Settings) -> str | None:
+    """How to configure a trusted key, when nobody is trusted (the policy's own message),
+    else None."""
+    trust = TrustPolicy(keys=keys, threshold=settings.threshold, workflows=settings.workflows)
     try:
-        require_keys(TrustPolicy(keys=keys, threshold=threshold), text)
+        require_keys(trust, text)
     except NoTrustedKeysError as exc:
         return str(exc)
     return None
@@ -85,7 +87,7 @@ async def list_releases(
 ) -> list[dict[str, Any]]:
     """One entry per release tag of `text`, newest first (`latest` on top)."""
     keys = tuple(load_public_key_file(p) for p in settings.trusted_keys)
-    no_keys = no_keys_hint(text, keys, settings.threshold) is not None
+    no_keys = no_keys_hint(text, keys, settings) is not None
     tags = [t for t in await list_tags(text, settings, credentials) if is_release_tag(t)]
     source, _ = open_ref(text, settings, credentials)
     releases: list[dict[str, Any]] = []
@@ -125,7 +127,12 @@ async def _signature_entry(
     source: Source, digest: str, keys: tuple[PublicKey, ...], settings: Settings, tag: str
 ) -> dict[str, Any]:
     sig = await signature_report(source, digest, keys, settings, tag)
-    return {"verified": sig["verified"], "signed_by": sig["verified_by"], "error": sig["error"]}
+    return {
+        "verified": sig["verified"],
+        "signed_by": sig["verified_by"],
+        "signed_by_identity": sig["verified_by_identity"],
+        "error": sig["error"],
+    }
 
 
 def _verdict(entry: dict[str, Any]) -> str:
@@ -133,7 +140,8 @@ def _verdict(entry: dict[str, Any]) -> str:
         return f"unreadable: {entry['error']}"
     sig = entry["signature"]
     if sig["verified"]:
-        return "verified (" + ", ".join(k[:16] for k in sig["signed_by"]) + ")"
+        signers = [k[:16] for k in sig["signed_by"]] + list(sig.get("signed_by_identity", []))
+        return "verified (" + ", ".join(signers) + ")"
     return f"NOT verified: {sig['error']}"
 
 
@@ -142,7 +150,7 @@ def run_versions(ctx: Context) -> int:
     text = args.source or (settings.mirrors[0] if settings.mirrors else settings.registry)
     releases = asyncio.run(list_releases(text, settings, given_credentials(args)))
     keys = tuple(load_public_key_file(p) for p in settings.trusted_keys)
-    hint = no_keys_hint(text, keys, settings.threshold)
+    hint = no_keys_hint(text, keys, settings)
     if args.json:
         emit_json(json_result({"source": text, "releases": releases, "hint": hint}))
         return EXIT_OK

@@ -1,7 +1,7 @@
 """The writing half of `mirror`: copy a verified, planned release to a target in the
-order of docs/format.md §2 (blobs, manifests, index, signature, tags), with resumable
-downloads, mounts between repositories of one registry, and one download running ahead
-of each push. `mirror.py` reads and verifies; nothing here decides trust.
+order of docs/format.md §2 (blobs, manifests, index, signature, bundle referrers, tags),
+with resumable downloads, mounts between repositories of one registry, and one download
+running ahead of each push. `mirror.py` reads and verifies; nothing here decides trust.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -24,6 +24,7 @@ from exec_sandbox_assets.oci.model import (
     sha256_digest,
     signature_tag,
 )
+from exec_sandbox_assets.oci.referrers import fallback_tag
 from exec_sandbox_assets.release import catalog
 from exec_sandbox_assets.release.documents import read_asset_layer
 from exec_sandbox_assets.release.signing import parse_timestamp
@@ -87,6 +88,9 @@ class Plan:
     signature_blobs: list[Blob]
     signed_by: tuple[str, ...]
     created: str | None
+    # Bundle referrers of the index (descriptor, manifest bytes) and their small blobs.
+    referrers: list[tuple[Descriptor, bytes]] = field(default_factory=list)
+    referrer_blobs: list[Blob] = field(default_factory=list)
     latest_kept: bool = False
     blobs_copied: int = 0
     bytes_copied: int = 0
@@ -175,6 +179,14 @@ class Copier:
             self._emit(
                 plan, "signature", sha256_digest(plan.signature), signature_tag(plan.index_digest)
             )
+        if plan.referrers:
+            await self._blobs(plan, plan.referrer_blobs)
+            for desc, data in plan.referrers:
+                await asyncio.to_thread(
+                    self.target.put_referrer, data, desc.media_type, plan.index_digest
+                )
+                # A keyless signature: shown as one (the event kinds are a closed set).
+                self._emit(plan, "signature", desc.digest, fallback_tag(plan.index_digest))
         for tag in plan.tags:
             await asyncio.to_thread(self.target.tag, plan.index, index_type, tag)
             self._emit(plan, "tag", plan.index_digest, tag)
