@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from exec_sandbox_assets.cli.versions import NO_TRUSTED_KEY
 from exec_sandbox_assets.config import packaged_keys
 from exec_sandbox_assets.publish import make_sample_inputs
 from releases import KeyPair, SampleRelease, make_key_pair, publish_sample_release
@@ -153,17 +154,18 @@ def test_versions_without_a_trusted_key_gives_the_hint_once(
         publish_sample_release(
             target, version, tmp_path / "w", key=key, platforms=[HOST], tag_latest=True
         )
-    text = run("versions", target)
+    # Keyless trust off too (the default trusts the release workflow): nobody is trusted.
+    text = run("--trusted-workflow", "", "versions", target)
     assert text.code == 0, text.stderr
     rows = text.stdout.splitlines()[1:]
-    assert len(rows) == 3 and all(r.endswith("NOT verified: no trusted key is configured")
+    assert len(rows) == 3 and all(r.endswith(f"NOT verified: {NO_TRUSTED_KEY}")
                                   for r in rows), rows  # fmt: skip
     assert text.stderr.count("EXEC_SANDBOX_TRUSTED_KEYS") == 1, text.stderr
     assert "EXEC_SANDBOX_TRUSTED_KEYS" not in text.stdout
 
-    doc = run("versions", target, "--json").json()
+    doc = run("--trusted-workflow", "", "versions", target, "--json").json()
     assert doc["ok"] and "EXEC_SANDBOX_TRUSTED_KEYS" in doc["hint"]
-    assert {r["signature"]["error"] for r in doc["releases"]} == {"no trusted key is configured"}
+    assert {r["signature"]["error"] for r in doc["releases"]} == {NO_TRUSTED_KEY}
     # With the key, the hint is gone and each release verifies.
     trusted = run("--trusted-key", key.public, "versions", target, "--json").json()
     assert trusted["hint"] is None and all(r["signature"]["verified"] for r in trusted["releases"])
