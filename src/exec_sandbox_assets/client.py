@@ -32,7 +32,7 @@ from exec_sandbox_assets.base.errors import (
     Attempt,
     TransportError,
 )
-from exec_sandbox_assets.cache import legacy
+from exec_sandbox_assets.cache import delta, legacy
 from exec_sandbox_assets.cache.download import MAX_RESUMES
 from exec_sandbox_assets.cache.refs import FLOATING_REF_PREFIX
 from exec_sandbox_assets.cache.store import CacheTrust, OutputSpec, Store
@@ -73,6 +73,8 @@ class AssetClient:
             settings.cache_dir, lock_timeout=settings.lock_timeout, trust=cache_trust(settings)
         )
         self.sources: SourcesFactory = sources or _default_sources
+        # Output name -> how the last fetch got it and what that cost (`pull`'s summary).
+        self.obtained: dict[str, delta.Obtained] = {}
 
     @functools.cached_property
     def releases(self) -> ReleaseResolver:
@@ -262,7 +264,13 @@ class AssetClient:
             if (
                 adopted := await legacy.adopt(self.store, out, self.settings.legacy_dirs)
             ) is not None:
+                self.obtained[out.name] = delta.Obtained(delta.REUSE, 0, layer.size)
                 return adopted
+            # Only what changed since a release the cache holds (docs/format.md §8).
+            if (upgraded := await self._by_delta(sources, part, out, layer, bar)) is not None:
+                if progress is not None:
+                    progress.finish(layer.output_name)
+                return upgraded
             # Blobs are content-addressed: any source may serve one, starting with the one
             # whose index we verified; a partial download resumes across sources.
             attempts: list[Attempt] = []
@@ -283,8 +291,34 @@ class AssetClient:
                     continue
                 if progress is not None:
                     progress.finish(layer.output_name)
+                self.obtained[out.name] = delta.Obtained(delta.DOWNLOAD, layer.size, layer.size)
                 return path
         raise AllSourcesFailedError(spec.name, attempts)
+
+    async def _by_delta(
+        self,
+        sources: Sequence[Source],
+        part: PlatformRelease,
+        out: OutputSpec,
+        layer: AssetLayer,
+        bar: _BlobProgress | None,
+    ) -> Path | None:
+        """The output from content the cache holds (same digest, or a patch's base), else
+        None: the caller downloads the layer (each failure here was logged once)."""
+        if (reused := await delta.reuse(self.store, out)) is not None:
+            self.obtained[out.name] = delta.Obtained(delta.REUSE, 0, layer.size)
+            return reused
+        if not layer.patches:
+            return None
+        source = next(iter(_prefer(sources, part.release.source)))
+        rebuilt = await delta.patch(
+            self.store, out, layer.patches, source.patch_opener, bar.attempt() if bar else None
+        )
+        if rebuilt is None:
+            return None
+        path, used = rebuilt
+        self.obtained[out.name] = delta.Obtained(delta.PATCH, used.size, layer.size)
+        return path
 
     async def _ensure_resuming(
         self,

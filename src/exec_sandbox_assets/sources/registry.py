@@ -47,9 +47,17 @@ class RegistrySource(Source):
     async def _small_blob(self, desc: Descriptor, cap: int) -> bytes:
         return await self._client.get_blob(desc.digest, cap)
 
+    async def list_tags(self) -> list[str]:
+        return await self._client.list_tags()
+
+    def _open(
+        self, layer: AssetLayer, offset: int
+    ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        return self._open_blob(layer.digest, offset)
+
     @contextlib.asynccontextmanager
-    async def _open(self, layer: AssetLayer, offset: int) -> AsyncIterator[AsyncIterator[bytes]]:
-        async with self._client.open_blob(layer.digest, offset) as stream:
+    async def _open_blob(self, digest: str, offset: int) -> AsyncIterator[AsyncIterator[bytes]]:
+        async with self._client.open_blob(digest, offset) as stream:
             yield _skip(stream.chunks(), offset - stream.offset)
 
     async def aclose(self) -> None:
