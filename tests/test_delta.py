@@ -8,17 +8,30 @@ disk that fills, a SIGKILL mid-reconstruction followed by a resumed pull.
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from conftest import FaultProxyFactory
+from exec_sandbox_assets.base.errors import OutOfSpaceError
 from exec_sandbox_assets.client import AssetClient
 from exec_sandbox_assets.config import Settings, load_settings
+from exec_sandbox_assets.mirror import mirror
+from exec_sandbox_assets.oci.layout import LayoutReader
+from exec_sandbox_assets.oci.model import Index, Manifest
 from exec_sandbox_assets.publish import PublishRequest, publish
 from exec_sandbox_assets.publish.sample import make_sample_inputs, sample_bytes
 from exec_sandbox_assets.release import catalog
-from releases import KeyPair, make_key_pair
+from exec_sandbox_assets.release.delta import KEEPALIVE_ARTIFACT_TYPE, Patch, read_patches
+from releases import KeyPair, flip_stored_blob, make_key_pair
 from servers import RegistryServer
 
 SMALL = 48 * 1024
@@ -72,7 +85,9 @@ def publish_version(target: str, version: int, work: Path, key: KeyPair, **kw: o
     return result.index_digest
 
 
-def settings_for(source: str, cache: Path, key: KeyPair, version: int) -> Settings:
+def settings_for(
+    source: str, cache: Path, key: KeyPair, version: int, legacy: tuple[Path, ...] = ()
+) -> Settings:
     return load_settings(
         env={
             "EXEC_SANDBOX_AIRGAP": "1",
@@ -81,12 +96,14 @@ def settings_for(source: str, cache: Path, key: KeyPair, version: int) -> Settin
             "EXEC_SANDBOX_CACHE_DIR": str(cache),
             "EXEC_SANDBOX_TRUSTED_KEYS": str(key.public),
         }
-    ).with_(local_build_dir=None, host_os="linux", host_goarch="amd64")
+    ).with_(local_build_dir=None, host_os="linux", host_goarch="amd64", legacy_dirs=legacy)
 
 
-def pull(source: str, cache: Path, key: KeyPair, version: int, work: Path) -> AssetClient:
+def pull(
+    source: str, cache: Path, key: KeyPair, version: int, work: Path, legacy: tuple[Path, ...] = ()
+) -> AssetClient:
     """Pull every linux/amd64 file of `version` and compare it with its build output."""
-    client = AssetClient(settings_for(source, cache, key, version))
+    client = AssetClient(settings_for(source, cache, key, version, legacy))
     paths = asyncio.run(client.fetch(SPECS))
     dist = work / f"dist-{version}"
     for spec in SPECS:
@@ -121,3 +138,268 @@ def test_upgrade_by_patch_from_n_minus_1_on_a_registry(
     assert got[KERNEL] == "download"  # below the delta size: a full (small) download
     image_cost = upgrade.obtained[IMAGE_NAME]
     assert image_cost.downloaded < image_cost.full / 4
+
+
+def layer_patches(layout: Path, version: int) -> tuple[Patch, ...]:
+    """The patches the image layer of `version` names in a layout."""
+    with LayoutReader.open(layout) as reader:
+        index = reader.resolve(f"v1.{version}.0")
+        entries = Index.from_bytes(reader.read_blob(index.digest, 1 << 22), "t").manifests
+        manifest = Manifest.from_bytes(reader.read_blob(entries[0].digest, 1 << 22), "t")
+    (layer,) = [x for x in manifest.layers if x.title == IMAGE_NAME + ".zst"]
+    return read_patches(layer.annotations, "t")
+
+
+def test_n_minus_2_upgrades_by_patch_and_the_keepalive_names_every_patch(
+    tmp_path: Path, key: KeyPair
+) -> None:
+    layout = tmp_path / "layout"
+    work = tmp_path / "work"
+    for version in (1, 2, 3):
+        publish_version(f"oci:{layout}", version, work, key)
+    patches = layer_patches(layout, 3)
+    assert len(patches) == 2  # the last two releases by tag, newest first
+    cache = tmp_path / "cache"
+    pull(f"oci:{layout}", cache, key, 1, work)
+    upgrade = pull(f"oci:{layout}", cache, key, 3, work)
+    assert how(upgrade)[IMAGE_NAME] == "patch"
+    assert upgrade.obtained[IMAGE_NAME].downloaded in {p.size for p in patches}
+    # The patch blobs stay referenced: a manifest whose subject is the platform manifest.
+    blobs = {p.name for p in (layout / "blobs" / "sha256").iterdir()}
+    assert {p.digest.partition(":")[2] for p in patches} <= blobs
+    keepalives = []
+    for name in blobs:
+        data = (layout / "blobs" / "sha256" / name).read_bytes()
+        if KEEPALIVE_ARTIFACT_TYPE.encode() in data and b'"subject"' in data:
+            keepalives.append(Manifest.from_bytes(data, name))
+    named = {d.digest for m in keepalives for d in m.layers}
+    assert {p.digest for p in patches} <= named
+
+
+def test_a_first_install_is_a_plain_full_pull(tmp_path: Path, key: KeyPair) -> None:
+    layout = tmp_path / "layout"
+    work = tmp_path / "work"
+    publish_version(f"oci:{layout}", 1, work, key)
+    publish_version(f"oci:{layout}", 2, work, key)
+    client = pull(f"oci:{layout}", tmp_path / "cache", key, 2, work)
+    assert set(how(client).values()) == {"download"}
+
+
+def test_upgrade_from_files_0_22_0_left_behind(tmp_path: Path, key: KeyPair) -> None:
+    """0.22.0's files of release N are adopted by hash, then serve as patch bases."""
+    layout = tmp_path / "layout"
+    work = tmp_path / "work"
+    publish_version(f"oci:{layout}", 1, work, key)
+    publish_version(f"oci:{layout}", 2, work, key)
+    legacy = tmp_path / "legacy" / "v1.1.0"
+    legacy.mkdir(parents=True)
+    for spec in SPECS:
+        (legacy / spec.output_name).write_bytes((work / "dist-1" / spec.output_name).read_bytes())
+    cache = tmp_path / "cache"
+    adopted = pull(f"oci:{layout}", cache, key, 1, work, legacy=(legacy,))
+    assert set(how(adopted).values()) == {"reuse"}  # nothing downloaded
+    upgrade = pull(f"oci:{layout}", cache, key, 2, work)
+    assert how(upgrade)[IMAGE_NAME] == "patch"
+
+
+@pytest.mark.parametrize("kind", ["oci", "oci-archive"])
+def test_a_mirror_copies_the_patches_and_air_gapped_hosts_upgrade_by_delta(
+    registry: RegistryServer, repo_name: str, tmp_path: Path, key: KeyPair, kind: str
+) -> None:
+    ref = registry.ref(repo_name)
+    work = tmp_path / "work"
+    publish_version(ref, 1, work, key)
+    publish_version(ref, 2, work, key)
+    dest = f"{kind}:{tmp_path / ('copy.tar' if kind == 'oci-archive' else 'copy')}"
+    mirror(
+        ref,
+        dest,
+        versions=["1.1.0", "1.2.0"],
+        trusted_keys=[key.public],
+        work_dir=tmp_path / "mirror-work",
+    )
+    cache = tmp_path / "cache"
+    pull(dest, cache, key, 1, work)
+    upgrade = pull(dest, cache, key, 2, work)
+    assert how(upgrade)[IMAGE_NAME] == "patch"
+
+
+def test_patches_from_a_release_folder(tmp_path: Path, key: KeyPair) -> None:
+    """An earlier release known only as a GitHub Release folder is a patch base."""
+    work = tmp_path / "work"
+    folder = tmp_path / "release-1"
+    publish_version(f"oci:{tmp_path / 'first'}", 1, work, key, release_dir=folder)
+    layout = tmp_path / "second"
+    publish_version(f"oci:{layout}", 2, work, key, delta_sources=(str(folder),))
+    patches = layer_patches(layout, 2)
+    assert len(patches) == 1
+    assert patches[0].size < IMAGE // 8
+
+
+def test_a_tampered_patch_is_refused_before_decoding_and_the_layer_downloaded(
+    registry: RegistryServer,
+    repo_name: str,
+    tmp_path: Path,
+    key: KeyPair,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ref = registry.ref(repo_name)
+    work = tmp_path / "work"
+    publish_version(ref, 1, work, key)
+    publish_version(ref, 2, work, key)
+    cache = tmp_path / "cache"
+    pull(ref, cache, key, 1, work)
+    layout = tmp_path / "peek"
+    mirror(
+        ref,
+        f"oci:{layout}",
+        versions=["1.2.0"],
+        trusted_keys=[key.public],
+        work_dir=tmp_path / "mw",
+    )
+    (patch,) = layer_patches(layout, 2)
+    flip_stored_blob(registry.data_dir, patch.digest)
+    from exec_sandbox_assets.release import patchcodec
+
+    decoded: list[int] = []
+    real = patchcodec.apply_patch
+
+    def spy(*args: Any, **kw: Any) -> int:
+        decoded.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr("exec_sandbox_assets.cache.delta.apply_patch", spy)
+    with caplog.at_level(logging.WARNING):
+        upgrade = pull(ref, cache, key, 2, work)
+    assert decoded == []  # refused on its digest: the decoder never saw it
+    assert how(upgrade)[IMAGE_NAME] == "download"
+    lines = [r for r in caplog.records if "no delta" in r.getMessage()]
+    assert len(lines) == 1, [r.getMessage() for r in caplog.records]
+    assert patch.digest in lines[0].getMessage()
+
+
+def test_a_proxy_that_drops_range_still_ends_in_a_verified_patch(
+    registry: RegistryServer,
+    repo_name: str,
+    tmp_path: Path,
+    key: KeyPair,
+    fault_proxy: FaultProxyFactory,
+) -> None:
+    """The patch download breaks off; its resume asks for a range, the proxy drops the
+    header, the registry answers 200 with the whole blob: taken as a full download."""
+    ref = registry.ref(repo_name)
+    work = tmp_path / "work"
+    publish_version(ref, 1, work, key)
+    publish_version(ref, 2, work, key)
+    proxy = fault_proxy(registry)
+    via = proxy.ref(repo_name)
+    cache = tmp_path / "cache"
+    pull(via, cache, key, 1, work)
+    layout = tmp_path / "peek"
+    mirror(
+        ref,
+        f"oci:{layout}",
+        versions=["1.2.0"],
+        trusted_keys=[key.public],
+        work_dir=tmp_path / "mw",
+    )
+    (patch,) = layer_patches(layout, 2)
+    proxy.reset()
+    proxy.match_path = patch.digest
+    proxy.cut_after_bytes = patch.size // 2
+    proxy.cut_times = 1
+    proxy.strip_range = True
+    upgrade = pull(via, cache, key, 2, work)
+    assert how(upgrade)[IMAGE_NAME] == "patch"
+    asked = [r for r in proxy.requests if patch.digest in r.path and r.method == "GET"]
+    assert len(asked) >= 2
+    assert any("range" in r.headers for r in asked[1:])  # a resume was asked for
+
+
+def _mount_tmpfs(path: Path, size: str) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+
+
+def test_a_disk_that_fills_during_reconstruction_loses_nothing(
+    tmp_path: Path, key: KeyPair
+) -> None:
+    layout = tmp_path / "layout"
+    work = tmp_path / "work"
+    publish_version(f"oci:{layout}", 1, work, key)
+    publish_version(f"oci:{layout}", 2, work, key)
+    cache = tmp_path / "cache"
+    _mount_tmpfs(cache, "16m")
+    try:
+        pull(f"oci:{layout}", cache, key, 1, work)
+        st = os.statvfs(cache)
+        free = st.f_bavail * st.f_frsize
+        filler = cache / "filler"
+        filler.write_bytes(b"\1" * (free - (256 << 10)))  # leave 256 KiB: the patch fits
+        client = AssetClient(settings_for(f"oci:{layout}", cache, key, 2))
+        with pytest.raises(OutOfSpaceError):
+            asyncio.run(client.fetch(SPECS))
+        v2 = cache / "v1.2.0"
+        assert not [p for p in v2.iterdir() if ".tmp-" in p.name] if v2.exists() else True
+        # Release N is intact, and once there is room the upgrade completes.
+        assert AssetClient(settings_for(f"oci:{layout}", cache, key, 1)).find_cached(IMAGE_NAME)
+        filler.unlink()
+        pull(f"oci:{layout}", cache, key, 2, work)
+    finally:
+        subprocess.run(["umount", "-l", str(cache)], check=False)
+
+
+def test_sigkill_during_reconstruction_then_a_resumed_pull_ends_byte_exact(
+    tmp_path: Path, key: KeyPair
+) -> None:
+    layout = tmp_path / "layout"
+    work = tmp_path / "work"
+    publish_version(f"oci:{layout}", 1, work, key)
+    publish_version(f"oci:{layout}", 2, work, key)
+    cache = tmp_path / "cache"
+    pull(f"oci:{layout}", cache, key, 1, work)
+    marker = tmp_path / "decoding"
+    script = f"""
+import asyncio, sys, time
+from pathlib import Path
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import exec_sandbox_assets.cache.delta as d
+real = d.apply_patch
+def slow(ref, patch, write, cap):
+    def w(data):
+        write(data)
+        Path({str(marker)!r}).touch()
+        time.sleep(120)
+    return real(ref, patch, w, cap)
+d.apply_patch = slow
+from test_delta import SPECS, settings_for
+from releases import KeyPair
+from exec_sandbox_assets.client import AssetClient
+key = KeyPair(Path({str(key.private)!r}), Path({str(key.public)!r}))
+s = settings_for({f"oci:{layout}"!r}, Path({str(cache)!r}), key, 2)
+asyncio.run(AssetClient(s).fetch(SPECS))
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], env=os.environ.copy())
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists():
+            assert proc.poll() is None, "the pull ended before reconstructing"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    v2 = cache / "v1.2.0"
+    assert [p for p in v2.iterdir() if ".tmp-" in p.name]  # the crash left its temp file
+    upgrade = pull(f"oci:{layout}", cache, key, 2, work)
+    assert how(upgrade)[IMAGE_NAME] == "patch"
+    assert not [p for p in v2.iterdir() if ".tmp-" in p.name]

@@ -85,6 +85,7 @@ from exec_sandbox_assets.oci.model import (
 )
 from exec_sandbox_assets.oci.policy import DEFAULT_POLICY, TransferPolicy
 from exec_sandbox_assets.oci.reference import LayoutRef, RegistryRef, parse_source_ref
+from exec_sandbox_assets.release.delta import manifest_patches
 from exec_sandbox_assets.release.policy import TrustPolicy, load_policy, require_keys
 from exec_sandbox_assets.release.signing import build_signature_manifest
 from exec_sandbox_assets.release.version import LATEST, Version
@@ -354,6 +355,7 @@ async def _plan(
 
     manifests: list[tuple[Descriptor, bytes]] = []
     blobs: dict[str, Blob] = {}
+    patches: dict[str, Blob] = {}
     for desc, part in await reader.platforms(release):
         manifests.append((desc, part.manifest))
         manifest = Manifest.from_bytes(part.manifest, f"{source.name} manifest {desc.digest}")
@@ -364,6 +366,10 @@ async def _plan(
             )
         for layer in manifest.layers:
             blobs.setdefault(layer.digest, Blob(layer, layer.title or layer.digest))
+        for patch in manifest_patches(manifest, where):
+            patches.setdefault(
+                patch.digest, Blob(patch.descriptor(), f"patch {patch.digest}", patch=patch)
+            )
 
     signature_manifest, signature_blobs = await _signature_copy(source, release, where)
     tags = (tag,) if tag != LATEST else (f"v{version}", LATEST)
@@ -376,6 +382,7 @@ async def _plan(
         blobs=list(blobs.values()),
         signature=signature_manifest,
         signature_blobs=signature_blobs,
+        patch_blobs=[b for d, b in patches.items() if d not in blobs],
         signed_by=release.key_ids,
         created=release.created,
     )

@@ -19,6 +19,8 @@ from __future__ import annotations
 import importlib
 import mmap
 import os
+import struct
+import sys
 from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any, BinaryIO
@@ -60,12 +62,35 @@ def _check(lib: Any, ffi: Any, code: int, what: str) -> int:
 
 
 def _map(f: BinaryIO, size: int, stack: ExitStack) -> Any:
-    """A read-only mapping of `f`'s first `size` bytes (an empty buffer for 0)."""
+    """`f`'s first `size` bytes: a read-only mapping, or a copy where a mapping could
+    kill the process (an empty buffer for 0)."""
     if size == 0:
         return b""
+    if _faults_may_fail(f.fileno()):
+        f.seek(0)
+        return f.read(size)
     view = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ)
     stack.callback(view.close)
     return view
+
+
+_TMPFS_MAGIC = 0x01021994
+
+
+def _faults_may_fail(fd: int) -> bool:
+    """Whether reading a mapped page may need a page allocation: a hole of a sparse file
+    on tmpfs. When tmpfs is full that read fault is a SIGBUS (measured: the process
+    dies), so such a reference is read into memory instead."""
+    st = os.fstat(fd)
+    if st.st_blocks * 512 >= st.st_size or not sys.platform.startswith("linux"):
+        return False
+    import ctypes  # only for sparse references
+
+    buf = ctypes.create_string_buffer(256)  # struct statfs; f_type is its first field
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.fstatfs(fd, buf) != 0:
+        return True  # unknown: the safe way
+    return bool(struct.unpack_from("l", buf.raw)[0] == _TMPFS_MAGIC)
 
 
 def make_patch(old: BinaryIO, new: BinaryIO, out: BinaryIO, level: int) -> None:
