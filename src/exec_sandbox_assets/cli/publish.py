@@ -25,8 +25,9 @@ from exec_sandbox_assets.cli.output import emit_json, err, human_size, report_er
 from exec_sandbox_assets.cli.progress import LogHandler, Ui, progress_bars
 from exec_sandbox_assets.config import progress_bars_enabled
 from exec_sandbox_assets.publish.compress import DEFAULT_LEVEL
+from exec_sandbox_assets.publish.keyless import KeylessOptions
 from exec_sandbox_assets.publish.publisher import PublishRequest, PublishResult, publish
-from exec_sandbox_assets.release import catalog
+from exec_sandbox_assets.release import catalog, keyless
 
 KEY_PASSWORD_ENV = "EXEC_SANDBOX_SIGNING_KEY_PASSWORD"  # noqa: S105 (a variable name)
 EXIT_FAILURE = 1
@@ -65,9 +66,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         type=Path,
         action="append",
-        required=True,
+        default=[],
         help="PEM private signing key; repeat during a key rotation (each "
-        f"signs). Password from ${KEY_PASSWORD_ENV}, else prompted on a tty",
+        f"signs). Password from ${KEY_PASSWORD_ENV}, else prompted on a tty. "
+        "Optional with --keyless",
+    )
+    parser.add_argument(
+        "--keyless",
+        action="store_true",
+        help="also sign keyless through Sigstore with the CI job's OIDC identity (GitHub "
+        "Actions: `permissions: id-token: write`); the bundle is stored as an OCI "
+        "referrer of the index and in the release folder, verified before tags move",
+    )
+    parser.add_argument(
+        "--keyless-bundle",
+        metavar="FILE",
+        type=Path,
+        help="store this Sigstore bundle (made elsewhere over this release's statement) "
+        "instead of signing; verified like a new one. Implies --keyless",
+    )
+    parser.add_argument(
+        "--keyless-workflow",
+        metavar="URL",
+        action="append",
+        default=[],
+        help="workflow the keyless signature must come from, at tag vVERSION; repeatable "
+        f"(default {keyless.DEFAULT_TRUSTED_WORKFLOW})",
+    )
+    parser.add_argument(
+        "--sigstore-root",
+        metavar="FILE",
+        type=Path,
+        action="append",
+        default=[],
+        help="trusted_root.json the keyless signature must verify with; repeatable, each "
+        "one checked (the release job adds the oldest supported client's). Default: the "
+        "one packaged with this version",
     )
     parser.add_argument(
         "--platform",
@@ -149,6 +183,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def keyless_options(args: argparse.Namespace) -> KeylessOptions | None:
+    """--keyless, --keyless-bundle, --keyless-workflow, --sigstore-root as options."""
+    if not (args.keyless or args.keyless_bundle):
+        if args.keyless_workflow or args.sigstore_root:
+            raise ConfigError("--keyless-workflow and --sigstore-root need --keyless")
+        return None
+    from exec_sandbox_assets.publish import keyless as keyless_step
+
+    signer = (
+        keyless_step.file_signer(args.keyless_bundle)
+        if args.keyless_bundle
+        else keyless_step.ambient_signer
+    )
+    workflows = tuple(
+        keyless.Workflow.parse(w, "--keyless-workflow")
+        for w in args.keyless_workflow or [keyless.DEFAULT_TRUSTED_WORKFLOW]
+    )
+    roots: tuple[Path | None, ...] = tuple(args.sigstore_root) or (None,)
+    return KeylessOptions(signer, workflows, roots)
+
+
 def _key_is_encrypted(path: Path) -> bool:
     try:
         with path.open("rb") as f:
@@ -202,6 +257,8 @@ def result_json(result: PublishResult) -> dict[str, Any]:
         "signature_tag": result.signature_tag,
         "signature_digest": result.signature_digest,
         "signers": result.signers,
+        "keyless_identity": result.keyless_identity,
+        "bundle_digest": result.bundle_digest,
         "targets": [
             {
                 "name": t.name,
@@ -224,7 +281,10 @@ def format_summary(result: PublishResult) -> str:
     ]
     for (os_, goarch), digest in result.manifest_digests.items():
         lines.append(f"  {os_ + '/' + goarch:<12} {digest}")
-    lines.append(f"  {'signature':<12} {result.signature_tag} ({result.signers} key(s))")
+    if result.signature_digest is not None:
+        lines.append(f"  {'signature':<12} {result.signature_tag} ({result.signers} key(s))")
+    if result.keyless_identity is not None:
+        lines.append(f"  {'keyless':<12} {result.bundle_digest} ({result.keyless_identity})")
     for t in result.targets:
         lines.append(
             f"  {t.name}: uploaded {t.blobs_uploaded} blob(s) ({human_size(t.bytes_uploaded)}), "
@@ -273,6 +333,7 @@ def run(args: argparse.Namespace) -> int:
                 deltas=not args.no_delta,
                 delta_from=tuple(args.delta_from) if args.delta_from else None,
                 delta_sources=tuple(args.delta_source),
+                keyless=keyless_options(args),
             )
             with progress_bars(ui.wants_progress(), log_handler) as bars:
                 result = publish(replace(request, progress=bars))
@@ -297,6 +358,9 @@ examples:
   # a local registry (plain HTTP), a layout and an archive, plus the GitHub Release folder
   %(prog)s -i dist --version 0.22.0 --key release.key --to http://127.0.0.1:5000/assets \\
       --to oci:/srv/assets --to oci-archive:assets.tar --release-dir release/
+  # in the release workflow: keyless (OIDC identity of this job) and a key
+  %(prog)s -i dist --version 0.22.0 --keyless --key release.key \
+      --to ghcr.io/dualeai/exec-sandbox-assets --release-dir release/
   # quick local run: fast compression, a registry login, the result as JSON
   echo "$TOKEN" | %(prog)s -i dist --version 0.22.0-rc1 --key release.key --level 3 \\
       --to registry.internal/assets --username ci --password-stdin --json

@@ -22,15 +22,19 @@ For each version, in this order:
    verified against its digest before it is used), then pushed by the publisher's
    target (oras-py for registries: chunked uploads the registry checks again);
 3. the platform manifests, the index by digest, the signature manifest (its config and
-   payload blobs first) under `sha256-H.sig`, and only then the tag `vV` (and `latest`
-   when `latest` was asked for): docs/format.md §2. An interrupted mirror leaves no tag
+   payload blobs first) under `sha256-H.sig`, the Sigstore bundles of the index (OCI
+   referrers: their blobs, manifests, and the referrers tag `sha256-H`, merged with
+   what the destination lists there: docs/format.md §8), and only then the tag `vV`
+   (and `latest` when `latest` was asked for): docs/format.md §2. An interrupted mirror leaves no tag
    naming an incomplete or unsigned release; running it again skips what arrived.
 
 Documents are copied as the exact bytes read (never re-serialized), so every digest,
 and with it the signature, is the same at the destination. One exception: a signature
 manifest that lists layers other than signatures (it is unsigned; a source may pad it
 with junk) is rebuilt from its signature layers alone, so junk is neither fetched nor
-written.
+written. Likewise only bundle referrers made of small bundle blobs are copied (the
+referrers list is unsigned): an air-gapped copy verifies keyless signatures with no
+network.
 
 `platforms` is a check, not a filter. The index is signed as a whole and cannot be
 rewritten; a registry refuses an index whose platform manifests are missing
@@ -62,8 +66,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from exec_sandbox_assets.base.errors import (
+    AssetChecksumError,
     AssetNotFoundError,
     ConfigError,
+    FormatError,
+    SizeLimitError,
 )
 from exec_sandbox_assets.cache.store import Store
 from exec_sandbox_assets.config import auth_files, docker_config_path
@@ -85,6 +92,7 @@ from exec_sandbox_assets.oci.model import (
 )
 from exec_sandbox_assets.oci.policy import DEFAULT_POLICY, TransferPolicy
 from exec_sandbox_assets.oci.reference import LayoutRef, RegistryRef, parse_source_ref
+from exec_sandbox_assets.oci.referrers import BUNDLE_MEDIA_TYPE, MAX_BUNDLE_SIZE, referrer_layers
 from exec_sandbox_assets.release.delta import manifest_patches
 from exec_sandbox_assets.release.policy import TrustPolicy, load_policy, require_keys
 from exec_sandbox_assets.release.signing import build_signature_manifest
@@ -372,6 +380,7 @@ async def _plan(
             )
 
     signature_manifest, signature_blobs = await _signature_copy(source, release, where)
+    referrers, referrer_blobs = await _referrers_copy(source, digest, where)
     tags = (tag,) if tag != LATEST else (f"v{version}", LATEST)
     return Plan(
         version=version,
@@ -385,6 +394,8 @@ async def _plan(
         patch_blobs=[b for d, b in patches.items() if d not in blobs],
         signed_by=release.key_ids,
         created=release.created,
+        referrers=referrers,
+        referrer_blobs=referrer_blobs,
     )
 
 
@@ -423,6 +434,33 @@ async def _signature_copy(
         Blob(sig.config, "signature blob", config),
         *(Blob(d, "signature blob", signature.payloads[d.digest]) for d in sig.layers),
     ]
+
+
+async def _referrers_copy(
+    source: Source, subject_digest: str, where: str
+) -> tuple[list[tuple[Descriptor, bytes]], list[Blob]]:
+    """The bundle referrers of `subject_digest` to write, and their blobs (read whole:
+    each is at most MAX_BUNDLE_SIZE). A referrer with anything else (another layer, a
+    larger config) is not copied: the list is unsigned and clients read bundles only."""
+    manifests: list[tuple[Descriptor, bytes]] = []
+    blobs: dict[str, Blob] = {}
+    for desc in await source.referrers(subject_digest, BUNDLE_MEDIA_TYPE):
+        try:
+            data = await source.manifest(desc)
+            manifest = Manifest.from_bytes(data, f"{where} referrer {desc.digest}")
+            bundles = referrer_layers(data, subject_digest, BUNDLE_MEDIA_TYPE, where)
+            parts = (manifest.config, *manifest.layers)
+            if len(bundles) != len(manifest.layers) or any(d.size > MAX_BUNDLE_SIZE for d in parts):
+                raise FormatError("holds more than small bundle blobs", desc.digest)
+            for part in parts:
+                if part.digest not in blobs:
+                    blob = await source.small_blob(part, MAX_BUNDLE_SIZE)
+                    blobs[part.digest] = Blob(part, "bundle", blob)
+        except (AssetNotFoundError, AssetChecksumError, FormatError, SizeLimitError) as exc:
+            log.warning("%s: bundle referrer %s not copied: %s", where, desc.digest, exc)
+            continue
+        manifests.append((desc, data))
+    return manifests, list(blobs.values())
 
 
 def _check_platforms(

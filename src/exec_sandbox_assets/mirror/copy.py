@@ -1,7 +1,7 @@
 """The writing half of `mirror`: copy a verified, planned release to a target in the
-order of docs/format.md §2 (blobs, manifests, index, signature, tags), with resumable
-downloads, mounts between repositories of one registry, and one download running ahead
-of each push. `mirror.py` reads and verifies; nothing here decides trust.
+order of docs/format.md §2 (blobs, manifests, index, signature, bundle referrers, tags),
+with resumable downloads, mounts between repositories of one registry, and one download
+running ahead of each push. `mirror.py` reads and verifies; nothing here decides trust.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from exec_sandbox_assets.oci.model import (
     sha256_digest,
     signature_tag,
 )
+from exec_sandbox_assets.oci.referrers import fallback_tag
 from exec_sandbox_assets.release import catalog
 from exec_sandbox_assets.release.delta import Patch, keepalive_manifest
 from exec_sandbox_assets.release.documents import read_asset_layer
@@ -88,6 +89,9 @@ class Plan:
     signature_blobs: list[Blob]
     signed_by: tuple[str, ...]
     created: str | None
+    # Bundle referrers of the index (descriptor, manifest bytes) and their small blobs.
+    referrers: list[tuple[Descriptor, bytes]] = field(default_factory=list)
+    referrer_blobs: list[Blob] = field(default_factory=list)
     latest_kept: bool = False
     # Patch blobs the layers name: optional, copied when the source has them all.
     patch_blobs: list[Blob] = field(default_factory=list)
@@ -177,6 +181,14 @@ class Copier:
             self._emit(
                 plan, "signature", sha256_digest(plan.signature), signature_tag(plan.index_digest)
             )
+        if plan.referrers:
+            await self._blobs(plan, plan.referrer_blobs)
+            for desc, data in plan.referrers:
+                await asyncio.to_thread(
+                    self.target.put_referrer, data, desc.media_type, plan.index_digest
+                )
+                # A keyless signature: shown as one (the event kinds are a closed set).
+                self._emit(plan, "signature", desc.digest, fallback_tag(plan.index_digest))
         for tag in plan.tags:
             await asyncio.to_thread(self.target.tag, plan.index, index_type, tag)
             self._emit(plan, "tag", plan.index_digest, tag)
@@ -203,7 +215,7 @@ class Copier:
             keepalive = keepalive_manifest(data, f"{self.source.name} {plan.version}")
             if keepalive is not None:
                 await asyncio.to_thread(
-                    self.target.put_manifest, keepalive, MEDIA_TYPE_MANIFEST, None
+                    self.target.put_referrer, keepalive, MEDIA_TYPE_MANIFEST, sha256_digest(data)
                 )
 
     async def _blobs(self, plan: Plan, blobs: Sequence[Blob]) -> None:

@@ -15,7 +15,7 @@ from exec_sandbox_assets.oci.layout import LayoutReader
 from exec_sandbox_assets.oci.layout_files import lock_exclusive
 from exec_sandbox_assets.oci.layout_writer import LayoutWriter
 from exec_sandbox_assets.oci.model import MAX_MANIFEST_SIZE, is_digest, sha256_digest
-from exec_sandbox_assets.oci.target import PushStats
+from exec_sandbox_assets.oci.target import PushStats, store_referrer
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,9 @@ class LayoutTarget:
 
     def tag(self, data: bytes, media_type: str, tag: str) -> None:
         self._writer.put_manifest(data, tag=tag)
+
+    def put_referrer(self, data: bytes, media_type: str, subject_digest: str) -> None:
+        store_referrer(self, data, media_type, subject_digest)
 
     def read_manifest(self, reference: str) -> bytes | None:
         with LayoutReader.open(self.root) as reader:

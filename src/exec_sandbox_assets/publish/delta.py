@@ -40,12 +40,13 @@ from exec_sandbox_assets.oci.model import (
     Descriptor,
     Index,
     Manifest,
+    sha256_digest,
 )
 from exec_sandbox_assets.oci.policy import TransferPolicy
 from exec_sandbox_assets.oci.reference import LayoutRef, parse_source_ref
 from exec_sandbox_assets.publish.compress import Blob
 from exec_sandbox_assets.publish.inputs import ReleaseInputs
-from exec_sandbox_assets.publish.signatures import _run as run_sync
+from exec_sandbox_assets.publish.signatures import run_async
 from exec_sandbox_assets.release import catalog
 from exec_sandbox_assets.release.delta import (
     MAX_PATCHES,
@@ -119,7 +120,7 @@ def make_deltas(
     progress: Progress | None = None,
 ) -> dict[str, tuple[PatchFile, ...]]:
     """Layer title -> its patches (possibly none), made in `work_dir/delta`."""
-    return run_sync(_make_deltas(req, inputs, blobs, version, work_dir, options, progress))
+    return run_async(_make_deltas(req, inputs, blobs, version, work_dir, options, progress))
 
 
 async def _make_deltas(
@@ -446,7 +447,7 @@ def keep_patches_alive(target: Target, built: BuiltRelease) -> None:
     for data in built.manifests.values():
         keepalive = keepalive_manifest(data, "built manifest")
         if keepalive is not None:
-            target.put_manifest(keepalive, MEDIA_TYPE_MANIFEST, None)
+            target.put_referrer(keepalive, MEDIA_TYPE_MANIFEST, sha256_digest(data))
 
 
 __all__ = [

@@ -1,8 +1,10 @@
 """Publish a release: build output in, signed OCI artifacts out (docs/format.md §2-§6).
 
     keys -> inputs -> targets (connect, log in) -> compress (each blob pushed as it is
-         made when no target has vV yet: pipeline.py) -> documents -> sign
-         -> per target: blobs, manifests, index, signature, read back + verify, tags
+         made when no target has vV yet: pipeline.py) -> documents -> sign with keys
+         -> per target: blobs, manifests, index, signature, read back + verify,
+            [keyless: sign once the first target holds the index, verify, store the
+            bundle as a referrer, read back: publish/keyless.py], tags
          -> GitHub Release folder
 
 Everything that can be wrong with the request (a key, a password, a missing file, a
@@ -23,8 +25,9 @@ client's `ReleaseReader` before any tag is moved.
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -47,6 +50,7 @@ from exec_sandbox_assets.oci.model import (
     signature_tag,
 )
 from exec_sandbox_assets.oci.targets import RegistryOptions, Target, open_target
+from exec_sandbox_assets.publish import keyless as keyless_step
 from exec_sandbox_assets.publish.compress import DEFAULT_LEVEL, Blob, check_level
 from exec_sandbox_assets.publish.delta import (
     DeltaRequest,
@@ -56,6 +60,7 @@ from exec_sandbox_assets.publish.delta import (
     push_patches,
 )
 from exec_sandbox_assets.publish.inputs import ReleaseInputs, find_inputs
+from exec_sandbox_assets.publish.keyless import KeylessOptions
 from exec_sandbox_assets.publish.pipeline import (
     BlobMaker,
     LockedProgress,
@@ -87,7 +92,7 @@ class PublishRequest:
     inputs: tuple[Path, ...]  # build output dirs (images/dist, the gvproxy build dir)
     version: str  # "0.22.0"; tagged "v0.22.0"
     targets: tuple[str, ...]  # registry refs, "oci:DIR", "oci-archive:FILE"
-    keys: tuple[Path, ...]  # private keys; several = rotation, each one signs
+    keys: tuple[Path, ...]  # private keys; several = rotation, each one signs; () = keyless only
     work_dir: Path  # compressed files (reused by a re-run) and temp layouts
     key_password: bytes | None = field(default=None, repr=False)
     platforms: tuple[tuple[str, str], ...] | None = None  # None: those whose gvproxy exists
@@ -109,6 +114,7 @@ class PublishRequest:
     deltas: bool = True
     delta_from: tuple[str, ...] | None = None
     delta_sources: tuple[str, ...] = ()
+    keyless: KeylessOptions | None = None  # also sign keyless (Sigstore), docs/format.md §8
 
 
 @dataclass(frozen=True)
@@ -126,13 +132,15 @@ class PublishResult:
     created: str
     index_digest: str
     manifest_digests: Mapping[tuple[str, str], str]
-    signature_tag: str
-    signature_digest: str
+    signature_tag: str  # where key signatures are stored (none written when keyless only)
+    signature_digest: str | None  # None: keyless only
     signers: int
     targets: tuple[TargetResult, ...]
     release_dir: Path | None = None
     release_files: tuple[str, ...] = ()
     signatures: int = 0  # in the signature manifest: ours, and those kept from before
+    keyless_identity: str | None = None  # who signed keyless (WORKFLOW@refs/tags/vV)
+    bundle_digest: str | None = None  # the bundle's referrer manifest
 
     @property
     def blobs_uploaded(self) -> int:
@@ -173,11 +181,13 @@ def now_created() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def load_keys(paths: Sequence[Path], password: bytes | None) -> tuple[keys.SigningKey, ...]:
-    if not paths:
+def load_keys(
+    paths: Sequence[Path], password: bytes | None, keyless: bool = False
+) -> tuple[keys.SigningKey, ...]:
+    if not paths and not keyless:
         raise ConfigError(
-            "no signing key given (--key FILE): clients refuse unsigned releases; "
-            "create one with `exec-sandbox-assets keygen`"
+            "no signing key given (--key FILE) and not --keyless: clients refuse unsigned "
+            "releases; create a key with `exec-sandbox-assets keygen`, or sign keyless in CI"
         )
     return tuple(keys.load_signing_key_file(Path(p), password) for p in paths)
 
@@ -258,7 +268,7 @@ def push_release(
     target: Target,
     blobs: Sequence[Blob],
     built: BuiltRelease,
-    signature: signing.SignatureManifest,
+    signature: signing.SignatureManifest | None,
     keys: Sequence[keys.SigningKey],
     version: str,
     created: str,
@@ -266,9 +276,11 @@ def push_release(
     progress: Progress | None = None,
     pushed: Collection[str] = frozenset(),
     patches: Sequence[PatchFile] = (),
-) -> None:
+    keyless_bundle: Callable[[], keyless_step.KeylessBundle] | None = None,
+) -> keyless_step.KeylessBundle | None:
     """docs/format.md §2 order: blobs (but those `pushed` already, while compressing),
-    manifests, index, signature, verify, tags."""
+    manifests, index, signature, verify, [keyless bundle (made on first call, once the
+    index is stored), stored and read back], tags. Returns the keyless bundle."""
     index_digest = sha256_digest(built.index)
     for blob in blobs:
         if blob.digest not in pushed:
@@ -279,16 +291,24 @@ def push_release(
         target.put_manifest(data, MEDIA_TYPE_MANIFEST, None)
     keep_patches_alive(target, built)
     target.put_manifest(built.index, MEDIA_TYPE_INDEX, None)
-    target.push_bytes(signature.config, MEDIA_TYPE_IMAGE_CONFIG)
-    for payload in signature.payloads:
-        target.push_bytes(payload, signing.SIMPLESIGNING_MEDIA_TYPE)
-    target.put_manifest(signature.manifest, MEDIA_TYPE_MANIFEST, signature_tag(index_digest))
-
-    # Read back before tagging: what clients will fetch must verify with our keys.
-    read_back(target, built, keys, version, created)
+    if signature is not None:
+        target.push_bytes(signature.config, MEDIA_TYPE_IMAGE_CONFIG)
+        for payload in signature.payloads:
+            target.push_bytes(payload, signing.SIMPLESIGNING_MEDIA_TYPE)
+        target.put_manifest(signature.manifest, MEDIA_TYPE_MANIFEST, signature_tag(index_digest))
+        # Read back before tagging: what clients will fetch must verify with our keys.
+        read_back(target, built, keys, version, created)
+    elif target.read_manifest(index_digest) != built.index:
+        raise ConfigError(f"{target.name}: index {index_digest} does not read back as written")
+    bundle = None
+    if keyless_bundle is not None:
+        bundle = keyless_bundle()  # verified before it is returned
+        keyless_step.store(target, bundle, index_digest)
+        keyless_step.read_back(target, bundle, index_digest)
     for tag in tags:
         target.tag(built.index, MEDIA_TYPE_INDEX, tag)
         log.info("tagged %s:%s -> %s", target.name, tag, index_digest)
+    return bundle
 
 
 # --------------------------------------------------------------------------- publish
@@ -319,7 +339,8 @@ def publish(req: PublishRequest) -> PublishResult:
         raise ConfigError("nothing to publish to: give --to TARGET and/or --release-dir DIR")
     created_arg = normalize_created(req.created) if req.created else None
 
-    keys = load_keys(req.keys, req.key_password)  # a wrong key fails before any upload
+    # A wrong key fails before any upload.
+    keys = load_keys(req.keys, req.key_password, keyless=req.keyless is not None)
     inputs = find_inputs(req.inputs, req.platforms)
     req.work_dir.mkdir(parents=True, exist_ok=True)
 
@@ -350,15 +371,26 @@ def publish(req: PublishRequest) -> PublishResult:
         if not req.replace:
             _check_no_conflict(existing, version_tag, index_digest)
 
-        signature = plan_signature(
-            existing_signatures(targets, index_digest, version, created),
-            keys,
-            index_digest,
-            req.docker_reference,
-            version,
-            created,
-            replace=req.replace_signatures,
-        )
+        signature = None
+        if keys:
+            signature = plan_signature(
+                existing_signatures(targets, index_digest, version, created),
+                keys,
+                index_digest,
+                req.docker_reference,
+                version,
+                created,
+                replace=req.replace_signatures,
+            )
+        keyless_bundle = None
+        if req.keyless is not None:
+            keyless_options = req.keyless
+
+            @functools.cache
+            def keyless_bundle() -> keyless_step.KeylessBundle:
+                return keyless_step.plan_bundle(
+                    keyless_options, targets, built.index, version, created
+                )
 
         unique = list({b.digest: b for b in blobs.values()}.values())
         tags = (version_tag, LATEST) if req.tag_latest else (version_tag,)
@@ -377,6 +409,7 @@ def publish(req: PublishRequest) -> PublishResult:
                 progress,
                 pushed,
                 [p for files in patches.values() for p in files],
+                keyless_bundle,
             )
             results.append(
                 TargetResult(
@@ -388,11 +421,20 @@ def publish(req: PublishRequest) -> PublishResult:
                 )
             )
 
+        # Without targets, the release folder alone gets the bundle.
+        bundle = keyless_bundle() if keyless_bundle is not None else None
         release_files: tuple[str, ...] = ()
         if req.release_dir is not None:
             layers = {name: blob.path for name, blob in blobs.items()}
             release_files = write_release_dir(
-                req.release_dir, ReleaseFiles(layers, built.index, built.manifests, signature)
+                req.release_dir,
+                ReleaseFiles(
+                    layers,
+                    built.index,
+                    built.manifests,
+                    signature,
+                    bundle.bundle if bundle is not None else None,
+                ),
             )
         ok = True
     finally:
@@ -412,12 +454,14 @@ def publish(req: PublishRequest) -> PublishResult:
         index_digest=index_digest,
         manifest_digests={p: sha256_digest(m) for p, m in built.manifests.items()},
         signature_tag=signature_tag(index_digest),
-        signature_digest=sha256_digest(signature.manifest),
+        signature_digest=sha256_digest(signature.manifest) if signature is not None else None,
         signers=len({k.public.key_id for k in keys}),
         targets=tuple(results),
         release_dir=req.release_dir,
         release_files=release_files,
-        signatures=len(signature.payloads),
+        signatures=len(signature.payloads) if signature is not None else 0,
+        keyless_identity=bundle.identity if bundle is not None else None,
+        bundle_digest=bundle.digest if bundle is not None else None,
     )
 
 

@@ -1,7 +1,8 @@
 """The GitHub Release asset folder (docs/format.md §6).
 
 Every layer file under its title (byte-identical to its blob), the index and each
-platform manifest exactly as pushed, the signature manifest and its payloads, and a
+platform manifest exactly as pushed, the signature manifest and its payloads, the
+Sigstore bundle (`oci-index.sigstore.json`) of a keyless-signed release, and a
 `SHA256SUMS` in `sha256sum` format over all of them. Each file is written to a temp
 name and renamed, so an interrupted run leaves whole files only; re-running with the
 same release rewrites identical bytes.
@@ -28,6 +29,7 @@ from exec_sandbox_assets.release.signing import SignatureManifest
 # The names are shared with the client's releases source (release.py).
 INDEX_FILE = release.RELEASE_INDEX_FILE
 SIGNATURE_FILE = release.RELEASE_SIGNATURE_FILE
+BUNDLE_FILE = release.RELEASE_BUNDLE_FILE
 manifest_file = release.release_manifest_file
 payload_file = release.release_payload_file
 SUMS_FILE = "SHA256SUMS"
@@ -40,7 +42,8 @@ class ReleaseFiles:
     layers: Mapping[str, Path]
     index: bytes
     manifests: Mapping[tuple[str, str], bytes]
-    signature: SignatureManifest
+    signature: SignatureManifest | None  # None: signed keyless only
+    bundle: bytes | None = None  # the Sigstore bundle (keyless signature)
 
 
 def _write_bytes(path: Path, data: bytes) -> str:
@@ -61,13 +64,11 @@ def _copy_file(src: Path, path: Path) -> str:
 
 
 def release_file_names(files: ReleaseFiles) -> list[str]:
-    names = [
-        *files.layers,
-        INDEX_FILE,
-        *(manifest_file(o, a) for o, a in files.manifests),
-        SIGNATURE_FILE,
-        *(payload_file(n) for n in range(len(files.signature.payloads))),
-    ]
+    names = [*files.layers, INDEX_FILE, *(manifest_file(o, a) for o, a in files.manifests)]
+    if files.signature is not None:
+        names += [SIGNATURE_FILE, *(payload_file(n) for n in range(len(files.signature.payloads)))]
+    if files.bundle is not None:
+        names.append(BUNDLE_FILE)
     for name in names:
         catalog.check_title(name, "release folder")
     return names
@@ -92,9 +93,12 @@ def write_release_dir(dest: Path, files: ReleaseFiles) -> tuple[str, ...]:
     sums[INDEX_FILE] = _write_bytes(dest / INDEX_FILE, files.index)
     for (os_, goarch), data in files.manifests.items():
         sums[manifest_file(os_, goarch)] = _write_bytes(dest / manifest_file(os_, goarch), data)
-    sums[SIGNATURE_FILE] = _write_bytes(dest / SIGNATURE_FILE, files.signature.manifest)
-    for n, payload in enumerate(files.signature.payloads):
-        sums[payload_file(n)] = _write_bytes(dest / payload_file(n), payload)
+    if files.signature is not None:
+        sums[SIGNATURE_FILE] = _write_bytes(dest / SIGNATURE_FILE, files.signature.manifest)
+        for n, payload in enumerate(files.signature.payloads):
+            sums[payload_file(n)] = _write_bytes(dest / payload_file(n), payload)
+    if files.bundle is not None:
+        sums[BUNDLE_FILE] = _write_bytes(dest / BUNDLE_FILE, files.bundle)
     # Two spaces = binary-agnostic text mode, what `sha256sum -c` reads everywhere.
     text = "".join(f"{sums[name]}  {name}\n" for name in sorted(sums))
     _write_bytes(dest / SUMS_FILE, text.encode())
@@ -102,6 +106,7 @@ def write_release_dir(dest: Path, files: ReleaseFiles) -> tuple[str, ...]:
 
 
 __all__ = [
+    "BUNDLE_FILE",
     "INDEX_FILE",
     "SIGNATURE_FILE",
     "SUMS_FILE",

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 
-def _run(coro: Coroutine[Any, Any, _T]) -> _T:
+def run_async(coro: Coroutine[Any, Any, _T]) -> _T:
     """Run a reader coroutine from this synchronous code (on a thread when the caller
     already runs an event loop)."""
     try:
@@ -68,7 +68,7 @@ def existing_signatures(
     for target in targets:
         reader = ReleaseReader(TargetSource(target), None)
         try:
-            record = _run(reader.signature(index_digest))
+            record = run_async(reader.signature(index_digest))
         except (TrustError, FormatError, AssetNotFoundError) as exc:
             # Missing or unreadable: nothing to keep (transport errors still stop us).
             log.debug("no signature kept from %s: %s", target.name, exc)
@@ -158,8 +158,8 @@ def read_back(
     index_digest = sha256_digest(built.index)
     reader = ReleaseReader(TargetSource(target), _every_key(keys))
     # `read` checks the bytes against `index_digest`: what reads back is what we built.
-    verified = _run(reader.read(index_digest, expected_version=version))
+    verified = run_async(reader.read(index_digest, expected_version=version))
     _check_created(verified.created, created, f"{target.name}:{signature_tag(index_digest)}")
 
 
-__all__ = ["existing_signatures", "plan_signature", "read_back"]
+__all__ = ["existing_signatures", "plan_signature", "read_back", "run_async"]

@@ -10,7 +10,9 @@ checks the patch digest before decoding, and the result against `content.digest`
 The patch blobs are listed, as layers, by one manifest per platform manifest whose
 `subject` is that platform manifest (an OCI 1.1 referrer): registries keep blobs only
 while a manifest names them. Its bytes are a function of the platform manifest alone
-(`keepalive_manifest`), so the publisher and `mirror` write the very same document.
+(`keepalive_manifest`), so the publisher and `mirror` write the very same document,
+each with `Target.put_referrer` (by digest, and listed under the subject's
+`sha256-<hex>` tag: registries without the referrers API keep it too).
 
 Pure.
 """
@@ -22,12 +24,12 @@ from dataclasses import dataclass
 
 from exec_sandbox_assets.base.errors import FormatError
 from exec_sandbox_assets.oci.model import (
-    EMPTY_DESCRIPTOR,
     MEDIA_TYPE_MANIFEST,
     Descriptor,
     Manifest,
     check_digest,
 )
+from exec_sandbox_assets.oci.referrers import referrer_manifest
 from exec_sandbox_assets.release import catalog
 
 ANN_PATCHES = "dev.exec-sandbox.delta.patches"
@@ -100,15 +102,6 @@ def read_patches(ann: Mapping[str, str], where: str) -> tuple[Patch, ...]:
     return tuple(out)
 
 
-def with_patches(desc: Descriptor, patches: Sequence[Patch]) -> Descriptor:
-    """The layer descriptor with its patches named (none: the descriptor unchanged)."""
-    if not patches:
-        return desc
-    ann = dict(desc.annotations)
-    ann[ANN_PATCHES] = format_patches(patches)
-    return Descriptor(desc.media_type, desc.digest, desc.size, ann)
-
-
 def manifest_patches(manifest: Manifest, where: str) -> tuple[Patch, ...]:
     """Every distinct patch the layers of a platform manifest name, in layer order."""
     seen: dict[str, Patch] = {}
@@ -129,14 +122,8 @@ def keepalive_manifest(platform_manifest: bytes, where: str) -> bytes | None:
     annotations = {}
     if (version := manifest.annotations.get(catalog.ANN_VERSION)) is not None:
         annotations[catalog.ANN_VERSION] = version
-    keepalive = Manifest(
-        config=EMPTY_DESCRIPTOR,
-        layers=tuple(p.descriptor() for p in patches),
-        artifact_type=KEEPALIVE_ARTIFACT_TYPE,
-        annotations=annotations,
-        subject=subject,
-    )
-    return keepalive.to_bytes()
+    layers = [p.descriptor() for p in patches]
+    return referrer_manifest(subject, KEEPALIVE_ARTIFACT_TYPE, layers, annotations)
 
 
 __all__ = [
@@ -149,5 +136,4 @@ __all__ = [
     "keepalive_manifest",
     "manifest_patches",
     "read_patches",
-    "with_patches",
 ]
