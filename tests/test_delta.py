@@ -8,9 +8,11 @@ disk that fills, a SIGKILL mid-reconstruction followed by a resumed pull.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -403,3 +405,32 @@ asyncio.run(AssetClient(s).fetch(SPECS))
     upgrade = pull(f"oci:{layout}", cache, key, 2, work)
     assert how(upgrade)[IMAGE_NAME] == "patch"
     assert not [p for p in v2.iterdir() if ".tmp-" in p.name]
+
+
+def test_pull_reports_what_the_upgrade_saved(
+    tmp_path: Path, key: KeyPair, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from exec_sandbox_assets.cli import main
+
+    layout = tmp_path / "layout"
+    work = tmp_path / "work"
+    publish_version(f"oci:{layout}", 1, work, key)
+    publish_version(f"oci:{layout}", 2, work, key)
+    common = [
+        *("--cache-dir", str(tmp_path / "cache"), "--mirror", f"oci:{layout}", "--airgap"),
+        *("--trusted-key", str(key.public)),
+    ]
+    assert main([*common, "--asset-version", "1.1.0", "pull"]) == 0
+    capsys.readouterr()
+    assert main([*common, "--asset-version", "1.2.0", "pull", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    by_name = {f["name"]: f for f in doc["files"]}
+    assert by_name[IMAGE_NAME]["obtained"] == "patch"
+    assert by_name[GVPROXY]["obtained"] == "reuse"
+    assert by_name[GVPROXY]["bytes_downloaded"] == 0
+    assert 0 < doc["bytes_downloaded"] < doc["bytes_full"] / 2
+    # The text summary says it too (a third release, so something is fetched again).
+    publish_version(f"oci:{layout}", 3, work, key)
+    assert main([*common, "--asset-version", "1.3.0", "pull"]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"downloaded \S+ \S+ of \S+ \S+", text), text

@@ -129,7 +129,12 @@ def run_pull(ctx: Context) -> int:
         )
         entry["kind"] = spec.kind.value
         entry["downloaded"] = spec.output_name not in cached_before
+        # How it was obtained (download, patch, reuse) and the bytes that took.
+        if (got := client.obtained.get(spec.output_name)) is not None:
+            entry.update(obtained=got.how, bytes_downloaded=got.downloaded, bytes_full=got.full)
         files.append(entry)
+    transferred = sum(int(f.get("bytes_downloaded", 0)) for f in files)
+    full = sum(int(f.get("bytes_full", 0)) for f in files)
     failures = group_failures(errors)
     code = worst_exit_code(f.error for f in failures)
     platform = f"{settings.host_os}/{settings.host_goarch}"
@@ -151,6 +156,8 @@ def run_pull(ctx: Context) -> int:
                 "cache_dir": settings.cache_dir,
                 "dir": vdir,
                 "seconds": round(seconds, 3),
+                "bytes_downloaded": transferred,
+                "bytes_full": full,
                 "files": files,
                 "skipped": skipped,
                 "errors": [f.to_json() for f in failures],
@@ -170,7 +177,7 @@ def run_pull(ctx: Context) -> int:
             (
                 f["name"],
                 human_size(int(f["size"])),
-                "downloaded" if f["downloaded"] else "cached",
+                str(f.get("obtained", "downloaded")) if f["downloaded"] else "cached",
                 str(f.get("source") or ""),
             )
             for f in files
@@ -186,9 +193,14 @@ def run_pull(ctx: Context) -> int:
             out(line)
         total = sum(int(f["size"]) for f in files)
         fetched = sum(1 for f in files if f["downloaded"])
+        saved = (
+            f"; downloaded {human_size(transferred)} of {human_size(full)}"
+            if transferred < full
+            else ""
+        )
         out(
             f"{len(files)} file(s), {human_size(total)}: {fetched} downloaded, "
-            f"{len(files) - fetched} already cached ({seconds:.1f}s)"
+            f"{len(files) - fetched} already cached{saved} ({seconds:.1f}s)"
         )
     for failure in failures:
         names = "every file" if len(failure.names) == len(specs) > 1 else ", ".join(failure.names)
