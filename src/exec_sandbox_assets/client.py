@@ -266,7 +266,7 @@ class AssetClient:
             ) is not None:
                 self.obtained[out.name] = delta.Obtained(delta.REUSE, 0, layer.size)
                 return adopted
-            # Only what changed since a release the cache holds (docs/format.md §8).
+            # Only what changed since a release the cache holds (docs/format.md §9).
             if (upgraded := await self._by_delta(sources, part, out, layer, bar)) is not None:
                 if progress is not None:
                     progress.finish(layer.output_name)

@@ -1,4 +1,4 @@
-"""Upgrades that download only what changed (docs/format.md §8), before a full download.
+"""Upgrades that download only what changed (docs/format.md §9), before a full download.
 
 Two ways, tried in order, each under the output lock `Store.ensure` takes:
 

@@ -72,7 +72,7 @@ class Blob:
     desc: Descriptor
     name: str  # title, or what the blob is ("config of linux/amd64")
     data: bytes | None = None  # small blobs, read (and verified) already
-    patch: Patch | None = None  # a patch blob (docs/format.md §8), read by its digest
+    patch: Patch | None = None  # a patch blob (docs/format.md §9), read by its digest
 
 
 @dataclass

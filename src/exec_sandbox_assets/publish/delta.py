@@ -1,4 +1,4 @@
-"""The publisher's delta step (docs/format.md §8): patches from earlier releases.
+"""The publisher's delta step (docs/format.md §9): patches from earlier releases.
 
 For each large file of the new release, a `zstd --patch-from` patch against the same
 file (by title) of each earlier release it can read: from the publish targets (by
@@ -178,6 +178,9 @@ async def _bases(
     for source in sources:
         try:
             chosen = versions if versions is not None else await _last_versions(source, current)
+        except AssetNotFoundError:
+            log.info("no earlier release in %s: no patches from it", source.name)
+            continue
         except AssetError as exc:
             log.warning("cannot list releases of %s for deltas: %s", source.name, exc)
             continue

@@ -1,4 +1,4 @@
-"""Delta upgrades in the wire format (docs/format.md §8): patches named by a signed layer
+"""Delta upgrades in the wire format (docs/format.md §9): patches named by a signed layer
 annotation, kept alive by a referrer of the platform manifest.
 
 A layer of release N+1 may carry `dev.exec-sandbox.delta.patches`: one entry per earlier

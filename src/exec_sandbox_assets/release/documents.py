@@ -54,7 +54,7 @@ class LayerFile:
     content_digest: str
     content_size: int
     chunks: ChunkDigests | None = None
-    # Patches from earlier contents of this file (docs/format.md §8).
+    # Patches from earlier contents of this file (docs/format.md §9).
     patches: tuple[Patch, ...] = ()
 
     def descriptor(self) -> Descriptor:

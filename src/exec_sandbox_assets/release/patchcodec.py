@@ -3,7 +3,7 @@
 The old file is the frame's *prefix* (zstd's `refPrefix`): the decoder behaves as if
 the old bytes had just been decoded, so every long match into them costs a few bytes.
 This is exactly what `zstd --patch-from=OLD NEW` writes, and `zstd -d --patch-from=OLD
---long=31` reads a patch made here (docs/format.md §8).
+--long=31` reads a patch made here (docs/format.md §9).
 
 python-zstandard's own API only offers dictionaries, and libzstd indexes only the last
 few MiB of a large dictionary (patches came out at 30-50x the size of the CLI's), so

@@ -142,7 +142,7 @@ class Source(ABC):
         raise AssetNotFoundError(f"{self.name}: cannot list tags")
 
     def patch_opener(self, patch: Patch) -> BlobOpener:
-        """Open a patch blob (docs/format.md §8) from a byte offset; the store verifies it."""
+        """Open a patch blob (docs/format.md §9) from a byte offset; the store verifies it."""
         return lambda offset: self._open_blob(patch.digest, offset)
 
     def _open_blob(
