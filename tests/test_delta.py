@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from conftest import FaultProxyFactory
@@ -28,11 +29,17 @@ from exec_sandbox_assets.client import AssetClient
 from exec_sandbox_assets.config import Settings, load_settings
 from exec_sandbox_assets.mirror import mirror
 from exec_sandbox_assets.oci.layout import LayoutReader
-from exec_sandbox_assets.oci.model import Index, Manifest
+from exec_sandbox_assets.oci.model import ACCEPT_MANIFESTS, Index, Manifest
+from exec_sandbox_assets.oci.referrers import fallback_tag
 from exec_sandbox_assets.publish import PublishRequest, publish
 from exec_sandbox_assets.publish.sample import make_sample_inputs, sample_bytes
 from exec_sandbox_assets.release import catalog
-from exec_sandbox_assets.release.delta import KEEPALIVE_ARTIFACT_TYPE, Patch, read_patches
+from exec_sandbox_assets.release.delta import (
+    ANN_PATCHES,
+    KEEPALIVE_ARTIFACT_TYPE,
+    Patch,
+    read_patches,
+)
 from releases import KeyPair, flip_stored_blob, make_key_pair
 from servers import RegistryServer
 
@@ -140,6 +147,61 @@ def test_upgrade_by_patch_from_n_minus_1_on_a_registry(
     assert got[KERNEL] == "download"  # below the delta size: a full (small) download
     image_cost = upgrade.obtained[IMAGE_NAME]
     assert image_cost.downloaded < image_cost.full / 4
+    # The patch is kept alive on the registry: a referrer of the platform manifest,
+    # listed under its sha256-<hex> tag (distribution 2.8 has no referrers API).
+    accept = {"Accept": ", ".join(ACCEPT_MANIFESTS)}
+    index = Index.from_bytes(
+        httpx.get(f"{registry.url}/v2/{repo_name}/manifests/v1.2.0", headers=accept).content, "t"
+    )
+    platform = index.manifests[0].digest
+    listed = httpx.get(
+        f"{registry.url}/v2/{repo_name}/manifests/{fallback_tag(platform)}", headers=accept
+    )
+    assert listed.status_code == 200
+    (entry,) = Index.from_bytes(listed.content, "t").manifests
+    assert entry.artifact_type == KEEPALIVE_ARTIFACT_TYPE
+    keepalive = Manifest.from_bytes(
+        httpx.get(
+            f"{registry.url}/v2/{repo_name}/manifests/{entry.digest}", headers=accept
+        ).content,
+        "t",
+    )
+    assert keepalive.subject is not None and keepalive.subject.digest == platform
+    assert len(keepalive.layers) == 1
+
+
+def test_old_clients_see_the_same_layers_with_or_without_patches(
+    tmp_path: Path, key: KeyPair
+) -> None:
+    """Patches add one annotation to a layer: blobs, digests, sizes and media types stay
+    what an earlier client, skopeo or oras reads."""
+    work = tmp_path / "work"
+    with_ = tmp_path / "with"
+    publish_version(f"oci:{with_}", 1, work, key)
+    publish_version(f"oci:{with_}", 2, work, key)
+    without = tmp_path / "without"
+    publish_version(f"oci:{without}", 2, work, key, deltas=False)
+
+    def layers(layout: Path) -> list[tuple[str, str, int, dict[str, str]]]:
+        with LayoutReader.open(layout) as reader:
+            index = Index.from_bytes(
+                reader.read_blob(reader.resolve("v1.2.0").digest, 1 << 22), "t"
+            )
+            manifest = Manifest.from_bytes(
+                reader.read_blob(index.manifests[0].digest, 1 << 22), "t"
+            )
+        return [
+            (
+                x.media_type,
+                x.digest,
+                x.size,
+                {k: v for k, v in x.annotations.items() if k != ANN_PATCHES},
+            )
+            for x in manifest.layers
+        ]
+
+    assert layers(with_) == layers(without)
+    assert layer_patches(with_, 2) and not layer_patches(without, 2)
 
 
 def layer_patches(layout: Path, version: int) -> tuple[Patch, ...]:
