@@ -13,6 +13,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -496,3 +497,14 @@ def test_pull_reports_what_the_upgrade_saved(
     assert main([*common, "--asset-version", "1.3.0", "pull"]) == 0
     text = capsys.readouterr().out
     assert re.search(r"downloaded \S+ \S+ of \S+ \S+", text), text
+
+
+def test_publishing_a_release_again_makes_the_same_patches(tmp_path: Path, key: KeyPair) -> None:
+    """Patches are deterministic (one thread, a fixed level): a re-run yields the same
+    index digest, so the publisher's no-conflict rule still holds."""
+    layout = f"oci:{tmp_path / 'layout'}"
+    work = tmp_path / "work"
+    publish_version(layout, 1, work, key)
+    first = publish_version(layout, 2, work, key)
+    shutil.rmtree(work / "compressed-2")  # patches made from scratch again
+    assert publish_version(layout, 2, work, key) == first
