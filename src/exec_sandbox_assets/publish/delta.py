@@ -60,7 +60,7 @@ from exec_sandbox_assets.release.documents import (
     BuiltRelease,
     read_asset_layers,
 )
-from exec_sandbox_assets.release.patchcodec import make_patch
+from exec_sandbox_assets.release.patchcodec import DeltaUnavailable, PatchError, make_patch
 from exec_sandbox_assets.release.signing import SignatureLayer
 from exec_sandbox_assets.release.version import tag_for, version_of_tag
 from exec_sandbox_assets.sources.base import Source
@@ -154,7 +154,7 @@ async def _make_deltas(
                 seen.add(base.layer.content_digest)
                 try:
                     made = await _patch_for(base, name, blob, raw.get(name), folder, req.level)
-                except (AssetError, OSError) as exc:
+                except (AssetError, OSError, PatchError, DeltaUnavailable) as exc:
                     log.warning(
                         "no patch for %s from %s: %s", name, base.version, exc, extra={"file": name}
                     )
