@@ -508,3 +508,28 @@ def test_publishing_a_release_again_makes_the_same_patches(tmp_path: Path, key: 
     first = publish_version(layout, 2, work, key)
     shutil.rmtree(work / "compressed-2")  # patches made from scratch again
     assert publish_version(layout, 2, work, key) == first
+
+
+def test_a_mirror_of_a_source_without_its_patches_copies_the_release_whole(
+    tmp_path: Path, key: KeyPair, caplog: pytest.LogCaptureFixture
+) -> None:
+    layout = tmp_path / "layout"
+    work = tmp_path / "work"
+    publish_version(f"oci:{layout}", 1, work, key)
+    publish_version(f"oci:{layout}", 2, work, key)
+    (patch,) = layer_patches(layout, 2)
+    (layout / "blobs" / "sha256" / patch.digest.partition(":")[2]).unlink()
+    dest = f"oci:{tmp_path / 'copy'}"
+    with caplog.at_level(logging.WARNING):
+        mirror(
+            f"oci:{layout}",
+            dest,
+            versions=["1.1.0", "1.2.0"],
+            trusted_keys=[key.public],
+            work_dir=tmp_path / "mw",
+        )
+    assert any("patches not copied" in r.getMessage() for r in caplog.records)
+    cache = tmp_path / "cache"
+    pull(dest, cache, key, 1, work)
+    upgrade = pull(dest, cache, key, 2, work)  # byte-exact: the full layer instead
+    assert how(upgrade)[IMAGE_NAME] == "download"

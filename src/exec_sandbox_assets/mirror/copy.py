@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from exec_sandbox_assets.base.errors import ConfigError, FormatError, TransportError
+from exec_sandbox_assets.base.errors import ConfigError, FormatError, TransportError, TrustError
 from exec_sandbox_assets.cache.store import BlobRequest, Store
 from exec_sandbox_assets.oci.model import (
     MEDIA_TYPE_MANIFEST,
@@ -202,7 +202,7 @@ class Copier:
             return
         try:
             await self._blobs(plan, plan.patch_blobs)
-        except TransportError as exc:
+        except (TransportError, TrustError) as exc:  # a bad patch is left behind, not copied
             log.warning(
                 "%s %s: patches not copied (%s); clients of %s will download whole layers",
                 self.source.name,
