@@ -42,7 +42,7 @@ from exec_sandbox_assets.release.delta import (
     read_patches,
 )
 from releases import KeyPair, flip_stored_blob, make_key_pair
-from servers import RegistryServer
+from servers import RegistryServer, StaticServer, free_port
 
 SMALL = 48 * 1024
 IMAGE = 2 << 20  # above publish.delta.MIN_DELTA_SIZE
@@ -533,3 +533,38 @@ def test_a_mirror_of_a_source_without_its_patches_copies_the_release_whole(
     pull(dest, cache, key, 1, work)
     upgrade = pull(dest, cache, key, 2, work)  # byte-exact: the full layer instead
     assert how(upgrade)[IMAGE_NAME] == "download"
+
+
+def test_a_github_release_folder_serves_layers_only_and_nothing_is_refetched(
+    tmp_path: Path,
+    key: KeyPair,
+    static_server: StaticServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """0.22.0's channel carries no patch: the client downloads changed layers, without a
+    warning, and still takes unchanged files from its cache."""
+    layout = tmp_path / "layout"
+    work = tmp_path / "work"
+    publish_version(f"oci:{layout}", 1, work, key)
+    folder = static_server.root / "releases" / "download" / "v1.2.0"
+    publish_version(f"oci:{layout}", 2, work, key, release_dir=folder)
+    cache = tmp_path / "cache"
+    pull(f"oci:{layout}", cache, key, 1, work)
+    settings = load_settings(
+        env={},
+        cache_dir=cache,
+        version="1.2.0",
+        registry=f"http://127.0.0.1:{free_port()}/test/gone",
+        releases_url=f"{static_server.url}/releases/download",
+        trusted_keys=(key.public,),
+        docker_config=tmp_path / "no-docker-config.json",
+    ).with_(local_build_dir=None, host_os="linux", host_goarch="amd64")
+    client = AssetClient(settings)
+    with caplog.at_level(logging.WARNING, logger="exec_sandbox_assets.cache.delta"):
+        paths = asyncio.run(client.fetch(SPECS))
+    for spec in SPECS:
+        expected = (work / "dist-2" / spec.output_name).read_bytes()
+        assert paths[spec.output_name].read_bytes() == expected
+    assert how(client)[IMAGE_NAME] == "download"
+    assert how(client)[GVPROXY] == "reuse"
+    assert not [r for r in caplog.records if "no delta" in r.getMessage()]

@@ -311,6 +311,8 @@ class AssetClient:
         if not layer.patches:
             return None
         source = next(iter(_prefer(sources, part.release.source)))
+        if not source.serves_patches:  # a GitHub Release folder: layers only
+            return None
         rebuilt = await delta.patch(
             self.store, out, layer.patches, source.patch_opener, bar.attempt() if bar else None
         )

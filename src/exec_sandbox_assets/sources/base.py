@@ -55,6 +55,8 @@ class Source(ABC):
     key: str
     #: true for sources on this machine (layouts): usable in offline mode
     local: bool = False
+    #: whether the source serves blobs by digest alone (patch blobs, docs/format.md §9)
+    serves_patches: bool = False
 
     async def index(self, tag: str) -> bytes:
         """The index bytes the tag points to. The caller digests them itself."""

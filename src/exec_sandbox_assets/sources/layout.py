@@ -29,6 +29,7 @@ class LayoutSource(Source):
     """An OCI image layout directory or archive (`oci:DIR`, `oci-archive:FILE`)."""
 
     local = True
+    serves_patches = True
 
     def __init__(self, path: Path, archive: bool, text: str) -> None:
         self._path = path

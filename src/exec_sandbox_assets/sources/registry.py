@@ -24,6 +24,8 @@ from exec_sandbox_assets.sources.base import Source, _skip
 class RegistrySource(Source):
     """A repository on an OCI registry (ghcr.io, a mirror, a pull-through cache)."""
 
+    serves_patches = True
+
     def __init__(self, client: RegistryClient, text: str) -> None:
         self._client = client
         self.name = f"registry {text}"
