@@ -222,6 +222,10 @@ def _mutate_tree(root: Path, share: float, rng: random.Random) -> int:
 
 
 def _ext4(tree: Path, image: Path, mib: int) -> Path:
+    # Fixed times on the tree too: mke2fs -d copies each file's times, and reading the
+    # tree for the previous image moved its atimes.
+    for path in [tree, *tree.rglob("*")]:
+        os.utime(path, (1700000000, 1700000000), follow_symlinks=False)
     env = dict(os.environ, E2FSPROGS_FAKE_TIME="1700000000")
     uuid = "8a2f6b4e-0c1d-4e5f-9a7b-3c2d1e0f9a8b"
     raw = image.with_suffix(".raw")

@@ -210,8 +210,14 @@ class AssetClient:
             # the kernels; the small ones fill in around it.
             jobs.sort(key=lambda job: -_layer_size(*job))
             limit = asyncio.Semaphore(self.settings.concurrency)
+            # One patch decoded at a time: each holds a window as large as its file and
+            # maps its reference, so the peak is the largest file's, not their sum.
+            rebuild = asyncio.Lock()
             outcomes = await asyncio.gather(
-                *(self._fetch_one(sources, part, spec, limit, progress) for part, spec in jobs),
+                *(
+                    self._fetch_one(sources, part, spec, limit, progress, rebuild)
+                    for part, spec in jobs
+                ),
                 return_exceptions=True,
             )
         except AssetError as exc:
@@ -237,6 +243,7 @@ class AssetClient:
         spec: AssetSpec,
         limit: asyncio.Semaphore,
         progress: Progress | None,
+        rebuild: asyncio.Lock,
     ) -> Path:
         layer = part.layers.get(spec.name)
         if layer is None:
@@ -267,7 +274,8 @@ class AssetClient:
                 self.obtained[out.name] = delta.Obtained(delta.REUSE, 0, layer.size)
                 return adopted
             # Only what changed since a release the cache holds (docs/format.md §9).
-            if (upgraded := await self._by_delta(sources, part, out, layer, bar)) is not None:
+            upgraded = await self._by_delta(sources, part, out, layer, bar, rebuild)
+            if upgraded is not None:
                 if progress is not None:
                     progress.finish(layer.output_name)
                 return upgraded
@@ -302,6 +310,7 @@ class AssetClient:
         out: OutputSpec,
         layer: AssetLayer,
         bar: _BlobProgress | None,
+        rebuild: asyncio.Lock,
     ) -> Path | None:
         """The output from content the cache holds (same digest, or a patch's base), else
         None: the caller downloads the layer (each failure here was logged once)."""
@@ -314,7 +323,12 @@ class AssetClient:
         if not source.serves_patches:  # a GitHub Release folder: layers only
             return None
         rebuilt = await delta.patch(
-            self.store, out, layer.patches, source.patch_opener, bar.attempt() if bar else None
+            self.store,
+            out,
+            layer.patches,
+            source.patch_opener,
+            bar.attempt() if bar else None,
+            rebuild,
         )
         if rebuilt is None:
             return None

@@ -105,8 +105,13 @@ async def patch(
     patches: Sequence[Patch],
     opener: Callable[[Patch], BlobOpener],
     progress: Callable[[int], None] | None = None,
+    rebuild: asyncio.Lock | None = None,
 ) -> tuple[Path, Patch] | None:
-    """The output rebuilt from a held content and a downloaded patch, else None."""
+    """The output rebuilt from a held content and a downloaded patch, else None.
+
+    `rebuild`, shared by the outputs of one fetch, lets one decode run at a time (the
+    patch downloads still overlap): each holds a window as large as its file.
+    """
     for candidate in patches:
         base = held(store, candidate.base_digest)
         if base is None:
@@ -119,7 +124,8 @@ async def patch(
                 if lock.locked:  # nobody else writes this output: temp files are a dead run's
                     await asyncio.to_thread(store.remove_dead_temps, out)
                 blob = await _fetch_patch(store, out, candidate, opener, progress)
-                final = await asyncio.to_thread(_rebuild, store, out, base, blob)
+                async with rebuild or contextlib.nullcontext():
+                    final = await asyncio.to_thread(_rebuild, store, out, base, blob)
         except (AssetError, OSError, PatchError, DeltaUnavailable) as exc:
             _fall_back(out, f"patch {candidate.digest} from {candidate.base_digest}: {exc}")
             return None
