@@ -334,7 +334,7 @@ def test_a_tampered_patch_is_refused_before_decoding_and_the_layer_downloaded(
         decoded.append(1)
         return real(*args, **kw)
 
-    monkeypatch.setattr("exec_sandbox_assets.cache.delta.apply_patch", spy)
+    monkeypatch.setattr(patchcodec, "apply_patch", spy)
     with caplog.at_level(logging.WARNING):
         upgrade = pull(ref, cache, key, 2, work)
     assert decoded == []  # refused on its digest: the decoder never saw it
@@ -435,7 +435,7 @@ def test_sigkill_during_reconstruction_then_a_resumed_pull_ends_byte_exact(
 import asyncio, sys, time
 from pathlib import Path
 sys.path.insert(0, {str(Path(__file__).parent)!r})
-import exec_sandbox_assets.cache.delta as d
+import exec_sandbox_assets.release.patchcodec as d
 real = d.apply_patch
 def slow(ref, patch, write, cap):
     def w(data):

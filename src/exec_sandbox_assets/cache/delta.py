@@ -26,6 +26,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from exec_sandbox_assets.base.errors import AssetError
 from exec_sandbox_assets.base.fsutil import fsync_dir
@@ -35,8 +36,9 @@ from exec_sandbox_assets.cache.legacy import place_file
 from exec_sandbox_assets.cache.listing import file_digest
 from exec_sandbox_assets.cache.output import Output, OutputSpec
 from exec_sandbox_assets.cache.store import Store
-from exec_sandbox_assets.release.delta import Patch
-from exec_sandbox_assets.release.patchcodec import DeltaUnavailable, PatchError, apply_patch
+
+if TYPE_CHECKING:  # the warm boot path imports this module, never these
+    from exec_sandbox_assets.release.delta import Patch
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +114,8 @@ async def patch(
     `rebuild`, shared by the outputs of one fetch, lets one decode run at a time (the
     patch downloads still overlap): each holds a window as large as its file.
     """
+    from exec_sandbox_assets.release.patchcodec import DeltaUnavailable, PatchError
+
     for candidate in patches:
         base = held(store, candidate.base_digest)
         if base is None:
@@ -147,6 +151,8 @@ async def _fetch_patch(
 
 def _rebuild(store: Store, out: OutputSpec, base: Path, blob: Path) -> Path:
     """Decode `blob` against `base` into a temp file; verified, then renamed into place."""
+    from exec_sandbox_assets.release.patchcodec import apply_patch
+
     final = store.output_path(out.version, out.name)
     tmp = tmp_name(final.parent, final.name)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
