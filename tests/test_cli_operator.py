@@ -200,7 +200,12 @@ def test_versions_lists_releases_with_digest_date_and_signature(
     assert by_tag["v1.0.0"]["digest"] == old.index_digest
     assert by_tag["latest"]["digest"] == by_tag["v1.1.0"]["digest"] == new.index_digest
     assert by_tag["v1.0.0"]["created"] == "2026-01-01T00:00:00Z"
-    assert by_tag["v1.0.0"]["signature"] == {"verified": True, "signed_by": [key_id], "error": None}
+    assert by_tag["v1.0.0"]["signature"] == {
+        "verified": True,
+        "signed_by": [key_id],
+        "signed_by_identity": [],
+        "error": None,
+    }
 
     other = make_key_pair(tmp_path / "other")
     text = run("--trusted-key", other.public, "versions", target)

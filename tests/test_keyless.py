@@ -20,9 +20,15 @@ WORKFLOW = "https://github.com/acme/assets/.github/workflows/release.yml"
 DIGEST = "sha256:" + "ab" * 32
 OTHER_DIGEST = "sha256:" + "cd" * 32
 CREATED = "2026-01-01T00:00:00Z"
-VECTORS = Path(__file__).resolve().parents[1].parent / "shared" / "sigstore-vectors"
-if not VECTORS.is_dir():
-    VECTORS = Path("/work/shared/sigstore-vectors")
+# ../shared/sigstore-vectors beside the checkout (a worktree's checkout may sit deeper).
+VECTORS = next(
+    (
+        d / "shared" / "sigstore-vectors"
+        for d in Path(__file__).resolve().parents
+        if (d / "shared" / "sigstore-vectors").is_dir()
+    ),
+    Path(__file__).resolve().parents[2] / "shared" / "sigstore-vectors",
+)
 
 
 def _statement(version: str = "1.0.0", digest: str = DIGEST) -> bytes:

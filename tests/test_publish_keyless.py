@@ -6,22 +6,25 @@ and the workflow policy before any tag moves, stored as an OCI 1.1 referrer of t
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from exec_sandbox_assets.base.errors import SignatureError
+from exec_sandbox_assets.base.errors import ConfigError, SignatureError
 from exec_sandbox_assets.cli.publish import main as publish_main
+from exec_sandbox_assets.client import AssetClient
+from exec_sandbox_assets.config import Settings
 from exec_sandbox_assets.oci.model import Manifest
 from exec_sandbox_assets.oci.referrers import BUNDLE_MEDIA_TYPE, fallback_tag
 from exec_sandbox_assets.publish import PublishRequest, PublishResult, make_sample_inputs, publish
-from exec_sandbox_assets.publish.keyless import KeylessOptions, Signer
+from exec_sandbox_assets.publish.keyless import KeylessOptions, Signer, ambient_signer
 from exec_sandbox_assets.publish.release_dir import BUNDLE_FILE, SUMS_FILE
-from exec_sandbox_assets.release import keyless
+from exec_sandbox_assets.release import catalog, keyless
 from releases import TEST_WORKFLOW, make_key_pair, read_bundles, read_manifest, verify_keyless
-from servers import RegistryServer
+from servers import RegistryServer, StaticServer, free_port
 from sigstore_instance import SigstoreInstance
 
 VERSION = "0.9.3"
@@ -207,3 +210,70 @@ def test_cli_stores_a_premade_bundle(
     other = ["--keyless-workflow", WORKFLOW.replace("release.yml", "other.yml")]
     assert publish_main([*base, *keyless_args[:2], *other, *keyless_args[4:]]) == 1
     assert "keyless signature refused" in capsys.readouterr().err
+
+
+def test_client_pulls_a_keyless_release_from_the_release_folder_alone(
+    tmp_path: Path,
+    static_server: StaticServer,
+    sigstore_test_instance: SigstoreInstance,
+    sigstore_root: Path,
+) -> None:
+    """The GitHub Releases fallback carries the bundle: a client trusting no key, only
+    the workflow (and the test instance's root), verifies the folder and pulls."""
+    dist = make_sample_inputs(tmp_path / "dist", size=16 * 1024)
+    folder = static_server.root / "o" / "r" / "releases" / "download" / f"v{VERSION}"
+    _publish(
+        (),
+        dist,
+        tmp_path / "work",
+        keyless=_options(_signer(sigstore_test_instance), sigstore_root),
+        release_dir=folder,
+    )
+    assert not (folder / "oci-signature.json").exists()
+
+    def client(workflow: str) -> AssetClient:
+        return AssetClient(
+            Settings(
+                cache_dir=tmp_path / f"cache-{len(workflow)}",
+                local_build_dir=None,
+                gvproxy_build_dir=None,
+                version=VERSION,
+                registry=f"http://127.0.0.1:{free_port()}/test/gone",  # refused: next source
+                releases_url=f"{static_server.url}/o/r/releases/download",
+                trusted_keys=(),
+                trusted_workflows=(workflow,),
+                sigstore_root=sigstore_root,
+                docker_config=tmp_path / "no-docker-config.json",
+                host_os="linux",
+                host_goarch="amd64",
+            )
+        )
+
+    spec = catalog.kernel("x86_64")
+    paths = asyncio.run(client(WORKFLOW).fetch([spec]))
+    assert paths[spec.output_name].read_bytes() == (dist / spec.output_name).read_bytes()
+    with pytest.raises(SignatureError, match="keyless signature refused"):
+        asyncio.run(client(WORKFLOW.replace("release.yml", "nightly.yml")).fetch([spec]))
+
+
+@pytest.mark.parametrize("in_actions", [False, True])
+def test_keyless_without_an_oidc_token_fails_before_any_write(
+    in_actions: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outside CI, or in a GitHub job without `id-token: write` (no token request
+    variables), `--keyless` is a usage error naming the permission; nothing is tagged."""
+    for name in (
+        "ACTIONS_ID_TOKEN_REQUEST_URL",
+        "ACTIONS_ID_TOKEN_REQUEST_TOKEN",
+        "GITHUB_ACTIONS",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    if in_actions:
+        monkeypatch.setenv("GITHUB_ACTIONS", "true")
+    dist = make_sample_inputs(tmp_path / "dist", size=16 * 1024)
+    layout = tmp_path / "layout"
+    with pytest.raises(ConfigError, match="id-token: write"):
+        _publish(
+            (f"oci:{layout}",), dist, tmp_path / "work", keyless=KeylessOptions(ambient_signer)
+        )
+    assert json.loads((layout / "index.json").read_text())["manifests"] == []

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+import subprocess
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -46,8 +48,10 @@ from exec_sandbox_assets.oci.referrers import (
 from exec_sandbox_assets.oci.target import Target
 from exec_sandbox_assets.oci.targets import open_target
 from exec_sandbox_assets.release.documents import RELEASE_BUNDLE_FILE
+from exec_sandbox_assets.release.keyless import MAX_BUNDLES
 from exec_sandbox_assets.sources import ReleasesSource, Source, open_source
 from servers import RegistryServer, StaticServer
+from servers.scripted import Answer, HostileServer
 
 OTHER_TYPE = "application/vnd.example.delta.v1"
 T = TypeVar("T")
@@ -331,3 +335,105 @@ async def test_release_folder_bundle_file_is_read(static_server: StaticServer) -
             await source.bundles(index_digest)
     finally:
         await source.aclose()
+
+
+# ------------------------------------------------------- a registry with the referrers API
+
+
+def _api_registry(server: HostileServer, api: Answer) -> tuple[str, str, bytes]:
+    """A scripted registry serving one bundle referrer of `subject`: through the
+    referrers API as `api` says, and under the fallback tag. Returns (ref, subject
+    digest, bundle)."""
+    subject = Descriptor(MEDIA_TYPE_INDEX, sha256_digest(b"index"), 5)
+    bundle = b'{"bundle": "api"}'
+    layer = Descriptor.for_bytes(BUNDLE_MEDIA_TYPE, bundle)
+    manifest = referrer_manifest(subject, BUNDLE_MEDIA_TYPE, [layer])
+    listing = merge_referrer(None, referrer_descriptor(manifest, subject.digest, "test"))
+    index_type = (("Content-Type", MEDIA_TYPE_INDEX),)
+    repo = "/v2/test/repo"
+    server.route(
+        f"{repo}/referrers/{subject.digest}",
+        api if api.body else Answer(api.status, listing, index_type),
+    )
+    server.route(
+        f"{repo}/manifests/{fallback_tag(subject.digest)}", Answer(200, listing, index_type)
+    )
+    server.route(
+        f"{repo}/manifests/{sha256_digest(manifest)}",
+        Answer(200, manifest, (("Content-Type", MEDIA_TYPE_MANIFEST),)),
+    )
+    server.route(f"{repo}/blobs/{layer.digest}", Answer(200, bundle))
+    return f"http://{server.host}/test/repo", subject.digest, bundle
+
+
+@pytest.mark.parametrize(
+    ("api", "uses_api"),
+    [
+        (Answer(200), True),  # an OCI index (filled in by _api_registry)
+        (Answer(404, b"404 page not found\n"), False),  # distribution 2.8, ghcr.io
+        (Answer(200, b"<html>not a registry API</html>", (("Content-Type", "text/html"),)), False),
+    ],
+)
+def test_registry_referrers_api_first_then_the_fallback_tag(api: Answer, uses_api: bool) -> None:
+    with HostileServer() as server:
+        ref, subject, bundle = _api_registry(server, api)
+        assert _read(ref, lambda s: s.bundles(subject)) == [bundle]
+        paths = [r.path for r in server.requests]
+    assert paths[0] == (
+        f"/v2/test/repo/referrers/{subject}?artifactType="
+        + BUNDLE_MEDIA_TYPE.replace("/", "%2F").replace("+", "%2B")
+    )
+    tag_read = f"/v2/test/repo/manifests/{fallback_tag(subject)}" in paths
+    assert tag_read is not uses_api
+
+
+def test_put_referrer_names_a_foreign_document_under_the_tag(tmp_path: Path) -> None:
+    target = open_target(f"oci:{tmp_path / 'layout'}", _work(tmp_path))
+    subject = _subject(target)
+    # Something else (here the subject itself) already holds the referrers tag.
+    data = target.read_manifest("v1")
+    assert data is not None
+    target.tag(data, MEDIA_TYPE_MANIFEST, fallback_tag(subject.digest))
+    with pytest.raises(FormatError, match=rf"oci:.*:{fallback_tag(subject.digest)} \(referrers"):
+        _add(target, subject, b'{"bundle": 1}')
+    assert target.read_manifest(fallback_tag(subject.digest)) == data  # untouched
+
+
+def test_bundles_reads_at_most_what_a_client_checks(tmp_path: Path) -> None:
+    root = tmp_path / "layout"
+    target = open_target(f"oci:{root}", _work(tmp_path))
+    subject = _subject(target)
+    for n in range(MAX_BUNDLES + 2):
+        _add(target, subject, f'{{"bundle": {n}}}'.encode())
+    bundles = _read(f"oci:{root}", lambda s: s.bundles(subject.digest))
+    assert bundles == [f'{{"bundle": {n}}}'.encode() for n in range(2, MAX_BUNDLES + 2)]
+
+
+def test_skopeo_copy_of_the_referrers_tag_stays_readable(
+    registry: RegistryServer, repo_name: str, tmp_path: Path
+) -> None:
+    """skopeo 1.9 cannot keep an index whose entries carry artifactType
+    (--preserve-digests fails), and without it drops them: the copy still yields the
+    bundle (each manifest says its own type), as docs/airgap.md tells skopeo users."""
+    skopeo = shutil.which("skopeo")
+    if skopeo is None:  # fail, never skip: the interop proof must run
+        pytest.fail("skopeo is not installed (Debian: apt-get install -y skopeo)", pytrace=False)
+    target = open_target(registry.ref(repo_name), _work(tmp_path))
+    subject = _subject(target)
+    _add(target, subject, b'{"bundle": "copied"}')
+    _add(target, subject, b"delta", OTHER_TYPE)
+    target.close(True)
+    tag = fallback_tag(subject.digest)
+    layout = tmp_path / "skopeo-layout"
+    for ref in ("v1", tag):
+        src, dst = f"docker://{registry.host}/{repo_name}:{ref}", f"oci:{layout}:{ref}"
+        subprocess.run(
+            [skopeo, "copy", "--all", "--src-tls-verify=false", src, dst],
+            check=True,
+            capture_output=True,
+        )
+    copied = Index.from_bytes(
+        open_target(f"oci:{layout}", _work(tmp_path)).read_manifest(tag) or b"", "copy"
+    )
+    assert [m.artifact_type for m in copied.manifests] == [None, None]  # what skopeo did
+    assert _read(f"oci:{layout}", lambda s: s.bundles(subject.digest)) == [b'{"bundle": "copied"}']

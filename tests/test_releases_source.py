@@ -281,6 +281,7 @@ def test_changed_index_is_refused_before_anything_else_is_read(
         RELEASE_INDEX_FILE,
         "oci-signature.json",
         "oci-signature-payload-0.json",
+        "oci-index.sigstore.json",  # the default trusted workflow's keyless signature
     ]
 
 

@@ -40,6 +40,7 @@ from exec_sandbox_assets.config import LATEST, Settings
 from exec_sandbox_assets.release import catalog
 from exec_sandbox_assets.release.catalog import AssetSpec, Kind
 from exec_sandbox_assets.release.keyid import key_ids_of_files
+from exec_sandbox_assets.release.workflows import trust_ids
 
 if TYPE_CHECKING:  # the cold path: imported when a fetch needs it (scheduler boot stays lean)
     from exec_sandbox_assets.release.documents import AssetLayer
@@ -261,7 +262,7 @@ class AssetClient:
             content_size=layer.content_size,
             executable=layer.kind is Kind.GVPROXY,
             source=part.release.source,
-            verified_by=part.release.key_ids,
+            verified_by=part.release.signers,
             chunks=layer.chunks,
         )
         bar = None if progress is None else _BlobProgress(progress, layer.output_name, layer.size)
@@ -363,9 +364,11 @@ def _default_sources(settings: Settings) -> Sequence[Source]:
 
 def cache_trust(settings: Settings) -> CacheTrust:
     """Which cache records the warm path may serve under these settings: key ids from
-    the PEM files with the stdlib only (no crypto import on the boot path)."""
+    the PEM files and the trusted workflows under the Sigstore root's fingerprint, with
+    the stdlib only (no crypto or sigstore import on the boot path)."""
     return CacheTrust(
-        key_ids=key_ids_of_files(settings.trusted_keys),
+        key_ids=key_ids_of_files(settings.trusted_keys)
+        | trust_ids(settings.workflows, settings.sigstore_root),
         threshold=settings.threshold,
         insecure=settings.insecure_skip_verify,
         legacy=settings.allow_legacy_releases,

@@ -16,7 +16,9 @@ Environment variables (all optional):
 | EXEC_SANDBOX_RELEASES_URL | GitHub Releases download base (`{base}/vV/{name}`) | https://github.com/dualeai/exec-sandbox/releases/download |
 | EXEC_SANDBOX_AIRGAP | `1`: never contact the public defaults (ghcr.io repository, GitHub) | 0 |
 | EXEC_SANDBOX_TRUSTED_KEYS | PEM public key files, `:`-separated | keys shipped in the package |
-| EXEC_SANDBOX_SIGNATURE_THRESHOLD | distinct trusted keys that must sign | 1 |
+| EXEC_SANDBOX_TRUSTED_WORKFLOWS | release workflows trusted to sign keyless (Sigstore), comma-separated `https://github.com/OWNER/REPO/.github/workflows/FILE.yml`, at tags `v<version>` only; empty: none | the exec-sandbox release workflow |
+| EXEC_SANDBOX_SIGSTORE_ROOT | Sigstore `trusted_root.json` used instead of the one in the package | the packaged production root |
+| EXEC_SANDBOX_SIGNATURE_THRESHOLD | distinct trusted keys and workflows that must sign | 1 |
 | EXEC_SANDBOX_INSECURE_SKIP_VERIFY | `1`: accept unsigned content (logged loudly) | 0 |
 | EXEC_SANDBOX_ALLOW_DOWNGRADE | `1`: accept a floating tag that moved back in time | 0 |
 | EXEC_SANDBOX_CA_BUNDLE | PEM CA bundle for registries with a private CA | system CAs |
@@ -45,6 +47,11 @@ from exec_sandbox_assets.oci.policy import DEFAULT_DEADLINE, DEFAULT_MIN_RATE, T
 from exec_sandbox_assets.release import catalog
 from exec_sandbox_assets.release.version import LATEST as LATEST
 from exec_sandbox_assets.release.version import normalize_version as normalize_version
+from exec_sandbox_assets.release.workflows import (
+    DEFAULT_TRUSTED_WORKFLOW,
+    Workflow,
+    parse_workflows,
+)
 
 ENV_PREFIX = "EXEC_SANDBOX_"
 DEFAULT_RELEASES_DOWNLOAD = f"{catalog.DEFAULT_RELEASES_URL}/download"
@@ -74,6 +81,9 @@ class Settings:
     releases_url: str = DEFAULT_RELEASES_DOWNLOAD
     airgap: bool = False
     trusted_keys: tuple[Path, ...] = ()
+    # Keyless trust: release workflows (URLs) and the Sigstore root (None: the packaged one).
+    trusted_workflows: tuple[str, ...] = (DEFAULT_TRUSTED_WORKFLOW,)
+    sigstore_root: Path | None = None
     threshold: int = 1
     insecure_skip_verify: bool = False
     allow_downgrade: bool = False
@@ -101,6 +111,10 @@ class Settings:
     @property
     def tag(self) -> str:
         return LATEST if self.floating else f"v{self.version}"
+
+    @property
+    def workflows(self) -> tuple[Workflow, ...]:
+        return tuple(Workflow.parse(w) for w in self.trusted_workflows)
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)
@@ -153,6 +167,14 @@ def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
 def _path(env: Mapping[str, str], name: str) -> Path | None:
     raw = env.get(name, "").strip()
     return Path(raw).expanduser() if raw else None
+
+
+def _workflows(env: Mapping[str, str]) -> tuple[str, ...]:
+    """EXEC_SANDBOX_TRUSTED_WORKFLOWS: unset means the default; set and empty, none."""
+    name = ENV_PREFIX + "TRUSTED_WORKFLOWS"
+    if name not in env:
+        return (DEFAULT_TRUSTED_WORKFLOW,)
+    return tuple(w.url for w in parse_workflows(env[name], name))
 
 
 def docker_config_path(env: Mapping[str, str] | None = None) -> Path:
@@ -238,6 +260,8 @@ def load_settings(env: Mapping[str, str] | None = None, **explicit: Any) -> Sett
         "airgap": _flag(env, "AIRGAP"),
         "trusted_keys": tuple(Path(p).expanduser() for p in keys_raw.split(":") if p.strip())
         or packaged_keys(),
+        "trusted_workflows": _workflows(env),
+        "sigstore_root": _path(env, ENV_PREFIX + "SIGSTORE_ROOT"),
         "threshold": _int(env, "SIGNATURE_THRESHOLD", 1),
         "insecure_skip_verify": _flag(env, "INSECURE_SKIP_VERIFY"),
         "allow_downgrade": _flag(env, "ALLOW_DOWNGRADE"),
@@ -255,10 +279,15 @@ def load_settings(env: Mapping[str, str] | None = None, **explicit: Any) -> Sett
     }
     if "trusted_keys" in given:
         given["trusted_keys"] = tuple(Path(p) for p in given["trusted_keys"])
+    if "trusted_workflows" in given:
+        workflows = given["trusted_workflows"]
+        text = workflows if isinstance(workflows, str) else ",".join(workflows)
+        given["trusted_workflows"] = tuple(w.url for w in parse_workflows(text, "trusted workflow"))
     for key in (
         "cache_dir",
         "images_dir",
         "ca_bundle",
+        "sigstore_root",
         "docker_config",
         "local_build_dir",
         "gvproxy_build_dir",

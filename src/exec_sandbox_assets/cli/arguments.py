@@ -58,6 +58,22 @@ def add_global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> No
         "(replaces EXEC_SANDBOX_TRUSTED_KEYS and the packaged keys)",
     )
     g.add_argument(
+        "--trusted-workflow",
+        action="append",
+        metavar="URL",
+        default=default(None),
+        help="release workflow trusted to sign keyless at tags v<version>, repeatable: "
+        "https://github.com/OWNER/REPO/.github/workflows/FILE.yml; '' trusts none "
+        "(replaces EXEC_SANDBOX_TRUSTED_WORKFLOWS)",
+    )
+    g.add_argument(
+        "--sigstore-root",
+        type=Path,
+        metavar="FILE",
+        default=default(None),
+        help="Sigstore trusted_root.json instead of the packaged one (EXEC_SANDBOX_SIGSTORE_ROOT)",
+    )
+    g.add_argument(
         "--offline",
         action="store_true",
         default=default(False),

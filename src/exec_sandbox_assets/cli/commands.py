@@ -142,6 +142,7 @@ def run_pull(ctx: Context) -> int:
     verified = client.verified_index(settings.tag)
     index_digest = verified.digest if verified else None
     key_ids = list(verified.key_ids) if verified else []
+    identities = [s.identity for s in verified.identities] if verified else []
 
     if args.json:
         emit_json(
@@ -152,6 +153,7 @@ def run_pull(ctx: Context) -> int:
                 "platform": platform,
                 "index_digest": index_digest,
                 "signed_by": key_ids,
+                "signed_by_identity": identities,
                 "source": verified.source if verified else None,
                 "cache_dir": settings.cache_dir,
                 "dir": vdir,
@@ -168,8 +170,8 @@ def run_pull(ctx: Context) -> int:
         out(f"release {version or '?'} (tag {settings.tag}) for {platform}{where}")
         if verified is not None:
             signer = (
-                f"signed by {', '.join(k[:16] for k in key_ids)}"
-                if key_ids
+                f"signed by {', '.join([k[:16] for k in key_ids] + identities)}"
+                if key_ids or identities
                 else "signature NOT verified (--insecure-skip-verify)"
             )
             out(f"  index {verified.digest} from {verified.source}, {signer}")

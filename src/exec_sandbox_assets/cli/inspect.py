@@ -122,7 +122,9 @@ def _layer_json(desc: Descriptor, where: str) -> dict[str, Any]:
     }
 
 
-def _signature_json(found: Findings, keys: Sequence[PublicKey], threshold: int) -> dict[str, Any]:
+def _signature_json(
+    found: Findings, keys: Sequence[PublicKey], settings: Settings
+) -> dict[str, Any]:
     entries: list[dict[str, Any]] = []
     for finding in found.signatures:
         entry: dict[str, Any] = {
@@ -146,9 +148,14 @@ def _signature_json(found: Findings, keys: Sequence[PublicKey], threshold: int) 
         "present": found.signature_present,
         "entries": entries,
         "trusted_keys": [k.describe() for k in keys],
-        "threshold": threshold,
+        "trusted_workflows": list(settings.trusted_workflows),
+        "bundles": found.bundles,
+        "threshold": settings.threshold,
         "verified": found.verdict is not None,
         "verified_by": list(found.verdict.key_ids) if found.verdict else [],
+        "verified_by_identity": (
+            [s.identity for s in found.verdict.identities] if found.verdict else []
+        ),
         "error": found.error,
     }
 
@@ -158,8 +165,10 @@ async def _signature(
 ) -> dict[str, Any]:
     """The signature part of a report, for index `digest` read under `tag` (`versions`)."""
     found = Findings(tag, digest)
-    await ReleaseReader(source, None).examine_signature(found, keys, settings.threshold)
-    return _signature_json(found, keys, settings.threshold)
+    await ReleaseReader(source, None).examine_signature(
+        found, keys, settings.threshold, settings.workflows, settings.sigstore_root
+    )
+    return _signature_json(found, keys, settings)
 
 
 async def inspect_ref(
@@ -170,7 +179,9 @@ async def inspect_ref(
     reference = pinned or settings.tag
     try:
         # Report mode: the client's reader and policy, findings instead of errors.
-        found = await ReleaseReader(source, None).examine(reference, keys, settings.threshold)
+        found = await ReleaseReader(source, None).examine(
+            reference, keys, settings.threshold, settings.workflows, settings.sigstore_root
+        )
     finally:
         await source.aclose()
     report = InspectReport(text, source.name, reference, found.digest, found.media_type, found.size)
@@ -187,7 +198,7 @@ async def inspect_ref(
         }
         for desc, manifest in found.manifests
     ]
-    report.signature = _signature_json(found, keys, settings.threshold)
+    report.signature = _signature_json(found, keys, settings)
     return report
 
 
@@ -225,7 +236,8 @@ def print_report(report: InspectReport) -> None:
             out(line)
     sig = report.signature
     if not sig.get("present"):
-        out(f"signature {sig.get('tag')}: none ({sig.get('error')})")
+        why = f" ({sig['error']})" if sig.get("error") and not sig.get("bundles") else ""
+        out(f"signature {sig.get('tag')}: none{why}")
     else:
         out(f"signature {sig['tag']}: {len(sig['entries'])} signature(s)")
         for n, e in enumerate(sig["entries"]):
@@ -235,10 +247,17 @@ def print_report(report: InspectReport) -> None:
                 f"  #{n}: {match}, version {e.get('version')}, created {e.get('created')}; "
                 f"valid for: {by}"
             )
-    if not sig.get("trusted_keys"):
-        out("trusted keys: none configured (--trusted-key or EXEC_SANDBOX_TRUSTED_KEYS)")
+    if sig.get("trusted_workflows"):
+        out(f"keyless: {sig.get('bundles', 0)} Sigstore bundle(s)")
+    if not sig.get("trusted_keys") and not sig.get("trusted_workflows"):
+        out(
+            "trusted keys: none configured (--trusted-key or EXEC_SANDBOX_TRUSTED_KEYS; "
+            "--trusted-workflow or EXEC_SANDBOX_TRUSTED_WORKFLOWS)"
+        )
     if report.verified:
-        out(f"verdict: VERIFIED by {len(sig['verified_by'])} trusted key(s)")
+        identities = sig.get("verified_by_identity") or []
+        by = "".join(f" and {i}" for i in identities)
+        out(f"verdict: VERIFIED by {len(sig['verified_by'])} trusted key(s){by}")
     else:
         out(f"verdict: NOT VERIFIED: {sig.get('error')}")
 

@@ -98,6 +98,8 @@ def run_mirror(ctx: Context) -> int:
             platforms=platforms,
             trusted_keys=settings.trusted_keys,
             threshold=settings.threshold,
+            trusted_workflows=settings.trusted_workflows,
+            sigstore_root=settings.sigstore_root,
             insecure_skip_verify=settings.insecure_skip_verify,
             allow_downgrade=settings.allow_downgrade,
             ca_bundle=settings.ca_bundle,

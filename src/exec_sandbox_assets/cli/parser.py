@@ -131,6 +131,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         registry=args.registry if args.command != "demo" else None,
         mirrors=tuple(args.mirror) if args.mirror else None,
         trusted_keys=tuple(args.trusted_key) if args.trusted_key else None,
+        trusted_workflows=(
+            tuple(w for w in args.trusted_workflow if w.strip()) if args.trusted_workflow else None
+        ),
+        sigstore_root=args.sigstore_root,
         offline=True if args.offline else None,
         airgap=True if args.airgap else None,
         insecure_skip_verify=True if args.insecure_skip_verify else None,

@@ -79,6 +79,7 @@ async def list_releases(
                 entry["signature"] = {
                     "verified": sig["verified"],
                     "signed_by": sig["verified_by"],
+                    "signed_by_identity": sig["verified_by_identity"],
                     "error": sig["error"],
                 }
             except AssetError as exc:
@@ -100,7 +101,8 @@ def _verdict(entry: dict[str, Any]) -> str:
         return f"unreadable: {entry['error']}"
     sig = entry["signature"]
     if sig["verified"]:
-        return "verified (" + ", ".join(k[:16] for k in sig["signed_by"]) + ")"
+        signers = [k[:16] for k in sig["signed_by"]] + list(sig.get("signed_by_identity", []))
+        return "verified (" + ", ".join(signers) + ")"
     return f"NOT verified: {sig['error']}"
 
 

@@ -94,6 +94,7 @@ from exec_sandbox_assets.oci.policy import DEFAULT_POLICY, TransferPolicy
 from exec_sandbox_assets.oci.reference import LayoutRef, RegistryRef, parse_source_ref
 from exec_sandbox_assets.oci.referrers import BUNDLE_MEDIA_TYPE, MAX_BUNDLE_SIZE, referrer_layers
 from exec_sandbox_assets.release.delta import manifest_patches
+from exec_sandbox_assets.release.keyless import parse_workflows
 from exec_sandbox_assets.release.policy import TrustPolicy, load_policy, require_keys
 from exec_sandbox_assets.release.signing import build_signature_manifest
 from exec_sandbox_assets.release.version import LATEST, Version
@@ -157,6 +158,8 @@ async def mirror_async(
     platforms: Sequence[tuple[str, str]] | None = None,
     trusted_keys: Sequence[Path] = (),
     threshold: int = 1,
+    trusted_workflows: Sequence[str] = (),
+    sigstore_root: Path | None = None,
     insecure_skip_verify: bool = False,
     allow_downgrade: bool = False,
     src_credentials: Credentials | None = None,
@@ -169,7 +172,13 @@ async def mirror_async(
     """Copy `versions` of a release from `src` to `dst` (see the module docstring);
     `mirror` is the same call for synchronous code."""
     tags = _tags_of(versions)
-    policy = _policy(trusted_keys, threshold, allow_downgrade, insecure_skip_verify, src)
+    workflows = parse_workflows(",".join(trusted_workflows), "trusted workflow")
+    policy = _policy(
+        load_policy(trusted_keys, threshold, allow_downgrade, workflows, sigstore_root)
+        if not insecure_skip_verify
+        else None,
+        src,
+    )
     src_ref, dst_ref = _parse_side(src, "source"), _parse_side(dst, "destination")
     if _same_place(src_ref, dst_ref):
         raise ConfigError(f"source and destination are the same: {src} -> {dst}")
@@ -257,10 +266,8 @@ def _tags_of(versions: Sequence[str]) -> list[str]:
     return tags
 
 
-def _policy(
-    keys: Sequence[Path], threshold: int, allow_downgrade: bool, insecure: bool, src: str
-) -> TrustPolicy | None:
-    if insecure:
+def _policy(policy: TrustPolicy | None, src: str) -> TrustPolicy | None:
+    if policy is None:
         log.warning(
             "SIGNATURE VERIFICATION DISABLED (insecure_skip_verify): mirroring %s without "
             "checking who signed it",
@@ -268,7 +275,6 @@ def _policy(
             extra={"source": src},
         )
         return None
-    policy = load_policy(keys, threshold, allow_downgrade)
     require_keys(policy, f"{src}: refusing to copy an unverified release")
     return policy
 
@@ -449,6 +455,8 @@ async def _referrers_copy(
             data = await source.manifest(desc)
             manifest = Manifest.from_bytes(data, f"{where} referrer {desc.digest}")
             bundles = referrer_layers(data, subject_digest, BUNDLE_MEDIA_TYPE, where)
+            if not bundles:
+                continue  # another kind of referrer, listed without its type
             parts = (manifest.config, *manifest.layers)
             if len(bundles) != len(manifest.layers) or any(d.size > MAX_BUNDLE_SIZE for d in parts):
                 raise FormatError("holds more than small bundle blobs", desc.digest)

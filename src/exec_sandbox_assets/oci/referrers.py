@@ -93,12 +93,14 @@ def referrer_descriptor(data: bytes, subject_digest: str, where: str) -> dict[st
     return desc.to_json()
 
 
-def merge_referrer(existing_index: bytes | None, manifest_desc: dict[str, Any]) -> bytes:
-    """The referrers index with `manifest_desc` added (once per digest).
+def merge_referrer(
+    existing_index: bytes | None, manifest_desc: dict[str, Any], where: str = "referrers index"
+) -> bytes:
+    """The referrers index with `manifest_desc` added (once per digest); `where` names
+    the existing index in errors (`target:sha256-<hex>`).
 
     An index already listing the digest comes back unchanged (re-publishing does not
     move the tag); entries and fields written by other tools are kept as they were."""
-    where = "referrers index"
     desc = Descriptor.from_json(manifest_desc, "referrer descriptor")
     top: dict[str, Any] = {"schemaVersion": 2, "mediaType": MEDIA_TYPE_INDEX}
     entries: list[Any] = []
@@ -125,11 +127,13 @@ def parse_referrers(
     if len(data) > MAX_MANIFEST_SIZE:
         raise SizeLimitError(f"{where}: {len(data)} bytes, more than {MAX_MANIFEST_SIZE}")
     index = Index.from_bytes(data, where)
+    # An entry without artifactType is kept: copies that rewrite the index (skopeo 1.9
+    # without --preserve-digests) drop it; the manifest itself still says its type.
     found = [
         m
         for m in index.manifests
         if m.media_type == MEDIA_TYPE_MANIFEST
-        and (artifact_type is None or m.artifact_type == artifact_type)
+        and (artifact_type is None or m.artifact_type in (artifact_type, None))
     ]
     if len(found) > MAX_REFERRERS:
         raise SizeLimitError(
@@ -141,12 +145,15 @@ def parse_referrers(
 def referrer_layers(
     data: bytes, subject_digest: str, media_type: str, where: str
 ) -> list[Descriptor]:
-    """The layers of type `media_type` of a (digest-checked) referrer manifest; a
-    FormatError when it is none or names another subject (a list mixed up)."""
+    """The layers of type `media_type` of a (digest-checked) referrer manifest whose
+    artifact type is `media_type` too ([] for a referrer of another type); a
+    FormatError when it is no manifest or names another subject (a list mixed up)."""
     manifest = Manifest.from_bytes(data, where)
     if manifest.subject is None or manifest.subject.digest != subject_digest:
         named = manifest.subject.digest if manifest.subject else "no subject"
         raise FormatError(f"referrer names {named}, not {subject_digest}", where)
+    if (manifest.artifact_type or manifest.config.media_type) != media_type:
+        return []
     return [layer for layer in manifest.layers if layer.media_type == media_type]
 
 

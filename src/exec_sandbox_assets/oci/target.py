@@ -78,7 +78,7 @@ def store_referrer(target: Target, data: bytes, media_type: str, subject_digest:
     entry = referrer_descriptor(data, subject_digest, f"{target.name}: referrer")
     target.put_manifest(data, media_type, None)
     existing = target.read_manifest(tag)
-    merged = merge_referrer(existing, entry)
+    merged = merge_referrer(existing, entry, f"{target.name}:{tag} (referrers index)")
     if merged != existing:
         target.put_manifest(merged, MEDIA_TYPE_INDEX, tag)
         log.info(

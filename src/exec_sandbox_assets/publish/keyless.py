@@ -3,7 +3,8 @@
     statement (release.keyless) -> signer (Sigstore: the workflow's OIDC identity)
         -> bundle, verified with every given trusted root and the workflow policy
         -> per target: bundle blob + referrer manifest (subject = the index) + the
-           `sha256-<hex>` tag, read back and verified before any tag moves
+           `sha256-<hex>` tag, read back through the client's reader with each root
+           before any tag moves (publish/signatures.py `read_back`)
         -> the GitHub Release folder's `oci-index.sigstore.json`
 
 A bundle a target already holds for this very release (verifying under the same
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from exec_sandbox_assets.base.errors import (
+    AssetDownloadError,
     AssetNotFoundError,
     ConfigError,
     FormatError,
@@ -41,7 +43,6 @@ from exec_sandbox_assets.oci.referrers import (
     ANN_BUNDLE_PREDICATE_TYPE,
     ANN_CREATED,
     BUNDLE_MEDIA_TYPE,
-    fallback_tag,
     referrer_manifest,
 )
 from exec_sandbox_assets.oci.target import Target
@@ -84,15 +85,22 @@ class KeylessBundle:
 def ambient_signer(statement: bytes) -> bytes:
     """Sign through Sigstore's public instance with the CI job's OIDC identity (GitHub
     Actions: the job needs `permissions: id-token: write`)."""
-    from sigstore.oidc import detect_credential
+    import requests
+    from sigstore.errors import Error as SigstoreError
+    from sigstore.oidc import IdentityError, detect_credential
 
-    token = detect_credential()
+    hint = "in GitHub Actions the publish job needs `permissions: id-token: write`"
+    try:
+        token = detect_credential()
+    except IdentityError as exc:
+        raise ConfigError(f"--keyless: no usable OIDC credential ({exc}); {hint}") from None
     if token is None:
-        raise ConfigError(
-            "--keyless: no ambient OIDC credential found; in GitHub Actions the publish job "
-            "needs `permissions: id-token: write`"
-        )
-    return keyless.sign_bundle(statement, token)
+        raise ConfigError(f"--keyless: no ambient OIDC credential found; {hint}")
+    try:
+        return keyless.sign_bundle(statement, token)
+    except (SigstoreError, requests.RequestException) as exc:
+        # Fulcio or Rekor refused or could not be reached: nothing was written yet.
+        raise AssetDownloadError(f"--keyless: signing through Sigstore failed: {exc}") from None
 
 
 def file_signer(path: Path) -> Signer:
@@ -188,16 +196,6 @@ def store(target: Target, signed: KeylessBundle, index_digest: str) -> None:
     target.put_referrer(signed.manifest, MEDIA_TYPE_MANIFEST, index_digest)
 
 
-def read_back(target: Target, signed: KeylessBundle, index_digest: str) -> None:
-    """What clients will find on `target` includes our bundle, and it verifies."""
-    held = run_async(TargetSource(target).bundles(index_digest))
-    # The same bytes as verified before they were written: no second verification.
-    if signed.bundle not in held:
-        raise SignatureError(
-            f"{target.name}:{fallback_tag(index_digest)}: the keyless signature does not read back"
-        )
-
-
 __all__ = [
     "KeylessBundle",
     "KeylessOptions",
@@ -205,7 +203,6 @@ __all__ = [
     "ambient_signer",
     "file_signer",
     "plan_bundle",
-    "read_back",
     "referrer_of",
     "store",
     "verify",

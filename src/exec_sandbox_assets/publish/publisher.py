@@ -276,6 +276,7 @@ def push_release(
     progress: Progress | None = None,
     pushed: Collection[str] = frozenset(),
     patches: Sequence[PatchFile] = (),
+    keyless: KeylessOptions | None = None,
     keyless_bundle: Callable[[], keyless_step.KeylessBundle] | None = None,
 ) -> keyless_step.KeylessBundle | None:
     """docs/format.md §2 order: blobs (but those `pushed` already, while compressing),
@@ -296,15 +297,15 @@ def push_release(
         for payload in signature.payloads:
             target.push_bytes(payload, signing.SIMPLESIGNING_MEDIA_TYPE)
         target.put_manifest(signature.manifest, MEDIA_TYPE_MANIFEST, signature_tag(index_digest))
-        # Read back before tagging: what clients will fetch must verify with our keys.
-        read_back(target, built, keys, version, created)
-    elif target.read_manifest(index_digest) != built.index:
-        raise ConfigError(f"{target.name}: index {index_digest} does not read back as written")
     bundle = None
-    if keyless_bundle is not None:
-        bundle = keyless_bundle()  # verified before it is returned
+    if keyless is not None and keyless_bundle is not None:
+        bundle = keyless_bundle()  # made once the index is stored; verified
         keyless_step.store(target, bundle, index_digest)
-        keyless_step.read_back(target, bundle, index_digest)
+    # Read back before tagging: what clients will fetch must verify with our keys and
+    # our workflow, with every trusted root given.
+    workflows = keyless.workflows if keyless is not None else ()
+    roots = keyless.roots if keyless is not None else (None,)
+    read_back(target, built, keys, version, created, workflows, roots)
     for tag in tags:
         target.tag(built.index, MEDIA_TYPE_INDEX, tag)
         log.info("tagged %s:%s -> %s", target.name, tag, index_digest)
@@ -408,8 +409,9 @@ def publish(req: PublishRequest) -> PublishResult:
                 tags,
                 progress,
                 pushed,
-                [p for files in patches.values() for p in files],
-                keyless_bundle,
+                patches=[p for files in patches.values() for p in files],
+                keyless=req.keyless,
+                keyless_bundle=keyless_bundle,
             )
             results.append(
                 TargetResult(

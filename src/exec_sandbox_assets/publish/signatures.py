@@ -13,6 +13,7 @@ import asyncio
 import logging
 from collections.abc import Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, TypeVar
 
 from exec_sandbox_assets.base.errors import (
@@ -27,6 +28,7 @@ from exec_sandbox_assets.oci.target import Target
 from exec_sandbox_assets.release import keys, policy, signing
 from exec_sandbox_assets.release.catalog import ANN_CREATED, ANN_VERSION
 from exec_sandbox_assets.release.documents import BuiltRelease
+from exec_sandbox_assets.release.keyless import Workflow
 from exec_sandbox_assets.release.version import same_version
 from exec_sandbox_assets.sources.reader import ReleaseReader
 from exec_sandbox_assets.sources.target import TargetSource
@@ -152,14 +154,24 @@ def read_back(
     keys: Sequence[keys.SigningKey],
     version: str,
     created: str,
+    workflows: Sequence[Workflow] = (),
+    roots: Sequence[Path | None] = (None,),
 ) -> None:
     """Read the release back from `target` as a client would (the one `ReleaseReader`),
-    and check that it is the index we built, signed by every one of our keys."""
+    and check that it is the index we built, signed by every one of our keys and, with
+    `workflows`, keyless by one of them: once with each trusted root in `roots`."""
     index_digest = sha256_digest(built.index)
-    reader = ReleaseReader(TargetSource(target), _every_key(keys))
-    # `read` checks the bytes against `index_digest`: what reads back is what we built.
-    verified = run_async(reader.read(index_digest, expected_version=version))
-    _check_created(verified.created, created, f"{target.name}:{signature_tag(index_digest)}")
+    publics = tuple({k.public.key_id: k.public for k in keys}.values())
+    where = f"{target.name}:{signature_tag(index_digest) if publics else index_digest}"
+    for root in roots if workflows else (None,):
+        threshold = len(publics) + (1 if workflows else 0)
+        trust = policy.TrustPolicy(
+            publics, threshold, workflows=tuple(workflows), sigstore_root=root
+        )
+        reader = ReleaseReader(TargetSource(target), trust)
+        # `read` checks the bytes against `index_digest`: what reads back is what we built.
+        verified = run_async(reader.read(index_digest, expected_version=version))
+        _check_created(verified.created, created, where)
 
 
 __all__ = ["existing_signatures", "plan_signature", "read_back", "run_async"]

@@ -15,9 +15,7 @@ scheduler's warm path (which checks a cache record, `trust_ids`) never loads it.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,35 +25,34 @@ from exec_sandbox_assets.base import safejson
 from exec_sandbox_assets.base.errors import ConfigError, FormatError, SignatureError
 from exec_sandbox_assets.base.safetext import clean_text
 from exec_sandbox_assets.oci.model import check_digest, is_digest
+from exec_sandbox_assets.oci.referrers import BUNDLE_MEDIA_TYPE, MAX_BUNDLE_SIZE
 from exec_sandbox_assets.release.signing import OPT_CREATED, OPT_VERSION, parse_timestamp
 from exec_sandbox_assets.release.version import is_valid, same_version
+from exec_sandbox_assets.release.workflows import (
+    DEFAULT_TRUSTED_WORKFLOW,
+    VENDORED_ROOT,
+    Workflow,
+    parse_workflows,
+    root_fingerprint,
+    root_path,
+    trust_id,
+    trust_ids,
+)
 
 if TYPE_CHECKING:  # only for annotations: loading cryptography is sigstore's job here
     from cryptography.x509 import Certificate
 
-BUNDLE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
 PREDICATE_TYPE = "https://sigstore.dev/cosign/sign/v1"
 INTOTO_PAYLOAD_TYPE = "application/vnd.in-toto+json"
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 GITHUB_ISSUER = "https://token.actions.githubusercontent.com"
-DEFAULT_TRUSTED_WORKFLOW = "https://github.com/dualeai/exec-sandbox/.github/workflows/release.yml"
-# A bundle is ~10 KB (one certificate, one log entry, a ~400-byte statement); referrers
-# are unsigned, so anyone serving them could otherwise hand the client megabytes to parse.
-MAX_BUNDLE_SIZE = 128 * 1024
 # Each bundle costs a full verification (~5 ms); a release needs one or two.
 MAX_BUNDLES = 16
-# Sigstore's production root, as sigstore-python's TUF client last fetched it
-# (scripts/refresh_sigstore_root.py refreshes it before each release; docs/keys.md).
-VENDORED_ROOT = Path(__file__).resolve().parent / "sigstore_trusted_root.json"
 
 # Fulcio's certificate extensions (https://github.com/sigstore/fulcio/blob/main/docs/oid-info.md)
 _OID_ISSUER_V2 = "1.3.6.1.4.1.57264.1.8"
 _OID_SOURCE_REPOSITORY_URI = "1.3.6.1.4.1.57264.1.12"
 
-_WORKFLOW = re.compile(
-    r"https://github\.com/([A-Za-z0-9](?:[A-Za-z0-9-]{0,38}))/([A-Za-z0-9._-]{1,100})"
-    r"/\.github/workflows/([A-Za-z0-9._-]{1,200}\.ya?ml)"
-)
 _TAG_REF = "@refs/tags/v"
 
 
@@ -147,40 +144,6 @@ def _opt_str(obj: Mapping[str, Any], key: str, where: str) -> str | None:
 
 
 # --------------------------------------------------------------------------- identity
-
-
-@dataclass(frozen=True)
-class Workflow:
-    """A trusted release workflow: `https://github.com/OWNER/REPO/.github/workflows/FILE`."""
-
-    url: str
-
-    @property
-    def repository(self) -> str:
-        return self.url.split("/.github/", 1)[0]
-
-    @classmethod
-    def parse(cls, text: str, what: str = "trusted workflow") -> Workflow:
-        url = text.strip()
-        if "@" in url:
-            raise ConfigError(
-                f"{what} {url!r} names a ref: give the workflow alone "
-                "(releases are trusted at tags v<version> of it, never at a branch)"
-            )
-        if not _WORKFLOW.fullmatch(url):
-            raise ConfigError(
-                f"{what} {url!r} is not a GitHub workflow URL "
-                "(https://github.com/OWNER/REPO/.github/workflows/FILE.yml)"
-            )
-        return cls(url)
-
-
-def parse_workflows(
-    text: str, what: str = "EXEC_SANDBOX_TRUSTED_WORKFLOWS"
-) -> tuple[Workflow, ...]:
-    """Comma-separated workflow URLs (empty: none, keyless trust disabled)."""
-    parts = [p.strip() for p in text.replace("\n", ",").split(",") if p.strip()]
-    return tuple(dict.fromkeys(Workflow.parse(p, what) for p in parts))
 
 
 @dataclass(frozen=True)
@@ -278,38 +241,6 @@ def der_utf8(raw: bytes) -> str | None:
         return raw[start:].decode()
     except UnicodeDecodeError:
         return None
-
-
-# --------------------------------------------------------------------------- trust root
-
-
-def root_path(configured: Path | None) -> Path:
-    return configured if configured is not None else VENDORED_ROOT
-
-
-def root_fingerprint(path: Path) -> str:
-    """sha256 of the trusted root file: named in cache records with the workflow, so the
-    warm path re-checks, without sigstore, that a file was admitted under this root."""
-    try:
-        return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
-    except OSError as exc:
-        raise ConfigError(f"cannot read Sigstore trusted root {path}: {exc.strerror}") from None
-
-
-def trust_id(workflow: Workflow, fingerprint: str) -> str:
-    """What a cache record names for a release this workflow signed, under this root."""
-    return f"sigstore:{workflow.url}#root={fingerprint.removeprefix('sha256:')[:16]}"
-
-
-def trust_ids(workflows: Sequence[Workflow], root: Path | None) -> frozenset[str]:
-    """The cache-trust ids the current settings accept (stdlib only: the warm path)."""
-    if not workflows:
-        return frozenset()
-    try:
-        fingerprint = root_fingerprint(root_path(root))
-    except ConfigError:
-        return frozenset()  # an unreadable root admits nothing; the cold path says why
-    return frozenset(trust_id(w, fingerprint) for w in workflows)
 
 
 # --------------------------------------------------------------------------- verify

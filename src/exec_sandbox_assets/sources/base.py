@@ -41,6 +41,7 @@ from exec_sandbox_assets.release.delta import Patch
 from exec_sandbox_assets.release.documents import (
     AssetLayer,
 )
+from exec_sandbox_assets.release.keyless import MAX_BUNDLES
 from exec_sandbox_assets.release.signing import MAX_PAYLOAD_SIZE, SignatureLayer
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,18 @@ class Source(ABC):
             return stored
         out: list[bytes] = []
         failed: AssetError | None = None
-        for desc in await self.referrers(index_digest, BUNDLE_MEDIA_TYPE):
+        listed = await self.referrers(index_digest, BUNDLE_MEDIA_TYPE)
+        if len(listed) > MAX_BUNDLES:
+            # A client checks this many; the newest are listed last (each writer appends).
+            log.warning(
+                "%s: %d bundles listed for %s; reading the last %d",
+                self.name,
+                len(listed),
+                index_digest,
+                MAX_BUNDLES,
+            )
+            listed = listed[-MAX_BUNDLES:]
+        for desc in listed:
             try:
                 data = await self.manifest(desc)
                 where = f"{self.name}: referrer {desc.digest}"

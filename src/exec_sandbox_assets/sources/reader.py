@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from exec_sandbox_assets.base.errors import (
@@ -24,6 +25,7 @@ from exec_sandbox_assets.base.errors import (
     AssetNotFoundError,
     ConfigError,
     FormatError,
+    SignatureError,
     TrustError,
 )
 from exec_sandbox_assets.oci.model import (
@@ -36,6 +38,7 @@ from exec_sandbox_assets.oci.model import (
     sha256_digest,
 )
 from exec_sandbox_assets.release.documents import AssetLayer, read_asset_layers
+from exec_sandbox_assets.release.keyless import KeylessSignature, Workflow
 from exec_sandbox_assets.release.policy import (
     RollbackState,
     SignatureFinding,
@@ -81,6 +84,12 @@ class VerifiedIndex:
     key_ids: tuple[str, ...] = ()
     data: bytes = field(default=b"", repr=False)
     signature: SignatureRecord | None = field(default=None, repr=False)
+    identities: tuple[KeylessSignature, ...] = ()  # trusted workflows that signed keyless
+
+    @property
+    def signers(self) -> tuple[str, ...]:
+        """Keys and workflows that vouched, as cache records name them."""
+        return self.key_ids + tuple(s.trust_id for s in self.identities)
 
 
 @dataclass(frozen=True)
@@ -106,6 +115,7 @@ class Findings:
     manifests: list[tuple[Descriptor, Manifest]] = field(default_factory=list)
     signature_present: bool = False
     signatures: list[SignatureFinding] = field(default_factory=list)
+    bundles: int = 0  # Sigstore bundles found (keyless signatures), checked by the verdict
     verdict: Verdict | None = None
     error: str | None = None
 
@@ -142,7 +152,7 @@ class ReleaseReader:
         if is_digest(tag) and digest != tag:
             raise AssetChecksumError(f"index {tag}", tag, digest, source.name)
         where = f"{source.name} tag {tag} (index {digest})"
-        signature = await self._signature_for(digest, where)
+        signature, missing = await self._signature_for(digest, where)
         parsed: list[Index] = []
 
         def annotations() -> Mapping[str, str]:
@@ -151,16 +161,31 @@ class ReleaseReader:
             parsed.append(Index.from_bytes(data, where))
             return parsed[-1].annotations
 
-        verdict = accept_index(
-            self.policy,
-            tag=tag,
-            index_digest=digest,
-            signatures=signature.pairs() if signature is not None else (),
-            annotations=annotations,
-            expected_version=expected_version,
-            rollback=rollback,
-            where=where,
-        )
+        def decide(bundles: Sequence[bytes]) -> Verdict:
+            return accept_index(
+                self.policy,
+                tag=tag,
+                index_digest=digest,
+                signatures=signature.pairs() if signature is not None else (),
+                bundles=bundles,
+                annotations=annotations,
+                expected_version=expected_version,
+                rollback=rollback,
+                where=where,
+            )
+
+        try:
+            # Key signatures first: a release they vouch for costs no referrers lookup.
+            verdict = decide(())
+        except SignatureError:
+            if self.policy is None or not self.policy.workflows:
+                raise
+            try:
+                verdict = decide(await self.keyless_bundles(digest))
+            except SignatureError as exc:
+                if not missing:
+                    raise
+                raise SignatureError(f"{exc}; key signature: {missing}") from None
         index = parsed[-1] if parsed else Index.from_bytes(data, where)
         log.info(
             "release index verified: %s %s is %s (%s)",
@@ -181,13 +206,39 @@ class ReleaseReader:
             key_ids=verdict.key_ids,
             data=data,
             signature=signature,
+            identities=verdict.identities,
         )
 
-    async def _signature_for(self, digest: str, where: str) -> SignatureRecord | None:
+    async def keyless_bundles(self, digest: str) -> list[bytes]:
+        """The Sigstore bundles of index `digest` (OCI referrers, or the release folder's
+        file); [] when there are none. Unverified: the policy checks each."""
+        bundles = await self.source.bundles(digest)
+        log.debug(
+            "%s: %d Sigstore bundle(s) for %s",
+            self.source.name,
+            len(bundles),
+            digest,
+            extra={"source": self.source.name, "digest": digest, "bundles": len(bundles)},
+        )
+        return bundles
+
+    async def _signature_for(
+        self, digest: str, where: str
+    ) -> tuple[SignatureRecord | None, str | None]:
+        """The key signature of the index (None when not needed or not found), and why
+        there is none when keyless signatures may still vouch for it."""
         if self.policy is not None:
             # Fail before any remote byte beyond the index is fetched.
             require_keys(self.policy, f"{where}: refusing unverified remote content")
-            return await self.signature(digest, where)
+            if not self.policy.keys:
+                return None, None  # keyless trust alone: the bundles decide
+            try:
+                return await self.signature(digest, where), None
+            except SignatureError as exc:
+                if not self.policy.workflows:
+                    raise
+                # A keyless-only release has no key signature: its bundles decide.
+                return None, str(exc)
         log.warning(
             "SIGNATURE VERIFICATION DISABLED: accepting an unverified release index from %s (%s)",
             self.source.name,
@@ -195,12 +246,12 @@ class ReleaseReader:
             extra={"source": self.source.name, "digest": digest},
         )
         if not self.keep_signature:
-            return None
+            return None, None
         try:
-            return await self.signature(digest, where)
+            return await self.signature(digest, where), None
         except AssetError as exc:
             log.warning("no signature to copy for %s: %s", where, exc)
-            return None
+            return None, None
 
     async def signature(self, digest: str, where: str = "") -> SignatureRecord:
         """The signature manifest of index `digest` and every payload it lists (capped
@@ -249,10 +300,17 @@ class ReleaseReader:
 
     # -- report mode ------------------------------------------------------------------
 
-    async def examine(self, reference: str, keys: Sequence[PublicKey], threshold: int) -> Findings:
-        """Report mode (`inspect`): read what `reference` holds and whether `keys` (at
-        `threshold`) would accept it, collecting findings instead of raising trust
-        errors. A single manifest is shown as a one-platform release."""
+    async def examine(
+        self,
+        reference: str,
+        keys: Sequence[PublicKey],
+        threshold: int,
+        workflows: Sequence[Workflow] = (),
+        sigstore_root: Path | None = None,
+    ) -> Findings:
+        """Report mode (`inspect`): read what `reference` holds and whether `keys` and
+        `workflows` (at `threshold`) would accept it, collecting findings instead of
+        raising trust errors. A single manifest is shown as a one-platform release."""
         source = self.source
         data = await source.index(reference)
         digest = sha256_digest(data)
@@ -271,37 +329,59 @@ class ReleaseReader:
             found.manifests.append(
                 (desc, Manifest.from_bytes(mdata, f"{source.name} manifest {desc.digest}"))
             )
-        await self.examine_signature(found, keys, threshold)
+        await self.examine_signature(found, keys, threshold, workflows, sigstore_root)
         return found
 
     async def examine_signature(
-        self, found: Findings, keys: Sequence[PublicKey], threshold: int
+        self,
+        found: Findings,
+        keys: Sequence[PublicKey],
+        threshold: int,
+        workflows: Sequence[Workflow] = (),
+        sigstore_root: Path | None = None,
     ) -> None:
-        """Report mode for the signature of `found.digest` alone: fills the signature
+        """Report mode for the signatures of `found.digest` alone: fills the signature
         findings and the verdict (or the reason there is none) of `found`."""
         source = self.source
+        signature: SignatureRecord | None = None
         try:
             signature = await self.signature(found.digest, source.name)
         except TrustError as exc:  # no signature manifest, or one no client reads
             found.error = str(exc)
+        bundles: list[bytes] = []
+        if workflows:
+            try:
+                bundles = await self.keyless_bundles(found.digest)
+            except AssetError as exc:  # unreadable referrers: reported, not fatal
+                found.error = f"{found.error}; {exc}" if found.error else str(exc)
+        found.bundles = len(bundles)
+        if signature is None and not bundles:
             return
-        found.signature_present = True
-        found.signatures = [
-            describe_signature(
-                keys,
-                layer.payload_digest,
-                signature.payloads[layer.payload_digest],
-                layer.signature,
-                f"{source.name} signature {n}",
-            )
-            for n, layer in enumerate(signature.layers)
-        ]
+        found.error = None
+        found.signature_present = signature is not None
+        if signature is not None:
+            found.signatures = [
+                describe_signature(
+                    keys,
+                    layer.payload_digest,
+                    signature.payloads[layer.payload_digest],
+                    layer.signature,
+                    f"{source.name} signature {n}",
+                )
+                for n, layer in enumerate(signature.layers)
+            ]
         try:
             found.verdict = accept_index(
-                TrustPolicy(keys=tuple(keys), threshold=threshold),
+                TrustPolicy(
+                    keys=tuple(keys),
+                    threshold=threshold,
+                    workflows=tuple(workflows),
+                    sigstore_root=sigstore_root,
+                ),
                 tag=found.reference,
                 index_digest=found.digest,
-                signatures=signature.pairs(),
+                signatures=signature.pairs() if signature is not None else (),
+                bundles=bundles,
                 annotations=lambda: found.annotations,
                 where=source.name,
             )

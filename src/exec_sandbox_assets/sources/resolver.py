@@ -82,7 +82,9 @@ class ReleaseResolver:
 
     def _policy(self) -> TrustPolicy:
         s = self.settings
-        return load_policy(s.trusted_keys, s.threshold, s.allow_downgrade)
+        return load_policy(
+            s.trusted_keys, s.threshold, s.allow_downgrade, s.workflows, s.sigstore_root
+        )
 
     async def _verified_index(
         self, reader: ReleaseReader, sources: Sequence[Source]
