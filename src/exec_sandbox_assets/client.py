@@ -334,7 +334,11 @@ class AssetClient:
         if rebuilt is None:
             return None
         path, used = rebuilt
-        self.obtained[out.name] = delta.Obtained(delta.PATCH, used.size, layer.size)
+        self.obtained[out.name] = (
+            delta.Obtained(delta.PATCH, used.size, layer.size)
+            if used is not None
+            else delta.Obtained("cached", 0, layer.size)
+        )
         return path
 
     async def _ensure_resuming(

@@ -108,8 +108,9 @@ async def patch(
     opener: Callable[[Patch], BlobOpener],
     progress: Callable[[int], None] | None = None,
     rebuild: asyncio.Lock | None = None,
-) -> tuple[Path, Patch] | None:
-    """The output rebuilt from a held content and a downloaded patch, else None.
+) -> tuple[Path, Patch | None] | None:
+    """The output rebuilt from a held content and a downloaded patch, with the patch
+    used (None: another process installed the output meanwhile), else None.
 
     `rebuild`, shared by the outputs of one fetch, lets one decode run at a time (the
     patch downloads still overlap): each holds a window as large as its file.
@@ -124,7 +125,7 @@ async def patch(
             async with store.output_lock(out.version, out.name) as lock:
                 hit = store.lookup(out.version, out.name, content_digest=out.content_digest)
                 if hit is not None:
-                    return hit, candidate
+                    return hit, None
                 if lock.locked:  # nobody else writes this output: temp files are a dead run's
                     await asyncio.to_thread(store.remove_dead_temps, out)
                 blob = await _fetch_patch(store, out, candidate, opener, progress)
