@@ -31,30 +31,26 @@ ROWS = (
 )
 
 
-def test_peers_benchmark_runs_at_tiny_scale(tmp_path: Path) -> None:
-    out = tmp_path / "peers.json"
+def run_benchmark(script: str, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """A benchmark in a child process, without the caller's EXEC_SANDBOX_ settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("EXEC_SANDBOX_")}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "peers.py"),
-            "--scale",
-            "0.01",
-            "--reps",
-            "1",
-            "--no-legacy",
-            "--warm-calls",
-            "50",
-            "--rss-mib",
-            "200",
-            "--json",
-            str(out),
-        ],
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
         capture_output=True,
         text=True,
         timeout=240,
         env=env,
-        cwd=tmp_path,
+        cwd=cwd,
+    )
+
+
+def test_peers_benchmark_runs_at_tiny_scale(tmp_path: Path) -> None:
+    out = tmp_path / "peers.json"
+    proc = run_benchmark(
+        "peers.py",
+        tmp_path,
+        *("--scale", "0.01", "--reps", "1", "--no-legacy", "--warm-calls", "50"),
+        *("--rss-mib", "200", "--json", str(out)),
     )
     assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout[-4000:]
     assert "FAILED" not in proc.stdout, proc.stdout
@@ -66,3 +62,30 @@ def test_peers_benchmark_runs_at_tiny_scale(tmp_path: Path) -> None:
     for key in ("warm_ours_us", "rss", "resume", "throttle", "disk", "publish"):
         assert key in results, key
     assert results["warm_ours_us"]["ensure_assets_connections"] == 0
+
+
+DELTA_ROWS = (
+    "full pull (empty cache)",
+    "upgrade N -> N+1",
+    "upgrade N-1 -> N+1",
+    "first install with patches named",
+    "peak RSS above baseline",
+)
+
+
+def test_delta_benchmark_runs_at_tiny_scale(tmp_path: Path) -> None:
+    """benchmarks/delta.py (issue 16's scenario) at 2% scale: every row, and the upgrade
+    really goes by patch and reuse (what the figures in docs/performance.md rest on)."""
+    out = tmp_path / "delta.json"
+    proc = run_benchmark(
+        "delta.py",
+        tmp_path,
+        *("--scale", "0.02", "--level", "3", "--ext4-mib", "8", "--json", str(out)),
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout[-4000:]
+    for row in DELTA_ROWS:
+        assert row in proc.stdout, f"missing {row!r} in:\n{proc.stdout}"
+    results = json.loads(out.read_text())
+    ways = {how for how, _got, _full in results["upgrade_n1"]["how"].values()}
+    assert {"patch", "reuse"} <= ways
+    assert results["upgrade_n1"]["bytes"] < results["full"]["bytes"]

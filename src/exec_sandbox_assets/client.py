@@ -31,7 +31,7 @@ from exec_sandbox_assets.base.errors import (
     AssetsNotFoundLocally,
     TransportError,
 )
-from exec_sandbox_assets.cache import legacy, space
+from exec_sandbox_assets.cache import delta, legacy, space
 from exec_sandbox_assets.cache.content import ContentState
 from exec_sandbox_assets.cache.download import MAX_RESUMES
 from exec_sandbox_assets.cache.refs import FLOATING_REF_PREFIX
@@ -78,6 +78,8 @@ class AssetClient:
             content_check_after=settings.verify_content_after,
         )
         self.sources: SourcesFactory = sources or _default_sources
+        # Output name -> how the last fetch got it and what that cost (`pull`'s summary).
+        self.obtained: dict[str, delta.Obtained] = {}
 
     @functools.cached_property
     def releases(self) -> ReleaseResolver:
@@ -230,8 +232,14 @@ class AssetClient:
             refused = set(room.refused) if room else set()
             jobs = [job for job in jobs if job[-1].output_name not in refused]
             limit = asyncio.Semaphore(self.settings.concurrency)
+            # One patch decoded at a time: each holds a window as large as its file and
+            # maps its reference, so the peak is the largest file's, not their sum.
+            rebuild = asyncio.Lock()
             outcomes = await asyncio.gather(
-                *(self._fetch_one(sources, part, spec, limit, progress) for part, spec in jobs),
+                *(
+                    self._fetch_one(sources, part, spec, limit, progress, rebuild)
+                    for part, spec in jobs
+                ),
                 return_exceptions=True,
             )
         except AssetError as exc:
@@ -280,6 +288,7 @@ class AssetClient:
         spec: AssetSpec,
         limit: asyncio.Semaphore,
         progress: Progress | None,
+        rebuild: asyncio.Lock,
     ) -> Path:
         layer = part.layers.get(spec.name)
         if layer is None:
@@ -307,7 +316,14 @@ class AssetClient:
             if (
                 adopted := await legacy.adopt(self.store, out, self.settings.legacy_dirs)
             ) is not None:
+                self.obtained[out.name] = delta.Obtained(delta.REUSE, 0, layer.size)
                 return adopted
+            # Only what changed since a release the cache holds (docs/format.md §9).
+            upgraded = await self._by_delta(sources, part, out, layer, bar, rebuild)
+            if upgraded is not None:
+                if progress is not None:
+                    progress.finish(layer.output_name)
+                return upgraded
             # Blobs are content-addressed: any source may serve one, starting with the one
             # whose index we verified; a partial download resumes across sources.
             from exec_sandbox_assets.sources.failover import Failover  # the network path only
@@ -322,8 +338,46 @@ class AssetClient:
                 failover.succeeded(source.name)
                 if progress is not None:
                     progress.finish(layer.output_name)
+                self.obtained[out.name] = delta.Obtained(delta.DOWNLOAD, layer.size, layer.size)
                 return path
         raise AllSourcesFailedError(spec.name, failover.attempts)
+
+    async def _by_delta(
+        self,
+        sources: Sequence[Source],
+        part: PlatformRelease,
+        out: OutputSpec,
+        layer: AssetLayer,
+        bar: _BlobProgress | None,
+        rebuild: asyncio.Lock,
+    ) -> Path | None:
+        """The output from content the cache holds (same digest, or a patch's base), else
+        None: the caller downloads the layer (each failure here was logged once)."""
+        if (reused := await delta.reuse(self.store, out)) is not None:
+            self.obtained[out.name] = delta.Obtained(delta.REUSE, 0, layer.size)
+            return reused
+        if not layer.patches:
+            return None
+        source = next(iter(_prefer(sources, part.release.source)))
+        if not source.serves_patches:  # a GitHub Release folder: layers only
+            return None
+        rebuilt = await delta.patch(
+            self.store,
+            out,
+            layer.patches,
+            source.patch_opener,
+            bar.attempt() if bar else None,
+            rebuild,
+        )
+        if rebuilt is None:
+            return None
+        path, used = rebuilt
+        self.obtained[out.name] = (
+            delta.Obtained(delta.PATCH, used.size, layer.size)
+            if used is not None
+            else delta.Obtained("cached", 0, layer.size)
+        )
+        return path
 
     async def _ensure_resuming(
         self,

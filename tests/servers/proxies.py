@@ -30,7 +30,9 @@ class FaultProxy:
     - ``stall_seconds``: go silent that long before the response's first byte,
       or before body offset ``stall_after_bytes`` when set; at most
       ``stall_times`` times (None = every time);
-    - ``throttle_bytes_per_s``: cap each response's relay rate.
+    - ``throttle_bytes_per_s``: cap each response's relay rate;
+    - ``strip_range``: drop the request's ``Range`` header, so the upstream answers
+      200 with the whole body (a proxy or CDN that ignores ranges).
 
     Body offsets are counted after the response header block, so a test knows
     how many bytes of a blob the client got. ``requests`` logs every request;
@@ -65,6 +67,7 @@ class FaultProxy:
         self.stall_after_bytes: int | None = None
         self.stall_times: int | None = None
         self.throttle_bytes_per_s: int | None = None
+        self.strip_range = False
 
     def reset(self) -> None:
         """Clear every fault, the request log and the counters."""
@@ -195,6 +198,7 @@ class FaultProxy:
                 stall_seconds=self.stall_seconds,
                 stall_after=self.stall_after_bytes,
                 throttle=self.throttle_bytes_per_s,
+                strip_range=self.strip_range,
             )
 
     def _take(self, kind: Literal["cut", "flip", "stall"]) -> bool:

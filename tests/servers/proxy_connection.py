@@ -75,6 +75,11 @@ class _Eof(Exception):
     pass
 
 
+def _without_range(head: bytes) -> bytes:
+    lines = head.split(b"\r\n")
+    return b"\r\n".join(x for x in lines if not x.lower().startswith(b"range:"))
+
+
 def _parse_request_head(head: bytes) -> tuple[str, str, dict[str, str]]:
     lines = head.decode("latin-1").split("\r\n")
     parts = lines[0].split(" ")
@@ -98,6 +103,7 @@ class Plan:
     stall_seconds: float = 0.0
     stall_after: int | None = None
     throttle: int | None = None
+    strip_range: bool = False
 
 
 @dataclass
@@ -171,6 +177,8 @@ class Connection:
                 # Installed before forwarding so every byte of the answer is
                 # attributed to this request (clients do not pipeline).
                 self.response = _Response(record, plan)
+                if plan.strip_range:
+                    head = _without_range(head)
                 self.upstream.sendall(head)
                 self._drain_body(reader, headers, self.upstream)
         except (_Eof, OSError):

@@ -43,7 +43,7 @@ def _regular_size(path: Path) -> int | None:
     return st.st_size if stat.S_ISREG(st.st_mode) else None
 
 
-def _place(source: Path, final: Path) -> None:
+def place_file(source: Path, final: Path) -> None:
     """Put `source` at `final` atomically: a hard link when possible, else a copy; the
     directory is made as the store makes its own (never group/world-writable)."""
     make_dirs(final.parent)
@@ -71,7 +71,7 @@ def _adopt_sync(store: Store, out: OutputSpec, legacy_dirs: tuple[Path, ...]) ->
             )
             continue
         if path != final:
-            _place(path, final)
+            place_file(path, final)
         if out.executable:
             final.chmod(final.stat().st_mode | 0o111)
         # The record is the store's own format: written by the store, for the store's lookup.
@@ -120,4 +120,4 @@ def find_unverified(dirs: Iterable[Path], name: str) -> Path | None:
     return None
 
 
-__all__ = ["adopt", "candidates", "find_unverified"]
+__all__ = ["adopt", "candidates", "find_unverified", "place_file"]

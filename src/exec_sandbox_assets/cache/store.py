@@ -256,7 +256,7 @@ class Store:
                     if lock.locked:
                         # Nobody else may be writing this output: temp files are a dead
                         # writer's (a base image's can be GBs).
-                        await asyncio.to_thread(self._remove_dead_temps, out)
+                        await asyncio.to_thread(self.remove_dead_temps, out)
                     left = max(0.0, deadline - time.monotonic())
                     async with self.blob_lock(out.layer_digest, timeout=left):
                         return await self._fetch_and_install(out, opener, progress, resumes)
@@ -312,7 +312,8 @@ class Store:
         )
         return final
 
-    def _remove_dead_temps(self, out: OutputSpec) -> None:
+    def remove_dead_temps(self, out: OutputSpec) -> None:
+        """Remove temp files of `out` (call with its output lock held)."""
         prefix = f".{out.name}{TMP_MARK}"
         with contextlib.suppress(FileNotFoundError):
             for entry in os.scandir(self.version_dir(out.version)):

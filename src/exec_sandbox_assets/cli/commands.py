@@ -136,7 +136,12 @@ def run_pull(ctx: Context) -> int:
         entry["downloaded"] = spec.output_name not in cached_before
         if args.force:
             entry["content_check"] = checked.get(spec.output_name)
+        # How it was obtained (download, patch, reuse) and the bytes that took.
+        if (got := client.obtained.get(spec.output_name)) is not None:
+            entry.update(obtained=got.how, bytes_downloaded=got.downloaded, bytes_full=got.full)
         files.append(entry)
+    transferred = sum(int(f.get("bytes_downloaded", 0)) for f in files)
+    full = sum(int(f.get("bytes_full", 0)) for f in files)
     failures = group_failures(errors)
     code = worst_exit_code(f.error for f in failures)
     platform = f"{settings.host_os}/{settings.host_goarch}"
@@ -160,6 +165,8 @@ def run_pull(ctx: Context) -> int:
                     "cache_dir": settings.cache_dir,
                     "dir": vdir,
                     "seconds": round(seconds, 3),
+                    "bytes_downloaded": transferred,
+                    "bytes_full": full,
                     "files": files,
                     "skipped": skipped,
                 },
@@ -198,11 +205,16 @@ def run_pull(ctx: Context) -> int:
         total = sum(int(f["size"]) for f in files)
         fetched = sum(1 for f in files if f["downloaded"])
         failed = sum(len(f.names) for f in failures)
+        saved = (
+            f"; downloaded {human_size(transferred)} of {human_size(full)}"
+            if transferred < full
+            else ""
+        )
         out(
             f"{len(files)} file(s), {human_size(total)}: {fetched} downloaded, "
             f"{len(files) - fetched} already cached"
             + (f", {failed} failed" if failed else "")
-            + f" ({seconds:.1f}s)"
+            + f"{saved} ({seconds:.1f}s)"
         )
     for failure in failures:
         names = "every file" if len(failure.names) == len(specs) > 1 else ", ".join(failure.names)

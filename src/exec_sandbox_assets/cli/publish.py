@@ -169,6 +169,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="allow moving an existing vV tag to different content",
     )
+    parser.add_argument(
+        "--delta-from",
+        metavar="VERSION",
+        nargs="+",
+        help="make patches from these earlier releases (default: the last two by tag)",
+    )
+    parser.add_argument(
+        "--delta-source",
+        metavar="REF",
+        action="append",
+        default=[],
+        help="where earlier releases are read for patches: a registry, oci:DIR, "
+        "oci-archive:FILE or a release folder (repeatable; default: the --to targets)",
+    )
+    parser.add_argument(
+        "--no-delta", action="store_true", help="make no patches from earlier releases"
+    )
     add_json(parser)
     add_output_options(parser)
     parser.add_argument(
@@ -336,6 +353,9 @@ def run(args: argparse.Namespace) -> int:
                 ca_bundle=args.ca_bundle,
                 replace=args.replace,
                 replace_signatures=args.replace_signatures,
+                deltas=not args.no_delta,
+                delta_from=tuple(args.delta_from) if args.delta_from else None,
+                delta_sources=tuple(args.delta_source),
                 keyless=keyless_options(args),
             )
             with progress_display(ui, log_handler) as bars:

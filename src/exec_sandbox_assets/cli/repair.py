@@ -54,7 +54,7 @@ def pull_status(entry: dict[str, Any]) -> str:
         return "cached, content checked" if entry.get("content_check") else "cached"
     if entry.get("content_check") == "mismatch":
         return "downloaded (the cached copy was corrupt)"
-    return "downloaded"
+    return str(entry.get("obtained", "downloaded"))  # or how: "patch", "reuse"
 
 
 __all__ = ["pull_status", "repair", "repair_json"]

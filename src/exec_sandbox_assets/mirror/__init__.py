@@ -94,6 +94,7 @@ from exec_sandbox_assets.oci.model import (
 from exec_sandbox_assets.oci.policy import DEFAULT_POLICY, TransferPolicy
 from exec_sandbox_assets.oci.reference import LayoutRef, RegistryRef, parse_source_ref
 from exec_sandbox_assets.oci.referrers import BUNDLE_MEDIA_TYPE, MAX_BUNDLE_SIZE, referrer_layers
+from exec_sandbox_assets.release.delta import manifest_patches
 from exec_sandbox_assets.release.keyless import parse_workflows
 from exec_sandbox_assets.release.policy import TrustPolicy, load_policy, require_keys
 from exec_sandbox_assets.release.signing import build_signature_manifest
@@ -382,6 +383,7 @@ async def _plan(
 
     manifests: list[tuple[Descriptor, bytes]] = []
     blobs: dict[str, Blob] = {}
+    patches: dict[str, Blob] = {}
     for desc, part in await reader.platforms(release):
         manifests.append((desc, part.manifest))
         manifest = Manifest.from_bytes(part.manifest, f"{source.name} manifest {desc.digest}")
@@ -392,6 +394,10 @@ async def _plan(
             )
         for layer in manifest.layers:
             blobs.setdefault(layer.digest, Blob(layer, layer.title or layer.digest))
+        for patch in manifest_patches(manifest, where):
+            patches.setdefault(
+                patch.digest, Blob(patch.descriptor(), f"patch {patch.digest}", patch=patch)
+            )
 
     signature_manifest, signature_blobs = await _signature_copy(source, release, where)
     referrers, referrer_blobs = await _referrers_copy(source, digest, where)
@@ -405,6 +411,7 @@ async def _plan(
         blobs=list(blobs.values()),
         signature=signature_manifest,
         signature_blobs=signature_blobs,
+        patch_blobs=[b for d, b in patches.items() if d not in blobs],
         signed_by=release.key_ids,
         created=release.created,
         referrers=referrers,

@@ -13,11 +13,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from exec_sandbox_assets.base.errors import AssetError, ConfigError, FormatError, OutOfSpaceError
+from exec_sandbox_assets.base.errors import (
+    AssetError,
+    ConfigError,
+    FormatError,
+    OutOfSpaceError,
+    TransportError,
+    TrustError,
+)
 from exec_sandbox_assets.base.sizes import describe_size
 from exec_sandbox_assets.cache.space import free_bytes
 from exec_sandbox_assets.cache.store import BlobRequest, Store
 from exec_sandbox_assets.oci.model import (
+    MEDIA_TYPE_MANIFEST,
     Descriptor,
     Index,
     media_type_of,
@@ -26,6 +34,7 @@ from exec_sandbox_assets.oci.model import (
 )
 from exec_sandbox_assets.oci.referrers import fallback_tag
 from exec_sandbox_assets.release import catalog
+from exec_sandbox_assets.release.delta import Patch, keepalive_manifest
 from exec_sandbox_assets.release.documents import read_asset_layer
 from exec_sandbox_assets.release.signing import parse_timestamp
 from exec_sandbox_assets.release.version import LATEST
@@ -72,6 +81,7 @@ class Blob:
     desc: Descriptor
     name: str  # title, or what the blob is ("config of linux/amd64")
     data: bytes | None = None  # small blobs, read (and verified) already
+    patch: Patch | None = None  # a patch blob (docs/format.md §9), read by its digest
 
 
 @dataclass
@@ -92,6 +102,8 @@ class Plan:
     referrers: list[tuple[Descriptor, bytes]] = field(default_factory=list)
     referrer_blobs: list[Blob] = field(default_factory=list)
     latest_kept: bool = False
+    # Patch blobs the layers name: optional, copied when the source has them all.
+    patch_blobs: list[Blob] = field(default_factory=list)
     blobs_copied: int = 0
     bytes_copied: int = 0
     blobs_skipped: int = 0
@@ -164,6 +176,7 @@ class Copier:
         for desc, data in plan.manifests:
             await self._put_manifest(data, desc.digest, desc.media_type)
             self._emit(plan, "manifest", desc.digest, show(platform_of(desc)))
+        await self._patches(plan)
         index_type = media_type_of(plan.index, plan.index_digest)
         await self._put_manifest(plan.index, plan.index_digest, index_type)
         self._emit(plan, "index", plan.index_digest)
@@ -191,6 +204,30 @@ class Copier:
             await asyncio.to_thread(self.target.tag, plan.index, index_type, tag)
             self._emit(plan, "tag", plan.index_digest, tag)
             log.info("mirrored %s:%s -> %s", self.target.name, tag, plan.index_digest)
+
+    async def _patches(self, plan: Plan) -> None:
+        """The patch blobs and the manifests that keep them alive, when the source has
+        them all: a copy without them is still the whole release (clients download the
+        full layers), so a missing patch is a warning, never a failed mirror."""
+        if not plan.patch_blobs:
+            return
+        try:
+            await self._blobs(plan, plan.patch_blobs)
+        except (TransportError, TrustError) as exc:  # a bad patch is left behind, not copied
+            log.warning(
+                "%s %s: patches not copied (%s); clients of %s will download whole layers",
+                self.source.name,
+                plan.version,
+                exc,
+                self.target.name,
+            )
+            return
+        for _desc, data in plan.manifests:
+            keepalive = keepalive_manifest(data, f"{self.source.name} {plan.version}")
+            if keepalive is not None:
+                await asyncio.to_thread(
+                    self.target.put_referrer, keepalive, MEDIA_TYPE_MANIFEST, sha256_digest(data)
+                )
 
     async def _blobs(self, plan: Plan, blobs: Sequence[Blob]) -> None:
         """Copy what the destination lacks. Pushes run one at a time (the target is not
@@ -246,10 +283,14 @@ class Copier:
         """The blob as a verified file under work_dir (a partial from before is resumed)."""
         desc = blob.desc
         self._emit(plan, "blob-start", desc.digest, blob.name, desc.size)
-        layer = read_asset_layer(desc, f"{self.source.name} layer {desc.digest}")
-        # Signed chunk digests, when the layer has them: a bad range stops the copy at once.
-        req = BlobRequest(desc.digest, desc.size, self.source.name, layer.chunks)
-        opener = self.source.opener(layer)
+        if blob.patch is not None:
+            req = BlobRequest(desc.digest, desc.size, self.source.name)
+            opener = self.source.patch_opener(blob.patch)
+        else:
+            layer = read_asset_layer(desc, f"{self.source.name} layer {desc.digest}")
+            # Signed chunk digests, when the layer has them: a bad range stops the copy at once.
+            req = BlobRequest(desc.digest, desc.size, self.source.name, layer.chunks)
+            opener = self.source.opener(layer)
 
         def advance(n: int) -> None:
             self._emit(plan, "blob-progress", desc.digest, blob.name, n)

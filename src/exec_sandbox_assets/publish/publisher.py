@@ -52,6 +52,13 @@ from exec_sandbox_assets.oci.model import (
 from exec_sandbox_assets.oci.targets import RegistryOptions, Target, open_target
 from exec_sandbox_assets.publish import keyless as keyless_step
 from exec_sandbox_assets.publish.compress import DEFAULT_LEVEL, Blob, check_level
+from exec_sandbox_assets.publish.delta import (
+    DeltaRequest,
+    PatchFile,
+    keep_patches_alive,
+    make_deltas,
+    push_patches,
+)
 from exec_sandbox_assets.publish.inputs import ReleaseInputs, find_inputs
 from exec_sandbox_assets.publish.keyless import KeylessOptions
 from exec_sandbox_assets.publish.pipeline import (
@@ -74,6 +81,7 @@ from exec_sandbox_assets.publish.signatures import (
 )
 from exec_sandbox_assets.release import catalog, keys, signing
 from exec_sandbox_assets.release.chunks import DEFAULT_CHUNK_SIZE, ChunkDigests, chunk_digests_of
+from exec_sandbox_assets.release.delta import Patch
 from exec_sandbox_assets.release.documents import (
     BuiltRelease,
     LayerFile,
@@ -111,6 +119,11 @@ class PublishRequest:
     # Told about compressing (input bytes) and pushing (one step per blob); the CLI's bars.
     progress: Progress | None = field(default=None, repr=False, compare=False)
     replace_signatures: bool = False  # drop the targets' signatures by other keys
+    # Patches from earlier releases (publish/delta.py): which versions (None: the last
+    # two by tag), read from where (empty: the targets); `deltas=False` makes none.
+    deltas: bool = True
+    delta_from: tuple[str, ...] | None = None
+    delta_sources: tuple[str, ...] = ()
     keyless: KeylessOptions | None = None  # also sign keyless (Sigstore), docs/format.md §8
 
 
@@ -194,7 +207,10 @@ def load_keys(
 
 
 def build_documents(
-    inputs: ReleaseInputs, blobs: Mapping[str, Blob], info: ReleaseInfo
+    inputs: ReleaseInputs,
+    blobs: Mapping[str, Blob],
+    info: ReleaseInfo,
+    patches: Mapping[str, tuple[Patch, ...]] | None = None,
 ) -> BuiltRelease:
     # Platforms share blobs (darwin/arm64 and linux/arm64): each is chunk-hashed once.
     chunks = {name: _chunks_of(blob) for name, blob in blobs.items()}
@@ -208,6 +224,7 @@ def build_documents(
                 blobs[f.spec.name].content_digest,
                 blobs[f.spec.name].content_size,
                 chunks[f.spec.name],
+                (patches or {}).get(f.spec.name, ()),
             )
             for f in inputs.for_platform(os_, goarch)
         ]
@@ -269,6 +286,7 @@ def push_release(
     tags: Sequence[str],
     progress: Progress | None = None,
     pushed: Collection[str] = frozenset(),
+    patches: Sequence[PatchFile] = (),
     keyless: KeylessOptions | None = None,
     keyless_bundle: Callable[[], keyless_step.KeylessBundle] | None = None,
 ) -> keyless_step.KeylessBundle | None:
@@ -279,9 +297,11 @@ def push_release(
     for blob in blobs:
         if blob.digest not in pushed:
             push_blob(target, blob, progress)
+    push_patches(target, patches, built)
     target.push_bytes(EMPTY_JSON, MEDIA_TYPE_EMPTY)
     for data in built.manifests.values():
         target.put_manifest(data, MEDIA_TYPE_MANIFEST, None)
+    keep_patches_alive(target, built)
     target.put_manifest(built.index, MEDIA_TYPE_INDEX, None)
     if signature is not None:
         target.push_bytes(signature.config, MEDIA_TYPE_IMAGE_CONFIG)
@@ -304,6 +324,23 @@ def push_release(
 
 
 # --------------------------------------------------------------------------- publish
+
+
+def _deltas(
+    req: PublishRequest,
+    inputs: ReleaseInputs,
+    blobs: Mapping[str, Blob],
+    version: str,
+    options: RegistryOptions,
+    progress: Progress | None,
+) -> dict[str, tuple[PatchFile, ...]]:
+    if not req.deltas:
+        return {}
+    sources = req.delta_sources or req.targets
+    if not sources:
+        return {}
+    delta = DeltaRequest(tuple(sources), req.delta_from)
+    return make_deltas(delta, inputs, blobs, version, req.work_dir, options, progress)
 
 
 def publish(req: PublishRequest) -> PublishResult:
@@ -340,11 +377,14 @@ def publish(req: PublishRequest) -> PublishResult:
         early = targets if req.replace or all(d is None for _, d in existing) else []
         pushed = push_as_made(maker, early, progress)
         blobs = maker.result()
+        patches = _deltas(req, inputs, blobs, version, options, progress)
         created = (
             created_arg or _existing_created(existing, version_tag) or held_created or now_created()
         )
         info = ReleaseInfo(version=version, created=created, revision=req.revision)
-        built = build_documents(inputs, blobs, info)
+        built = build_documents(
+            inputs, blobs, info, {n: tuple(p.patch for p in f) for n, f in patches.items()}
+        )
         index_digest = sha256_digest(built.index)
         if not req.replace:
             _check_no_conflict(existing, version_tag, index_digest)
@@ -389,6 +429,7 @@ def publish(req: PublishRequest) -> PublishResult:
                 tags,
                 progress,
                 pushed,
+                patches=[p for files in patches.values() for p in files],
                 keyless=req.keyless,
                 keyless_bundle=keyless_bundle,
             )

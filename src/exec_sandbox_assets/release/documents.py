@@ -23,6 +23,7 @@ from exec_sandbox_assets.oci.model import (
 from exec_sandbox_assets.release import catalog
 from exec_sandbox_assets.release.catalog import AssetSpec, Kind, Language
 from exec_sandbox_assets.release.chunks import ChunkDigests, read_chunks
+from exec_sandbox_assets.release.delta import ANN_PATCHES, Patch, format_patches, read_patches
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,8 @@ class LayerFile:
     content_digest: str
     content_size: int
     chunks: ChunkDigests | None = None
+    # Patches from earlier contents of this file (docs/format.md §9).
+    patches: tuple[Patch, ...] = ()
 
     def descriptor(self) -> Descriptor:
         ann = {
@@ -66,6 +69,8 @@ class LayerFile:
             ann[catalog.ANN_LANGUAGE] = self.spec.language.value
         if self.chunks is not None:
             ann.update(self.chunks.annotations())
+        if self.patches:
+            ann[ANN_PATCHES] = format_patches(self.patches)
         return Descriptor(self.spec.media_type, self.digest, self.size, ann)
 
 
@@ -146,6 +151,7 @@ class AssetLayer:
     content_digest: str
     content_size: int
     chunks: ChunkDigests | None = None
+    patches: tuple[Patch, ...] = ()
 
     @property
     def compressed(self) -> bool:
@@ -200,6 +206,7 @@ def read_asset_layer(desc: Descriptor, where: str) -> AssetLayer:
         content_digest=content_digest,
         content_size=int(size_text),
         chunks=read_chunks(ann, desc.size, f"{where} layer {title!r}"),
+        patches=read_patches(ann, f"{where} layer {title!r}"),
     )
 
 

@@ -37,6 +37,7 @@ from exec_sandbox_assets.oci.referrers import (
     parse_referrers,
     referrer_layers,
 )
+from exec_sandbox_assets.release.delta import Patch
 from exec_sandbox_assets.release.documents import (
     AssetLayer,
 )
@@ -55,6 +56,8 @@ class Source(ABC):
     key: str
     #: true for sources on this machine (layouts): usable in offline mode
     local: bool = False
+    #: whether the source serves blobs by digest alone (patch blobs, docs/format.md §9)
+    serves_patches: bool = False
 
     async def index(self, tag: str) -> bytes:
         """The index bytes the tag points to. The caller digests them itself."""
@@ -147,6 +150,19 @@ class Source(ABC):
     def opener(self, layer: AssetLayer) -> BlobOpener:
         """Open the layer's blob from a byte offset; the store hashes and caps it."""
         return lambda offset: self._open(layer, offset)
+
+    async def list_tags(self) -> list[str]:
+        """Every tag the source holds (the publisher's default delta bases)."""
+        raise AssetNotFoundError(f"{self.name}: cannot list tags")
+
+    def patch_opener(self, patch: Patch) -> BlobOpener:
+        """Open a patch blob (docs/format.md §9) from a byte offset; the store verifies it."""
+        return lambda offset: self._open_blob(patch.digest, offset)
+
+    def _open_blob(
+        self, digest: str, offset: int
+    ) -> AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        raise AssetNotFoundError(f"{self.name}: cannot serve patch blobs ({digest})")
 
     async def small_blob(self, desc: Descriptor, cap: int = MAX_MANIFEST_SIZE) -> bytes:
         """A small blob a verified manifest names (a config), verified against `desc`.

@@ -29,6 +29,7 @@ class LayoutSource(Source):
     """An OCI image layout directory or archive (`oci:DIR`, `oci-archive:FILE`)."""
 
     local = True
+    serves_patches = True
 
     def __init__(self, path: Path, archive: bool, text: str) -> None:
         self._path = path
@@ -65,10 +66,19 @@ class LayoutSource(Source):
         reader = await self._open_reader()
         return await asyncio.to_thread(reader.read_blob, desc.digest, cap)
 
-    @contextlib.asynccontextmanager
-    async def _open(self, layer: AssetLayer, offset: int) -> AsyncIterator[AsyncIterator[bytes]]:
+    async def list_tags(self) -> list[str]:
         reader = await self._open_reader()
-        fh = await asyncio.to_thread(reader.open_blob, layer.digest, offset)
+        return sorted(reader.tags())
+
+    def _open(
+        self, layer: AssetLayer, offset: int
+    ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        return self._open_blob(layer.digest, offset)
+
+    @contextlib.asynccontextmanager
+    async def _open_blob(self, digest: str, offset: int) -> AsyncIterator[AsyncIterator[bytes]]:
+        reader = await self._open_reader()
+        fh = await asyncio.to_thread(reader.open_blob, digest, offset)
         try:
             yield _read_chunks(fh.read)
         finally:

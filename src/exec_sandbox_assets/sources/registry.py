@@ -24,6 +24,8 @@ from exec_sandbox_assets.sources.base import Source, _skip
 class RegistrySource(Source):
     """A repository on an OCI registry (ghcr.io, a mirror, a pull-through cache)."""
 
+    serves_patches = True
+
     def __init__(self, client: RegistryClient, text: str) -> None:
         self._client = client
         self.name = f"registry {text}"
@@ -53,9 +55,17 @@ class RegistrySource(Source):
     async def _small_blob(self, desc: Descriptor, cap: int) -> bytes:
         return await self._client.get_blob(desc.digest, cap)
 
+    async def list_tags(self) -> list[str]:
+        return await self._client.list_tags()
+
+    def _open(
+        self, layer: AssetLayer, offset: int
+    ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[bytes]]:
+        return self._open_blob(layer.digest, offset)
+
     @contextlib.asynccontextmanager
-    async def _open(self, layer: AssetLayer, offset: int) -> AsyncIterator[AsyncIterator[bytes]]:
-        async with self._client.open_blob(layer.digest, offset) as stream:
+    async def _open_blob(self, digest: str, offset: int) -> AsyncIterator[AsyncIterator[bytes]]:
+        async with self._client.open_blob(digest, offset) as stream:
             yield _skip(stream.chunks(), offset - stream.offset)
 
     async def aclose(self) -> None:
