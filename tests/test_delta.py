@@ -26,6 +26,7 @@ import pytest
 
 from conftest import FaultProxyFactory
 from exec_sandbox_assets.base.errors import OutOfSpaceError
+from exec_sandbox_assets.cache import space
 from exec_sandbox_assets.client import AssetClient
 from exec_sandbox_assets.config import Settings, load_settings
 from exec_sandbox_assets.mirror import mirror
@@ -105,6 +106,7 @@ def settings_for(
             "EXEC_SANDBOX_ASSET_VERSION": f"1.{version}.0",
             "EXEC_SANDBOX_CACHE_DIR": str(cache),
             "EXEC_SANDBOX_TRUSTED_KEYS": str(key.public),
+            "EXEC_SANDBOX_MIN_FREE": "0",  # small tmpfs caches: no margin
         }
     ).with_(local_build_dir=None, host_os="linux", host_goarch="amd64", legacy_dirs=legacy)
 
@@ -394,7 +396,7 @@ def _mount_tmpfs(path: Path, size: str) -> None:
 
 
 def test_a_disk_that_fills_during_reconstruction_loses_nothing(
-    tmp_path: Path, key: KeyPair
+    tmp_path: Path, key: KeyPair, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     layout = tmp_path / "layout"
     work = tmp_path / "work"
@@ -408,6 +410,9 @@ def test_a_disk_that_fills_during_reconstruction_loses_nothing(
         free = st.f_bavail * st.f_frsize
         filler = cache / "filler"
         filler.write_bytes(b"\1" * (free - (256 << 10)))  # leave 256 KiB: the patch fits
+        # Another process fills the disk after the client's free-space check (which would
+        # otherwise refuse the upgrade before its first byte): the check sees room.
+        monkeypatch.setattr(space, "free_bytes", lambda path: (Path(path), 1 << 40))
         client = AssetClient(settings_for(f"oci:{layout}", cache, key, 2))
         with pytest.raises(OutOfSpaceError):
             asyncio.run(client.fetch(SPECS))
