@@ -28,7 +28,7 @@ from exec_sandbox_assets.base.errors import (
     CacheError,
 )
 from exec_sandbox_assets.cache import download
-from exec_sandbox_assets.cache.store import CacheTrust, Store
+from exec_sandbox_assets.cache.store import BlobRequest, CacheTrust, Store
 from exec_sandbox_assets.release import keys
 from exec_sandbox_assets.release.chunks import MIN_CHUNK_SIZE, ChunkDigests
 from exec_sandbox_assets.release.keyid import key_id_from_pem, key_ids_of_files
@@ -255,19 +255,28 @@ async def test_a_bad_chunk_stops_the_install_at_that_chunk(root: Path, tmp_path:
     assert_nothing_installed(Store(root), fx)
 
 
-async def test_matching_chunks_do_not_replace_the_layer_digest(root: Path, tmp_path: Path) -> None:
-    """Chunks that match but add up to another blob (a publisher bug) are refused at the
-    end by the layer digest, before the output gets its final name."""
+async def test_chunks_covering_the_blob_stand_for_the_layer_digest(
+    root: Path, tmp_path: Path
+) -> None:
+    """Signed chunk digests covering every byte vouch for the blob as the layer digest
+    does (docs/format.md §4): an install checks them and the content digest, and does not
+    hash the layer again. A blob kept under its digest's name (`fetch_blob`) is still
+    checked against that digest: chunks that match but add up to another blob (a
+    publisher bug) are refused there."""
     fx = incompressible_fixture(tmp_path)
     other = zstandard.ZstdCompressor(level=1).compress(fx.content)  # same content
     assert other != fx.blob.read_bytes()
     served = tmp_path / "other.zst"
     served.write_bytes(other)
     out = replace(chunked(fx, other), layer_size=len(other))
+    req = BlobRequest(out.layer_digest, out.layer_size, out.source, out.chunks)
     with pytest.raises(AssetChecksumError) as info:
-        await Store(root).ensure(out, FileOpener(served))
+        await Store(root).fetch_blob(req, FileOpener(served))
     assert info.value.what == f"blob {out.layer_digest}"
     assert_nothing_installed(Store(root), fx)
+
+    path = await Store(root).ensure(out, FileOpener(served))
+    assert path.read_bytes() == fx.content  # the signed content, through signed chunks
 
 
 async def test_a_bomb_is_stopped_at_the_cap_when_a_thread_writes_the_output(

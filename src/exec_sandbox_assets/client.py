@@ -6,9 +6,12 @@
 6. GitHub Releases.
 
 The warm path (steps 1-4) imports nothing of the network or crypto stack and hashes
-nothing. The cold path verifies the index signature, then every manifest by digest,
-then every blob by digest, then the decompressed content, before a file appears under
-its final name. Trust errors stop the fetch; transport errors move on to the next source.
+nothing. The cold path verifies the index signature, every manifest by digest, every
+blob by digest (or its signed chunk digests), then the decompressed content, before a
+file appears under its final name. The blobs start downloading as soon as the platform
+manifest is read, while the signature is still on its way; nothing of them is read for
+install before it verified (`cache.gate`). Trust errors stop the fetch; transport errors
+move on to the next source.
 
 Orchestration only: which release is accepted is decided by `release.policy.accept_index`,
 reached through the one `sources.reader.ReleaseReader`; sources come from a factory
@@ -18,6 +21,7 @@ reached through the one `sources.reader.ReleaseReader`; sources come from a fact
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 from collections.abc import Callable, Iterable, Sequence
@@ -34,6 +38,7 @@ from exec_sandbox_assets.base.errors import (
 )
 from exec_sandbox_assets.cache import legacy
 from exec_sandbox_assets.cache.download import MAX_RESUMES
+from exec_sandbox_assets.cache.gate import Gate
 from exec_sandbox_assets.cache.refs import FLOATING_REF_PREFIX
 from exec_sandbox_assets.cache.store import CacheTrust, OutputSpec, Store
 from exec_sandbox_assets.config import LATEST, Settings
@@ -44,7 +49,7 @@ from exec_sandbox_assets.release.keyid import key_ids_of_files
 if TYPE_CHECKING:  # the cold path: imported when a fetch needs it (scheduler boot stays lean)
     from exec_sandbox_assets.release.documents import AssetLayer
     from exec_sandbox_assets.sources import Source
-    from exec_sandbox_assets.sources.reader import PlatformRelease, VerifiedIndex
+    from exec_sandbox_assets.sources.reader import PendingPlatform, PlatformRelease, VerifiedIndex
     from exec_sandbox_assets.sources.resolver import ReleaseResolver
 
 log = logging.getLogger(__name__)
@@ -192,6 +197,7 @@ class AssetClient:
         self, specs: Sequence[AssetSpec], progress: Progress | None
     ) -> dict[str, Path | BaseException]:
         sources = list(self.sources(self.settings))
+        parts: list[tuple[PendingPlatform, Gate, list[AssetSpec]]] = []
         try:
             if not sources:
                 raise AssetsNotFoundLocally(
@@ -199,25 +205,31 @@ class AssetClient:
                     self.searched_places(),
                     "no source is configured (offline or air-gapped, and no mirror)",
                 )
-            parts = [
-                (await self.platform_release(sources, platform), group)
-                for platform, group in _by_platform(specs, self.settings.host_os).items()
-            ]
-            jobs = [(part, spec) for part, group in parts for spec in group]
+            for platform, group in _by_platform(specs, self.settings.host_os).items():
+                part = await self.releases.pending_platform(sources, platform)
+                parts.append((part, _gate_of(part), group))
+            jobs = [(part, gate, spec) for part, gate, group in parts for spec in group]
             # Largest first: the longest install (a base image) starts at once, not after
             # the kernels; the small ones fill in around it.
-            jobs.sort(key=lambda job: -_layer_size(*job))
+            jobs.sort(key=lambda job: -_layer_size(job[0], job[2]))
             limit = asyncio.Semaphore(self.settings.concurrency)
             outcomes = await asyncio.gather(
-                *(self._fetch_one(sources, part, spec, limit, progress) for part, spec in jobs),
+                *(
+                    self._fetch_one(sources, part, gate, spec, limit, progress)
+                    for part, gate, spec in jobs
+                ),
                 return_exceptions=True,
             )
         except AssetError as exc:
             return {s.output_name: exc for s in specs}
         finally:
+            verdicts = [part.verified for part, _, _ in parts]
+            for verdict in verdicts:
+                verdict.cancel()  # a no-op once it is in
+            await asyncio.gather(*verdicts, return_exceptions=True)
             await asyncio.gather(*(s.aclose() for s in sources), return_exceptions=True)
         results: dict[str, Path | BaseException] = {}
-        for (_, spec), outcome in zip(jobs, outcomes, strict=True):
+        for (_, _, spec), outcome in zip(jobs, outcomes, strict=True):
             if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
                 raise outcome  # cancellation, KeyboardInterrupt: not a per-asset failure
             results[spec.output_name] = outcome
@@ -231,19 +243,21 @@ class AssetClient:
     async def _fetch_one(
         self,
         sources: Sequence[Source],
-        part: PlatformRelease,
+        part: PendingPlatform,
+        gate: Gate,
         spec: AssetSpec,
         limit: asyncio.Semaphore,
         progress: Progress | None,
     ) -> Path:
         layer = part.layers.get(spec.name)
         if layer is None:
+            await part.verified  # a refused release is reported as such, not as incomplete
             raise AssetNotFoundError(
-                f"release {part.release.version} ({part.release.source}) has no {spec.name} "
+                f"release {part.version} ({part.source}) has no {spec.name} "
                 f"for {'/'.join(part.platform)}; it has: {', '.join(sorted(part.layers))}"
             )
         out = OutputSpec(
-            version=part.release.version,
+            version=part.version,
             name=layer.output_name,
             layer_digest=layer.digest,
             layer_size=layer.size,
@@ -251,24 +265,27 @@ class AssetClient:
             content_digest=layer.content_digest,
             content_size=layer.content_size,
             executable=layer.kind is Kind.GVPROXY,
-            source=part.release.source,
-            verified_by=part.release.key_ids,
+            source=part.source,
             chunks=layer.chunks,
         )
         bar = None if progress is None else _BlobProgress(progress, layer.output_name, layer.size)
         async with limit:
             # A file exec-sandbox <= 0.22.0 left is hashed against the signed digest and
-            # adopted on a match: no download (cache/legacy.py).
-            if (
-                adopted := await legacy.adopt(self.store, out, self.settings.legacy_dirs)
-            ) is not None:
-                return adopted
+            # adopted on a match: no download (cache/legacy.py). Adopting installs, so
+            # only once the release verified.
+            if legacy.has_candidate(self.store, out, self.settings.legacy_dirs):
+                release = (await part.verified).release
+                verified = dataclasses.replace(out, verified_by=release.key_ids)
+                adopted = await legacy.adopt(self.store, verified, self.settings.legacy_dirs)
+                if adopted is not None:
+                    return adopted
             # Blobs are content-addressed: any source may serve one, starting with the one
             # whose index we verified; a partial download resumes across sources.
             attempts: list[Attempt] = []
-            for source in _prefer(sources, part.release.source):
+            for source in _prefer(sources, part.source):
                 try:
-                    path = await self._ensure_resuming(out, source, layer, bar)
+                    path = await self._ensure_resuming(out, source, layer, bar, gate)
+                    await part.verified  # a cached file is served once the release verified
                 except TransportError as exc:
                     log.warning(
                         "%s: download from %s failed, trying the next source: %s",
@@ -292,10 +309,12 @@ class AssetClient:
         source: Source,
         layer: AssetLayer,
         bar: _BlobProgress | None,
+        gate: Gate,
     ) -> Path:
         """`store.ensure` from one source; the store resumes a body that broke off."""
         progress = bar.attempt() if bar else None
-        return await self.store.ensure(out, source.opener(layer), progress, resumes=MAX_RESUMES)
+        opener = source.opener(layer)
+        return await self.store.ensure(out, opener, progress, resumes=MAX_RESUMES, gate=gate)
 
     async def platform_release(
         self, sources: Sequence[Source], platform: tuple[str, str]
@@ -339,7 +358,23 @@ def _by_platform(
     return groups
 
 
-def _layer_size(part: PlatformRelease, spec: AssetSpec) -> int:
+def _gate_of(part: PendingPlatform) -> Gate:
+    """The gate the installs of `part`'s layers wait on: open once its verdict is in."""
+    gate = Gate()
+
+    def settle(verdict: asyncio.Future[PlatformRelease]) -> None:
+        if verdict.cancelled():
+            gate.fail(asyncio.CancelledError())
+        elif (error := verdict.exception()) is not None:
+            gate.fail(error)
+        else:
+            gate.open(verdict.result().release.key_ids)
+
+    part.verified.add_done_callback(settle)
+    return gate
+
+
+def _layer_size(part: PendingPlatform, spec: AssetSpec) -> int:
     layer = part.layers.get(spec.name)
     return 0 if layer is None else layer.content_size
 

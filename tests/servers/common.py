@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Protocol
 
 LOOPBACK = "127.0.0.1"
@@ -38,6 +39,10 @@ class RequestRecord:
     status: int | None = None
     answered_by_proxy: bool = False
     connection_id: int = 0
+    # time.monotonic() when the request head arrived, and when the first byte of its
+    # answer left for the client (FaultProxy): what a round-trip count is read from.
+    arrived: float = field(default_factory=time.monotonic)
+    answered: float | None = None
 
 
 def loopback_upstream(upstream: str | HasHost) -> tuple[str, int]:

@@ -4,6 +4,15 @@ then platform manifests and their asset layers (docs/format.md §5-§7).
     reader = ReleaseReader(source, policy)          # policy None: verification skipped
     release = await reader.read("v0.22.0")          # raises unless accepted
     part = await reader.platform(release, ("linux", "amd64"))
+    pending = await reader.read_platform("v0.22.0", ("linux", "amd64"))
+    ...                                             # download pending.layers' blobs
+    part = await pending.verified                   # raises unless accepted
+
+`read_platform` is the client's cold path, in as few round trips as the format allows:
+the index, then its signature chain and the platform manifest together. The manifest
+is checked against the index's digest for it, and the index against its signature
+once that arrived; until then the blobs may download, but nothing of them is read for
+install (`cache.gate`).
 
 Every caller reads a release through this class: the client, `mirror`, `inspect` (its
 report mode, `examine`, collects findings instead of raising) and the publisher's
@@ -13,6 +22,7 @@ accepted is decided by `release.policy.accept_index` alone, on bytes read here.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +34,9 @@ from exec_sandbox_assets.base.errors import (
     AssetNotFoundError,
     ConfigError,
     FormatError,
+    TransportError,
     TrustError,
+    VersionMismatchError,
 )
 from exec_sandbox_assets.oci.model import (
     INDEX_MEDIA_TYPES,
@@ -35,6 +47,7 @@ from exec_sandbox_assets.oci.model import (
     media_type_of,
     sha256_digest,
 )
+from exec_sandbox_assets.release.catalog import ANN_VERSION
 from exec_sandbox_assets.release.documents import AssetLayer, read_asset_layers
 from exec_sandbox_assets.release.policy import (
     RollbackState,
@@ -46,6 +59,7 @@ from exec_sandbox_assets.release.policy import (
     require_keys,
 )
 from exec_sandbox_assets.release.signing import SignatureLayer, read_signature_manifest
+from exec_sandbox_assets.release.version import is_valid, version_of_tag
 from exec_sandbox_assets.sources.base import Source
 
 if TYPE_CHECKING:
@@ -94,6 +108,24 @@ class PlatformRelease:
     manifest: bytes = field(default=b"", repr=False)
 
 
+@dataclass(frozen=True)
+class PendingPlatform:
+    """A platform manifest read while its index's signature is still being checked.
+
+    `layers` come from a manifest whose digest the (not yet verified) index names: their
+    blobs may be downloaded into partials, nothing more, until `verified` resolved (to
+    the same manifest, accepted) or raised (why the release was refused). `version` is
+    the one the tag names, or else the index's annotation: the verdict must say the same.
+    """
+
+    source: str
+    version: str
+    platform: tuple[str, str]
+    manifest_digest: str
+    layers: dict[str, AssetLayer] = field(hash=False)
+    verified: asyncio.Future[PlatformRelease] = field(hash=False, compare=False, repr=False)
+
+
 @dataclass
 class Findings:
     """What `examine` found: everything it could read, and the verdict or why not."""
@@ -136,13 +168,90 @@ class ReleaseReader:
 
         `rollback`: what was accepted before under a floating tag. `expected_version`:
         the version the release must be when `tag` does not say (a digest)."""
+        data, digest, where = await self._fetch_index(tag)
+        signature = await self._signature_for(digest, where)
+        return self._accept(tag, data, digest, where, signature, rollback, expected_version)
+
+    async def read_platform(
+        self,
+        tag: str,
+        platform: tuple[str, str],
+        *,
+        rollback: RollbackState | None = None,
+        fallbacks: Sequence[Source] = (),
+    ) -> PendingPlatform:
+        """The platform manifest of the release under `tag`, as soon as it is read; its
+        verdict (`verified`) follows when the signature chain, fetched meanwhile,
+        arrived. Round trips: the index, then the signature manifest and the platform
+        manifest together (the signature's payloads follow while the blobs download).
+
+        The index is parsed before its signature verified, with the capped parser, only
+        to find the manifest's digest and the version; the verdict is decided on the same
+        bytes as `read` decides it. A signature this source cannot serve (a transport
+        error) is asked of `fallbacks`: it is addressed by the index digest."""
+        data, digest, where = await self._fetch_index(tag)
+        if self.policy is not None:  # no key: refused before anything more is fetched
+            require_keys(self.policy, f"{where}: refusing unverified remote content")
+        signing = asyncio.ensure_future(self._signature_for(digest, where, fallbacks))
+        try:
+            try:
+                index = Index.from_bytes(data, where)
+                desc = self._platform_desc(index, platform, tag)
+            except (FormatError, AssetNotFoundError):
+                # What is wrong with bytes no key vouched for yet is not reported before
+                # the verdict: a refusal for the signature comes first, as with `read`.
+                verified = self._accept(tag, data, digest, where, await signing, rollback, None)
+                part = await self.platform(verified, platform)
+                return PendingPlatform(
+                    self.source.name, verified.version, platform, part.manifest_digest,
+                    part.layers, asyncio.ensure_future(_done(part)),
+                )  # fmt: skip
+            manifest, layers = await self._read_manifest(desc)
+        except BaseException:
+            signing.cancel()
+            await asyncio.gather(signing, return_exceptions=True)
+            raise
+        named = version_of_tag(tag) or index.annotations.get(ANN_VERSION, "")
+        provisional = named.removeprefix("v")
+
+        async def verify() -> PlatformRelease:
+            verified = self._accept(tag, data, digest, where, await signing, rollback, None)
+            if verified.version != provisional:
+                raise VersionMismatchError(
+                    f"{where}: signed as release {verified.version}, "
+                    f"but its index says {provisional[:140]!r}"
+                )
+            return PlatformRelease(verified, platform, desc.digest, layers, manifest)
+
+        verdict = asyncio.ensure_future(verify())
+        if not is_valid(provisional):
+            # Nothing to name the download after before the verdict: wait for it.
+            part = await verdict
+            provisional = part.release.version
+            verdict = asyncio.ensure_future(_done(part))
+        return PendingPlatform(
+            self.source.name, provisional, platform, desc.digest, layers, verdict
+        )
+
+    async def _fetch_index(self, tag: str) -> tuple[bytes, str, str]:
         source = self.source
         data = await source.index(tag)
         digest = sha256_digest(data)
         if is_digest(tag) and digest != tag:
             raise AssetChecksumError(f"index {tag}", tag, digest, source.name)
-        where = f"{source.name} tag {tag} (index {digest})"
-        signature = await self._signature_for(digest, where)
+        return data, digest, f"{source.name} tag {tag} (index {digest})"
+
+    def _accept(
+        self,
+        tag: str,
+        data: bytes,
+        digest: str,
+        where: str,
+        signature: SignatureRecord | None,
+        rollback: RollbackState | None,
+        expected_version: str | None,
+    ) -> VerifiedIndex:
+        source = self.source
         parsed: list[Index] = []
 
         def annotations() -> Mapping[str, str]:
@@ -183,11 +292,23 @@ class ReleaseReader:
             signature=signature,
         )
 
-    async def _signature_for(self, digest: str, where: str) -> SignatureRecord | None:
+    async def _signature_for(
+        self, digest: str, where: str, fallbacks: Sequence[Source] = ()
+    ) -> SignatureRecord | None:
         if self.policy is not None:
             # Fail before any remote byte beyond the index is fetched.
             require_keys(self.policy, f"{where}: refusing unverified remote content")
-            return await self.signature(digest, where)
+            try:
+                return await self.signature(digest, where)
+            except TransportError:
+                for source in fallbacks:
+                    if source is self.source:
+                        continue
+                    try:
+                        return await ReleaseReader(source, self.policy).signature(digest)
+                    except AssetError as exc:
+                        log.warning("no signature for %s from %s: %s", digest, source.name, exc)
+                raise
         log.warning(
             "SIGNATURE VERIFICATION DISABLED: accepting an unverified release index from %s (%s)",
             self.source.name,
@@ -216,14 +337,18 @@ class ReleaseReader:
 
     async def platform(self, release: VerifiedIndex, platform: tuple[str, str]) -> PlatformRelease:
         """The asset layers of `release` for one platform (AssetNotFoundError if absent)."""
-        desc = release.index.for_platform(*platform)
+        desc = self._platform_desc(release.index, platform, release.version)
+        return await self._platform_of(release, desc, platform)
+
+    def _platform_desc(self, index: Index, platform: tuple[str, str], release: str) -> Descriptor:
+        desc = index.for_platform(*platform)
         if desc is None:
-            have = ", ".join(str(d.platform) for d in release.index.manifests if d.platform)
+            have = ", ".join(str(d.platform) for d in index.manifests if d.platform)
             raise AssetNotFoundError(
-                f"{self.source.name}: release {release.version} has no {'/'.join(platform)} "
+                f"{self.source.name}: release {release} has no {'/'.join(platform)} "
                 f"manifest (it has: {have or 'none'})"
             )
-        return await self._platform_of(release, desc, platform)
+        return desc
 
     async def platforms(self, release: VerifiedIndex) -> list[tuple[Descriptor, PlatformRelease]]:
         """Every platform manifest of `release`, read and checked (the mirror copies all)."""
@@ -241,11 +366,13 @@ class ReleaseReader:
     async def _platform_of(
         self, release: VerifiedIndex, desc: Descriptor, platform: tuple[str, str]
     ) -> PlatformRelease:
-        data = await self.source.manifest(desc)  # checked against the verified index
-        where = f"{self.source.name} manifest {desc.digest}"
-        manifest = Manifest.from_bytes(data, where)
-        layers = read_asset_layers(manifest, where)
+        data, layers = await self._read_manifest(desc)  # checked against the verified index
         return PlatformRelease(release, platform, desc.digest, layers, data)
+
+    async def _read_manifest(self, desc: Descriptor) -> tuple[bytes, dict[str, AssetLayer]]:
+        data = await self.source.manifest(desc)  # checked against the index's digest
+        where = f"{self.source.name} manifest {desc.digest}"
+        return data, read_asset_layers(Manifest.from_bytes(data, where), where)
 
     # -- report mode ------------------------------------------------------------------
 
@@ -309,8 +436,13 @@ class ReleaseReader:
             found.error = str(exc)
 
 
+async def _done(part: PlatformRelease) -> PlatformRelease:
+    return part
+
+
 __all__ = [
     "Findings",
+    "PendingPlatform",
     "PlatformRelease",
     "ReleaseReader",
     "SignatureRecord",

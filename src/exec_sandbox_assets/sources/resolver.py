@@ -10,6 +10,8 @@ another source's older `latest` acceptable. The state lives in the cache's refs
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
 from collections.abc import Sequence
 
@@ -24,7 +26,12 @@ from exec_sandbox_assets.cache.store import Store
 from exec_sandbox_assets.config import Settings
 from exec_sandbox_assets.release.policy import RollbackState, TrustPolicy, load_policy
 from exec_sandbox_assets.sources.base import Source
-from exec_sandbox_assets.sources.reader import PlatformRelease, ReleaseReader, VerifiedIndex
+from exec_sandbox_assets.sources.reader import (
+    PendingPlatform,
+    PlatformRelease,
+    ReleaseReader,
+    VerifiedIndex,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,17 +59,27 @@ class ReleaseResolver:
     ) -> PlatformRelease:
         """The accepted release for the asked tag and `platform`, from the first source
         that has it; `ReleaseNotFoundError` when every source said it has none."""
+        return await (await self.pending_platform(sources, platform)).verified
+
+    async def pending_platform(
+        self, sources: Sequence[Source], platform: tuple[str, str]
+    ) -> PendingPlatform:
+        """The asked tag's manifest for `platform` from the first source that has it,
+        read while its signature is checked (`PendingPlatform.verified`: the verdict).
+        Once this client accepted the tag's index, the manifest comes verified."""
         tag = self.settings.tag
         cache_key = (tag, *platform)
         if (hit := self._platforms.get(cache_key)) is not None:
-            return hit
+            return _settled(hit)
         policy = None if self.settings.insecure_skip_verify else self._policy()
         attempts: list[Attempt] = []
         for source in sources:
             reader = ReleaseReader(source, policy)
             try:
-                verified = await self._verified_index(reader, sources)
-                part = await reader.platform(verified, platform)
+                cached = self._indexes.get(tag)
+                if cached is not None and cached.source == source.name:
+                    return _settled(await reader.platform(cached, platform))
+                pending = await self._read_platform(reader, sources, platform)
             except TransportError as exc:
                 log.warning(
                     "release %s: source %s failed, trying the next one: %s",
@@ -73,8 +90,7 @@ class ReleaseResolver:
                 )
                 attempts.append(Attempt(source.name, str(exc), isinstance(exc, AssetNotFoundError)))
                 continue
-            self._platforms[cache_key] = part
-            return part
+            return pending
         what = f"release {tag} for {'/'.join(platform)}"
         if attempts and all(a.not_found for a in attempts):
             raise ReleaseNotFoundError(what, attempts)
@@ -84,23 +100,26 @@ class ReleaseResolver:
         s = self.settings
         return load_policy(s.trusted_keys, s.threshold, s.allow_downgrade)
 
-    async def _verified_index(
-        self, reader: ReleaseReader, sources: Sequence[Source]
-    ) -> VerifiedIndex:
+    async def _read_platform(
+        self, reader: ReleaseReader, sources: Sequence[Source], platform: tuple[str, str]
+    ) -> PendingPlatform:
         tag = self.settings.tag
-        cached = self._indexes.get(tag)
-        if cached is not None and cached.source == reader.source.name:
-            return cached
-        floating = self.settings.floating
-        state = self.rollback_state(sources) if floating else None
-        verified = await reader.read(tag, rollback=state)
-        if state is not None and verified.created:
-            accepted = RollbackState(
-                verified.created, verified.version, verified.digest, reader.source.name
-            )
-            self.store.write_state(TAG_STATE_PREFIX + tag, state.after(accepted).to_json())
-        self._indexes[tag] = verified
-        return verified
+        state = self.rollback_state(sources) if self.settings.floating else None
+        pending = await reader.read_platform(tag, platform, rollback=state, fallbacks=sources)
+
+        async def accepted() -> PlatformRelease:
+            part = await pending.verified
+            verified = part.release
+            if state is not None and verified.created:
+                now = RollbackState(
+                    verified.created, verified.version, verified.digest, reader.source.name
+                )
+                self.store.write_state(TAG_STATE_PREFIX + tag, state.after(now).to_json())
+            self._indexes[tag] = verified
+            self._platforms[(tag, *platform)] = part
+            return part
+
+        return dataclasses.replace(pending, verified=asyncio.ensure_future(accepted()))
 
     def rollback_state(self, sources: Sequence[Source] = ()) -> RollbackState:
         """What was accepted before under the asked tag, from any source: this tag's
@@ -109,3 +128,13 @@ class ReleaseResolver:
         keys = [TAG_STATE_PREFIX + self.settings.tag]
         keys += [TRUST_STATE_PREFIX + s.key for s in sources]
         return RollbackState.newest(RollbackState.from_json(self.store.read_state(k)) for k in keys)
+
+
+def _settled(part: PlatformRelease) -> PendingPlatform:
+    """An accepted manifest as a pending one whose verdict is already in."""
+    verdict: asyncio.Future[PlatformRelease] = asyncio.get_running_loop().create_future()
+    verdict.set_result(part)
+    return PendingPlatform(
+        part.release.source, part.release.version, part.platform, part.manifest_digest,
+        part.layers, verdict,
+    )  # fmt: skip
