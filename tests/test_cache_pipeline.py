@@ -137,6 +137,31 @@ async def test_interrupted_ranged_download_resumes_every_range(
     assert again.served <= fx.out.layer_size - got + 3 * 4 * CHUNK
 
 
+async def test_a_slow_stream_is_split_by_its_measured_rate_and_resumes(
+    root: Path, tmp_path: Path
+) -> None:
+    """A blob too small for ranges by size, coming slowly over one stream, gains a second
+    one from its measured rate (issue 18); the split is in the `.ranges` file, so an
+    interrupted download still resumes every range where it stopped."""
+    fx = random_fixture(tmp_path, 12 << 20)
+    size = fx.out.layer_size
+    assert size < 2 * download.RANGE_PART  # one range by the size rule
+    first = RangeOpener(fx.blob, delay=0.01)
+    task = asyncio.create_task(Store(root).ensure(fx.out, first))
+    while first.served < size // 2 and not task.done():
+        await asyncio.sleep(0.005)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert first.offsets[0] == 0 and len(first.offsets) >= 2, first.offsets
+    got = first.served
+
+    again = RangeOpener(fx.blob)
+    path = await Store(root).ensure(fx.out, again)
+    assert path.read_bytes() == fx.content
+    assert again.served <= size - got + 3 * len(again.offsets) * CHUNK
+
+
 async def test_a_source_ignoring_range_costs_one_stream(
     root: Path, tmp_path: Path, small_ranges: None
 ) -> None:
