@@ -25,6 +25,7 @@ from exec_sandbox_assets.base.errors import (
     SignatureError,
     TransportError,
 )
+from exec_sandbox_assets.cli.publish import KEY_PASSWORD_ENV, main
 from exec_sandbox_assets.oci.layout import LayoutReader
 from exec_sandbox_assets.oci.model import (
     ACCEPT_MANIFESTS,
@@ -37,7 +38,6 @@ from exec_sandbox_assets.oci.model import (
 )
 from exec_sandbox_assets.oci.registry_target import RegistryTarget
 from exec_sandbox_assets.publish import PublishRequest, make_sample_inputs, publish
-from exec_sandbox_assets.cli.publish import KEY_PASSWORD_ENV, main
 from exec_sandbox_assets.publish.compress import compress_file, inspect_zst
 from exec_sandbox_assets.publish.release_dir import (
     INDEX_FILE,

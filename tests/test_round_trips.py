@@ -21,7 +21,7 @@ from conftest import FaultProxyFactory
 from exec_sandbox_assets.oci.model import MEDIA_TYPE_MANIFEST
 from exec_sandbox_assets.release import catalog
 from releases import SampleRelease, publish_sample_release
-from servers import FaultProxy, RegistryServer, RequestRecord
+from servers import FaultProxy, RegistryServer, RequestRecord, request_rounds
 
 VERSION = "1.0.0"
 KERNEL = f"vmlinuz-{catalog.host_arch()}"
@@ -49,15 +49,6 @@ def configure(proxy: FaultProxy, repo: str, release: SampleRelease, tmp_path: Pa
         local_build_dir=tmp_path / "no-local-build",
     )
     return cache
-
-
-def rounds(records: list[RequestRecord]) -> list[tuple[int, RequestRecord]]:
-    """Each request with its round: 1 + the round of the latest one answered before it."""
-    out: list[tuple[int, RequestRecord]] = []
-    for record in sorted(records, key=lambda r: r.arrived):
-        before = [n for n, q in out if q.answered is not None and q.answered <= record.arrived]
-        out.append((1 + max(before, default=0), record))
-    return out
 
 
 def what(record: RequestRecord, release: SampleRelease) -> str:
@@ -91,7 +82,7 @@ async def test_the_first_blob_byte_comes_after_two_round_trips(
     path = await esa.fetch_kernel()
 
     assert path.read_bytes() == release.expected(KERNEL)
-    seen = [(n, what(r, release)) for n, r in rounds(proxy.requests)]
+    seen = [(n, what(r, release)) for n, r in request_rounds(proxy.requests)]
     assert seen[:3] == [(1, "index"), (2, "signature"), (2, "manifest")] or seen[:3] == [
         (1, "index"),
         (2, "manifest"),

@@ -45,6 +45,17 @@ class RequestRecord:
     answered: float | None = None
 
 
+def request_rounds(records: list[RequestRecord]) -> list[tuple[int, RequestRecord]]:
+    """Each request with its round trip: 1 + the round of the latest request answered
+    before it arrived (FaultProxy records, every answer held back by `stall_seconds`:
+    requests sent together share a round, one sent because of an answer comes later)."""
+    out: list[tuple[int, RequestRecord]] = []
+    for record in sorted(records, key=lambda r: r.arrived):
+        before = [n for n, q in out if q.answered is not None and q.answered <= record.arrived]
+        out.append((1 + max(before, default=0), record))
+    return out
+
+
 def loopback_upstream(upstream: str | HasHost) -> tuple[str, int]:
     """(address, port) of a loopback server; anything else is refused."""
     host = upstream if isinstance(upstream, str) else upstream.host
