@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -179,6 +179,7 @@ class ReleaseReader:
         *,
         rollback: RollbackState | None = None,
         fallbacks: Sequence[Source] = (),
+        policy: Awaitable[TrustPolicy | None] | None = None,
     ) -> PendingPlatform:
         """The platform manifest of the release under `tag`, as soon as it is read; its
         verdict (`verified`) follows when the signature chain, fetched meanwhile,
@@ -188,8 +189,18 @@ class ReleaseReader:
         The index is parsed before its signature verified, with the capped parser, only
         to find the manifest's digest and the version; the verdict is decided on the same
         bytes as `read` decides it. A signature this source cannot serve (a transport
-        error) is asked of `fallbacks`: it is addressed by the index digest."""
-        data, digest, where = await self._fetch_index(tag)
+        error) is asked of `fallbacks`: it is addressed by the index digest. `policy`,
+        when given, is this reader's policy still being loaded (the keys parsed while
+        the index is on its way); it replaces the one the reader was made with."""
+        fetching = asyncio.ensure_future(self._fetch_index(tag))
+        if policy is not None:
+            try:
+                self.policy = await policy
+            except BaseException:
+                fetching.cancel()
+                await asyncio.gather(fetching, return_exceptions=True)
+                raise
+        data, digest, where = await fetching
         if self.policy is not None:  # no key: refused before anything more is fetched
             require_keys(self.policy, f"{where}: refusing unverified remote content")
         signing = asyncio.ensure_future(self._signature_for(digest, where, fallbacks))

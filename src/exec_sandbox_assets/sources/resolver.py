@@ -71,15 +71,36 @@ class ReleaseResolver:
         cache_key = (tag, *platform)
         if (hit := self._platforms.get(cache_key)) is not None:
             return _settled(hit)
-        policy = None if self.settings.insecure_skip_verify else self._policy()
+        # The keys are parsed (and the crypto stack imported) while the index is on its
+        # way: off the critical path of a cold pull.
+        loading = (
+            None
+            if self.settings.insecure_skip_verify
+            else asyncio.ensure_future(asyncio.to_thread(self._policy))
+        )
+        try:
+            return await self._first_source(sources, platform, loading)
+        finally:
+            if loading is not None and not loading.done():
+                loading.cancel()
+            elif loading is not None and not loading.cancelled():
+                loading.exception()  # retrieved: raised to a reader already, if any
+
+    async def _first_source(
+        self,
+        sources: Sequence[Source],
+        platform: tuple[str, str],
+        loading: asyncio.Future[TrustPolicy] | None,
+    ) -> PendingPlatform:
+        tag = self.settings.tag
         attempts: list[Attempt] = []
         for source in sources:
-            reader = ReleaseReader(source, policy)
+            reader = ReleaseReader(source, None)  # its policy: `loading`, once loaded
             try:
                 cached = self._indexes.get(tag)
                 if cached is not None and cached.source == source.name:
                     return _settled(await reader.platform(cached, platform))
-                pending = await self._read_platform(reader, sources, platform)
+                pending = await self._read_platform(reader, sources, platform, loading)
             except TransportError as exc:
                 log.warning(
                     "release %s: source %s failed, trying the next one: %s",
@@ -101,11 +122,17 @@ class ReleaseResolver:
         return load_policy(s.trusted_keys, s.threshold, s.allow_downgrade)
 
     async def _read_platform(
-        self, reader: ReleaseReader, sources: Sequence[Source], platform: tuple[str, str]
+        self,
+        reader: ReleaseReader,
+        sources: Sequence[Source],
+        platform: tuple[str, str],
+        loading: asyncio.Future[TrustPolicy] | None,
     ) -> PendingPlatform:
         tag = self.settings.tag
         state = self.rollback_state(sources) if self.settings.floating else None
-        pending = await reader.read_platform(tag, platform, rollback=state, fallbacks=sources)
+        pending = await reader.read_platform(
+            tag, platform, rollback=state, fallbacks=sources, policy=loading
+        )
 
         async def accepted() -> PlatformRelease:
             part = await pending.verified
