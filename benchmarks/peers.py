@@ -56,6 +56,7 @@ import json
 import os
 import platform
 import random
+import resource
 import shutil
 import signal
 import socket
@@ -526,10 +527,23 @@ def run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
     return proc
 
 
+# CPU seconds (user + system) of the child processes each `_timed` call ran, latest last:
+# a figure the machine's load moves far less than the wall time.
+CHILD_CPU: list[float] = []
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _timed(fn: Callable[[], object]) -> float:
+    cpu = _children_cpu()
     t = time.perf_counter()
     fn()
-    return time.perf_counter() - t
+    took = time.perf_counter() - t
+    CHILD_CPU.append(_children_cpu() - cpu)
+    return took
 
 
 def _platform_manifest(registry_url: str, repo: str) -> tuple[str, dict[str, Any]]:
@@ -946,6 +960,7 @@ def run_link(
         full["ours: pull --all from releases folder (verified)"] = lambda: pull_ours_releases(via)
         kernel["ours: ensure_assets() from registry (verified)"] = lambda: ensure_ours(via)
         times: dict[str, list[float]] = {m: [] for m in [*full, *kernel]}
+        cpu: dict[str, list[float]] = {m: [] for m in [*full, *kernel]}
         for _ in range(reps):
             for group, only in ((full, ()), (kernel, KERNEL_ONLY)):
                 for name, fn in group.items():
@@ -955,6 +970,7 @@ def run_link(
                         check = only if "0.22.0" not in name else KERNEL_ONLY[1:]
                         via.check_outputs(via.last, check)
                         times[name].append(took)
+                        cpu[name].append(CHILD_CPU[-1])
                     except Exception as exc:
                         print(f"  link {name}: FAILED: {exc}", flush=True)
                     if via.last is not None:
@@ -967,8 +983,8 @@ def run_link(
         "total_mb_s": link.total / MB,
         "floor_full_s": link.floor(b.compressed_bytes, FLOOR_ROUND_TRIPS),
         "floor_kernel_s": link.floor(kernel_bytes, FLOOR_ROUND_TRIPS),
-        "full": {m: {"median_s": _median(times[m]), "runs_s": times[m]} for m in full},
-        "kernel": {m: {"median_s": _median(times[m]), "runs_s": times[m]} for m in kernel},
+        "full": {m: _row(times[m], cpu[m]) for m in full},
+        "kernel": {m: _row(times[m], cpu[m]) for m in kernel},
     }
 
 
@@ -1014,6 +1030,10 @@ def print_round_trips(label: str, x: dict[str, Any]) -> None:
     )
 
 
+def _row(times: list[float], cpu: list[float]) -> dict[str, Any]:
+    return {"median_s": _median(times), "runs_s": times, "cpu_s": _median(cpu), "cpu_runs_s": cpu}
+
+
 def print_link(x: dict[str, Any]) -> None:
     print(f"\nlink: {x['profile']}")
     for part, floor in (("full", x["floor_full_s"]), ("kernel", x["floor_kernel_s"])):
@@ -1021,10 +1041,11 @@ def print_link(x: dict[str, Any]) -> None:
         legacy = next((v for k, v in rows.items() if "0.22.0" in k), float("nan"))
         what = "cold pull, all layers" if part == "full" else "ensure_assets(), no base image"
         width = max(len(k) for k in rows) + 2
-        print(f"{what:<{width}} {'median s':>9} {'vs floor':>9} {'vs 0.22.0':>10}")
+        print(f"{what:<{width}} {'median s':>9} {'vs floor':>9} {'vs 0.22.0':>10} {'CPU s':>6}")
         for name, secs in rows.items():
             vs = f"{legacy / secs:>9.2f}x" if legacy == legacy else f"{'-':>10}"
-            print(f"{name:<{width}} {secs:>9.2f} {secs / floor:>8.2f}x {vs}")
+            cpu = x[part][name].get("cpu_s", float("nan"))
+            print(f"{name:<{width}} {secs:>9.2f} {secs / floor:>8.2f}x {vs} {cpu:>6.2f}")
         print(f"{'floor (bytes / total rate + 4 round trips)':<{width}} {floor:>9.2f}")
 
 
@@ -1511,6 +1532,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         methods["ours: pull --all from releases folder (verified)"] = lambda: pull_ours_releases(b)
         times: dict[str, list[float]] = {m: [] for m in methods}
+        cpu: dict[str, list[float]] = {m: [] for m in methods}
         for rep in range(0 if args.link_only else args.reps):
             for name, fn in methods.items():
                 try:
@@ -1518,6 +1540,7 @@ def main(argv: list[str] | None = None) -> int:
                     assert b.last is not None
                     b.check_outputs(b.last)
                     times[name].append(took)
+                    cpu[name].append(CHILD_CPU[-1])
                 except Exception as exc:
                     print(f"  {name}: FAILED: {exc}", flush=True)
                 # Keep only the last cache of ours and of 0.22.0 (for warm/disk).
@@ -1527,8 +1550,7 @@ def main(argv: list[str] | None = None) -> int:
                     if p not in ours_caches and p not in legacy_caches:
                         shutil.rmtree(p)
             print(f"rep {rep + 1}/{args.reps} done", flush=True)
-        cold = {m: _median(t) for m, t in times.items()}
-        results["cold"] = {m: {"median_s": cold[m], "runs_s": times[m]} for m in methods}
+        results["cold"] = {m: _row(times[m], cpu[m]) for m in methods}
         results["link_only"] = args.link_only
         results["round_trips"] = {"ours": count_round_trips(b)}
         if args.baseline_src is not None:
@@ -1676,14 +1698,18 @@ def print_report(r: dict[str, Any]) -> None:
     legacy = next((v for k, v in cold.items() if k.startswith("exec-sandbox")), float("nan"))
     width = max(len(k) for k in cold)
     print(f"\n{'cold pull, all layers':<{width}} {'median s':>9} {'MB/s out':>9} "
-          f"{'vs shell':>9} {'vs 0.22.0':>10}")  # fmt: skip
+          f"{'vs shell':>9} {'vs 0.22.0':>10} {'CPU s':>6}")  # fmt: skip
     for name, secs in cold.items():
         vs_legacy = f"{legacy / secs:>9.2f}x" if legacy == legacy else f"{'-':>10}"
+        cpu = r["cold"][name].get("cpu_s", float("nan"))
         print(
             f"{name:<{width}} {secs:>9.2f} {rel['decompressed_mb'] / secs:>9.0f} "
-            f"{secs / shell:>8.2f}x {vs_legacy}"
+            f"{secs / shell:>8.2f}x {vs_legacy} {cpu:>6.2f}"
         )
-    print("  (vs shell: time / shell time, lower is better; vs 0.22.0: 0.22.0 time / time)")
+    print(
+        "  (vs shell: time / shell time, lower is better; vs 0.22.0: 0.22.0 time / time;"
+        " CPU s: user + system of the command's processes, median)"
+    )
     if "cli_startup_s" in r:
         print(
             f"  (ours includes a Python start: `exec-sandbox-assets --help` takes "

@@ -67,6 +67,10 @@ RANGE_STALL = 8 << 20
 # still take SPLIT_AFTER seconds and FIRST_BYTES times its first-byte time.
 SPLIT_TICK = 0.05
 MIN_SPLIT = 4 << 20
+# Splitting stops at this many unfinished ranges (the plan may have more): each range
+# in flight is what a kill loses (the resume figure), and on a link whose total rate is
+# the bottleneck more streams only share it.
+SPLIT_LIMIT = 4
 SPLIT_AFTER = 0.25
 FIRST_BYTES = 4
 _RANGES_MAGIC = b"ESARNG1\0"
@@ -289,14 +293,14 @@ async def _split_slow_ranges(
     tasks: list[asyncio.Task[None]],
 ) -> None:
     """Split a running range in two while its measured rate says another connection
-    would pay for itself (module docstring); up to `MAX_RANGES` ranges."""
+    would pay for itself (module docstring); up to `SPLIT_LIMIT` unfinished ranges."""
     loop = asyncio.get_running_loop()
     while True:
         await asyncio.sleep(SPLIT_TICK)
         now = loop.time()
         running = [r for r in filling.ranges if r.pos < r.end and r.first and r.task]
         for r in sorted(running, key=lambda r: r.pos - r.end):  # most left first
-            if sum(1 for x in filling.ranges if x.pos < x.end) >= MAX_RANGES:
+            if sum(1 for x in filling.ranges if x.pos < x.end) >= SPLIT_LIMIT:
                 break
             left, took = r.end - r.pos, now - r.first
             if left < 2 * MIN_SPLIT or took < SPLIT_TICK or not r.got:
