@@ -162,6 +162,32 @@ async def test_a_slow_stream_is_split_by_its_measured_rate_and_resumes(
     assert again.served <= size - got + 3 * len(again.offsets) * CHUNK
 
 
+class SharedRateOpener(RangeOpener):
+    """Every stream takes turns (one lock): the source's total rate, not a connection's,
+    is the bottleneck, so another stream cannot make the blob come faster."""
+
+    def __init__(self, path: Path, delay: float) -> None:
+        super().__init__(path)
+        self.turn = asyncio.Lock()
+        self.pause = delay
+
+    async def _chunks(self, offset: int) -> AsyncIterator[bytes]:
+        async for chunk in super()._chunks(offset):
+            async with self.turn:
+                await asyncio.sleep(self.pause)
+            yield chunk
+
+
+async def test_splitting_stops_when_another_stream_brings_nothing(
+    root: Path, tmp_path: Path
+) -> None:
+    fx = random_fixture(tmp_path, 24 << 20)  # halves big enough to split again
+    opener = SharedRateOpener(fx.blob, delay=0.004)
+    path = await Store(root).ensure(fx.out, opener)
+    assert path.read_bytes() == fx.content
+    assert len(opener.offsets) == 2, opener.offsets  # one split tried, then no more
+
+
 async def test_a_source_ignoring_range_costs_one_stream(
     root: Path, tmp_path: Path, small_ranges: None
 ) -> None:

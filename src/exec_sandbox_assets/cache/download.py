@@ -13,8 +13,10 @@ contiguous, so hashing and decompression follow the download instead of waiting 
 - Whatever the plan, a range is split in two while it runs when its measured rate says
   it would still take longer than `SPLIT_AFTER` and a few of its first-byte times (the
   cost of another connection): on a link that caps each connection, a blob of a few MB
-  gains a second stream; on an uncapped one it finishes before any split. A small blob
-  keeps one stream and shares the pool's connections with the others.
+  gains a second stream; on an uncapped one it finishes before any split. One split at
+  a time, and only while each made the blob come faster (`SPLIT_GAIN`): when the link's
+  total or this machine's CPU is the bottleneck, more streams would only cost. A small
+  blob keeps one stream and shares the pool's connections with the others.
 - A body that broke off after making progress is reopened at the new offset, up to
   `MAX_RESUMES` times per range with exponential backoff: moving on to the next source,
   or failing, would waste what this one just sent.
@@ -67,6 +69,10 @@ RANGE_STALL = 8 << 20
 # still take SPLIT_AFTER seconds and FIRST_BYTES times its first-byte time.
 SPLIT_TICK = 0.05
 MIN_SPLIT = 4 << 20
+# A split is kept up only if the blob's rate over SPLIT_WINDOW seconds after the new
+# stream's first byte is SPLIT_GAIN times what it was before; otherwise no more splits.
+SPLIT_WINDOW = 0.2
+SPLIT_GAIN = 1.2
 # Splitting stops at this many unfinished ranges (the plan may have more): each range
 # in flight is what a kill loses (the resume figure), and on a link whose total rate is
 # the bottleneck more streams only share it.
@@ -295,19 +301,41 @@ async def _split_slow_ranges(
     """Split a running range in two while its measured rate says another connection
     would pay for itself (module docstring); up to `SPLIT_LIMIT` unfinished ranges."""
     loop = asyncio.get_running_loop()
+    seen: list[tuple[float, int]] = []  # (time, bytes on disk) at each tick
+    trial: tuple[_Range, float] | None = None  # the last split and the rate before it
     while True:
         await asyncio.sleep(SPLIT_TICK)
         now = loop.time()
+        seen.append((now, filling.have))
+        if trial is not None:
+            new, before = trial
+            if not new.first or now - new.first < SPLIT_WINDOW:
+                continue  # the new stream has not shown what it adds yet
+            if _rate(seen) < SPLIT_GAIN * before:
+                # Another stream did not make the blob come faster: the bottleneck is
+                # not the connection (the link's total, or this machine's CPU).
+                return
+            trial = None
         running = [r for r in filling.ranges if r.pos < r.end and r.first and r.task]
         for r in sorted(running, key=lambda r: r.pos - r.end):  # most left first
             if sum(1 for x in filling.ranges if x.pos < x.end) >= SPLIT_LIMIT:
                 break
             left, took = r.end - r.pos, now - r.first
-            if left < 2 * MIN_SPLIT or took < SPLIT_TICK or not r.got:
+            if left < 2 * MIN_SPLIT or took < SPLIT_WINDOW or not r.got:
                 continue
             if left * took / r.got < max(SPLIT_AFTER, FIRST_BYTES * (r.first - r.opened)):
                 continue
-            tasks.append(start(_split(filling, r, partial)))
+            new = _split(filling, r, partial)
+            tasks.append(start(new))
+            trial = (new, _rate(seen))
+            break  # one at a time: each split must pay before the next
+
+
+def _rate(seen: list[tuple[float, int]]) -> float:
+    """Bytes/s over the last SPLIT_WINDOW seconds of `seen`."""
+    now, have = seen[-1]
+    then, had = next(((t, h) for t, h in reversed(seen) if now - t >= SPLIT_WINDOW), seen[0])
+    return (have - had) / (now - then) if now > then else 0.0
 
 
 def _split(filling: Filling, r: _Range, partial: Path) -> _Range:
