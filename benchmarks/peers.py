@@ -47,13 +47,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
+import dataclasses
 import datetime as dt
 import hashlib
 import json
 import os
 import platform
 import random
+import resource
 import shutil
 import signal
 import socket
@@ -73,7 +76,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "tests"))  # ser
 
 import exec_sandbox_assets as esa
 from exec_sandbox_assets.release import catalog
-from servers import RegistryServer, StaticServer
+from servers import FaultProxy, RegistryServer, StaticServer, request_rounds
 
 ROOT = Path(__file__).resolve().parent.parent
 MB = 1_000_000
@@ -261,6 +264,175 @@ class Proxy:
 
 
 # ---------------------------------------------------------------------------
+# A link: round trip, per-connection and total rates (the kernel here has no netem)
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LinkProfile:
+    """`--link RTT:PER_CONN:TOTAL`: round trip in ms, rates in MB/s."""
+
+    rtt: float  # seconds
+    per_conn: float  # bytes/s
+    total: float  # bytes/s
+
+    @classmethod
+    def parse(cls, text: str) -> LinkProfile:
+        try:
+            rtt, per_conn, total = (float(x) for x in text.removesuffix("ms").split(":"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"--link {text!r}: expected RTT_MS:PER_CONN_MB_S:TOTAL_MB_S, e.g. 50:25:125"
+            ) from None
+        if rtt < 0 or per_conn <= 0 or total <= 0:
+            raise argparse.ArgumentTypeError(f"--link {text!r}: rates must be > 0, RTT >= 0")
+        return cls(rtt / 1000, per_conn * MB, total * MB)
+
+    @property
+    def name(self) -> str:
+        return f"{self.rtt * 1000:.0f} ms, {self.per_conn / MB:.0f} MB/s per connection, " \
+            f"{self.total / MB:.0f} MB/s total"  # fmt: skip
+
+    def floor(self, nbytes: int, round_trips: int) -> float:
+        """The least time any client needs: the bytes at the total rate, plus the round
+        trips the protocol needs before the first byte (a connection's included)."""
+        return nbytes / self.total + round_trips * self.rtt
+
+
+class _Pacer:
+    """When the next bytes may leave, at `rate` bytes/s (shared by a link's connections
+    for the total rate, one per connection for its own)."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.free = 0.0
+        self.lock = threading.Lock()
+
+
+class LinkProxy:
+    """127.0.0.1:port -> 127.0.0.1:upstream through a simulated link: every piece of data
+    leaves half a round trip after it came in, in each direction; a new connection's
+    first request waits a round trip more (the TCP handshake a real link costs); data
+    leaves each connection at most at `per_conn` and all connections of `pacers` together
+    at `total` bytes/s. A connection holds at most about a bandwidth-delay product in
+    flight, as a TCP window would."""
+
+    PIECE = 64 * 1024
+
+    def __init__(self, upstream_port: int, link: LinkProfile, total: _Pacer) -> None:
+        self.upstream_port = upstream_port
+        self.link = link
+        self.total = total
+        self.connections = 0
+        self.bytes_down = 0
+        self._lock = threading.Lock()
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._sock.getsockname()[1]
+        self._stopped = False
+        self._open: set[socket.socket] = set()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._window = max(256 * 1024, int(2 * link.per_conn * max(link.rtt, 0.01)))
+
+    def __enter__(self) -> LinkProxy:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stopped = True
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+        with self._lock:
+            for s in list(self._open):
+                with contextlib.suppress(OSError):
+                    s.close()
+        self._thread.join(5)
+
+    def _accept(self) -> None:
+        while not self._stopped:
+            try:
+                client, _ = self._sock.accept()
+            except OSError:
+                return
+            accepted = time.monotonic()
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            except OSError:
+                client.close()
+                continue
+            for sock in (client, upstream):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+            with self._lock:
+                self.connections += 1
+                self._open.update((client, upstream))
+            # Upstream: the handshake's round trip before the first byte can be sent.
+            self._pipe(client, upstream, False, accepted + self.link.rtt)
+            self._pipe(upstream, client, True, 0.0)
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, down: bool, not_before: float) -> None:
+        queue: collections.deque[tuple[float, bytes]] = collections.deque()
+        cond = threading.Condition()
+        queued = [0]
+        half = self.link.rtt / 2
+
+        def receive() -> None:
+            try:
+                while data := src.recv(self.PIECE):
+                    due = max(time.monotonic(), not_before) + half
+                    with cond:
+                        while queued[0] > self._window and not self._stopped:
+                            cond.wait(0.05)
+                        queue.append((due, data))
+                        queued[0] += len(data)
+                        cond.notify_all()
+            except OSError:
+                pass
+            with cond:
+                queue.append((time.monotonic() + half, b""))
+                cond.notify_all()
+
+        def send() -> None:
+            own = _Pacer(self.link.per_conn)
+            try:
+                while True:
+                    with cond:
+                        while not queue:
+                            cond.wait()
+                        due, data = queue.popleft()
+                        queued[0] -= len(data)
+                        cond.notify_all()
+                    if (wait := due - time.monotonic()) > 0:
+                        time.sleep(wait)
+                    if not data:
+                        break
+                    if down:  # requests are small: only the answers are paced
+                        at = self._reserve(own, len(data))
+                        if (wait := at - time.monotonic()) > 0:
+                            time.sleep(wait)
+                    dst.sendall(data)
+                    if down:
+                        with self._lock:
+                            self.bytes_down += len(data)
+            except OSError:
+                pass
+            finally:
+                with contextlib.suppress(OSError):
+                    dst.shutdown(socket.SHUT_WR)
+
+        threading.Thread(target=receive, daemon=True).start()
+        threading.Thread(target=send, daemon=True).start()
+
+    def _reserve(self, own: _Pacer, n: int) -> float:
+        """When `n` bytes may leave: after this connection's and the link's earlier bytes."""
+        with self.total.lock:
+            at = max(time.monotonic(), own.free, self.total.free)
+            own.free = at + n / own.rate
+            self.total.free = at + n / self.total.rate
+            return at
+
+
+# ---------------------------------------------------------------------------
 # The bench context
 # ---------------------------------------------------------------------------
 
@@ -302,9 +474,12 @@ class Bench:
         self.last = path
         return path
 
-    def check_outputs(self, directory: Path) -> None:
-        """Every layer's decompressed file is under `directory` with its content size."""
+    def check_outputs(self, directory: Path, only: tuple[str, ...] = ()) -> None:
+        """Every layer's (or `only` those outputs') decompressed file is under `directory`
+        with its content size."""
         for x in self.layers:
+            if only and x.output not in only:
+                continue
             sizes = {p.stat().st_size for p in directory.rglob(x.output) if p.is_file()}
             if x.content_size not in sizes:
                 raise RuntimeError(f"{x.output}: no file of {x.content_size} bytes in {directory}")
@@ -318,20 +493,22 @@ class Bench:
         return sum(lyr.content_size for lyr in self.layers)
 
 
-def compile_package() -> None:
+def compile_package(src: Path = ROOT / "src") -> None:
     """Byte-compile the package, as `pip install` does: with PYTHONDONTWRITEBYTECODE set
     (some machines set it) every run of ours would otherwise compile its ~55 modules
     again, 50-100 ms that no installed copy pays (0.22.0's venv was compiled by pip).
     The bytecode goes where Python looks for it (`__pycache__`, or PYTHONPYCACHEPREFIX)."""
     import compileall
 
-    compileall.compile_dir(ROOT / "src" / "exec_sandbox_assets", quiet=1)
+    compileall.compile_dir(src / "exec_sandbox_assets", quiet=1)
 
 
-def _child_env() -> dict[str, str]:
+def _child_env(src: Path | None = None) -> dict[str, str]:
+    """The environment of a child running this checkout's package, or the one under
+    `src` (`--baseline-src`: the "before" rows)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("EXEC_SANDBOX_")}
     env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(ROOT / "src"), env.get("PYTHONPATH", "")) if p
+        p for p in (str(src or ROOT / "src"), env.get("PYTHONPATH", "")) if p
     )
     return env
 
@@ -350,10 +527,23 @@ def run(cmd: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
     return proc
 
 
+# CPU seconds (user + system) of the child processes each `_timed` call ran, latest last:
+# a figure the machine's load moves far less than the wall time.
+CHILD_CPU: list[float] = []
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _timed(fn: Callable[[], object]) -> float:
+    cpu = _children_cpu()
     t = time.perf_counter()
     fn()
-    return time.perf_counter() - t
+    took = time.perf_counter() - t
+    CHILD_CPU.append(_children_cpu() - cpu)
+    return took
 
 
 def _platform_manifest(registry_url: str, repo: str) -> tuple[str, dict[str, Any]]:
@@ -505,11 +695,12 @@ def _pull_args(b: Bench, cache: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def pull_ours_registry(b: Bench, keep: list[Path] | None = None) -> float:
+def pull_ours_registry(b: Bench, keep: list[Path] | None = None, src: Path | None = None) -> float:
     cache = b.fresh("ours-reg")
     if keep is not None:
         keep.append(cache)
-    return _timed(lambda: run([*CLI, *_pull_args(b, cache), "--registry", b.ref]))
+    cmd = [*CLI, *_pull_args(b, cache), "--registry", b.ref]
+    return _timed(lambda: run(cmd, env=_child_env(src)))
 
 
 def pull_ours_releases(b: Bench) -> float:
@@ -587,7 +778,14 @@ async def warm(n):
     print(json.dumps(out))
 
 
-asyncio.run(pull() if MODE == "pull" else warm(int(sys.argv[3])))
+async def kernel():
+    await assets.ensure_registry_loaded()
+    await assets.ensure_assets()  # kernel, initramfs and gvproxy: no base image
+
+
+asyncio.run(
+    pull() if MODE == "pull" else kernel() if MODE == "kernel" else warm(int(sys.argv[3]))
+)
 '''
 
 
@@ -646,6 +844,15 @@ def pull_legacy(b: Bench, py: Path, keep: list[Path] | None = None) -> float:
     return _timed(lambda: run(cmd, env=_legacy_env(cache), cwd=cache))
 
 
+def legacy_kernel(b: Bench, py: Path) -> float:
+    """0.22.0's `ensure_assets()` on an empty cache: kernel, initramfs, gvproxy."""
+    cache = b.fresh("legacy-kernel")
+    driver = b.tmp / "legacy_driver.py"
+    driver.write_text(_LEGACY_DRIVER)
+    cmd = [str(py), str(driver), b.static.url, "kernel"]
+    return _timed(lambda: run(cmd, env=_legacy_env(cache), cwd=cache))
+
+
 def legacy_warm(b: Bench, py: Path, cache: Path, n: int) -> dict[str, float]:
     out = run(
         [str(py), str(b.tmp / "legacy_driver.py"), b.static.url, "warm", str(n)],
@@ -654,6 +861,192 @@ def legacy_warm(b: Bench, py: Path, cache: Path, n: int) -> dict[str, float]:
     )
     result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
+
+
+# ---------------------------------------------------------------------------
+# Link profiles: the same pulls through a simulated link
+# ---------------------------------------------------------------------------
+
+# What ensure_assets() fetches without a language (ours and 0.22.0's): no base image.
+KERNEL_ONLY = ("vmlinuz-x86_64", "initramfs-x86_64", "gvproxy-wrapper-linux-amd64")
+BEFORE_FULL = "before (--baseline-src): pull --all from registry"
+BEFORE_KERNEL = "before (--baseline-src): ensure_assets() from registry"
+# Round trips before the first blob byte any client needs: a connection, the index,
+# the platform manifest (the signature alongside), the blob request.
+FLOOR_ROUND_TRIPS = 4
+
+
+@dataclass(frozen=True)
+class _Via:
+    """A server as seen through a LinkProxy (what the pull functions read of one)."""
+
+    port: int
+    root: Path
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}"
+
+    def ref(self, repo: str) -> str:
+        return f"{self.url}/{repo}"
+
+
+_ENSURE = """
+import asyncio, sys
+import exec_sandbox_assets as esa
+esa.configure(version=sys.argv[1], registry=sys.argv[2], trusted_keys=(sys.argv[3],),
+              airgap=True, cache_dir=sys.argv[4])
+asyncio.run(esa.ensure_assets(download=True))
+"""
+
+
+def ensure_ours(b: Bench, src: Path | None = None) -> float:
+    """`ensure_assets()` in a fresh process on an empty cache: no base image."""
+    cache = b.fresh("ours-kernel")
+    cmd = [sys.executable, "-c", _ENSURE, VERSION, b.ref, str(b.pub), str(cache)]
+    return _timed(lambda: run(cmd, env=_child_env(src)))
+
+
+def shell_kernel(b: Bench) -> float:
+    out = b.fresh("shell-kernel")
+    lines = [
+        f"{b.blob_url(x)} {out / x.output} {x.digest} {int(x.compressed)}"
+        for x in b.layers
+        if x.output in KERNEL_ONLY
+    ]
+    (out / "list").write_text("\n".join(lines) + "\n")
+    return _timed(lambda: run(["bash", "-c", _SHELL, "shell", str(out / "list")]))
+
+
+def run_link(
+    b: Bench, link: LinkProfile, reps: int, legacy: Path | None, baseline: Path | None
+) -> dict[str, Any]:
+    """Every cold pull, and the kernel-only ones, through `link` (methods interleaved)."""
+    total = _Pacer(link.total)
+    with (
+        LinkProxy(b.registry.port, link, total) as reg,
+        LinkProxy(b.static.port, link, total) as sta,
+    ):
+        via = dataclasses.replace(
+            b,
+            registry=_Via(reg.port, b.static.root),
+            static=_Via(sta.port, b.static.root),
+        )
+        via._n = b._n + 1000  # its own run directories
+        full: dict[str, Callable[[], float]] = {
+            "shell (curl+openssl+zstd, 4 parallel)": lambda: pull_shell(via),
+            "skopeo copy + zstd -d": lambda: pull_skopeo(via),
+        }
+        kernel: dict[str, Callable[[], float]] = {
+            "shell, the same 3 layers": lambda: shell_kernel(via),
+        }
+        if legacy is not None:
+            py = legacy
+            full[f"exec-sandbox {LEGACY_VERSION} (GitHub Releases path)"] = lambda: pull_legacy(
+                via, py
+            )
+            kernel[f"exec-sandbox {LEGACY_VERSION} ensure_assets()"] = lambda: legacy_kernel(
+                via, py
+            )
+        if baseline is not None:
+            base = baseline
+            full[BEFORE_FULL] = lambda: pull_ours_registry(via, src=base)
+            kernel[BEFORE_KERNEL] = lambda: ensure_ours(via, src=base)
+        full["ours: pull --all from registry (verified)"] = lambda: pull_ours_registry(via)
+        full["ours: pull --all from releases folder (verified)"] = lambda: pull_ours_releases(via)
+        kernel["ours: ensure_assets() from registry (verified)"] = lambda: ensure_ours(via)
+        times: dict[str, list[float]] = {m: [] for m in [*full, *kernel]}
+        cpu: dict[str, list[float]] = {m: [] for m in [*full, *kernel]}
+        for _ in range(reps):
+            for group, only in ((full, ()), (kernel, KERNEL_ONLY)):
+                for name, fn in group.items():
+                    try:
+                        took = fn()
+                        assert via.last is not None
+                        check = only if "0.22.0" not in name else KERNEL_ONLY[1:]
+                        via.check_outputs(via.last, check)
+                        times[name].append(took)
+                        cpu[name].append(CHILD_CPU[-1])
+                    except Exception as exc:
+                        print(f"  link {name}: FAILED: {exc}", flush=True)
+                    if via.last is not None:
+                        shutil.rmtree(via.last, ignore_errors=True)
+        kernel_bytes = sum(x.size for x in b.layers if x.output in KERNEL_ONLY)
+    return {
+        "profile": link.name,
+        "rtt_s": link.rtt,
+        "per_conn_mb_s": link.per_conn / MB,
+        "total_mb_s": link.total / MB,
+        "floor_full_s": link.floor(b.compressed_bytes, FLOOR_ROUND_TRIPS),
+        "floor_kernel_s": link.floor(kernel_bytes, FLOOR_ROUND_TRIPS),
+        "full": {m: _row(times[m], cpu[m]) for m in full},
+        "kernel": {m: _row(times[m], cpu[m]) for m in kernel},
+    }
+
+
+ROUND_TRIP_DELAY = 0.3  # s each answer is held back while round trips are counted
+
+
+def count_round_trips(b: Bench, src: Path | None = None) -> dict[str, Any]:
+    """Round trips of a kernel-only `ensure_assets()` through a FaultProxy holding every
+    answer back ROUND_TRIP_DELAY s: which requests go in which round (load-independent:
+    requests sent together share a round). Rounds before the first layer request = round
+    trips before the first blob byte, a connection's handshake not counted."""
+    layers = {x.digest for x in b.layers}
+    with FaultProxy(b.registry) as proxy:
+        proxy.stall_seconds = ROUND_TRIP_DELAY
+        via = dataclasses.replace(b, registry=_Via(proxy.port, b.static.root))
+        via._n = b._n + 5000 + (0 if src is None else 100)
+        ensure_ours(via, src)
+        seen = request_rounds(proxy.requests)
+
+    def role(path: str) -> str:
+        kind, _, ref = path.rpartition("/")
+        if kind.endswith("/manifests"):
+            return "index" if ref == f"v{VERSION}" else "signature" if ".sig" in ref else "manifest"
+        return "layer" if ref in layers else "payload"
+
+    rounds: dict[int, list[str]] = {}
+    for n, record in seen:
+        rounds.setdefault(n, []).append(role(record.path))
+    first = min((n for n, names in rounds.items() if "layer" in names), default=0)
+    return {
+        "before_first_blob": first - 1,
+        "rounds": {n: sorted(set(names)) for n, names in sorted(rounds.items())},
+        "requests": len(seen),
+        "connections": proxy.connections,
+    }
+
+
+def print_round_trips(label: str, x: dict[str, Any]) -> None:
+    shown = ", ".join(f"{n}: {'+'.join(names)}" for n, names in list(x["rounds"].items())[:4])
+    print(
+        f"round trips before the first blob request ({label}): {x['before_first_blob']} "
+        f"({shown}; {x['requests']} requests, {x['connections']} connections)"
+    )
+
+
+def _row(times: list[float], cpu: list[float]) -> dict[str, Any]:
+    return {"median_s": _median(times), "runs_s": times, "cpu_s": _median(cpu), "cpu_runs_s": cpu}
+
+
+def print_link(x: dict[str, Any]) -> None:
+    print(f"\nlink: {x['profile']}")
+    for part, floor in (("full", x["floor_full_s"]), ("kernel", x["floor_kernel_s"])):
+        rows = {k: v["median_s"] for k, v in x[part].items()}
+        legacy = next((v for k, v in rows.items() if "0.22.0" in k), float("nan"))
+        what = "cold pull, all layers" if part == "full" else "ensure_assets(), no base image"
+        width = max(len(k) for k in rows) + 2
+        print(f"{what:<{width}} {'median s':>9} {'vs floor':>9} {'vs 0.22.0':>10} {'CPU s':>6}")
+        for name, secs in rows.items():
+            vs = f"{legacy / secs:>9.2f}x" if legacy == legacy else f"{'-':>10}"
+            cpu = x[part][name].get("cpu_s", float("nan"))
+            print(f"{name:<{width}} {secs:>9.2f} {secs / floor:>8.2f}x {vs} {cpu:>6.2f}")
+        print(f"{'floor (bytes / total rate + 4 round trips)':<{width}} {floor:>9.2f}")
 
 
 # ---------------------------------------------------------------------------
@@ -1039,6 +1432,7 @@ def _machine() -> dict[str, Any]:
         "nproc": os.cpu_count(),
         "cpu": model,
         "python": platform.python_version(),
+        "load": " ".join(f"{x:.1f}" for x in os.getloadavg()),
     }
 
 
@@ -1077,6 +1471,24 @@ def main(argv: list[str] | None = None) -> int:
         help="blob size for the throttled-link run (x --scale)",
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--link",
+        type=LinkProfile.parse,
+        action="append",
+        default=[],
+        metavar="RTT:PER_CONN:TOTAL",
+        help="also pull through a simulated link: round trip in ms, MB/s per connection "
+        "and in total (e.g. 50:25:125 and 150:10:60); may be repeated",
+    )
+    parser.add_argument(
+        "--link-only", action="store_true", help="only the link runs (no loopback figures)"
+    )
+    parser.add_argument(
+        "--baseline-src",
+        type=Path,
+        help="another checkout's src/ (e.g. main's): adds its registry pull as 'before' rows, "
+        "interleaved with ours",
+    )
     args = parser.parse_args(argv)
     for tool in ("docker-registry", "skopeo", "zstd", "curl", "openssl"):
         if shutil.which(tool) is None:
@@ -1084,6 +1496,8 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     compile_package()
+    if args.baseline_src is not None:
+        compile_package(args.baseline_src)
     results: dict[str, Any] = {"machine": _machine(), "scale": args.scale, "reps": args.reps}
     legacy = None if args.no_legacy else legacy_python()
     if args.no_legacy:
@@ -1110,18 +1524,23 @@ def main(argv: list[str] | None = None) -> int:
             methods[f"exec-sandbox {LEGACY_VERSION} (GitHub-like static server)"] = lambda: (
                 pull_legacy(b, py, legacy_caches)
             )
+        if args.baseline_src is not None:
+            base = args.baseline_src
+            methods[BEFORE_FULL] = lambda: pull_ours_registry(b, src=base)
         methods["ours: pull --all from registry (verified)"] = lambda: pull_ours_registry(
             b, ours_caches
         )
         methods["ours: pull --all from releases folder (verified)"] = lambda: pull_ours_releases(b)
         times: dict[str, list[float]] = {m: [] for m in methods}
-        for rep in range(args.reps):
+        cpu: dict[str, list[float]] = {m: [] for m in methods}
+        for rep in range(0 if args.link_only else args.reps):
             for name, fn in methods.items():
                 try:
                     took = fn()
                     assert b.last is not None
                     b.check_outputs(b.last)
                     times[name].append(took)
+                    cpu[name].append(CHILD_CPU[-1])
                 except Exception as exc:
                     print(f"  {name}: FAILED: {exc}", flush=True)
                 # Keep only the last cache of ours and of 0.22.0 (for warm/disk).
@@ -1131,8 +1550,15 @@ def main(argv: list[str] | None = None) -> int:
                     if p not in ours_caches and p not in legacy_caches:
                         shutil.rmtree(p)
             print(f"rep {rep + 1}/{args.reps} done", flush=True)
-        cold = {m: _median(t) for m, t in times.items()}
-        results["cold"] = {m: {"median_s": cold[m], "runs_s": times[m]} for m in methods}
+        results["cold"] = {m: _row(times[m], cpu[m]) for m in methods}
+        results["link_only"] = args.link_only
+        results["round_trips"] = {"ours": count_round_trips(b)}
+        if args.baseline_src is not None:
+            results["round_trips"]["before"] = count_round_trips(b, args.baseline_src)
+        results["links"] = []
+        for link in args.link:
+            results["links"].append(run_link(b, link, args.reps, legacy, args.baseline_src))
+            print(f"link {link.name} done", flush=True)
 
         extra: dict[str, Any] = {}
         steps: dict[str, Callable[[], Any]] = {}
@@ -1159,7 +1585,7 @@ def main(argv: list[str] | None = None) -> int:
             return {"ours_s": _median(ours), "zstd_T0_skopeo_s": _median(plain)}
 
         steps["publish"] = publish
-        for name, step in steps.items():
+        for name, step in {} if args.link_only else steps.items():
             try:
                 extra[name] = step()
             except Exception as exc:
@@ -1168,7 +1594,7 @@ def main(argv: list[str] | None = None) -> int:
             _clear([p for p in (b.tmp / "runs").iterdir() if p not in keep])
         results.update(extra)
     results["total_s"] = time.perf_counter() - started
-    results["targets"] = targets(results)
+    results["targets"] = [] if args.link_only else targets(results)
     print_report(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
@@ -1258,21 +1684,32 @@ def print_report(r: dict[str, Any]) -> None:
     print(
         f"{m['date']}, {m['nproc']} CPUs ({m['cpu']}), Python {m['python']}; scale {r['scale']}: "
         f"{rel['layers']} layers, {rel['compressed_mb']:.1f} MB compressed -> "
-        f"{rel['decompressed_mb']:.1f} MB; median of {r['reps']}"
+        f"{rel['decompressed_mb']:.1f} MB; median of {r['reps']}; load average "
+        f"{m['load']}"
     )
+    for label, x in r.get("round_trips", {}).items():
+        print_round_trips(label, x)
+    for link in r.get("links", []):
+        print_link(link)
+    if r.get("link_only"):
+        return
     cold = {k: v["median_s"] for k, v in r["cold"].items()}
     shell = next((v for k, v in cold.items() if k.startswith("shell")), float("nan"))
     legacy = next((v for k, v in cold.items() if k.startswith("exec-sandbox")), float("nan"))
     width = max(len(k) for k in cold)
     print(f"\n{'cold pull, all layers':<{width}} {'median s':>9} {'MB/s out':>9} "
-          f"{'vs shell':>9} {'vs 0.22.0':>10}")  # fmt: skip
+          f"{'vs shell':>9} {'vs 0.22.0':>10} {'CPU s':>6}")  # fmt: skip
     for name, secs in cold.items():
         vs_legacy = f"{legacy / secs:>9.2f}x" if legacy == legacy else f"{'-':>10}"
+        cpu = r["cold"][name].get("cpu_s", float("nan"))
         print(
             f"{name:<{width}} {secs:>9.2f} {rel['decompressed_mb'] / secs:>9.0f} "
-            f"{secs / shell:>8.2f}x {vs_legacy}"
+            f"{secs / shell:>8.2f}x {vs_legacy} {cpu:>6.2f}"
         )
-    print("  (vs shell: time / shell time, lower is better; vs 0.22.0: 0.22.0 time / time)")
+    print(
+        "  (vs shell: time / shell time, lower is better; vs 0.22.0: 0.22.0 time / time;"
+        " CPU s: user + system of the command's processes, median)"
+    )
     if "cli_startup_s" in r:
         print(
             f"  (ours includes a Python start: `exec-sandbox-assets --help` takes "

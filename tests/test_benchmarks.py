@@ -44,6 +44,16 @@ def run_benchmark(script: str, cwd: Path, *args: str) -> subprocess.CompletedPro
     )
 
 
+LINK_ROWS = (
+    "shell (curl+openssl+zstd, 4 parallel)",
+    "skopeo copy + zstd -d",
+    "ours: pull --all from registry (verified)",
+    "ours: pull --all from releases folder (verified)",
+    "shell, the same 3 layers",
+    "ours: ensure_assets() from registry (verified)",
+)
+
+
 def test_peers_benchmark_runs_at_tiny_scale(tmp_path: Path) -> None:
     out = tmp_path / "peers.json"
     proc = run_benchmark(
@@ -51,13 +61,22 @@ def test_peers_benchmark_runs_at_tiny_scale(tmp_path: Path) -> None:
         tmp_path,
         *("--scale", "0.01", "--reps", "1", "--no-legacy", "--warm-calls", "50"),
         *("--rss-mib", "200", "--json", str(out)),
+        # A link profile: every pull again through the simulated link.
+        *("--link", "20:50:200"),
     )
     assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout[-4000:]
     assert "FAILED" not in proc.stdout, proc.stdout
     assert "exec-sandbox 0.22.0: skipped (--no-legacy)" in proc.stdout
     for row in ROWS:
         assert row in proc.stdout, f"missing {row!r} in:\n{proc.stdout}"
+    assert "link: 20 ms, 50 MB/s per connection, 200 MB/s total" in proc.stdout
+    for row in (*LINK_ROWS, "floor (bytes / total rate + 4 round trips)"):
+        assert row in proc.stdout, f"missing link row {row!r} in:\n{proc.stdout}"
     results = json.loads(out.read_text())
+    (link,) = results["links"]
+    assert set(link["full"]) | set(link["kernel"]) == set(LINK_ROWS)
+    assert all(row["runs_s"] for part in ("full", "kernel") for row in link[part].values())
+    assert link["floor_full_s"] > 4 * 0.020
     assert set(results["cold"]) >= set(ROWS[:5])
     for key in ("warm_ours_us", "rss", "resume", "throttle", "disk", "publish"):
         assert key in results, key

@@ -28,7 +28,7 @@ from exec_sandbox_assets.base.errors import (
     CacheError,
 )
 from exec_sandbox_assets.cache import download
-from exec_sandbox_assets.cache.store import CacheTrust, Store
+from exec_sandbox_assets.cache.store import BlobRequest, CacheTrust, Store
 from exec_sandbox_assets.release import keys
 from exec_sandbox_assets.release.chunks import MIN_CHUNK_SIZE, ChunkDigests
 from exec_sandbox_assets.release.keyid import key_id_from_pem, key_ids_of_files
@@ -135,6 +135,57 @@ async def test_interrupted_ranged_download_resumes_every_range(
     # also counts a chunk in flight when cancelled and the chunk read past its end, in
     # each run: at most 3 chunks per range beyond the bytes still missing.
     assert again.served <= fx.out.layer_size - got + 3 * 4 * CHUNK
+
+
+async def test_a_slow_stream_is_split_by_its_measured_rate_and_resumes(
+    root: Path, tmp_path: Path
+) -> None:
+    """A blob too small for ranges by size, coming slowly over one stream, gains a second
+    one from its measured rate (issue 18); the split is in the `.ranges` file, so an
+    interrupted download still resumes every range where it stopped."""
+    fx = random_fixture(tmp_path, 12 << 20)
+    size = fx.out.layer_size
+    assert size < 2 * download.RANGE_PART  # one range by the size rule
+    first = RangeOpener(fx.blob, delay=0.01)
+    task = asyncio.create_task(Store(root).ensure(fx.out, first))
+    while first.served < size // 2 and not task.done():
+        await asyncio.sleep(0.005)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert first.offsets[0] == 0 and len(first.offsets) >= 2, first.offsets
+    got = first.served
+
+    again = RangeOpener(fx.blob)
+    path = await Store(root).ensure(fx.out, again)
+    assert path.read_bytes() == fx.content
+    assert again.served <= size - got + 3 * len(again.offsets) * CHUNK
+
+
+class SharedRateOpener(RangeOpener):
+    """Every stream takes turns (one lock): the source's total rate, not a connection's,
+    is the bottleneck, so another stream cannot make the blob come faster."""
+
+    def __init__(self, path: Path, delay: float) -> None:
+        super().__init__(path)
+        self.turn = asyncio.Lock()
+        self.pause = delay
+
+    async def _chunks(self, offset: int) -> AsyncIterator[bytes]:
+        async for chunk in super()._chunks(offset):
+            async with self.turn:
+                await asyncio.sleep(self.pause)
+            yield chunk
+
+
+async def test_splitting_stops_when_another_stream_brings_nothing(
+    root: Path, tmp_path: Path
+) -> None:
+    fx = random_fixture(tmp_path, 24 << 20)  # halves big enough to split again
+    opener = SharedRateOpener(fx.blob, delay=0.004)
+    path = await Store(root).ensure(fx.out, opener)
+    assert path.read_bytes() == fx.content
+    assert len(opener.offsets) == 2, opener.offsets  # one split tried, then no more
 
 
 async def test_a_source_ignoring_range_costs_one_stream(
@@ -255,19 +306,28 @@ async def test_a_bad_chunk_stops_the_install_at_that_chunk(root: Path, tmp_path:
     assert_nothing_installed(Store(root), fx)
 
 
-async def test_matching_chunks_do_not_replace_the_layer_digest(root: Path, tmp_path: Path) -> None:
-    """Chunks that match but add up to another blob (a publisher bug) are refused at the
-    end by the layer digest, before the output gets its final name."""
+async def test_chunks_covering_the_blob_stand_for_the_layer_digest(
+    root: Path, tmp_path: Path
+) -> None:
+    """Signed chunk digests covering every byte vouch for the blob as the layer digest
+    does (docs/format.md §4): an install checks them and the content digest, and does not
+    hash the layer again. A blob kept under its digest's name (`fetch_blob`) is still
+    checked against that digest: chunks that match but add up to another blob (a
+    publisher bug) are refused there."""
     fx = incompressible_fixture(tmp_path)
     other = zstandard.ZstdCompressor(level=1).compress(fx.content)  # same content
     assert other != fx.blob.read_bytes()
     served = tmp_path / "other.zst"
     served.write_bytes(other)
     out = replace(chunked(fx, other), layer_size=len(other))
+    req = BlobRequest(out.layer_digest, out.layer_size, out.source, out.chunks)
     with pytest.raises(AssetChecksumError) as info:
-        await Store(root).ensure(out, FileOpener(served))
+        await Store(root).fetch_blob(req, FileOpener(served))
     assert info.value.what == f"blob {out.layer_digest}"
     assert_nothing_installed(Store(root), fx)
+
+    path = await Store(root).ensure(out, FileOpener(served))
+    assert path.read_bytes() == fx.content  # the signed content, through signed chunks
 
 
 async def test_a_bomb_is_stopped_at_the_cap_when_a_thread_writes_the_output(

@@ -867,6 +867,7 @@ def test_store_module_imports_nothing_heavy() -> None:
         "exec_sandbox_assets.cache.content",
         "exec_sandbox_assets.cache.download",
         "exec_sandbox_assets.cache.files",
+        "exec_sandbox_assets.cache.gate",  # stdlib only: the signature gate
         "exec_sandbox_assets.cache.install",
         "exec_sandbox_assets.cache.listing",
         "exec_sandbox_assets.cache.locks",

@@ -6,9 +6,12 @@
 6. GitHub Releases.
 
 The warm path (steps 1-4) imports nothing of the network or crypto stack and hashes
-nothing. The cold path verifies the index signature, then every manifest by digest,
-then every blob by digest, then the decompressed content, before a file appears under
-its final name. Trust errors stop the fetch; transport errors move on to the next source.
+nothing. The cold path verifies the index signature, every manifest by digest, every
+blob by digest (or its signed chunk digests), then the decompressed content, before a
+file appears under its final name. The blobs start downloading as soon as the platform
+manifest is read, while the signature is still on its way; nothing of them is read for
+install before it verified (`cache.gate`). Trust errors stop the fetch; transport errors
+move on to the next source.
 
 Orchestration only: which release is accepted is decided by `release.policy.accept_index`,
 reached through the one `sources.reader.ReleaseReader`; sources come from a factory
@@ -18,6 +21,7 @@ reached through the one `sources.reader.ReleaseReader`; sources come from a fact
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 from collections.abc import Callable, Iterable, Sequence
@@ -34,6 +38,7 @@ from exec_sandbox_assets.base.errors import (
 from exec_sandbox_assets.cache import delta, legacy, space
 from exec_sandbox_assets.cache.content import ContentState
 from exec_sandbox_assets.cache.download import MAX_RESUMES
+from exec_sandbox_assets.cache.gate import Gate
 from exec_sandbox_assets.cache.refs import FLOATING_REF_PREFIX
 from exec_sandbox_assets.cache.space import SpacePlan
 from exec_sandbox_assets.cache.store import CacheTrust, OutputSpec, Store
@@ -46,7 +51,7 @@ from exec_sandbox_assets.release.workflows import trust_ids
 if TYPE_CHECKING:  # the cold path: imported when a fetch needs it (scheduler boot stays lean)
     from exec_sandbox_assets.release.documents import AssetLayer
     from exec_sandbox_assets.sources import Source
-    from exec_sandbox_assets.sources.reader import PlatformRelease, VerifiedIndex
+    from exec_sandbox_assets.sources.reader import PendingPlatform, PlatformRelease, VerifiedIndex
     from exec_sandbox_assets.sources.resolver import ReleaseResolver
 
 log = logging.getLogger(__name__)
@@ -212,6 +217,7 @@ class AssetClient:
         self, specs: Sequence[AssetSpec], progress: Progress | None
     ) -> dict[str, Path | BaseException]:
         sources = list(self.sources(self.settings))
+        parts: list[tuple[PendingPlatform, Gate, list[AssetSpec]]] = []
         try:
             if not sources:
                 raise AssetsNotFoundLocally(
@@ -219,14 +225,13 @@ class AssetClient:
                     self.searched_places(),
                     "no source is configured (offline or air-gapped, and no mirror)",
                 )
-            parts = [
-                (await self.platform_release(sources, platform), group)
-                for platform, group in _by_platform(specs, self.settings.host_os).items()
-            ]
-            jobs = [(part, spec) for part, group in parts for spec in group]
+            for platform, group in _by_platform(specs, self.settings.host_os).items():
+                part = await self.releases.pending_platform(sources, platform)
+                parts.append((part, _gate_of(part), group))
+            jobs = [(part, gate, spec) for part, gate, group in parts for spec in group]
             # Largest first: the longest install (a base image) starts at once, not after
             # the kernels; the small ones fill in around it.
-            jobs.sort(key=lambda job: -_layer_size(*job))
+            jobs.sort(key=lambda job: -_layer_size(job[0], job[2]))
             # Before the first byte: what does not fit is refused, smallest files first in.
             room = self._space_plan([(job[0], job[-1]) for job in jobs])
             refused = set(room.refused) if room else set()
@@ -237,17 +242,21 @@ class AssetClient:
             rebuild = asyncio.Lock()
             outcomes = await asyncio.gather(
                 *(
-                    self._fetch_one(sources, part, spec, limit, progress, rebuild)
-                    for part, spec in jobs
+                    self._fetch_one(sources, part, gate, spec, limit, progress, rebuild)
+                    for part, gate, spec in jobs
                 ),
                 return_exceptions=True,
             )
         except AssetError as exc:
             return {s.output_name: exc for s in specs}
         finally:
+            verdicts = [part.verified for part, _, _ in parts]
+            for verdict in verdicts:
+                verdict.cancel()  # a no-op once it is in
+            await asyncio.gather(*verdicts, return_exceptions=True)
             await asyncio.gather(*(s.aclose() for s in sources), return_exceptions=True)
         results: dict[str, Path | BaseException] = {}
-        for (_, spec), outcome in zip(jobs, outcomes, strict=True):
+        for (_, _, spec), outcome in zip(jobs, outcomes, strict=True):
             if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
                 raise outcome  # cancellation, KeyboardInterrupt: not a per-asset failure
             results[spec.output_name] = outcome
@@ -260,7 +269,7 @@ class AssetClient:
             self.store.write_state(FLOATING_REF_PREFIX + LATEST, ref)
         return results
 
-    def _space_plan(self, jobs: Sequence[tuple[PlatformRelease, AssetSpec]]) -> SpacePlan | None:
+    def _space_plan(self, jobs: Sequence[tuple[PendingPlatform, AssetSpec]]) -> SpacePlan | None:
         """What the downloads of `jobs` need against the cache's free space (see
         `cache.space`); None where free space cannot be measured."""
         needs = [
@@ -284,7 +293,8 @@ class AssetClient:
     async def _fetch_one(
         self,
         sources: Sequence[Source],
-        part: PlatformRelease,
+        part: PendingPlatform,
+        gate: Gate,
         spec: AssetSpec,
         limit: asyncio.Semaphore,
         progress: Progress | None,
@@ -292,12 +302,13 @@ class AssetClient:
     ) -> Path:
         layer = part.layers.get(spec.name)
         if layer is None:
+            await part.verified  # a refused release is reported as such, not as incomplete
             raise AssetNotFoundError(
-                f"release {part.release.version} ({part.release.source}) has no {spec.name} "
+                f"release {part.version} ({part.source}) has no {spec.name} "
                 f"for {'/'.join(part.platform)}; it has: {', '.join(sorted(part.layers))}"
             )
         out = OutputSpec(
-            version=part.release.version,
+            version=part.version,
             name=layer.output_name,
             layer_digest=layer.digest,
             layer_size=layer.size,
@@ -305,19 +316,21 @@ class AssetClient:
             content_digest=layer.content_digest,
             content_size=layer.content_size,
             executable=layer.kind is Kind.GVPROXY,
-            source=part.release.source,
-            verified_by=part.release.signers,
+            source=part.source,
             chunks=layer.chunks,
         )
         bar = None if progress is None else _BlobProgress(progress, layer.output_name, layer.size)
         async with limit:
             # A file exec-sandbox <= 0.22.0 left is hashed against the signed digest and
-            # adopted on a match: no download (cache/legacy.py).
-            if (
-                adopted := await legacy.adopt(self.store, out, self.settings.legacy_dirs)
-            ) is not None:
-                self.obtained[out.name] = delta.Obtained(delta.REUSE, 0, layer.size)
-                return adopted
+            # adopted on a match: no download (cache/legacy.py). Adopting installs, so
+            # only once the release verified.
+            if legacy.has_candidate(self.store, out, self.settings.legacy_dirs):
+                release = (await part.verified).release
+                verified = dataclasses.replace(out, verified_by=release.signers)
+                adopted = await legacy.adopt(self.store, verified, self.settings.legacy_dirs)
+                if adopted is not None:
+                    self.obtained[out.name] = delta.Obtained(delta.REUSE, 0, layer.size)
+                    return adopted
             # Only what changed since a release the cache holds (docs/format.md §9).
             upgraded = await self._by_delta(sources, part, out, layer, bar, rebuild)
             if upgraded is not None:
@@ -329,9 +342,10 @@ class AssetClient:
             from exec_sandbox_assets.sources.failover import Failover  # the network path only
 
             failover = Failover(spec.name)
-            for source in _prefer(sources, part.release.source):
+            for source in _prefer(sources, part.source):
                 try:
-                    path = await self._ensure_resuming(out, source, layer, bar)
+                    path = await self._ensure_resuming(out, source, layer, bar, gate)
+                    await part.verified  # a cached file is served once the release verified
                 except TransportError as exc:
                     failover.failed(source.name, exc)
                     continue
@@ -345,7 +359,7 @@ class AssetClient:
     async def _by_delta(
         self,
         sources: Sequence[Source],
-        part: PlatformRelease,
+        part: PendingPlatform,
         out: OutputSpec,
         layer: AssetLayer,
         bar: _BlobProgress | None,
@@ -353,12 +367,18 @@ class AssetClient:
     ) -> Path | None:
         """The output from content the cache holds (same digest, or a patch's base), else
         None: the caller downloads the layer (each failure here was logged once)."""
+        held = delta.held(self.store, out.content_digest, skip_version=out.version)
+        if not layer.patches and held is None:
+            return None
+        # Reusing installs and a patch is decoded: only once the release verified.
+        release = (await part.verified).release
+        out = dataclasses.replace(out, verified_by=release.signers)
         if (reused := await delta.reuse(self.store, out)) is not None:
             self.obtained[out.name] = delta.Obtained(delta.REUSE, 0, layer.size)
             return reused
         if not layer.patches:
             return None
-        source = next(iter(_prefer(sources, part.release.source)))
+        source = next(iter(_prefer(sources, part.source)))
         if not source.serves_patches:  # a GitHub Release folder: layers only
             return None
         rebuilt = await delta.patch(
@@ -385,10 +405,12 @@ class AssetClient:
         source: Source,
         layer: AssetLayer,
         bar: _BlobProgress | None,
+        gate: Gate,
     ) -> Path:
         """`store.ensure` from one source; the store resumes a body that broke off."""
         progress = bar.attempt() if bar else None
-        return await self.store.ensure(out, source.opener(layer), progress, resumes=MAX_RESUMES)
+        opener = source.opener(layer)
+        return await self.store.ensure(out, opener, progress, resumes=MAX_RESUMES, gate=gate)
 
     async def platform_release(
         self, sources: Sequence[Source], platform: tuple[str, str]
@@ -434,7 +456,23 @@ def _by_platform(
     return groups
 
 
-def _layer_size(part: PlatformRelease, spec: AssetSpec) -> int:
+def _gate_of(part: PendingPlatform) -> Gate:
+    """The gate the installs of `part`'s layers wait on: open once its verdict is in."""
+    gate = Gate()
+
+    def settle(verdict: asyncio.Future[PlatformRelease]) -> None:
+        if verdict.cancelled():
+            gate.fail(asyncio.CancelledError())
+        elif (error := verdict.exception()) is not None:
+            gate.fail(error)
+        else:
+            gate.open(verdict.result().release.signers)
+
+    part.verified.add_done_callback(settle)
+    return gate
+
+
+def _layer_size(part: PendingPlatform, spec: AssetSpec) -> int:
     layer = part.layers.get(spec.name)
     return 0 if layer is None else layer.content_size
 

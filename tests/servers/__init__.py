@@ -15,7 +15,7 @@
 Everything binds and connects to 127.0.0.1 only. See /work/shared/TESTING.md.
 """
 
-from servers.common import LOOPBACK, HasHost, RequestRecord, free_port
+from servers.common import LOOPBACK, HasHost, RequestRecord, free_port, request_rounds
 from servers.hostile import HostileCdn, RawHandler, RawServer, endless_chunked
 from servers.proxies import FaultProxy, TcpRelay
 from servers.registry import REGISTRY_BINARY, RedirectingRegistry, RegistryServer
@@ -42,4 +42,5 @@ __all__ = [
     "endless_chunked",
     "free_port",
     "libtrust_key_id",
+    "request_rounds",
 ]

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Protocol
 
 LOOPBACK = "127.0.0.1"
@@ -38,6 +39,21 @@ class RequestRecord:
     status: int | None = None
     answered_by_proxy: bool = False
     connection_id: int = 0
+    # time.monotonic() when the request head arrived, and when the first byte of its
+    # answer left for the client (FaultProxy): what a round-trip count is read from.
+    arrived: float = field(default_factory=time.monotonic)
+    answered: float | None = None
+
+
+def request_rounds(records: list[RequestRecord]) -> list[tuple[int, RequestRecord]]:
+    """Each request with its round trip: 1 + the round of the latest request answered
+    before it arrived (FaultProxy records, every answer held back by `stall_seconds`:
+    requests sent together share a round, one sent because of an answer comes later)."""
+    out: list[tuple[int, RequestRecord]] = []
+    for record in sorted(records, key=lambda r: r.arrived):
+        before = [n for n, q in out if q.answered is not None and q.answered <= record.arrived]
+        out.append((1 + max(before, default=0), record))
+    return out
 
 
 def loopback_upstream(upstream: str | HasHost) -> tuple[str, int]:

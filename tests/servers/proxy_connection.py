@@ -313,6 +313,8 @@ class Connection:
             self._send_throttled(resp, out[stall_at:])
         else:
             self._send_throttled(resp, out)
+        if resp.record.answered is None:
+            resp.record.answered = time.monotonic()
         return not cut
 
     def _send_throttled(self, resp: _Response, data: bytearray) -> None:

@@ -66,7 +66,10 @@ class _StaticHandler(QuietHandler):
                 chunk = f.read(min(remaining, 1 << 20))
                 if not chunk:
                     break
-                self.wfile.write(chunk)
+                try:
+                    self.wfile.write(chunk)
+                except (BrokenPipeError, ConnectionResetError):
+                    return  # the client stopped reading (a range it no longer needs)
                 remaining -= len(chunk)
 
 

@@ -10,6 +10,13 @@ contiguous, so hashing and decompression follow the download instead of waiting 
   ignores `Range` then costs one stream, not several). Each range's progress is written
   to a small `.ranges` file beside the partial, so an interruption resumes every range
   where it stopped; without that file a partial is a contiguous prefix.
+- Whatever the plan, a range is split in two while it runs when its measured rate says
+  it would still take longer than `SPLIT_AFTER` and a few of its first-byte times (the
+  cost of another connection): on a link that caps each connection, a blob of a few MB
+  gains a second stream; on an uncapped one it finishes before any split. One split at
+  a time, and only while each made the blob come faster (`SPLIT_GAIN`): when the link's
+  total or this machine's CPU is the bottleneck, more streams would only cost. A small
+  blob keeps one stream and shares the pool's connections with the others.
 - A body that broke off after making progress is reopened at the new offset, up to
   `MAX_RESUMES` times per range with exponential backoff: moving on to the next source,
   or failing, would waste what this one just sent.
@@ -57,6 +64,21 @@ MAX_RANGES = 8
 # A range with no byte yet when its predecessor is this far along is given up (the
 # source probably ignores Range and is sending the blob from 0 again).
 RANGE_STALL = 8 << 20
+# Splitting while running (see the module docstring): looked at every SPLIT_TICK seconds;
+# neither half smaller than MIN_SPLIT (a signed chunk); worth it when the range would
+# still take SPLIT_AFTER seconds and FIRST_BYTES times its first-byte time.
+SPLIT_TICK = 0.05
+MIN_SPLIT = 4 << 20
+# A split is kept up only if the blob's rate over SPLIT_WINDOW seconds after the new
+# stream's first byte is SPLIT_GAIN times what it was before; otherwise no more splits.
+SPLIT_WINDOW = 0.2
+SPLIT_GAIN = 1.2
+# Splitting stops at this many unfinished ranges (the plan may have more): each range
+# in flight is what a kill loses (the resume figure), and on a link whose total rate is
+# the bottleneck more streams only share it.
+SPLIT_LIMIT = 4
+SPLIT_AFTER = 0.25
+FIRST_BYTES = 4
 _RANGES_MAGIC = b"ESARNG1\0"
 _SLOT = struct.Struct("<QQQ")
 
@@ -78,11 +100,16 @@ class BlobRequest:
 
 
 class _Range:
-    __slots__ = ("end", "pos", "slot", "start", "task")
+    __slots__ = ("anchor", "end", "first", "got", "opened", "pos", "slot", "start", "task")
 
     def __init__(self, slot: int, start: int, pos: int, end: int) -> None:
         self.slot, self.start, self.pos, self.end = slot, start, pos, end
         self.task: asyncio.Task[None] | None = None
+        # Where the predecessor stood when this range was split off it (stall check).
+        self.anchor: int | None = None
+        # The rate measure: when the stream was opened, its first byte, bytes since.
+        self.opened = self.first = 0.0
+        self.got = 0
 
 
 class Filling:
@@ -155,7 +182,10 @@ class Filling:
                 os.close(fd)
 
     def create_sidecar(self, path: Path) -> None:
-        data = _RANGES_MAGIC + b"".join(_SLOT.pack(r.start, r.pos, r.end) for r in self.ranges)
+        slots = bytearray(_SLOT.size * (1 + max(r.slot for r in self.ranges)))
+        for r in self.ranges:  # at its slot: `save` writes there later
+            _SLOT.pack_into(slots, r.slot * _SLOT.size, r.start, r.pos, r.end)
+        data = _RANGES_MAGIC + bytes(slots)
         fd = os.open(
             path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
         )
@@ -231,14 +261,20 @@ async def fill(
     todo = [r for r in filling.ranges if r.pos < r.end]
     if progress is not None and filling.have:
         progress(filling.have)
-    for r in todo:
+
+    def start(r: _Range) -> asyncio.Task[None]:
         r.task = asyncio.ensure_future(
             _fetch_range(filling, r, req, opener, progress, partial, resumes)
         )
-    tasks = [r.task for r in todo if r.task is not None]
+        return r.task
+
+    tasks = [start(r) for r in todo]
+    splitter = asyncio.ensure_future(_split_slow_ranges(filling, partial, start, tasks))
     try:
         while pending := [t for t in tasks if not t.done()]:
-            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait([*pending, splitter], return_when=asyncio.FIRST_COMPLETED)
+            if splitter in done:
+                splitter.result()  # an OSError writing the `.ranges` file
             for task in done:
                 if not task.cancelled() and task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
@@ -250,9 +286,73 @@ async def fill(
                 f"got {got} of {req.size} bytes (partial kept for resume)"
             )
     finally:
+        splitter.cancel()
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(splitter, *tasks, return_exceptions=True)
+
+
+async def _split_slow_ranges(
+    filling: Filling,
+    partial: Path,
+    start: Callable[[_Range], asyncio.Task[None]],
+    tasks: list[asyncio.Task[None]],
+) -> None:
+    """Split a running range in two while its measured rate says another connection
+    would pay for itself (module docstring); up to `SPLIT_LIMIT` unfinished ranges."""
+    loop = asyncio.get_running_loop()
+    seen: list[tuple[float, int]] = []  # (time, bytes on disk) at each tick
+    trial: tuple[_Range, float] | None = None  # the last split and the rate before it
+    while True:
+        await asyncio.sleep(SPLIT_TICK)
+        now = loop.time()
+        seen.append((now, filling.have))
+        if trial is not None:
+            new, before = trial
+            if not new.first or now - new.first < SPLIT_WINDOW:
+                continue  # the new stream has not shown what it adds yet
+            if _rate(seen) < SPLIT_GAIN * before:
+                # Another stream did not make the blob come faster: the bottleneck is
+                # not the connection (the link's total, or this machine's CPU).
+                return
+            trial = None
+        running = [r for r in filling.ranges if r.pos < r.end and r.first and r.task]
+        for r in sorted(running, key=lambda r: r.pos - r.end):  # most left first
+            if sum(1 for x in filling.ranges if x.pos < x.end) >= SPLIT_LIMIT:
+                break
+            left, took = r.end - r.pos, now - r.first
+            if left < 2 * MIN_SPLIT or took < SPLIT_WINDOW or not r.got:
+                continue
+            if left * took / r.got < max(SPLIT_AFTER, FIRST_BYTES * (r.first - r.opened)):
+                continue
+            new = _split(filling, r, partial)
+            tasks.append(start(new))
+            trial = (new, _rate(seen))
+            break  # one at a time: each split must pay before the next
+
+
+def _rate(seen: list[tuple[float, int]]) -> float:
+    """Bytes/s over the last SPLIT_WINDOW seconds of `seen`."""
+    now, have = seen[-1]
+    then, had = next(((t, h) for t, h in reversed(seen) if now - t >= SPLIT_WINDOW), seen[0])
+    return (have - had) / (now - then) if now > then else 0.0
+
+
+def _split(filling: Filling, r: _Range, partial: Path) -> _Range:
+    """The second half of what `r` has left, as a new range (recorded in the `.ranges`
+    file before any byte of it lands: without it the partial reads as a prefix)."""
+    middle = r.pos + (r.end - r.pos) // 2
+    new = _Range(1 + max(x.slot for x in filling.ranges), middle, middle, r.end)
+    new.anchor = r.pos
+    r.end = middle
+    filling.ranges.append(new)
+    if filling.sidecar is None:
+        filling.create_sidecar(ranges_path(partial))
+    else:
+        filling.save(r)
+        filling.save(new)
+    log.debug("range split", extra={"at": middle, "ranges": len(filling.ranges)})
+    return new
 
 
 async def _fetch_range(
@@ -292,6 +392,7 @@ async def _stream(
     partial: Path,
 ) -> None:
     began = r.pos
+    r.opened, r.first, r.got = asyncio.get_running_loop().time(), 0.0, 0
     async with opener(r.pos) as stream:
         async for chunk in stream:
             if not chunk:
@@ -336,6 +437,9 @@ async def _write(
             raise full from exc
         raise
     r.pos += len(data)
+    r.got += len(data)
+    if not r.first:
+        r.first = asyncio.get_running_loop().time()
     filling.advanced(r)
     if progress is not None:
         progress(len(data))
@@ -380,7 +484,7 @@ def _give_up_stalled(filling: Filling, r: _Range) -> None:
     if (
         nxt is not None
         and nxt.pos == nxt.start
-        and r.pos - r.start >= RANGE_STALL
+        and r.pos - max(r.start, nxt.anchor or 0) >= RANGE_STALL
         and nxt.task is not None
         and not nxt.task.done()
     ):

@@ -51,10 +51,12 @@ from exec_sandbox_assets.cache.files import (
     Stopped,
     digest_of,
     file_mode,
+    make_dirs,
     open_file,
     tmp_name,
     unlink,
 )
+from exec_sandbox_assets.cache.gate import Gate, GateClosed
 from exec_sandbox_assets.cache.output import Output, OutputSpec
 from exec_sandbox_assets.oci.model import new_hasher
 
@@ -101,16 +103,20 @@ async def obtain(
     final: Path | None = None,
     out: OutputSpec | None = None,
     resumes: int,
+    gate: Gate | None = None,
 ) -> os.stat_result:
     """Download (resuming) and verify `req`; install it as `final` for `out`, or keep the
     verified blob at `blob` without `out`. Returns the stat of what was published.
+
+    With a `gate`, the download starts at once but the partial is read (hashed,
+    decompressed, installed) only once the gate opened: the release's signature verified.
 
     A resumed download that fails its digest is retried once from 0: the old bytes may
     come from another source or a power loss, so the current source is not to blame yet.
     """
     for fresh in (False, True):
         try:
-            return await _attempt(blob, req, opener, progress, final, out, resumes, fresh)
+            return await _attempt(blob, req, opener, progress, final, out, resumes, fresh, gate)
         except ResumeFailed as exc:
             log.warning(
                 "resumed download failed its digest check; restarting from 0",
@@ -128,6 +134,7 @@ async def _attempt(
     out: OutputSpec | None,
     resumes: int,
     fresh: bool,
+    gate: Gate | None,
 ) -> os.stat_result:
     partial = blob.with_name(blob.name + ".partial")
     if fresh:
@@ -154,7 +161,13 @@ async def _attempt(
             )
         tmp = tmp_name(final.parent, final.name) if final and out and out.compressed else None
         try:
-            result = await _pipeline(filling, req, opener, progress, partial, out, tmp, resumes)
+            result = await _pipeline(
+                filling, req, opener, progress, partial, out, tmp, resumes, gate
+            )
+        except GateClosed as exc:
+            if isinstance(exc.error, TrustError):
+                _drop(partial)  # bytes a refused release named: not worth keeping
+            raise exc.error from None
         except _LayerMismatch as exc:
             _drop(partial)
             if resumed_from:
@@ -186,6 +199,8 @@ async def _attempt(
             # verified blob, but keeping it would double the space of every release).
             _drop(partial)
         else:
+            if final is not None:
+                make_dirs(final.parent)
             _publish(fd, partial, final or blob)
             unlink(ranges_path(partial))
             if final is not None:
@@ -237,13 +252,14 @@ async def _pipeline(
     out: OutputSpec | None,
     tmp: Path | None,
     resumes: int,
+    gate: Gate | None,
 ) -> os.stat_result:
     """Run the download and the reader side by side; the first failure stops both."""
     cancel = threading.Event()
     # The reader blocks on the download for its whole life: it gets a thread of its own,
     # never one of the loop's default executor, whose few workers the download's own
     # reads and writes need (several pipelines at once would otherwise starve them).
-    reader = _own_thread(lambda: _consume(filling, req, out, tmp, cancel))
+    reader = _own_thread(lambda: _consume(filling, req, out, tmp, cancel, gate))
     # Retrieve a late exception so asyncio does not log it as unhandled.
     reader.add_done_callback(lambda t: None if t.cancelled() else t.exception())
     writer = asyncio.ensure_future(fill(filling, req, opener, progress, partial, resumes))
@@ -333,9 +349,20 @@ class _ChunkedReader(_Reader):
     follows the download without ever seeing a byte no signature vouched for."""
 
     def __init__(
-        self, filling: Filling, req: BlobRequest, cancel: threading.Event, chunks: ChunkDigests
+        self,
+        filling: Filling,
+        req: BlobRequest,
+        cancel: threading.Event,
+        chunks: ChunkDigests,
+        *,
+        layer_digest: bool,
     ) -> None:
-        super().__init__(filling, new_hasher(req.digest), cancel)
+        # Signed chunk digests that cover every byte of the blob vouch for exactly the
+        # bytes the layer digest does (docs/format.md §4): for an install (whose content
+        # digest is checked too) the whole-layer SHA-256 would only repeat them. A blob
+        # kept under its digest's name is still hashed as a whole (`layer_digest`).
+        hashed = layer_digest or chunks.total != req.size
+        super().__init__(filling, new_hasher(req.digest) if hashed else None, cancel)
         self.digest = req.digest
         self.chunks = chunks
         self.next = 0  # the next chunk to verify
@@ -381,11 +408,17 @@ def _consume(
     out: OutputSpec | None,
     tmp: Path | None,
     cancel: threading.Event,
+    gate: Gate | None,
 ) -> os.stat_result:
+    if gate is not None:
+        # Not one byte of the partial is read before the release's signature verified.
+        gate.wait(cancel, Stopped)
+    if tmp is not None:
+        make_dirs(tmp.parent)  # the version's directory: only for a verified release
     reader = (
         _Reader(filling, new_hasher(req.digest), cancel)
         if req.chunks is None
-        else _ChunkedReader(filling, req, cancel, req.chunks)
+        else _ChunkedReader(filling, req, cancel, req.chunks, layer_digest=out is None)
     )
     if out is None or not out.compressed or tmp is None:
         reader.drain()
@@ -444,6 +477,8 @@ def _consume(
 
 
 def _check_layer(reader: _Reader, req: BlobRequest) -> None:
+    if reader.hasher is None:  # every chunk matched its signed digest: the same check
+        return
     actual = digest_of(reader.hasher, req.digest)
     if actual != req.digest:
         raise _LayerMismatch(actual)
@@ -457,7 +492,7 @@ def _check_uncompressed(reader: _Reader, req: BlobRequest, out: OutputSpec) -> N
             f"declared content size is {out.content_size}"
         )
     if out.content_digest != req.digest:
-        actual = digest_of(reader.hasher, req.digest)
+        actual = req.digest if reader.hasher is None else digest_of(reader.hasher, req.digest)
         if out.content_digest.partition(":")[0] != req.digest.partition(":")[0]:
             raise AssetChecksumError(out.name, out.content_digest, "another algorithm", out.source)
         raise AssetChecksumError(out.name, out.content_digest, actual, out.source)

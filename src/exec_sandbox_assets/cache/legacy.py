@@ -84,15 +84,20 @@ def _adopt_sync(store: Store, out: OutputSpec, legacy_dirs: tuple[Path, ...]) ->
     return None
 
 
+def has_candidate(store: Store, out: OutputSpec, legacy_dirs: tuple[Path, ...]) -> bool:
+    """Whether `adopt` has a file to look at (a stat or two, no hashing)."""
+    return _regular_size(store.output_path(out.version, out.name)) is not None or any(
+        _regular_size(Path(d) / out.name) is not None for d in legacy_dirs
+    )
+
+
 async def adopt(store: Store, out: OutputSpec, legacy_dirs: tuple[Path, ...]) -> Path | None:
     """The verified output if a legacy copy of it hashes to `out.content_digest`, else None.
 
     Holds the store's output lock, so a concurrent `ensure` of the same file waits and then
     finds the record. Never raises for a legacy file it cannot read: that is just a miss.
     """
-    if _regular_size(store.output_path(out.version, out.name)) is None and not any(
-        _regular_size(Path(d) / out.name) is not None for d in legacy_dirs
-    ):
+    if not has_candidate(store, out, legacy_dirs):
         return None
     try:
         # The lock file too: on a read-only cache its creation fails (then the download
@@ -120,4 +125,4 @@ def find_unverified(dirs: Iterable[Path], name: str) -> Path | None:
     return None
 
 
-__all__ = ["adopt", "candidates", "find_unverified", "place_file"]
+__all__ = ["adopt", "candidates", "find_unverified", "has_candidate", "place_file"]

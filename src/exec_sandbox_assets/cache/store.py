@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import random
@@ -55,6 +56,7 @@ from exec_sandbox_assets.cache.files import (
     temp_owner,
     unlink,
 )
+from exec_sandbox_assets.cache.gate import Gate
 from exec_sandbox_assets.cache.install import OutputSpec, obtain
 from exec_sandbox_assets.cache.listing import VERSION_RE, RecordInfo
 from exec_sandbox_assets.cache.locks import FileLock
@@ -211,8 +213,13 @@ class Store:
         progress: Callable[[int], None] | None = None,
         *,
         resumes: int = MAX_RESUMES,
+        gate: Gate | None = None,
     ) -> Path:
         """The verified output file, downloading and installing it if needed.
+
+        With a `gate` (the release's signature still being checked), the blob downloads
+        into its partial at once; nothing is read from it, decompressed or installed
+        before the gate opens, and the record names the key ids the gate opened with.
 
         `progress` receives byte counts as they are obtained: once with what a download
         resumes from (or the size of a complete blob found on disk), then per chunk. A
@@ -226,7 +233,7 @@ class Store:
         if out.layer_size < 0 or out.content_size < 0:
             raise ValueError(f"negative size in {out}")
         try:
-            return await self._ensure(out, opener, progress, resumes)
+            return await self._ensure(out, opener, progress, resumes, gate)
         except OSError as exc:
             where = self.version_dir(out.version)
             full = out_of_space(exc, where, "partial kept for resume")
@@ -238,6 +245,7 @@ class Store:
         opener: BlobOpener,
         progress: Callable[[int], None] | None,
         resumes: int,
+        gate: Gate | None,
     ) -> Path:
         # One deadline for every lock of this call: once we gave up waiting, later locks
         # (the blob lock, or a retry after a race) are tried once, not waited for again.
@@ -259,7 +267,7 @@ class Store:
                         await asyncio.to_thread(self.remove_dead_temps, out)
                     left = max(0.0, deadline - time.monotonic())
                     async with self.blob_lock(out.layer_digest, timeout=left):
-                        return await self._fetch_and_install(out, opener, progress, resumes)
+                        return await self._fetch_and_install(out, opener, progress, resumes, gate)
             except Raced as exc:
                 log.warning(
                     "cache changed under us (concurrent writer without working locks); retrying",
@@ -283,14 +291,18 @@ class Store:
         opener: BlobOpener,
         progress: Callable[[int], None] | None,
         resumes: int,
+        gate: Gate | None,
     ) -> Path:
         started = time.monotonic()
         req = BlobRequest(out.layer_digest, out.layer_size, out.source, out.chunks)
         blob = self.blob_path(out.layer_digest)
         make_dirs(blob.parent)
-        final = self.output_path(out.version, out.name)
-        make_dirs(final.parent)
-        st = await obtain(blob, req, opener, progress, final=final, out=out, resumes=resumes)
+        final = self.output_path(out.version, out.name)  # made once the release verified
+        st = await obtain(
+            blob, req, opener, progress, final=final, out=out, resumes=resumes, gate=gate
+        )
+        if gate is not None:  # open, or obtain raised: who verified the release
+            out = dataclasses.replace(out, verified_by=gate.verified_by)
         await asyncio.to_thread(
             self.records.write, self.record_path(out.version, out.name), out, st
         )

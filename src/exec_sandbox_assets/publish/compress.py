@@ -38,6 +38,7 @@ import zstandard
 
 from exec_sandbox_assets.base.errors import ConfigError
 from exec_sandbox_assets.base.fsutil import CHUNK, atomic_output
+from exec_sandbox_assets.release.chunks import ChunkDigests, ChunkHasher
 
 log = logging.getLogger(__name__)
 
@@ -61,21 +62,39 @@ class Blob:
     size: int
     content_digest: str
     content_size: int
+    # The blob's chunk digests (release/chunks.py), computed in the same pass.
+    chunks: ChunkDigests | None = None
 
 
-class _HashingWriter:
+class _BlobHasher:
+    """The blob's digest and chunk digests, from the bytes of one pass over it."""
+
+    def __init__(self) -> None:
+        self.hasher = hashlib.sha256()
+        self.chunks = ChunkHasher()
+        self.size = 0
+
+    def update(self, data: bytes) -> None:
+        self.hasher.update(data)
+        self.chunks.update(data)
+        self.size += len(data)
+
+    @property
+    def digest(self) -> str:
+        return "sha256:" + self.hasher.hexdigest()
+
+
+class _HashingWriter(_BlobHasher):
     """File sink that hashes what it writes (the compressed side of the one pass), and
     calls `on_write` after each write (zstd hands output over as its threads make it)."""
 
     def __init__(self, out: BinaryIO, on_write: Callable[[], None] | None = None) -> None:
+        super().__init__()
         self.out = out
-        self.hasher = hashlib.sha256()
-        self.size = 0
         self.on_write = on_write
 
     def write(self, data: bytes) -> int:
-        self.hasher.update(data)
-        self.size += len(data)
+        self.update(data)
         self.out.write(data)
         if self.on_write is not None:
             self.on_write()
@@ -100,6 +119,15 @@ def hash_file(path: Path) -> tuple[str, int]:
             hasher.update(chunk)
             size += len(chunk)
     return "sha256:" + hasher.hexdigest(), size
+
+
+def _hash_blob(path: Path) -> _BlobHasher:
+    """A blob's digest, size and chunk digests, in one read."""
+    hasher = _BlobHasher()
+    with path.open("rb") as f:
+        while chunk := f.read(4 * CHUNK):
+            hasher.update(chunk)
+    return hasher
 
 
 # Called with the number of input bytes compressed since the previous call (the CLI's
@@ -151,12 +179,9 @@ def compress_file(src: Path, dest: Path, level: int, on_bytes: OnBytes | None = 
     if on_bytes is not None and read > reported:
         on_bytes(read - reported)
     return Blob(
-        dest,
-        "sha256:" + sink.hasher.hexdigest(),
-        sink.size,
-        "sha256:" + content.hexdigest(),
-        content_size,
-    )
+        dest, sink.digest, sink.size, "sha256:" + content.hexdigest(), content_size,
+        sink.chunks.result(),
+    )  # fmt: skip
 
 
 def inspect_zst(path: Path) -> Blob:
@@ -170,9 +195,9 @@ def inspect_zst(path: Path) -> Blob:
         params = zstandard.get_frame_parameters(head)
     except zstandard.ZstdError as exc:
         raise ConfigError(f"{path}: invalid zstd frame header: {exc}") from None
-    blob = hashlib.sha256()
+    blob = _BlobHasher()
     content = hashlib.sha256()
-    size = content_size = 0
+    content_size = 0
     dctx = zstandard.ZstdDecompressor(max_window_size=_MAX_WINDOW)
     try:
         with path.open("rb") as raw:
@@ -180,10 +205,8 @@ def inspect_zst(path: Path) -> Blob:
             class _Tee:
                 # Hash the compressed bytes as the decompressor pulls them.
                 def read(self, n: int = -1) -> bytes:
-                    nonlocal size
                     data = raw.read(n)
                     blob.update(data)
-                    size += len(data)
                     return data
 
             with dctx.stream_reader(
@@ -194,7 +217,7 @@ def inspect_zst(path: Path) -> Blob:
                     content_size += len(chunk)
     except zstandard.ZstdError as exc:
         raise ConfigError(f"{path}: corrupt zstd data: {exc}") from None
-    if size != path.stat().st_size:
+    if blob.size != path.stat().st_size:
         raise ConfigError(f"{path}: trailing data after the last zstd frame")
     if params.content_size not in (zstandard.CONTENTSIZE_UNKNOWN, content_size) and (
         content_size < params.content_size
@@ -204,14 +227,15 @@ def inspect_zst(path: Path) -> Blob:
             f"{content_size} decompressed"
         )
     return Blob(
-        path, "sha256:" + blob.hexdigest(), size, "sha256:" + content.hexdigest(), content_size
-    )
+        path, blob.digest, blob.size, "sha256:" + content.hexdigest(), content_size,
+        blob.chunks.result(),
+    )  # fmt: skip
 
 
 def raw_blob(path: Path) -> Blob:
     """An uncompressed file published as is (gvproxy): blob and content are the same."""
-    digest, size = hash_file(path)
-    return Blob(path, digest, size, digest, size)
+    blob = _hash_blob(path)
+    return Blob(path, blob.digest, blob.size, blob.digest, blob.size, blob.chunks.result())
 
 
 # --------------------------------------------------------------------------- cache
@@ -254,11 +278,12 @@ def compress_cached(src: Path, dest: Path, level: int, on_bytes: OnBytes | None 
             source_size,
             level,
             _ZSTD_ID,
-        ) and hash_file(dest) == (record.digest, record.size):
+        ) and ((cached := _hash_blob(dest)).digest, cached.size) == (record.digest, record.size):
             log.info(
                 "reusing %s (same source, level %d)", dest, level, extra={"digest": record.digest}
             )
-            return Blob(dest, record.digest, record.size, source_digest, source_size)
+            chunks = cached.chunks.result()
+            return Blob(dest, record.digest, record.size, source_digest, source_size, chunks)
     _sidecar(dest).unlink(missing_ok=True)
     log.info("compressing %s (zstd level %d)", src, level)
     blob = compress_file(src, dest, level, on_bytes)

@@ -235,7 +235,8 @@ def _chunks_of(blob: Blob) -> ChunkDigests | None:
     """Per-chunk digests for a blob of several chunks (a client streams those)."""
     if blob.size <= DEFAULT_CHUNK_SIZE:
         return None
-    chunks = chunk_digests_of(blob.path)
+    # Computed in the pass that wrote or read the blob; a blob from elsewhere is read.
+    chunks = blob.chunks if blob.chunks is not None else chunk_digests_of(blob.path)
     if chunks.total != blob.size:
         raise ConfigError(f"{blob.path} changed size while being published")
     return chunks

@@ -7,7 +7,8 @@ shorter): a client verifies each chunk the moment it is complete and decompresse
 then, while later chunks are still arriving. No byte reaches the decoder before a signed
 digest vouched for it, and a bad range is caught at its chunk, not at the end.
 
-Pure, apart from `chunk_digests_of`, which reads a file.
+Pure, apart from `chunk_digests_of`, which reads a file (`ChunkHasher` is fed by the
+publisher's compression pass instead).
 """
 
 from __future__ import annotations
@@ -91,20 +92,47 @@ def read_chunks(ann: Mapping[str, str], total: int, where: str) -> ChunkDigests 
     return ChunkDigests(size, total, hexes)
 
 
+class ChunkHasher:
+    """Chunk digests of bytes fed in pieces of any size: the publisher computes them in
+    the pass that writes (or reads) the blob, not by reading it again."""
+
+    def __init__(self, size: int = DEFAULT_CHUNK_SIZE) -> None:
+        self.size = size
+        self.total = 0
+        self._parts: list[str] = []
+        self._current = hashlib.sha256()
+        self._filled = 0
+
+    def update(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        self.total += len(view)
+        while view:
+            take = min(len(view), self.size - self._filled)
+            self._current.update(view[:take])
+            self._filled += take
+            view = view[take:]
+            if self._filled == self.size:
+                self._parts.append(self._current.hexdigest())
+                self._current, self._filled = hashlib.sha256(), 0
+
+    def result(self) -> ChunkDigests:
+        parts = self._parts + ([self._current.hexdigest()] if self._filled else [])
+        return ChunkDigests(self.size, self.total, "".join(parts))
+
+
 def chunk_digests_of(path: Path, size: int = DEFAULT_CHUNK_SIZE) -> ChunkDigests:
-    """The chunk digests of a file, for the publisher."""
-    parts: list[str] = []
-    total = 0
-    with path.open("rb") as f:  # buffered: read(n) returns n bytes until the end
+    """The chunk digests of a file (a blob no pass of the publisher read)."""
+    hasher = ChunkHasher(size)
+    with path.open("rb") as f:
         while block := f.read(size):
-            total += len(block)
-            parts.append(hashlib.sha256(block).hexdigest())
-    return ChunkDigests(size, total, "".join(parts))
+            hasher.update(block)
+    return hasher.result()
 
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "ChunkDigests",
+    "ChunkHasher",
     "chunk_count",
     "chunk_digests_of",
     "read_chunks",

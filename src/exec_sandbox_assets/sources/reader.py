@@ -4,6 +4,15 @@ then platform manifests and their asset layers (docs/format.md §5-§7).
     reader = ReleaseReader(source, policy)          # policy None: verification skipped
     release = await reader.read("v0.22.0")          # raises unless accepted
     part = await reader.platform(release, ("linux", "amd64"))
+    pending = await reader.read_platform("v0.22.0", ("linux", "amd64"))
+    ...                                             # download pending.layers' blobs
+    part = await pending.verified                   # raises unless accepted
+
+`read_platform` is the client's cold path, in as few round trips as the format allows:
+the index, then its signature chain and the platform manifest together. The manifest
+is checked against the index's digest for it, and the index against its signature
+once that arrived; until then the blobs may download, but nothing of them is read for
+install (`cache.gate`).
 
 Every caller reads a release through this class: the client, `mirror`, `inspect` (its
 report mode, `examine`, collects findings instead of raising) and the publisher's
@@ -13,8 +22,9 @@ accepted is decided by `release.policy.accept_index` alone, on bytes read here.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,7 +36,9 @@ from exec_sandbox_assets.base.errors import (
     ConfigError,
     FormatError,
     SignatureError,
+    TransportError,
     TrustError,
+    VersionMismatchError,
 )
 from exec_sandbox_assets.oci.model import (
     INDEX_MEDIA_TYPES,
@@ -37,6 +49,7 @@ from exec_sandbox_assets.oci.model import (
     media_type_of,
     sha256_digest,
 )
+from exec_sandbox_assets.release.catalog import ANN_VERSION
 from exec_sandbox_assets.release.documents import AssetLayer, read_asset_layers
 from exec_sandbox_assets.release.keyless import KeylessSignature, Workflow
 from exec_sandbox_assets.release.policy import (
@@ -49,6 +62,7 @@ from exec_sandbox_assets.release.policy import (
     require_keys,
 )
 from exec_sandbox_assets.release.signing import SignatureLayer, read_signature_manifest
+from exec_sandbox_assets.release.version import is_valid, version_of_tag
 from exec_sandbox_assets.sources.base import Source
 
 if TYPE_CHECKING:
@@ -107,6 +121,24 @@ class PlatformRelease:
     manifest: bytes = field(default=b"", repr=False)
 
 
+@dataclass(frozen=True)
+class PendingPlatform:
+    """A platform manifest read while its index's signature is still being checked.
+
+    `layers` come from a manifest whose digest the (not yet verified) index names: their
+    blobs may be downloaded into partials, nothing more, until `verified` resolved (to
+    the same manifest, accepted) or raised (why the release was refused). `version` is
+    the one the tag names, or else the index's annotation: the verdict must say the same.
+    """
+
+    source: str
+    version: str
+    platform: tuple[str, str]
+    manifest_digest: str
+    layers: dict[str, AssetLayer] = field(hash=False)
+    verified: asyncio.Future[PlatformRelease] = field(hash=False, compare=False, repr=False)
+
+
 @dataclass
 class Findings:
     """What `examine` found: everything it could read, and the verdict or why not."""
@@ -119,9 +151,9 @@ class Findings:
     manifests: list[tuple[Descriptor, Manifest]] = field(default_factory=list)
     signature_present: bool = False
     signatures: list[SignatureFinding] = field(default_factory=list)
-    bundles: int = 0  # Sigstore bundles found (keyless signatures), checked by the verdict
     verdict: Verdict | None = None
     error: str | None = None
+    bundles: int = 0  # Sigstore bundles found (keyless signatures), checked by the verdict
 
 
 class ReleaseReader:
@@ -150,13 +182,107 @@ class ReleaseReader:
 
         `rollback`: what was accepted before under a floating tag. `expected_version`:
         the version the release must be when `tag` does not say (a digest)."""
+        data, digest, where = await self._fetch_index(tag)
+        signed = await self._signature_for(digest, where)
+        return await self._accept(tag, data, digest, where, signed, rollback, expected_version)
+
+    async def read_platform(
+        self,
+        tag: str,
+        platform: tuple[str, str],
+        *,
+        rollback: RollbackState | None = None,
+        fallbacks: Sequence[Source] = (),
+        policy: Awaitable[TrustPolicy | None] | None = None,
+    ) -> PendingPlatform:
+        """The platform manifest of the release under `tag`, as soon as it is read; its
+        verdict (`verified`) follows when the signature chain, fetched meanwhile,
+        arrived. Round trips: the index, then the signature manifest and the platform
+        manifest together (the signature's payloads follow while the blobs download).
+
+        The index is parsed before its signature verified, with the capped parser, only
+        to find the manifest's digest and the version; the verdict is decided on the same
+        bytes as `read` decides it. A signature this source cannot serve (a transport
+        error) is asked of `fallbacks`: it is addressed by the index digest. `policy`,
+        when given, is this reader's policy still being loaded (the keys parsed while
+        the index is on its way); it replaces the one the reader was made with."""
+        fetching = asyncio.ensure_future(self._fetch_index(tag))
+        if policy is not None:
+            try:
+                self.policy = await policy
+            except BaseException:
+                fetching.cancel()
+                await asyncio.gather(fetching, return_exceptions=True)
+                raise
+        data, digest, where = await fetching
+        if self.policy is not None:  # no key: refused before anything more is fetched
+            require_keys(self.policy, f"{where}: refusing unverified remote content")
+        signing = asyncio.ensure_future(self._signature_for(digest, where, fallbacks))
+        try:
+            try:
+                index = Index.from_bytes(data, where)
+                desc = self._platform_desc(index, platform, tag)
+            except (FormatError, AssetNotFoundError):
+                # What is wrong with bytes no key vouched for yet is not reported before
+                # the verdict: a refusal for the signature comes first, as with `read`.
+                signed = await signing
+                verified = await self._accept(tag, data, digest, where, signed, rollback, None)
+                part = await self.platform(verified, platform)
+                return PendingPlatform(
+                    self.source.name, verified.version, platform, part.manifest_digest,
+                    part.layers, asyncio.ensure_future(_done(part)),
+                )  # fmt: skip
+            manifest, layers = await self._read_manifest(desc)
+        except BaseException:
+            signing.cancel()
+            await asyncio.gather(signing, return_exceptions=True)
+            raise
+        named = version_of_tag(tag) or index.annotations.get(ANN_VERSION, "")
+        provisional = named.removeprefix("v")
+
+        async def verify() -> PlatformRelease:
+            signed = await signing
+            verified = await self._accept(tag, data, digest, where, signed, rollback, None)
+            if verified.version != provisional:
+                raise VersionMismatchError(
+                    f"{where}: signed as release {verified.version}, "
+                    f"but its index says {provisional[:140]!r}"
+                )
+            return PlatformRelease(verified, platform, desc.digest, layers, manifest)
+
+        verdict = asyncio.ensure_future(verify())
+        if not is_valid(provisional):
+            # Nothing to name the download after before the verdict: wait for it.
+            part = await verdict
+            provisional = part.release.version
+            verdict = asyncio.ensure_future(_done(part))
+        return PendingPlatform(
+            self.source.name, provisional, platform, desc.digest, layers, verdict
+        )
+
+    async def _fetch_index(self, tag: str) -> tuple[bytes, str, str]:
         source = self.source
         data = await source.index(tag)
         digest = sha256_digest(data)
         if is_digest(tag) and digest != tag:
             raise AssetChecksumError(f"index {tag}", tag, digest, source.name)
-        where = f"{source.name} tag {tag} (index {digest})"
-        signature, missing = await self._signature_for(digest, where)
+        return data, digest, f"{source.name} tag {tag} (index {digest})"
+
+    async def _accept(
+        self,
+        tag: str,
+        data: bytes,
+        digest: str,
+        where: str,
+        signed: tuple[SignatureRecord | None, str | None],
+        rollback: RollbackState | None,
+        expected_version: str | None,
+    ) -> VerifiedIndex:
+        """The verdict on the index `data` (`digest`) from its key signature (`signed`:
+        the record, or why there is none) and, when keys fall short and the policy trusts
+        a release workflow, its Sigstore bundles."""
+        source = self.source
+        signature, missing = signed
         parsed: list[Index] = []
 
         def annotations() -> Mapping[str, str]:
@@ -228,17 +354,18 @@ class ReleaseReader:
         return bundles
 
     async def _signature_for(
-        self, digest: str, where: str
+        self, digest: str, where: str, fallbacks: Sequence[Source] = ()
     ) -> tuple[SignatureRecord | None, str | None]:
         """The key signature of the index (None when not needed or not found), and why
-        there is none when keyless signatures may still vouch for it."""
+        there is none when keyless signatures may still vouch for it. A signature this
+        source cannot serve is asked of `fallbacks` (it is addressed by the digest)."""
         if self.policy is not None:
             # Fail before any remote byte beyond the index is fetched.
             require_keys(self.policy, f"{where}: refusing unverified remote content")
             if not self.policy.keys:
                 return None, None  # keyless trust alone: the bundles decide
             try:
-                return await self.signature(digest, where), None
+                return await self._key_signature(digest, where, fallbacks), None
             except SignatureError as exc:
                 if not self.policy.workflows:
                     raise
@@ -258,6 +385,21 @@ class ReleaseReader:
             log.warning("no signature to copy for %s: %s", where, exc)
             return None, None
 
+    async def _key_signature(
+        self, digest: str, where: str, fallbacks: Sequence[Source]
+    ) -> SignatureRecord:
+        try:
+            return await self.signature(digest, where)
+        except TransportError:
+            for source in fallbacks:
+                if source is self.source:
+                    continue
+                try:
+                    return await ReleaseReader(source, self.policy).signature(digest)
+                except AssetError as exc:
+                    log.warning("no signature for %s from %s: %s", digest, source.name, exc)
+            raise
+
     async def signature(self, digest: str, where: str = "") -> SignatureRecord:
         """The signature manifest of index `digest` and every payload it lists (capped
         in number and size, each checked against its digest); nothing is verified."""
@@ -272,14 +414,18 @@ class ReleaseReader:
 
     async def platform(self, release: VerifiedIndex, platform: tuple[str, str]) -> PlatformRelease:
         """The asset layers of `release` for one platform (AssetNotFoundError if absent)."""
-        desc = release.index.for_platform(*platform)
+        desc = self._platform_desc(release.index, platform, release.version)
+        return await self._platform_of(release, desc, platform)
+
+    def _platform_desc(self, index: Index, platform: tuple[str, str], release: str) -> Descriptor:
+        desc = index.for_platform(*platform)
         if desc is None:
-            have = ", ".join(str(d.platform) for d in release.index.manifests if d.platform)
+            have = ", ".join(str(d.platform) for d in index.manifests if d.platform)
             raise AssetNotFoundError(
-                f"{self.source.name}: release {release.version} has no {'/'.join(platform)} "
+                f"{self.source.name}: release {release} has no {'/'.join(platform)} "
                 f"manifest (it has: {have or 'none'})"
             )
-        return await self._platform_of(release, desc, platform)
+        return desc
 
     async def platforms(self, release: VerifiedIndex) -> list[tuple[Descriptor, PlatformRelease]]:
         """Every platform manifest of `release`, read and checked (the mirror copies all)."""
@@ -297,11 +443,13 @@ class ReleaseReader:
     async def _platform_of(
         self, release: VerifiedIndex, desc: Descriptor, platform: tuple[str, str]
     ) -> PlatformRelease:
-        data = await self.source.manifest(desc)  # checked against the verified index
-        where = f"{self.source.name} manifest {desc.digest}"
-        manifest = Manifest.from_bytes(data, where)
-        layers = read_asset_layers(manifest, where)
+        data, layers = await self._read_manifest(desc)  # checked against the verified index
         return PlatformRelease(release, platform, desc.digest, layers, data)
+
+    async def _read_manifest(self, desc: Descriptor) -> tuple[bytes, dict[str, AssetLayer]]:
+        data = await self.source.manifest(desc)  # checked against the index's digest
+        where = f"{self.source.name} manifest {desc.digest}"
+        return data, read_asset_layers(Manifest.from_bytes(data, where), where)
 
     # -- report mode ------------------------------------------------------------------
 
@@ -395,8 +543,13 @@ class ReleaseReader:
             found.error = str(exc)
 
 
+async def _done(part: PlatformRelease) -> PlatformRelease:
+    return part
+
+
 __all__ = [
     "Findings",
+    "PendingPlatform",
     "PlatformRelease",
     "ReleaseReader",
     "SignatureRecord",

@@ -10,6 +10,8 @@ another source's older `latest` acceptable. The state lives in the cache's refs
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
 from collections.abc import Sequence
 
@@ -19,7 +21,12 @@ from exec_sandbox_assets.config import Settings
 from exec_sandbox_assets.release.policy import RollbackState, TrustPolicy, load_policy
 from exec_sandbox_assets.sources.base import Source
 from exec_sandbox_assets.sources.failover import Failover
-from exec_sandbox_assets.sources.reader import PlatformRelease, ReleaseReader, VerifiedIndex
+from exec_sandbox_assets.sources.reader import (
+    PendingPlatform,
+    PlatformRelease,
+    ReleaseReader,
+    VerifiedIndex,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,23 +54,53 @@ class ReleaseResolver:
     ) -> PlatformRelease:
         """The accepted release for the asked tag and `platform`, from the first source
         that has it; `ReleaseNotFoundError` when every source said it has none."""
+        return await (await self.pending_platform(sources, platform)).verified
+
+    async def pending_platform(
+        self, sources: Sequence[Source], platform: tuple[str, str]
+    ) -> PendingPlatform:
+        """The asked tag's manifest for `platform` from the first source that has it,
+        read while its signature is checked (`PendingPlatform.verified`: the verdict).
+        Once this client accepted the tag's index, the manifest comes verified."""
         tag = self.settings.tag
         cache_key = (tag, *platform)
         if (hit := self._platforms.get(cache_key)) is not None:
-            return hit
-        policy = None if self.settings.insecure_skip_verify else self._policy()
+            return _settled(hit)
+        # The keys are parsed (and the crypto stack imported) while the index is on its
+        # way: off the critical path of a cold pull.
+        loading = (
+            None
+            if self.settings.insecure_skip_verify
+            else asyncio.ensure_future(asyncio.to_thread(self._policy))
+        )
+        try:
+            return await self._first_source(sources, platform, loading)
+        finally:
+            if loading is not None and not loading.done():
+                loading.cancel()
+            elif loading is not None and not loading.cancelled():
+                loading.exception()  # retrieved: raised to a reader already, if any
+
+    async def _first_source(
+        self,
+        sources: Sequence[Source],
+        platform: tuple[str, str],
+        loading: asyncio.Future[TrustPolicy] | None,
+    ) -> PendingPlatform:
+        tag = self.settings.tag
         failover = Failover(f"release {tag} for {'/'.join(platform)}")
         for source in sources:
-            reader = ReleaseReader(source, policy)
+            reader = ReleaseReader(source, None)  # its policy: `loading`, once loaded
             try:
-                verified = await self._verified_index(reader, sources)
-                part = await reader.platform(verified, platform)
+                cached = self._indexes.get(tag)
+                if cached is not None and cached.source == source.name:
+                    return _settled(await reader.platform(cached, platform))
+                pending = await self._read_platform(reader, sources, platform, loading)
             except TransportError as exc:
                 failover.failed(source.name, exc)
                 continue
             failover.succeeded(source.name)
-            self._platforms[cache_key] = part
-            return part
+            return pending
         raise failover.error()
 
     def _policy(self) -> TrustPolicy:
@@ -72,23 +109,32 @@ class ReleaseResolver:
             s.trusted_keys, s.threshold, s.allow_downgrade, s.workflows, s.sigstore_root
         )
 
-    async def _verified_index(
-        self, reader: ReleaseReader, sources: Sequence[Source]
-    ) -> VerifiedIndex:
+    async def _read_platform(
+        self,
+        reader: ReleaseReader,
+        sources: Sequence[Source],
+        platform: tuple[str, str],
+        loading: asyncio.Future[TrustPolicy] | None,
+    ) -> PendingPlatform:
         tag = self.settings.tag
-        cached = self._indexes.get(tag)
-        if cached is not None and cached.source == reader.source.name:
-            return cached
-        floating = self.settings.floating
-        state = self.rollback_state(sources) if floating else None
-        verified = await reader.read(tag, rollback=state)
-        if state is not None and verified.created:
-            accepted = RollbackState(
-                verified.created, verified.version, verified.digest, reader.source.name
-            )
-            self.store.write_state(TAG_STATE_PREFIX + tag, state.after(accepted).to_json())
-        self._indexes[tag] = verified
-        return verified
+        state = self.rollback_state(sources) if self.settings.floating else None
+        pending = await reader.read_platform(
+            tag, platform, rollback=state, fallbacks=sources, policy=loading
+        )
+
+        async def accepted() -> PlatformRelease:
+            part = await pending.verified
+            verified = part.release
+            if state is not None and verified.created:
+                now = RollbackState(
+                    verified.created, verified.version, verified.digest, reader.source.name
+                )
+                self.store.write_state(TAG_STATE_PREFIX + tag, state.after(now).to_json())
+            self._indexes[tag] = verified
+            self._platforms[(tag, *platform)] = part
+            return part
+
+        return dataclasses.replace(pending, verified=asyncio.ensure_future(accepted()))
 
     def rollback_state(self, sources: Sequence[Source] = ()) -> RollbackState:
         """What was accepted before under the asked tag, from any source: this tag's
@@ -97,3 +143,13 @@ class ReleaseResolver:
         keys = [TAG_STATE_PREFIX + self.settings.tag]
         keys += [TRUST_STATE_PREFIX + s.key for s in sources]
         return RollbackState.newest(RollbackState.from_json(self.store.read_state(k)) for k in keys)
+
+
+def _settled(part: PlatformRelease) -> PendingPlatform:
+    """An accepted manifest as a pending one whose verdict is already in."""
+    verdict: asyncio.Future[PlatformRelease] = asyncio.get_running_loop().create_future()
+    verdict.set_result(part)
+    return PendingPlatform(
+        part.release.source, part.release.version, part.platform, part.manifest_digest,
+        part.layers, verdict,
+    )  # fmt: skip
