@@ -18,6 +18,7 @@ from servers import (
     RegistryServer,
     StaticServer,
 )
+from sigstore_instance import SigstoreInstance
 
 _PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY")
 
@@ -149,3 +150,15 @@ def no_docker_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     path.mkdir()
     monkeypatch.setenv("DOCKER_CONFIG", str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def sigstore_test_instance() -> SigstoreInstance:
+    """A private Sigstore instance (CA, CT log, Rekor): see tests/sigstore_instance.py."""
+    return SigstoreInstance.create()
+
+
+@pytest.fixture
+def sigstore_root(sigstore_test_instance: SigstoreInstance, tmp_path: Path) -> Path:
+    """That instance's trusted_root.json, written for this test."""
+    return sigstore_test_instance.write_root(tmp_path / "trusted_root.json")

@@ -86,6 +86,8 @@ async def provoke(kind: str) -> dict[str, Any]:
             await assets.ensure_assets(download=False)
         elif kind == "kernel":
             await assets.fetch_kernel()
+        elif kind == "kernel-arm64":  # Go's name for aarch64: no such kernel
+            await assets.fetch_kernel(arch="arm64")
         elif kind == "base":
             await assets.fetch_base_image("python")
         else:

@@ -118,6 +118,7 @@ class FakeSource(Source):
         self.documents: dict[str, bytes] = {}
         self.blobs: dict[str, bytes] = {}
         self.signatures: dict[str, bytes] = {}
+        self.bundle_store: dict[str, list[bytes]] = {}  # index digest -> Sigstore bundles
         self.requests: list[str] = []
 
     def add(self, release: MemoryRelease, *tags: str) -> FakeSource:
@@ -138,6 +139,16 @@ class FakeSource(Source):
         for payload in signature.payloads:
             self.blobs[sha256_digest(payload)] = payload
         self.blobs[manifest.config.digest] = signature.config
+
+    def add_bundle(self, index_digest: str, bundle: bytes) -> FakeSource:
+        """Store a Sigstore bundle (keyless signature) for `index_digest`."""
+        self.bundle_store.setdefault(index_digest, []).append(bundle)
+        return self
+
+    async def _bundle_files(self, index_digest: str) -> list[bytes] | None:
+        # As the GitHub Release folder's file: `Source.bundles` caps each one.
+        self._ask(f"bundles of {index_digest}")
+        return list(self.bundle_store.get(index_digest, []))
 
     def _ask(self, what: str) -> None:
         self.requests.append(what)

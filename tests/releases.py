@@ -25,7 +25,7 @@ from exec_sandbox_assets.publish.compress import Blob
 from exec_sandbox_assets.publish.inputs import find_inputs
 from exec_sandbox_assets.publish.publisher import prepare_blobs
 from exec_sandbox_assets.publish.sample import sample_bytes
-from exec_sandbox_assets.release import catalog, keys, signing
+from exec_sandbox_assets.release import catalog, keyless, keys, signing
 from exec_sandbox_assets.release.catalog import AssetSpec
 
 SAMPLE_SIZE = 256 * 1024
@@ -248,3 +248,41 @@ __all__ = [
     "resign",
     "stored_blob_path",
 ]
+
+
+def read_bundles(text: str, index_digest: str) -> list[bytes]:
+    """The Sigstore bundles a source (`Source.bundles`) holds for an index, as a client
+    reads them (registry ref, `oci:DIR`, `oci-archive:FILE`)."""
+    import asyncio
+
+    from exec_sandbox_assets.oci.policy import DEFAULT_POLICY
+    from exec_sandbox_assets.oci.reference import parse_source_ref
+    from exec_sandbox_assets.sources import open_source
+
+    async def go() -> list[bytes]:
+        source = open_source(
+            text, parse_source_ref(text), docker_config=None, ca_bundle=None, policy=DEFAULT_POLICY
+        )
+        try:
+            return await source.bundles(index_digest)
+        finally:
+            await source.aclose()
+
+    return asyncio.run(go())
+
+
+# The release workflow the test Sigstore instance (tests/sigstore_instance.py) signs as.
+TEST_WORKFLOW = "https://github.com/dualeai/exec-sandbox/.github/workflows/release.yml"
+
+
+def verify_keyless(
+    bundle: bytes, index_digest: str, version: str, root: Path
+) -> keyless.KeylessSignature:
+    """A bundle verified as a client verifies it: TEST_WORKFLOW at tag vVERSION, `root`."""
+    return keyless.verify_bundle(
+        bundle,
+        index_digest=index_digest,
+        version=version,
+        workflows=(keyless.Workflow(TEST_WORKFLOW),),
+        trusted_root=root,
+    )

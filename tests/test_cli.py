@@ -41,6 +41,11 @@ HOST = catalog.host_platform()
 HOST_PLATFORM = f"{HOST[0]}/{HOST[1]}"
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 PROGRESS = re.compile(r"\d+%|[KMG]i?B/s")
+# A progress line off a terminal (cli/progress.py, LineProgress).
+PROGRESS_LINE = re.compile(
+    r"progress: [\d.]+ (B|KiB|MiB|GiB) of [\d.]+ (B|KiB|MiB|GiB)( \(\d+%\))?, "
+    r"[\d.]+ (B|KiB|MiB|GiB)/s, \d+ of \d+ done; \S"
+)
 HOST_FILES = [s.output_name for s in pull_specs(*HOST, None)]
 CLI = [sys.executable, "-m", "exec_sandbox_assets.cli"]
 
@@ -163,13 +168,14 @@ def layout_args(release: SampleRelease, cache: Path) -> list[str]:
 # -- pull: terminal vs pipe, JSON ----------------------------------------------------------------
 
 
-def test_pull_draws_progress_on_a_terminal_and_only_a_summary_on_pipes(
+def test_pull_draws_progress_on_a_terminal_and_plain_lines_on_pipes(
     tmp_path: Path,
     registry: RegistryServer,
     fault_proxy: FaultProxyFactory,
     key: KeyPair,
     repo_name: str,
     big_release: SampleRelease,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     release = big_release
     proxy = fault_proxy(registry)
@@ -187,10 +193,17 @@ def test_pull_draws_progress_on_a_terminal_and_only_a_summary_on_pipes(
     assert "all files" in text, text  # the overall bar
     assert "7 file(s)" in text and "7 downloaded" in text, text
 
+    # On pipes: the summary on stdout; on stderr a plain line every interval (CI logs).
+    monkeypatch.setenv("EXEC_SANDBOX_PROGRESS_INTERVAL", "0.2")
     plain = run(*common, *source, "--cache-dir", tmp_path / "pipe-cache", "pull")
     assert plain.code == 0, plain.stderr
-    assert plain.stderr == ""
-    assert not ANSI.search(plain.stdout) and not PROGRESS.search(plain.stdout), plain.stdout
+    progress_lines = plain.stderr.splitlines()
+    assert progress_lines and all(PROGRESS_LINE.match(line) for line in progress_lines), (
+        plain.stderr
+    )
+    assert any(line.endswith(tuple(HOST_FILES)) for line in progress_lines), plain.stderr
+    assert not ANSI.search(plain.stderr + plain.stdout), plain.stderr
+    assert not PROGRESS.search(plain.stdout), plain.stdout
     lines = plain.stdout.splitlines()
     assert lines[0].startswith(f"release 2.0.0 (tag v2.0.0) for {HOST_PLATFORM} into ")
     assert lines[-1].startswith("7 file(s), ") and "7 downloaded" in lines[-1]
@@ -337,11 +350,23 @@ def test_gc_dry_run_then_gc_frees_exactly_what_it_said(
     fcntl.flock(fd, fcntl.LOCK_EX)  # a download of that blob is running
     try:
         size_before = tree_size(cache)
-        plan = run("--cache-dir", cache, "gc", "--dry-run", "--json")
+        # Plain gc keeps what a pull resumes from (partials, blobs never installed).
+        plain = run("--cache-dir", cache, "gc", "--dry-run", "--json")
+        assert plain.code == 0, plain.stderr
+        assert {Path(i["path"]) for i in plain.json()["items"]} == {cache / "v1.0.0", kept_temp}
+        assert {Path(e["path"]) for e in plain.json()["kept_resumable"]} == {
+            orphan,
+            free_partial,
+            busy_partial,
+        }
+        text_plain = run("--cache-dir", cache, "gc", "--dry-run")
+        assert "kept 3 resumable download(s)" in text_plain.stdout, text_plain.stdout
+        assert "`gc --partials` removes them" in text_plain.stdout
+        plan = run("--cache-dir", cache, "gc", "--partials", "--dry-run", "--json")
         assert plan.code == 0, plan.stderr
         assert tree_size(cache) == size_before
-        text_plan = run("--cache-dir", cache, "gc", "--dry-run")
-        done = run("--cache-dir", cache, "gc", "--json")
+        text_plan = run("--cache-dir", cache, "gc", "--partials", "--dry-run")
+        done = run("--cache-dir", cache, "gc", "--partials", "--json")
         assert done.code == 0, done.stderr
     finally:
         os.close(fd)
@@ -361,7 +386,7 @@ def test_gc_dry_run_then_gc_frees_exactly_what_it_said(
     assert "would free " in text_plan.stdout and f"({d['freed']} bytes)" in text_plan.stdout
     # What is kept still verifies, and a second gc has nothing left but the busy partial.
     assert run("--cache-dir", cache, "verify", "--full").code == 0
-    again = run("--cache-dir", cache, "gc", "--json").json()
+    again = run("--cache-dir", cache, "gc", "--partials", "--json").json()
     assert [Path(i["path"]) for i in again["items"]] == [busy_partial]
     assert again["freed"] == 9000  # no longer locked: now it goes
 

@@ -89,8 +89,10 @@ def test_plan_takes_blob_locks_for_blobs_and_partials_and_ages_state_temps() -> 
             state_temps=(FileEntry(fresh, 1, NOW - 10), FileEntry(stale, 2, NOW - 7200)),
         ),
         keep=1,
+        partials=True,
         now=NOW,
     )
+    assert plan.resumable == ()
     assert [(i.kind, i.path.name, i.locks) for i in plan.items] == [
         ("blob", blob.name, (LockRef("blob", "sha256:" + "ab" * 32),)),
         ("partial", partial.name, (LockRef("blob", "sha256:" + "cd" * 32),)),
@@ -98,6 +100,15 @@ def test_plan_takes_blob_locks_for_blobs_and_partials_and_ages_state_temps() -> 
         ("temp", ".vmlinuz-x86_64.json.tmp-3-cc", (LockRef("output", "2.0.0", "vmlinuz-x86_64"),)),
     ]
     assert plan.total == 5 + 6 + 7 + 2
+
+    # Without `partials`, resumable downloads are kept, and said to be.
+    plain = plan_gc(
+        listing(kept, blobs=(FileEntry(blob, 5, NOW),), partials=(FileEntry(partial, 6, NOW),)),
+        keep=1,
+        now=NOW,
+    )
+    assert [i.kind for i in plain.items] == ["temp"]
+    assert [e.path for e in plain.resumable] == [blob, partial]
 
 
 def test_a_removed_versions_temp_files_are_part_of_it_and_locked_too() -> None:

@@ -240,15 +240,16 @@ def test_a_failing_or_hanging_helper_is_an_error_naming_it(
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name, body in (
-        ("broken", "import sys; sys.stderr.write('keychain is locked'); sys.exit(3)"),
-        ("slow", "import time; time.sleep(30)"),
-        ("garbled", "print('not json')"),
+        ("broken", "printf 'keychain is locked' >&2; exit 3"),
+        ("slow", "exec sleep 30"),
+        ("garbled", "echo 'not json'"),
     ):
+        # sh starts in milliseconds: a Python helper missed the timeout on a loaded machine.
         exe = bin_dir / f"docker-credential-{name}"
-        exe.write_text(f"#!{sys.executable}\n{body}\n")
+        exe.write_text(f"#!/bin/sh\n{body}\n")
         exe.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setattr(credentials, "HELPER_TIMEOUT", 0.5)
+    monkeypatch.setattr(credentials, "HELPER_TIMEOUT", 2.0)
     config = tmp_path / "config.json"
     for name, expected in (
         ("broken", "failed for h.io (exit 3): keychain is locked"),

@@ -200,7 +200,12 @@ def test_versions_lists_releases_with_digest_date_and_signature(
     assert by_tag["v1.0.0"]["digest"] == old.index_digest
     assert by_tag["latest"]["digest"] == by_tag["v1.1.0"]["digest"] == new.index_digest
     assert by_tag["v1.0.0"]["created"] == "2026-01-01T00:00:00Z"
-    assert by_tag["v1.0.0"]["signature"] == {"verified": True, "signed_by": [key_id], "error": None}
+    assert by_tag["v1.0.0"]["signature"] == {
+        "verified": True,
+        "signed_by": [key_id],
+        "signed_by_identity": [],
+        "error": None,
+    }
 
     other = make_key_pair(tmp_path / "other")
     text = run("--trusted-key", other.public, "versions", target)
@@ -222,11 +227,12 @@ def test_versions_lists_releases_with_digest_date_and_signature(
 def test_tls_to_a_plain_http_registry_fails_at_once_and_suggests_http(
     registry: RegistryServer, repo_name: str
 ) -> None:
-    result = run("-v", "inspect", f"{registry.host}/{repo_name}:v1.0.0")
+    result = run("-v", "inspect", f"https://{registry.host}/{repo_name}:v1.0.0")
     assert result.code == 1, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, result.stderr
-    assert f"it serves http, not https; name it http://{registry.host}/" in errors[0]
+    # The reference to type, not the API URL.
+    assert f"it serves http, not https; name it http://{registry.host}/{repo_name}:" in errors[0]
     assert "retrying" not in result.stderr and "attempts" not in errors[0]
 
 

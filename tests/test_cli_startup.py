@@ -74,7 +74,7 @@ def test_the_cache_commands_load_no_network_or_crypto_stack(tmp_path: Path) -> N
         f"cache = {str(tmp_path / 'cache')!r}\n"
         "for argv in (['status'], ['verify'], ['gc', '--dry-run'], ['status', '--json']):\n"
         "    main(['--cache-dir', cache, '--asset-version', '1.0.0', *argv])\n"
-        "heavy = ('httpx', 'httpcore', 'cryptography', 'zstandard', 'rich')\n"
+        "heavy = ('httpx', 'httpcore', 'cryptography', 'zstandard', 'rich', 'sigstore')\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
     )
     proc = subprocess.run(

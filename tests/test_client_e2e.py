@@ -397,7 +397,8 @@ async def test_signature_replaced_by_another_keys_is_refused(
 
     message = str(info.value)
     assert release.index_digest in message
-    assert "valid signatures from 0 trusted key(s), 1 required" in message
+    # The default trusted workflow counts too: no Sigstore bundle here.
+    assert "valid signatures from 0 trusted key(s) and 0 trusted workflow(s), 1 required" in message
     assert installed(cache) == []
 
 
@@ -797,9 +798,14 @@ async def test_no_trusted_key_is_refused_with_how_to_configure_one(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # Explicitly none: keys shipped in the package, if any, must not make this pass.
+    # Explicitly none: keys shipped in the package, if any, and the default trusted
+    # release workflow must not make this pass.
     cache = use(
-        monkeypatch, tmp_path, registry.ref(repo_name), None, configure={"trusted_keys": ()}
+        monkeypatch,
+        tmp_path,
+        registry.ref(repo_name),
+        None,
+        configure={"trusted_keys": (), "trusted_workflows": ()},
     )
 
     with pytest.raises(NoTrustedKeysError) as info:
@@ -1024,6 +1030,7 @@ _NOT_ON_THE_IMPORT_PATH = (
     "rich",
     "exec_sandbox_assets.publish",
     "exec_sandbox_assets.cli",
+    "sigstore",
 )
 _NOT_ON_THE_WARM_PATH = (*_NOT_ON_THE_IMPORT_PATH, "httpx", "cryptography", "zstandard")
 

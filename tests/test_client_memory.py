@@ -27,6 +27,7 @@ from exec_sandbox_assets.client import AssetClient
 from exec_sandbox_assets.config import Settings
 from exec_sandbox_assets.oci.model import sha256_digest
 from exec_sandbox_assets.release import catalog, keys, policy, signing
+from exec_sandbox_assets.release.keyless import DEFAULT_TRUSTED_WORKFLOW
 from exec_sandbox_assets.release.keys import SigningKey
 from exec_sandbox_assets.release.policy import RollbackState
 from exec_sandbox_assets.release.version import Version, normalize_version, version_of_tag
@@ -313,13 +314,41 @@ def test_without_a_trusted_key_the_hint_names_every_way_to_configure_one(
 ) -> None:
     source = FakeSource("mirror").add(make_release("1.0.0", JAN, [key]))
 
+    # Keyless trust switched off (EXEC_SANDBOX_TRUSTED_WORKFLOWS=""), and no key.
     with pytest.raises(NoTrustedKeysError) as info:
+        fetch(client(tmp_path, [source], [], trusted_workflows=()))
+
+    text = str(info.value)
+    for way in (
+        "EXEC_SANDBOX_TRUSTED_KEYS=",
+        "--trusted-key FILE",
+        "configure(trusted_keys=",
+        "EXEC_SANDBOX_TRUSTED_WORKFLOWS=",
+        "--trusted-workflow URL",
+        "configure(trusted_workflows=",
+    ):
+        assert way in text
+    assert source.requests == ["tag v1.0.0"]  # nothing beyond the index was fetched
+
+
+def test_a_default_client_trusts_the_release_workflow_and_no_key(
+    tmp_path: Path, key: SigningKey
+) -> None:
+    release = make_release("1.0.0", JAN, [key])
+    source = FakeSource("mirror").add(release)
+
+    with pytest.raises(SignatureError) as info:
         fetch(client(tmp_path, [source], []))
 
     text = str(info.value)
-    for way in ("EXEC_SANDBOX_TRUSTED_KEYS=", "--trusted-key FILE", "configure(trusted_keys="):
-        assert way in text
-    assert source.requests == ["tag v1.0.0"]  # nothing beyond the index was fetched
+    assert "0 trusted key(s) and 0 trusted workflow(s), 1 required" in text
+    assert f"trusted workflows: {DEFAULT_TRUSTED_WORKFLOW}" in text
+    # No key is trusted: the key signature is not even fetched, only the bundles (the
+    # platform manifest comes alongside, issue 18; nothing was installed).
+    assert source.requests[0] == "tag v1.0.0"
+    assert f"bundles of {release.digest}" in source.requests
+    assert not [r for r in source.requests if r.startswith("signature")], source.requests
+    assert not list((tmp_path / "cache").glob("v*"))
 
 
 def test_index_bytes_are_parsed_only_after_a_trusted_key_vouched(

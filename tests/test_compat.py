@@ -21,7 +21,9 @@ from conftest import FaultProxyFactory
 from exec_sandbox_assets import AssetClient, compat, load_settings
 from exec_sandbox_assets.base.errors import (
     AssetChecksumError,
+    AssetNotFoundError,
     AssetsNotFoundLocally,
+    ConfigError,
     ReleaseNotFoundError,
 )
 from exec_sandbox_assets.release import catalog
@@ -151,6 +153,21 @@ async def test_without_exec_sandbox_errors_are_ours(
     with pytest.raises(AssetsNotFoundLocally) as info:
         await compat.ensure_assets()
     assert isinstance(info.value, FileNotFoundError)
+
+
+async def test_an_unknown_arch_is_a_not_found_error_as_in_0_22_0(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """0.22.0 raised AssetNotFoundError for `arm64` (no such file); was: a plain AssetError
+    that `except AssetNotFoundError` missed. Still a usage error (exit 2 on the CLI)."""
+    monkeypatch.setenv("EXEC_SANDBOX_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("EXEC_SANDBOX_OFFLINE", "1")
+    for call in (compat.fetch_kernel, compat.fetch_initramfs):
+        with pytest.raises(AssetNotFoundError, match="unknown arch 'arm64'") as info:
+            await call(arch="arm64")
+        assert isinstance(info.value, ConfigError)
+    with pytest.raises(AssetNotFoundError, match="unknown arch 'arm64'"):
+        await compat.fetch_base_image("python", arch="arm64")
 
 
 async def test_app_version_picks_the_release_and_explicit_settings_win(

@@ -234,6 +234,12 @@ def test_offline_misses_raise_what_0_22_0_raises(shim: Path, home: Path) -> None
         assert original["class"] == "AssetNotFoundError", original
         assert_raised(ours, "AssetNotFoundError", "AssetsNotFoundLocally")
         assert "builtins.FileNotFoundError" in str(ours["mro"])  # as its docstrings promise
+    # An arch no release has (Go's name for aarch64): 0.22.0 found no such file.
+    original = provoke("kernel-arm64", offline, None)
+    ours = provoke("kernel-arm64", offline, shim)
+    assert original["class"] == "AssetNotFoundError", original
+    assert_raised(ours, "AssetNotFoundError", "UnknownArchError")
+    assert "unknown arch 'arm64'" in str(ours["message"])
     original = provoke("ensure-no-download", offline, None)
     ours = provoke("ensure-no-download", offline, shim)
     assert original["class"] == "FileNotFoundError"
@@ -309,3 +315,23 @@ def test_exec_sandbox_own_asset_tests_pass_on_the_swapped_module(
     assert after.keys() == before.keys()
     failed = {name for name, outcome in after.items() if outcome != "passed"}
     assert failed == set(DELIBERATE), ours.stdout[-5000:]
+
+
+def test_a_flat_0_22_0_cache_in_exec_sandbox_cache_dir_starts_offline(
+    shim: Path, home: Path, release: SampleRelease, tmp_path: Path
+) -> None:
+    """0.22.0 keeps EXEC_SANDBOX_CACHE_DIR flat (no version subdirectory) and its start
+    only looks for a kernel there. Was: ours wanted initramfs and gvproxy as well, in a
+    version subdirectory, and raised AssetNotFoundLocallyError offline although
+    `fetch_base_image()` found its file in the same directory."""
+    flat = tmp_path / "flat-cache"
+    flat.mkdir()
+    for name in (KERNEL, INITRAMFS, PYTHON_BASE):
+        shutil.copyfile(release.dist / name, flat / name)
+        (flat / f"{name}.lock").touch()  # 0.22.0's file_lock leaves these
+    env = env_for(home, EXEC_SANDBOX_CACHE_DIR=str(flat), EXEC_SANDBOX_OFFLINE="1")
+
+    original = started(run(["scheduler"], env=env, shim=None))
+    ours = started(run(["scheduler"], env=env, shim=shim))
+    assert ours["images_dir"] == original["images_dir"] == str(flat)
+    assert run(["error", "base"], env=env, shim=shim).json() == {"class": None}

@@ -95,7 +95,15 @@ def config_env_vars() -> set[str]:
     return {ENV_PREFIX + n for n in names}
 
 
-PROBES = ("1", "2", "1.2.3", "/tmp/esa-probe", "example.com/probe", "http://127.0.0.1:9/probe")
+PROBES = (
+    "1",
+    "2",
+    "1.2.3",
+    "/tmp/esa-probe",
+    "example.com/probe",
+    "http://127.0.0.1:9/probe",
+    "https://github.com/o/r/.github/workflows/probe.yml",
+)
 
 
 def changes_settings(name: str, tmp_path: Path) -> bool:

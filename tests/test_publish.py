@@ -676,7 +676,7 @@ def test_tls_registry_needs_its_ca(
     tmp_path: Path,
     repo_name: str,
 ) -> None:
-    target = (f"{tls_registry.host}/{repo_name}",)  # no scheme: HTTPS
+    target = (f"https://{tls_registry.host}/{repo_name}",)
     with pytest.raises(TransportError, match="--ca-bundle"):
         publish(request(dist, key_files[0], target, tmp_path / "w"))
     result = publish(

@@ -111,3 +111,27 @@ def test_a_signature_that_does_not_verify_with_its_key_is_refused() -> None:
 
     with pytest.raises(SignatureError, match="0 trusted key"):
         plan_signature([], [key], digest, "example/repo", VERSION, CREATED)  # type: ignore[list-item]
+
+
+def test_the_summary_counts_the_signatures_held_and_those_added(tmp_path: Path) -> None:
+    """Was: "(1 key(s))" after a second key's publish, though the manifest held 2."""
+    from test_cli import run
+
+    dist = make_sample_inputs(tmp_path / "dist", size=16 * 1024)
+    a, b = make_key_pair(tmp_path / "keys", "a"), make_key_pair(tmp_path / "keys", "b")
+    target = f"oci:{tmp_path / 'layout'}"
+    base = ["publish", "-i", str(dist), "--version", VERSION, "--created", CREATED]
+    base += ["--level", "3", "--platform", "linux/amd64", "--to", target]
+
+    lines = []
+    for key in (a, b, b):
+        result = run(*base, "--key", key.private, "--work-dir", tmp_path / "work")
+        assert result.code == 0, result.stderr
+        lines += [line for line in result.stdout.splitlines() if "signature " in line]
+    assert [line.split(".sig: ", 1)[1] for line in lines] == [
+        "1 signature (1 added)",
+        "2 signatures (1 added)",
+        "2 signatures (0 added)",
+    ]
+    doc = run(*base, "--key", a.private, "--json", "--work-dir", tmp_path / "work").json()
+    assert (doc["signatures"], doc["signatures_added"], doc["signers"]) == (2, 0, 1)

@@ -156,8 +156,16 @@ async def read_stream(client: RegistryClient, digest: str, offset: int = 0) -> t
             "https://Reg.Example:443/a__b/c-d.e",
             RegistryRef("https", "reg.example:443", "a__b/c-d.e"),
         ),
-        ("localhost/x:latest", RegistryRef("https", "localhost", "x", "latest")),
-        ("[::1]:5000/x", RegistryRef("https", "[::1]:5000", "x")),
+        # Loopback without a scheme is plain HTTP, as docker and crane take it.
+        ("localhost/x:latest", RegistryRef("http", "localhost", "x", "latest")),
+        ("[::1]:5000/x", RegistryRef("http", "[::1]:5000", "x")),
+        ("127.0.0.1:5055/repo", RegistryRef("http", "127.0.0.1:5055", "repo")),
+        ("127.8.9.10/repo", RegistryRef("http", "127.8.9.10", "repo")),
+        ("docker://localhost:5000/r:v1", RegistryRef("http", "localhost:5000", "r", "v1")),
+        ("https://localhost:5000/x", RegistryRef("https", "localhost:5000", "x")),
+        ("https://[::1]/x", RegistryRef("https", "[::1]", "x")),
+        ("10.0.0.1:5000/x", RegistryRef("https", "10.0.0.1:5000", "x")),
+        ("localhost.example/x", RegistryRef("https", "localhost.example", "x")),
         (
             "h.io/r:v1@sha256:" + "b" * 64,
             RegistryRef("https", "h.io", "r", "v1", "sha256:" + "b" * 64),
@@ -656,7 +664,7 @@ async def test_htpasswd_with_docker_config(
 
 async def test_tls_custom_ca(tls_registry: RegistryServer, repo_name: str) -> None:
     manifest, _ = push_artifact(tls_registry, repo_name)
-    ref = parse_registry_ref(f"{tls_registry.host}/{repo_name}:v1")
+    ref = parse_registry_ref(f"https://{tls_registry.host}/{repo_name}:v1")
     assert ref.scheme == "https"
     async with RegistryClient(ref, ca_bundle=tls_registry.ca_bundle, retry=FAST) as client:
         assert (await client.get_manifest("v1"))[0] == manifest

@@ -847,7 +847,7 @@ def test_store_module_imports_nothing_heavy() -> None:
         "sys.modules['exec_sandbox_assets'] = pkg\n"
         "import exec_sandbox_assets.cache.store\n"
         "ours = sorted(m for m in sys.modules if m.startswith('exec_sandbox_assets'))\n"
-        "heavy = {'zstandard', 'httpx', 'cryptography', 'oras', 'requests', 'platformdirs'}\n"
+        "heavy = {'zstandard', 'httpx', 'cryptography', 'oras', 'requests', 'platformdirs', 'sigstore'}\n"
         "print(json.dumps([ours, sorted(heavy & set(sys.modules))]))\n"
     )
     src = str(Path(store_mod.__file__).parent.parent)  # the package dir
@@ -864,6 +864,7 @@ def test_store_module_imports_nothing_heavy() -> None:
         "exec_sandbox_assets.base.safejson",  # stdlib only: the parser of untrusted JSON
         "exec_sandbox_assets.base.safetext",
         "exec_sandbox_assets.cache",
+        "exec_sandbox_assets.cache.content",
         "exec_sandbox_assets.cache.download",
         "exec_sandbox_assets.cache.files",
         "exec_sandbox_assets.cache.gate",  # stdlib only: the signature gate

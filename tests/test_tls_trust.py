@@ -22,7 +22,7 @@ async def test_an_untrusted_certificate_is_not_retried(
     certificate the client does not trust costs exactly one connection."""
     relay = TcpRelay((LOOPBACK, tls_registry.port))
     try:
-        ref = parse_registry_ref(f"{relay.host}/{repo_name}")
+        ref = parse_registry_ref(f"https://{relay.host}/{repo_name}")
         assert ref.scheme == "https"
         retry = RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.02)
         async with RegistryClient(ref, retry=retry) as client:

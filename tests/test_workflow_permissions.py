@@ -1,6 +1,6 @@
-"""The workflows ask for the least they need: release.yml grants `packages: write` (and
-`contents: write` for the release upload) to its publish job only and nothing by
-default; ci.yml only reads."""
+"""The workflows ask for the least they need: release.yml grants `packages: write`,
+`contents: write` (the release upload) and `id-token: write` (the keyless signature's
+OIDC token) to its publish job only and nothing by default; ci.yml only reads."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def test_release_workflow_grants_packages_write_to_the_publish_job_only() -> Non
     top, jobs = job_permissions(ROOT / ".github" / "workflows" / "release.yml")
     assert top == {}, "release.yml must grant nothing by default"
     assert "publish" in jobs, sorted(jobs)
-    assert jobs["publish"] == {"contents": "write", "packages": "write"}
+    assert jobs["publish"] == {"contents": "write", "packages": "write", "id-token": "write"}
     for name, perms in jobs.items():
         if name != "publish":
             assert set(perms.values()) <= {"read", "none"}, (name, perms)

@@ -174,6 +174,13 @@ def test_release_workflow_shape() -> None:
     assert "name: images-dist" in text and "name: gvproxy-bin" in text
     assert "--password-stdin" in text and "gh release upload" in text
     assert "--release-dir out/release" in text
+    # Keyless signing happens in this file (a reusable workflow would be the identity),
+    # verified with the packaged root and the oldest supported client's before tags move.
+    assert "uses: ./" not in text and "workflow_call" not in text
+    publish_job = text.split("\n  publish:\n", 1)[1]
+    assert 'signing=(--keyless --sigstore-root "$PACKAGED_ROOT")' in publish_job
+    assert 'signing+=(--sigstore-root "$OLDEST_ROOT")' in publish_job
+    assert "OLDEST_KEYLESS_CLIENT:" in publish_job and "sigstore_trusted_root.json" in publish_job
     # Untrusted release fields only ever reach a script through env.
     for line in text.splitlines():
         if "github.event.release" in line:

@@ -33,18 +33,20 @@ from exec_sandbox_assets.base.errors import (
     AssetError,
     AssetNotFoundError,
     AssetsNotFoundLocally,
-    Attempt,
     TransportError,
 )
-from exec_sandbox_assets.cache import legacy
+from exec_sandbox_assets.cache import legacy, space
+from exec_sandbox_assets.cache.content import ContentState
 from exec_sandbox_assets.cache.download import MAX_RESUMES
 from exec_sandbox_assets.cache.gate import Gate
 from exec_sandbox_assets.cache.refs import FLOATING_REF_PREFIX
+from exec_sandbox_assets.cache.space import SpacePlan
 from exec_sandbox_assets.cache.store import CacheTrust, OutputSpec, Store
 from exec_sandbox_assets.config import LATEST, Settings
 from exec_sandbox_assets.release import catalog
 from exec_sandbox_assets.release.catalog import AssetSpec, Kind
 from exec_sandbox_assets.release.keyid import key_ids_of_files
+from exec_sandbox_assets.release.workflows import trust_ids
 
 if TYPE_CHECKING:  # the cold path: imported when a fetch needs it (scheduler boot stays lean)
     from exec_sandbox_assets.release.documents import AssetLayer
@@ -75,7 +77,10 @@ class AssetClient:
     def __init__(self, settings: Settings, *, sources: SourcesFactory | None = None) -> None:
         self.settings = settings
         self.store = Store(
-            settings.cache_dir, lock_timeout=settings.lock_timeout, trust=cache_trust(settings)
+            settings.cache_dir,
+            lock_timeout=settings.lock_timeout,
+            trust=cache_trust(settings),
+            content_check_after=settings.verify_content_after,
         )
         self.sources: SourcesFactory = sources or _default_sources
 
@@ -115,6 +120,19 @@ class AssetClient:
     def find_cached(self, output_name: str) -> Path | None:
         version = self.cached_version()
         return self.store.lookup(version, output_name) if version else None
+
+    def check_cached_content(self, specs: Sequence[AssetSpec]) -> dict[str, ContentState]:
+        """Hash the cached file of each of `specs` that has a record (`pull --force`): one
+        that does not match its digest loses its record, so a fetch that follows downloads
+        it again; one whose bytes match but whose stat changed gets its stat recorded."""
+        version = self.cached_version()
+        if version is None:
+            return {}
+        return {
+            s.output_name: self.store.check_content(version, s.output_name, restat=True)
+            for s in specs
+            if self.store.read_record(version, s.output_name) is not None
+        }
 
     def find(self, output_name: str, override: Path | None = None) -> Path | None:
         return self.find_local(output_name, override) or self.find_cached(output_name)
@@ -212,6 +230,10 @@ class AssetClient:
             # Largest first: the longest install (a base image) starts at once, not after
             # the kernels; the small ones fill in around it.
             jobs.sort(key=lambda job: -_layer_size(job[0], job[2]))
+            # Before the first byte: what does not fit is refused, smallest files first in.
+            room = self._space_plan([(job[0], job[-1]) for job in jobs])
+            refused = set(room.refused) if room else set()
+            jobs = [job for job in jobs if job[-1].output_name not in refused]
             limit = asyncio.Semaphore(self.settings.concurrency)
             outcomes = await asyncio.gather(
                 *(
@@ -233,12 +255,35 @@ class AssetClient:
             if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
                 raise outcome  # cancellation, KeyboardInterrupt: not a per-asset failure
             results[spec.output_name] = outcome
+        if room is not None:
+            results.update({name: room.error(name) for name in room.refused})
         accepted = self.releases.accepted(LATEST) if self.settings.floating else None
         if accepted is not None and any(isinstance(v, Path) for v in results.values()):
             # The cache's `latest` moves to the release just fetched, never before.
             ref = {"version": accepted.version, "digest": accepted.digest}
             self.store.write_state(FLOATING_REF_PREFIX + LATEST, ref)
         return results
+
+    def _space_plan(self, jobs: Sequence[tuple[PendingPlatform, AssetSpec]]) -> SpacePlan | None:
+        """What the downloads of `jobs` need against the cache's free space (see
+        `cache.space`); None where free space cannot be measured."""
+        needs = [
+            space.need_of(
+                spec.output_name,
+                self.store.blob_path(layer.digest),
+                layer.size,
+                layer.content_size,
+                layer.compressed,
+            )
+            for part, spec in jobs
+            if (layer := part.layers.get(spec.name)) is not None
+        ]
+        try:
+            _, free = space.free_bytes(self.store.root)
+        except OSError as exc:
+            log.debug("free space unknown", extra={"path": str(self.store.root), "error": str(exc)})
+            return None
+        return space.plan(needs, free, self.settings.min_free, self.store.root)
 
     async def _fetch_one(
         self,
@@ -275,33 +320,27 @@ class AssetClient:
             # only once the release verified.
             if legacy.has_candidate(self.store, out, self.settings.legacy_dirs):
                 release = (await part.verified).release
-                verified = dataclasses.replace(out, verified_by=release.key_ids)
+                verified = dataclasses.replace(out, verified_by=release.signers)
                 adopted = await legacy.adopt(self.store, verified, self.settings.legacy_dirs)
                 if adopted is not None:
                     return adopted
             # Blobs are content-addressed: any source may serve one, starting with the one
             # whose index we verified; a partial download resumes across sources.
-            attempts: list[Attempt] = []
+            from exec_sandbox_assets.sources.failover import Failover  # the network path only
+
+            failover = Failover(spec.name)
             for source in _prefer(sources, part.source):
                 try:
                     path = await self._ensure_resuming(out, source, layer, bar, gate)
                     await part.verified  # a cached file is served once the release verified
                 except TransportError as exc:
-                    log.warning(
-                        "%s: download from %s failed, trying the next source: %s",
-                        spec.name,
-                        source.name,
-                        exc,
-                        extra={"source": source.name, "asset": spec.name, "error": str(exc)},
-                    )
-                    attempts.append(
-                        Attempt(source.name, str(exc), isinstance(exc, AssetNotFoundError))
-                    )
+                    failover.failed(source.name, exc)
                     continue
+                failover.succeeded(source.name)
                 if progress is not None:
                     progress.finish(layer.output_name)
                 return path
-        raise AllSourcesFailedError(spec.name, attempts)
+        raise AllSourcesFailedError(spec.name, failover.attempts)
 
     async def _ensure_resuming(
         self,
@@ -332,9 +371,11 @@ def _default_sources(settings: Settings) -> Sequence[Source]:
 
 def cache_trust(settings: Settings) -> CacheTrust:
     """Which cache records the warm path may serve under these settings: key ids from
-    the PEM files with the stdlib only (no crypto import on the boot path)."""
+    the PEM files and the trusted workflows under the Sigstore root's fingerprint, with
+    the stdlib only (no crypto or sigstore import on the boot path)."""
     return CacheTrust(
-        key_ids=key_ids_of_files(settings.trusted_keys),
+        key_ids=key_ids_of_files(settings.trusted_keys)
+        | trust_ids(settings.workflows, settings.sigstore_root),
         threshold=settings.threshold,
         insecure=settings.insecure_skip_verify,
         legacy=settings.allow_legacy_releases,
@@ -368,7 +409,7 @@ def _gate_of(part: PendingPlatform) -> Gate:
         elif (error := verdict.exception()) is not None:
             gate.fail(error)
         else:
-            gate.open(verdict.result().release.key_ids)
+            gate.open(verdict.result().release.signers)
 
     part.verified.add_done_callback(settle)
     return gate

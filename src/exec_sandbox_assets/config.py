@@ -16,7 +16,9 @@ Environment variables (all optional):
 | EXEC_SANDBOX_RELEASES_URL | GitHub Releases download base (`{base}/vV/{name}`) | https://github.com/dualeai/exec-sandbox/releases/download |
 | EXEC_SANDBOX_AIRGAP | `1`: never contact the public defaults (ghcr.io repository, GitHub) | 0 |
 | EXEC_SANDBOX_TRUSTED_KEYS | PEM public key files, `:`-separated | keys shipped in the package |
-| EXEC_SANDBOX_SIGNATURE_THRESHOLD | distinct trusted keys that must sign | 1 |
+| EXEC_SANDBOX_TRUSTED_WORKFLOWS | release workflows trusted to sign keyless (Sigstore), comma-separated `https://github.com/OWNER/REPO/.github/workflows/FILE.yml`, at tags `v<version>` only; empty: none | the exec-sandbox release workflow |
+| EXEC_SANDBOX_SIGSTORE_ROOT | Sigstore `trusted_root.json` used instead of the one in the package | the packaged production root |
+| EXEC_SANDBOX_SIGNATURE_THRESHOLD | distinct trusted keys and workflows that must sign | 1 |
 | EXEC_SANDBOX_INSECURE_SKIP_VERIFY | `1`: accept unsigned content (logged loudly) | 0 |
 | EXEC_SANDBOX_ALLOW_DOWNGRADE | `1`: accept a floating tag that moved back in time | 0 |
 | EXEC_SANDBOX_CA_BUNDLE | PEM CA bundle for registries with a private CA | system CAs |
@@ -24,7 +26,10 @@ Environment variables (all optional):
 | EXEC_SANDBOX_LOCK_TIMEOUT | seconds to wait for another process's download | 1800 |
 | EXEC_SANDBOX_SOURCE_TIMEOUT | seconds a metadata read (retries included) or a blob's first answer may take per source | 30 |
 | EXEC_SANDBOX_MIN_RATE | bytes/s a blob body must keep up over each 30 s window (`0`: no minimum) | 1024 |
+| EXEC_SANDBOX_MIN_FREE | space to leave free on the cache's file system: a download that would eat into it is refused before its first byte (bytes, or with K, M, G, T: `512M`; `0`: only what the files need) | 64M |
+| EXEC_SANDBOX_VERIFY_CONTENT_AFTER | opt-in: the boot path hashes a cached file once per process start when its bytes were last checked this long ago (`30d`, `12h`, `90m`, seconds; `0`: at every start); a mismatch is fetched again | - (off: a stat) |
 | EXEC_SANDBOX_DISABLE_PROGRESS_BARS | `1`: the CLI draws no progress (as `--no-progress`) | 0 |
+| EXEC_SANDBOX_PROGRESS_INTERVAL | seconds between the CLI's progress lines when stderr is not a terminal (CI logs) | 5 |
 | EXEC_SANDBOX_ALLOW_LEGACY_RELEASES | `1`: accept exec-sandbox <= 0.22.0 GitHub releases (no signature: TLS + GitHub API digest only) | 0 |
 | EXEC_SANDBOX_GITHUB_API_URL | GitHub API base for legacy releases | https://api.github.com |
 | GITHUB_TOKEN | token for GitHub API requests (legacy releases only; raises the rate limit) | - |
@@ -35,6 +40,7 @@ Environment variables (all optional):
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -45,6 +51,11 @@ from exec_sandbox_assets.oci.policy import DEFAULT_DEADLINE, DEFAULT_MIN_RATE, T
 from exec_sandbox_assets.release import catalog
 from exec_sandbox_assets.release.version import LATEST as LATEST
 from exec_sandbox_assets.release.version import normalize_version as normalize_version
+from exec_sandbox_assets.release.workflows import (
+    DEFAULT_TRUSTED_WORKFLOW,
+    Workflow,
+    parse_workflows,
+)
 
 ENV_PREFIX = "EXEC_SANDBOX_"
 DEFAULT_RELEASES_DOWNLOAD = f"{catalog.DEFAULT_RELEASES_URL}/download"
@@ -58,7 +69,18 @@ PACKAGED_KEYS_DIR = Path(__file__).resolve().parent / "keys"
 # included (subdomains too: objects., release-assets., pkg-containers.githubusercontent.com
 # are the CDNs that GitHub Releases and ghcr.io redirect to).
 AIRGAP_BLOCKED_HOSTS = ("ghcr.io", "github.com", "githubusercontent.com")
+DEFAULT_MIN_FREE = 64 << 20
+_NUMBER_AND_UNIT = re.compile(r"(\d+(?:\.\d+)?) ?([A-Za-z]*)")
+# 512, 512B, 64M, 64m, 64MB, 64MiB: binary multiples whatever the spelling.
+_SIZE_UNITS = {"": 1, "B": 1} | {
+    spelling: 1 << (10 * power)
+    for power, letter in enumerate("KMGT", start=1)
+    for spelling in (letter, letter.lower(), f"{letter}B", f"{letter}iB")
+}
+_AGE_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 AIRGAP_REASON = "the air gap (EXEC_SANDBOX_AIRGAP=1) allows no connection to GitHub or ghcr.io"
+# Seconds between two progress lines of the CLI when stderr is not a terminal.
+DEFAULT_PROGRESS_INTERVAL = 5.0
 
 
 @dataclass(frozen=True)
@@ -74,6 +96,9 @@ class Settings:
     releases_url: str = DEFAULT_RELEASES_DOWNLOAD
     airgap: bool = False
     trusted_keys: tuple[Path, ...] = ()
+    # Keyless trust: release workflows (URLs) and the Sigstore root (None: the packaged one).
+    trusted_workflows: tuple[str, ...] = (DEFAULT_TRUSTED_WORKFLOW,)
+    sigstore_root: Path | None = None
     threshold: int = 1
     insecure_skip_verify: bool = False
     allow_downgrade: bool = False
@@ -83,7 +108,10 @@ class Settings:
     lock_timeout: float = 1800.0
     source_timeout: float = DEFAULT_DEADLINE
     min_rate: int = DEFAULT_MIN_RATE
+    min_free: int = DEFAULT_MIN_FREE
+    verify_content_after: float | None = None  # seconds; None: the warm path hashes nothing
     progress_bars: bool = True
+    progress_interval: float = DEFAULT_PROGRESS_INTERVAL  # seconds, lines off a terminal
     # (host, username, password) given on the command line: used before any auth file.
     registry_credentials: tuple[tuple[str, str, str], ...] = field(default=(), repr=False)
     # Where exec-sandbox <= 0.22.0 left decompressed files (adopted by hash, docs/compat.md).
@@ -101,6 +129,10 @@ class Settings:
     @property
     def tag(self) -> str:
         return LATEST if self.floating else f"v{self.version}"
+
+    @property
+    def workflows(self) -> tuple[Workflow, ...]:
+        return tuple(Workflow.parse(w) for w in self.trusted_workflows)
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)
@@ -150,9 +182,41 @@ def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+def _number_with_unit(
+    env: Mapping[str, str], name: str, units: Mapping[str, int], expected: str
+) -> float | None:
+    """`12`, `1.5G`, `30d`: the number times the factor of its unit in `units`; None
+    when unset."""
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    match = _NUMBER_AND_UNIT.fullmatch(raw)
+    factor = units.get(match.group(2)) if match else None
+    if match is None or factor is None:
+        raise ConfigError(f"{name}={raw!r}: expected {expected}")
+    return float(match.group(1)) * factor
+
+
+def _size(env: Mapping[str, str], name: str, default: int) -> int:
+    value = _number_with_unit(env, name, _SIZE_UNITS, "a size in bytes, or with K, M, G, T")
+    return default if value is None else int(value)
+
+
+def _age(env: Mapping[str, str], name: str) -> float | None:
+    return _number_with_unit(env, name, _AGE_UNITS, "an age: seconds, or with s, m, h, d, w")
+
+
 def _path(env: Mapping[str, str], name: str) -> Path | None:
     raw = env.get(name, "").strip()
     return Path(raw).expanduser() if raw else None
+
+
+def _workflows(env: Mapping[str, str]) -> tuple[str, ...]:
+    """EXEC_SANDBOX_TRUSTED_WORKFLOWS: unset means the default; set and empty, none."""
+    name = ENV_PREFIX + "TRUSTED_WORKFLOWS"
+    if name not in env:
+        return (DEFAULT_TRUSTED_WORKFLOW,)
+    return tuple(w.url for w in parse_workflows(env[name], name))
 
 
 def docker_config_path(env: Mapping[str, str] | None = None) -> Path:
@@ -166,6 +230,12 @@ def progress_bars_enabled(env: Mapping[str, str] | None = None) -> bool:
     """False when EXEC_SANDBOX_DISABLE_PROGRESS_BARS=1 (as HF_HUB_DISABLE_PROGRESS_BARS)."""
     env = os.environ if env is None else env
     return not _flag(env, "DISABLE_PROGRESS_BARS")
+
+
+def progress_interval(env: Mapping[str, str] | None = None) -> float:
+    """EXEC_SANDBOX_PROGRESS_INTERVAL: seconds between progress lines off a terminal."""
+    env = os.environ if env is None else env
+    return _seconds(env, ENV_PREFIX + "PROGRESS_INTERVAL", DEFAULT_PROGRESS_INTERVAL)
 
 
 def auth_files(docker_config: Path | None, env: Mapping[str, str] | None = None) -> list[Path]:
@@ -238,6 +308,8 @@ def load_settings(env: Mapping[str, str] | None = None, **explicit: Any) -> Sett
         "airgap": _flag(env, "AIRGAP"),
         "trusted_keys": tuple(Path(p).expanduser() for p in keys_raw.split(":") if p.strip())
         or packaged_keys(),
+        "trusted_workflows": _workflows(env),
+        "sigstore_root": _path(env, ENV_PREFIX + "SIGSTORE_ROOT"),
         "threshold": _int(env, "SIGNATURE_THRESHOLD", 1),
         "insecure_skip_verify": _flag(env, "INSECURE_SKIP_VERIFY"),
         "allow_downgrade": _flag(env, "ALLOW_DOWNGRADE"),
@@ -247,7 +319,10 @@ def load_settings(env: Mapping[str, str] | None = None, **explicit: Any) -> Sett
         "lock_timeout": float(_int(env, "LOCK_TIMEOUT", 1800, minimum=0)),
         "source_timeout": _seconds(env, ENV_PREFIX + "SOURCE_TIMEOUT", DEFAULT_DEADLINE),
         "min_rate": _int(env, "MIN_RATE", DEFAULT_MIN_RATE, minimum=0),
+        "min_free": _size(env, ENV_PREFIX + "MIN_FREE", DEFAULT_MIN_FREE),
+        "verify_content_after": _age(env, ENV_PREFIX + "VERIFY_CONTENT_AFTER"),
         "progress_bars": progress_bars_enabled(env),
+        "progress_interval": progress_interval(env),
         "allow_legacy_releases": _flag(env, "ALLOW_LEGACY_RELEASES"),
         "github_api_url": env.get(ENV_PREFIX + "GITHUB_API_URL", "").strip().rstrip("/")
         or DEFAULT_GITHUB_API,
@@ -255,10 +330,15 @@ def load_settings(env: Mapping[str, str] | None = None, **explicit: Any) -> Sett
     }
     if "trusted_keys" in given:
         given["trusted_keys"] = tuple(Path(p) for p in given["trusted_keys"])
+    if "trusted_workflows" in given:
+        workflows = given["trusted_workflows"]
+        text = workflows if isinstance(workflows, str) else ",".join(workflows)
+        given["trusted_workflows"] = tuple(w.url for w in parse_workflows(text, "trusted workflow"))
     for key in (
         "cache_dir",
         "images_dir",
         "ca_bundle",
+        "sigstore_root",
         "docker_config",
         "local_build_dir",
         "gvproxy_build_dir",

@@ -2,6 +2,7 @@
 
     AssetError
     ├── ConfigError                 bad settings, unreadable key files, bad references
+    │   └── UnknownArchError        an arch no release has (an AssetNotFoundError too)
     ├── FormatError                 malformed manifest/index/payload/annotation (names `where`)
     ├── TrustError                  never retried, never silently skipped to another source
     │   ├── AssetChecksumError      bytes do not match the digest they were referenced by
@@ -104,6 +105,12 @@ class AssetNotFoundError(TransportError):
     """The source does not have the tag, manifest, blob or file."""
 
 
+class UnknownArchError(ConfigError, AssetNotFoundError):
+    """An arch no release has files for (`arm64`: Go's name, the kernel's is `aarch64`).
+    A usage error, and a not-found one too: exec-sandbox 0.22.0 raised AssetNotFoundError
+    for it (it found no such file), and callers catch that."""
+
+
 class OutOfSpaceError(AssetError):
     """The disk filled up while writing; partial data was kept for a later resume."""
 
@@ -182,5 +189,6 @@ __all__ = [
     "SizeLimitError",
     "TransportError",
     "TrustError",
+    "UnknownArchError",
     "VersionMismatchError",
 ]

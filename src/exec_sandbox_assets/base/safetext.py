@@ -3,9 +3,10 @@
 Two rules for everything that ends up in an error message or a log line:
 
 - `clean_text`: text a server chose (a registry's error message, a reason phrase, a
-  header value) is printed with its control characters escaped, so it cannot move the
-  cursor, recolour or clear a terminal, forge extra lines of a multi-line error, or
-  reorder what follows it (bidi overrides); and it is cut to a sane length.
+  header value, an annotation) is printed with its control characters escaped, so it
+  cannot move the cursor, recolour or clear a terminal, forge extra lines of a
+  multi-line error (it is always one line: every break `str.splitlines` knows is
+  escaped), or reorder what follows it (bidi overrides); and it is cut to a sane length.
 - `redact_url`: a URL is shown without the user:password of its userinfo and without
   the values of query parameters that carry credentials (tokens, signed-URL
   signatures), so `EXEC_SANDBOX_RELEASES_URL=https://user:token@host/...` or a signed

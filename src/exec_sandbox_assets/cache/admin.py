@@ -155,6 +155,7 @@ class GcItem:
 class GcPlan:
     items: tuple[GcItem, ...]
     kept_versions: tuple[str, ...]
+    resumable: tuple[FileEntry, ...] = ()  # downloads kept for the next pull (no --partials)
 
     @property
     def total(self) -> int:
@@ -185,12 +186,15 @@ def plan_gc(
     *,
     keep: int = 1,
     protected: Sequence[str] = (),
+    partials: bool = False,
     now: float,
     state_temp_min_age: float = STATE_TEMP_MIN_AGE,
 ) -> GcPlan:
     """What `gc` removes: versions beyond the newest `keep` (floating refs' versions and
-    `protected` ones are kept), complete blobs never installed, partial downloads, and
-    temp files of interrupted writes. Items are in a stable order (by kind, then path)."""
+    `protected` ones are kept) and temp files of interrupted writes; with `partials`,
+    resumable downloads too (partials, and complete blobs never installed, which a full
+    disk or a crash left and the next pull reuses). Without it they are kept and listed
+    in `GcPlan.resumable`. Items are in a stable order (by kind, then path)."""
     if keep < 0:
         raise ValueError(f"keep must be >= 0, not {keep}")
     protect = (*protected, *listing.floating.values())
@@ -218,18 +222,20 @@ def plan_gc(
                 tuple(LockRef("output", v.version, n) for n in names),
             )
         )
-    for b in listing.blobs:
-        items.append(
-            GcItem("blob", b.path, b.size, "blob never installed (orphan)", _blob_locks(b.path))
-        )
-    for p in listing.partials:
-        items.append(GcItem("partial", p.path, p.size, "partial download", _blob_locks(p.path)))
+    if partials:
+        for b in listing.blobs:
+            why = "downloaded blob never installed (resumable)"
+            items.append(GcItem("blob", b.path, b.size, why, _blob_locks(b.path)))
+        for p in listing.partials:
+            why = "partial download (resumable)"
+            items.append(GcItem("partial", p.path, p.size, why, _blob_locks(p.path)))
     for t in listing.state_temps:
         if now - t.mtime >= state_temp_min_age:
             items.append(GcItem("temp", t.path, t.size, "temp file of an interrupted write"))
     order = {"version": 0, "blob": 1, "partial": 2, "temp": 3}
     items.sort(key=lambda i: (order[i.kind], str(i.path)))
-    return GcPlan(tuple(items), kept)
+    resumable = () if partials else (*listing.blobs, *listing.partials)
+    return GcPlan(tuple(items), kept, tuple(sorted(resumable, key=lambda e: str(e.path))))
 
 
 # -- gc run (I/O edge) -----------------------------------------------------------------------
@@ -247,6 +253,7 @@ class GcReport:
     dry_run: bool
     outcomes: tuple[GcOutcome, ...]
     kept_versions: tuple[str, ...] = ()
+    resumable: tuple[FileEntry, ...] = ()  # kept for the next pull (gc --partials frees them)
 
     @property
     def freed(self) -> int:
@@ -316,7 +323,7 @@ def run_gc(store: Store, plan: GcPlan, *, dry_run: bool) -> GcReport:
             if not dry_run:
                 _remove(item.path)
             outcomes.append(GcOutcome(item, True))
-    return GcReport(dry_run, tuple(outcomes), plan.kept_versions)
+    return GcReport(dry_run, tuple(outcomes), plan.kept_versions, plan.resumable)
 
 
 # -- verify ----------------------------------------------------------------------------------
@@ -332,28 +339,37 @@ class VerifyResult:
     note: str = ""
 
 
-def verify_version(store: Store, version: str, *, full: bool) -> list[VerifyResult]:
+def verify_version(
+    store: Store, version: str, *, full: bool, restat: bool = False
+) -> list[VerifyResult]:
     """Check each output of `version`.
 
     Default: its stat against its verification record, the check a boot makes. With
-    `full`: its content digest (every byte is read); a file whose bytes still match but
-    whose stat changed (touched, copied back) passes, with a note that the next use
-    re-installs it.
+    `full`: its content digest (every byte is read, `Store.check_content`); a file that
+    does not match loses its record, so the next pull or boot fetches it again. A file
+    whose bytes still match but whose stat changed (touched, copied back) passes, with a
+    note that the next use re-installs it, or (`restat`) with its new stat recorded.
     """
-    outputs = store.outputs(version)
-    hashed = dict(store.verify_full(version)) if full else {}
     results = []
-    for info in outputs:
+    for info in store.outputs(version):
         problem = note = ""
         if not info.content_digest:
-            problem = "no verification record (never verified; the next use re-fetches it)"
+            problem = "no verification record (never verified; the next use fetches it)"
         elif not info.path.is_file():
             problem = "file missing"
         elif full:
-            if not hashed.get(info.name, False):
-                problem = f"content does not match {info.content_digest} (modified or corrupt)"
-            elif not info.valid:
+            state = store.check_content(version, info.name, restat=restat)
+            if state == "mismatch":
+                problem = (
+                    f"content does not match {info.content_digest} (modified or corrupt); "
+                    "its record is removed, so the next pull or boot fetches it again"
+                )
+            elif state == "changed":
                 note = "content intact, but its stat changed: the next use re-installs it"
+            elif state == "restated":
+                note = "content intact; its stat had changed and is now recorded"
+            elif state != "ok":
+                problem = "file missing" if state == "missing" else "no verification record"
         elif not info.valid:
             problem = "changed since it was verified (size, mtime or inode differ)"
         results.append(VerifyResult(version, info.name, info.path, not problem, problem, note))

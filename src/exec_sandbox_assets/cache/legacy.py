@@ -99,19 +99,21 @@ async def adopt(store: Store, out: OutputSpec, legacy_dirs: tuple[Path, ...]) ->
     """
     if not has_candidate(store, out, legacy_dirs):
         return None
-    async with store.output_lock(out.version, out.name):
-        if (
-            hit := store.lookup(out.version, out.name, content_digest=out.content_digest)
-        ) is not None:
-            return hit
-        try:
+    try:
+        # The lock file too: on a read-only cache its creation fails (then the download
+        # path reports the cache as unusable, as a CacheError naming it).
+        async with store.output_lock(out.version, out.name):
+            if (
+                hit := store.lookup(out.version, out.name, content_digest=out.content_digest)
+            ) is not None:
+                return hit
             return await asyncio.to_thread(_adopt_sync, store, out, legacy_dirs)
-        except OSError as exc:
-            log.warning(
-                "could not adopt a legacy cache file; downloading instead",
-                extra={"output": out.name, "error": str(exc)},
-            )
-            return None
+    except OSError as exc:
+        log.warning(
+            "could not adopt a legacy cache file; downloading instead",
+            extra={"output": out.name, "error": str(exc)},
+        )
+        return None
 
 
 def find_unverified(dirs: Iterable[Path], name: str) -> Path | None:

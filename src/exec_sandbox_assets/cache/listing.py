@@ -128,21 +128,6 @@ def stray_temp_files(store: Store) -> list[Path]:
     return sorted(found)
 
 
-def verify_full(store: Store, version: str) -> list[tuple[str, bool]]:
-    """Re-hash every output of `version` against its record's content digest. A file
-    without a record, or missing, is reported False."""
-    results = []
-    for info in outputs(store, version):
-        ok = False
-        if info.content_digest:
-            try:
-                ok = file_digest(info.path, info.content_digest) == info.content_digest
-            except OSError:
-                ok = False
-        results.append((info.name, ok))
-    return results
-
-
 def file_digest(path: Path, like: str) -> str:
     hasher = new_hasher(like)
     with open(path, "rb") as f:

@@ -1,9 +1,14 @@
 """Verification records: what the warm path compares a cached file against.
 
 `v<version>/.verified/<name>.json` holds the digests, the file's stat when it was
-verified (size, mtime, inode), where it came from, and what admitted it: the ids of the
-trusted keys whose signatures verified its release, or "unverified" (a run with
-verification skipped). `CacheTrust` says which records the current settings accept.
+verified (size, mtime, inode), where it came from, what admitted it (the ids of the
+trusted keys whose signatures verified its release, or "unverified": a run with
+verification skipped) and when its bytes were last hashed against the content digest
+(`content_checked_at`; absent in older records, whose last check is `verified_at`).
+`CacheTrust` says which records the current settings accept.
+
+A record whose file fails a content check is removed (`RecordBook.invalidate`): the file
+is then a cache miss and the next pull or boot fetches it again.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from exec_sandbox_assets.cache.files import NotRegular, read_small, stat_key, write_small
+from exec_sandbox_assets.cache.files import NotRegular, read_small, stat_key, unlink, write_small
 from exec_sandbox_assets.cache.install import OutputSpec
 
 log = logging.getLogger("exec_sandbox_assets.cache.store")
@@ -62,6 +67,7 @@ class Record:
     source: str
     verified_at: str
     verified_by: tuple[str, ...] | None  # key ids; () = unverified; None = not recorded
+    content_checked_at: str | None = None  # last hash of the bytes (None: at verified_at)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Record:
@@ -74,6 +80,7 @@ class Record:
             verified_by = ()
         elif isinstance(by, list) and all(isinstance(k, str) for k in by):
             verified_by = tuple(by)
+        checked = obj.get("content_checked_at")
         return cls(
             content_digest=_field(obj, "content_digest", str),
             size=_field(obj, "size", int),
@@ -83,7 +90,16 @@ class Record:
             source=_field(obj, "source", str),
             verified_at=_field(obj, "verified_at", str),
             verified_by=verified_by,
+            content_checked_at=checked if isinstance(checked, str) else None,
         )
+
+    def last_content_check(self) -> datetime | None:
+        """When the file's bytes were last hashed (None: an unreadable time)."""
+        try:
+            when = datetime.fromisoformat(self.content_checked_at or self.verified_at)
+        except ValueError:
+            return None
+        return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
     def matches(self, st: os.stat_result) -> bool:
         return (
@@ -126,8 +142,26 @@ class RecordBook:
         self._memo[path] = (stat_key(st), record)
         return record
 
+    def invalidate(self, path: Path) -> None:
+        """Remove a record whose file failed a content check: the file is then a cache
+        miss, fetched again by the next pull or boot."""
+        unlink(path)
+        self._memo.pop(str(path), None)
+
+    def update(self, path: Path, st: os.stat_result | None = None) -> None:
+        """Record a content check that matched, now; with `st`, the file's new stat too
+        (its bytes were hashed and still match: touched or copied back, not changed)."""
+        obj = json.loads(read_small(path))
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}: not a record")
+        obj["content_checked_at"] = _now()
+        if st is not None:
+            obj.update(size=st.st_size, mtime_ns=st.st_mtime_ns, ino=st.st_ino)
+        write_small(path, json.dumps(obj, indent=2, sort_keys=True).encode() + b"\n")
+
     @staticmethod
     def write(path: Path, out: OutputSpec, st: os.stat_result) -> None:
+        now = _now()
         record = {
             "format": RECORD_FORMAT,
             "version": out.version,
@@ -138,10 +172,15 @@ class RecordBook:
             "ino": st.st_ino,
             "layer_digest": out.layer_digest,
             "source": out.source,
-            "verified_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "verified_at": now,
+            "content_checked_at": now,  # installing hashed every byte
             "verified_by": list(out.verified_by) if out.verified_by else UNVERIFIED,
         }
         write_small(path, json.dumps(record, indent=2, sort_keys=True).encode() + b"\n")
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 __all__ = ["UNVERIFIED", "CacheTrust", "Record", "RecordBook"]

@@ -18,7 +18,9 @@ Rules (DESIGN.md):
   the directory fsynced. A `kill -9` at any moment leaves the old state or the new one,
   plus a `.partial` the next run resumes from (`download`).
 - The warm path (`lookup`) is a `stat` compared against the record: no hashing. A file
-  without a matching record is never trusted; it is reinstalled. A record also says what
+  without a matching record is never trusted; it is reinstalled. A content check that
+  fails (`content`: `verify --full`, `pull --force`, or the opt-in boot-path check of
+  `content_check_after`) removes the record, so a corrupt file is fetched again. A record also says what
   admitted it (the key ids that verified its release, or "unverified"), and `lookup`
   serves it only if the current trust settings (`CacheTrust`) would have admitted it.
 - Threat model: the cache directory belongs to the user. Whoever can write it can change
@@ -44,7 +46,7 @@ from typing import Any
 
 from exec_sandbox_assets.base.errors import AssetDownloadError
 from exec_sandbox_assets.base.fsutil import out_of_space
-from exec_sandbox_assets.cache import listing
+from exec_sandbox_assets.cache import content, listing
 from exec_sandbox_assets.cache.download import MAX_RESUMES, BlobOpener, BlobRequest
 from exec_sandbox_assets.cache.files import (
     TMP_MARK,
@@ -76,11 +78,21 @@ class Store:
     """Verified per-version outputs, their records, refs; downloads through `install`."""
 
     def __init__(
-        self, root: Path, *, lock_timeout: float = 1800.0, trust: CacheTrust | None = None
+        self,
+        root: Path,
+        *,
+        lock_timeout: float = 1800.0,
+        trust: CacheTrust | None = None,
+        content_check_after: float | None = None,
     ) -> None:
+        """`content_check_after` (seconds): `lookup` hashes a file once per Store (that is,
+        per process start of a client) when its last content check is that old; None: never
+        (the warm path stays a stat)."""
         self.root = Path(root)
         self.lock_timeout = lock_timeout
         self.trust = trust
+        self.content_check_after = content_check_after
+        self._content_seen: set[str] = set()
         self.records = RecordBook()
         self._paths: dict[tuple[str, str], tuple[Path, str, str]] = {}
         self.refs = Refs(self.root / "refs")
@@ -150,7 +162,34 @@ class Store:
         if not record.matches(st):
             log.debug("cached file changed since it was verified", extra={"path": str(path)})
             return None
+        if self.content_check_after is not None and path_s not in self._content_seen:
+            return self._checked_lookup(version, name, path, record)
         return path
+
+    def _checked_lookup(self, version: str, name: str, path: Path, record: Record) -> Path | None:
+        """`lookup` with the opt-in content check (EXEC_SANDBOX_VERIFY_CONTENT_AFTER)."""
+        assert self.content_check_after is not None
+        if content.due(record, self.content_check_after):
+            try:
+                state = self.check_content(version, name)
+            except (OSError, ValueError) as exc:
+                # An unreadable file or a record that cannot be rewritten: not served.
+                log.warning("content check failed", extra={"path": str(path), "error": str(exc)})
+                return None
+            if state != "ok":
+                return None
+        self._content_seen.add(str(path))
+        return path
+
+    def check_content(
+        self, version: str, name: str, *, restat: bool = False
+    ) -> content.ContentState:
+        """Hash the cached file against its record; a mismatch removes the record so the
+        next pull or boot fetches the file again (see `content`)."""
+        state = content.check_content(self, version, name, restat=restat)
+        if state in ("ok", "restated"):
+            self._content_seen.add(str(self.output_path(version, name)))
+        return state
 
     def read_record(self, version: str, name: str) -> Record | None:
         return self.records.read(self._paths_of(version, name)[2])
@@ -267,6 +306,7 @@ class Store:
         await asyncio.to_thread(
             self.records.write, self.record_path(out.version, out.name), out, st
         )
+        self._content_seen.add(str(final))  # every byte was just hashed: not again
         # Without working locks another writer may have replaced the file after our
         # rename: then our record does not describe it, and we start over.
         if self.lookup(out.version, out.name, content_digest=out.content_digest) is None:
@@ -347,8 +387,12 @@ class Store:
         return listing.stray_temp_files(self)
 
     def verify_full(self, version: str) -> list[tuple[str, bool]]:
-        """Re-hash every output of `version` against its record (slow; `status --full`)."""
-        return listing.verify_full(self, version)
+        """Re-hash every output of `version` against its record (slow): (name, whether its
+        bytes match). A file that does not match loses its record (`check_content`)."""
+        return [
+            (o.name, self.check_content(version, o.name) in ("ok", "restated", "changed"))
+            for o in self.outputs(version)
+        ]
 
 
 # -- validation -------------------------------------------------------------------------------

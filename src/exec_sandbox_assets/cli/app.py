@@ -20,16 +20,17 @@ from exec_sandbox_assets.cli.arguments import merge_global_options
 from exec_sandbox_assets.cli.logs import restore_logging, setup_logging
 from exec_sandbox_assets.cli.output import (
     EXIT_BROKEN_PIPE,
-    EXIT_INTERRUPTED,
     EXIT_USAGE,
     err,
     exit_code_for,
     report_error,
+    report_interrupted,
 )
 from exec_sandbox_assets.cli.parser import (
     PROG,
     build_parser,
     command_index,
+    parse_failed,
     settings_from_args,
 )
 from exec_sandbox_assets.cli.progress import LogHandler, Ui
@@ -59,7 +60,7 @@ def run_publish(ctx: Context) -> int:
     try:
         own = parser.parse_args([*flags, *args.rest])
     except SystemExit as exc:  # --help or a usage error, already printed
-        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+        return parse_failed(exc, args.rest)
     return publish_cli.run(own)
 
 
@@ -83,8 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             args = merge_global_options(parser.parse_args(argv))
         except SystemExit as exc:  # --help, --version, usage errors: argparse printed them
-            sys.stdout.flush()
-            return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+            return parse_failed(exc, argv)
         args.rest = rest
         log_handler, saved = setup_logging(args.verbose, args.quiet)
         try:
@@ -114,12 +114,21 @@ def _run(args: argparse.Namespace, log_handler: LogHandler) -> int:
     as_json = bool(getattr(args, "json", False))
     try:
         settings = settings_from_args(args) if command.settings else None
-        progress = settings.progress_bars if settings is not None else True
-        ui = Ui(quiet=args.quiet, progress=progress and not args.no_progress)
+        ui = (
+            Ui(
+                args.quiet,
+                settings.progress_bars and not args.no_progress,
+                settings.progress_interval,
+            )
+            if settings is not None
+            else Ui(args.quiet, not args.no_progress)
+        )
         return command.load()(Context(args, ui, log_handler, settings))
     except KeyboardInterrupt:
-        err("interrupted: partial downloads are kept; running the command again resumes them")
-        return EXIT_INTERRUPTED
+        return report_interrupted(
+            "interrupted: partial downloads are kept; running the command again resumes them",
+            as_json,
+        )
     except BrokenPipeError:
         raise
     except (AssetError, OSError, ValueError) as exc:

@@ -58,6 +58,22 @@ def add_global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> No
         "(replaces EXEC_SANDBOX_TRUSTED_KEYS and the packaged keys)",
     )
     g.add_argument(
+        "--trusted-workflow",
+        action="append",
+        metavar="URL",
+        default=default(None),
+        help="release workflow trusted to sign keyless at tags v<version>, repeatable: "
+        "https://github.com/OWNER/REPO/.github/workflows/FILE.yml; '' trusts none "
+        "(replaces EXEC_SANDBOX_TRUSTED_WORKFLOWS)",
+    )
+    g.add_argument(
+        "--sigstore-root",
+        type=Path,
+        metavar="FILE",
+        default=default(None),
+        help="Sigstore trusted_root.json instead of the packaged one (EXEC_SANDBOX_SIGSTORE_ROOT)",
+    )
+    g.add_argument(
         "--offline",
         action="store_true",
         default=default(False),
@@ -174,13 +190,26 @@ def pull_args(p: argparse.ArgumentParser) -> None:
         metavar="SOURCE",
         help="try this source first: a registry reference, oci:DIR or oci-archive:FILE",
     )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="re-hash the cached files (reads every byte) and fetch again what does not "
+        "match its digest",
+    )
 
 
 def verify_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--full",
         action="store_true",
-        help="re-hash every file against its recorded digest (reads every byte)",
+        help="re-hash every file against its recorded digest (reads every byte); a file "
+        "that does not match loses its record, so the next pull or boot fetches it again",
+    )
+    p.add_argument(
+        "--repair",
+        action="store_true",
+        help="--full, then fetch again at once every file that failed (from the configured "
+        "sources); a file whose bytes match but whose stat changed gets its stat recorded",
     )
 
 
@@ -190,6 +219,12 @@ def gc_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--keep", type=int, default=1, metavar="N", help="newest versions to keep (default 1)"
+    )
+    p.add_argument(
+        "--partials",
+        action="store_true",
+        help="also remove resumable downloads (partials, and verified blobs a full disk "
+        "kept): frees their space, but the next pull starts those files from 0",
     )
 
 

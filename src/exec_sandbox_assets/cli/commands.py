@@ -14,23 +14,26 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from exec_sandbox_assets.base.errors import AssetNotFoundError, ConfigError
+from exec_sandbox_assets.base.errors import AssetNotFoundError, ConfigError, TrustError
 from exec_sandbox_assets.cli.login import with_given_credentials
 from exec_sandbox_assets.cli.output import (
     EXIT_NOT_FOUND,
     EXIT_OK,
     EXIT_TRUST,
+    Failure,
     emit_json,
     err,
     error_message,
     group_failures,
     human_size,
+    json_result,
     out,
     short_digest,
     table,
     worst_exit_code,
 )
-from exec_sandbox_assets.cli.progress import progress_bars
+from exec_sandbox_assets.cli.progress import progress_display
+from exec_sandbox_assets.cli.repair import pull_status, repair, repair_json
 from exec_sandbox_assets.cli.table import Context
 from exec_sandbox_assets.client import AssetClient
 from exec_sandbox_assets.config import Settings
@@ -102,9 +105,11 @@ def run_pull(ctx: Context) -> int:
         catalog.parse_language(lang)
     specs = pull_specs(settings.host_os, settings.host_goarch, languages)
     client = AssetClient(settings)
-    cached_before = {s.output_name for s in specs if client.find_cached(s.output_name)}
     started = time.monotonic()
-    with progress_bars(ctx.ui.wants_progress(), ctx.log_handler) as bars:
+    # --force: hash what is cached first; what does not match is fetched again below.
+    checked = client.check_cached_content(specs) if args.force else {}
+    cached_before = {s.output_name for s in specs if client.find_cached(s.output_name)}
+    with progress_display(ctx.ui, ctx.log_handler) as bars:
         results = asyncio.run(client.fetch_each(specs, use_local=False, progress=bars))
     seconds = time.monotonic() - started
 
@@ -129,6 +134,8 @@ def run_pull(ctx: Context) -> int:
         )
         entry["kind"] = spec.kind.value
         entry["downloaded"] = spec.output_name not in cached_before
+        if args.force:
+            entry["content_check"] = checked.get(spec.output_name)
         files.append(entry)
     failures = group_failures(errors)
     code = worst_exit_code(f.error for f in failures)
@@ -137,32 +144,36 @@ def run_pull(ctx: Context) -> int:
     verified = client.verified_index(settings.tag)
     index_digest = verified.digest if verified else None
     key_ids = list(verified.key_ids) if verified else []
+    identities = [s.identity for s in verified.identities] if verified else []
 
     if args.json:
         emit_json(
-            {
-                "ok": code == EXIT_OK,
-                "version": version,
-                "tag": settings.tag,
-                "platform": platform,
-                "index_digest": index_digest,
-                "signed_by": key_ids,
-                "source": verified.source if verified else None,
-                "cache_dir": settings.cache_dir,
-                "dir": vdir,
-                "seconds": round(seconds, 3),
-                "files": files,
-                "skipped": skipped,
-                "errors": [f.to_json() for f in failures],
-            }
+            json_result(
+                {
+                    "version": version,
+                    "tag": settings.tag,
+                    "platform": platform,
+                    "index_digest": index_digest,
+                    "signed_by": key_ids,
+                    "signed_by_identity": identities,
+                    "source": verified.source if verified else None,
+                    "cache_dir": settings.cache_dir,
+                    "dir": vdir,
+                    "seconds": round(seconds, 3),
+                    "files": files,
+                    "skipped": skipped,
+                },
+                failures,
+            )
         )
-    elif not ctx.ui.quiet:
+    elif not ctx.ui.quiet and (files or not failures):
+        # A pull that got nothing says so on stderr only, not "0 file(s)" on stdout first.
         where = f" into {vdir}" if vdir else ""
         out(f"release {version or '?'} (tag {settings.tag}) for {platform}{where}")
         if verified is not None:
             signer = (
-                f"signed by {', '.join(k[:16] for k in key_ids)}"
-                if key_ids
+                f"signed by {', '.join([k[:16] for k in key_ids] + identities)}"
+                if key_ids or identities
                 else "signature NOT verified (--insecure-skip-verify)"
             )
             out(f"  index {verified.digest} from {verified.source}, {signer}")
@@ -170,7 +181,7 @@ def run_pull(ctx: Context) -> int:
             (
                 f["name"],
                 human_size(int(f["size"])),
-                "downloaded" if f["downloaded"] else "cached",
+                pull_status(f),
                 str(f.get("source") or ""),
             )
             for f in files
@@ -186,9 +197,12 @@ def run_pull(ctx: Context) -> int:
             out(line)
         total = sum(int(f["size"]) for f in files)
         fetched = sum(1 for f in files if f["downloaded"])
+        failed = sum(len(f.names) for f in failures)
         out(
             f"{len(files)} file(s), {human_size(total)}: {fetched} downloaded, "
-            f"{len(files) - fetched} already cached ({seconds:.1f}s)"
+            f"{len(files) - fetched} already cached"
+            + (f", {failed} failed" if failed else "")
+            + f" ({seconds:.1f}s)"
         )
     for failure in failures:
         names = "every file" if len(failure.names) == len(specs) > 1 else ", ".join(failure.names)
@@ -205,32 +219,34 @@ def status_json(listing: cache_admin.CacheListing, settings: Settings) -> dict[s
     tags_of: dict[str, list[str]] = {}
     for tag, version in listing.floating.items():
         tags_of.setdefault(version, []).append(tag)
-    return {
-        "cache_dir": listing.root,
-        "tag": settings.tag,
-        "floating": listing.floating,
-        "total_size": listing.total_size,
-        "versions": [
-            {
-                "version": v.version,
-                "path": v.path,
-                "size": v.size,
-                "tags": sorted(tags_of.get(v.version, [])),
-                "files": [record_json(o) for o in v.outputs],
-                "temp_files": [{"path": t.path, "size": t.size} for t in v.temps],
-            }
-            for v in listing.versions
-        ],
-        "partials": [
-            {"path": p.path, "size": p.size, "digest": cache_admin.blob_digest(p.path)}
-            for p in listing.partials
-        ],
-        "orphan_blobs": [
-            {"path": b.path, "size": b.size, "digest": cache_admin.blob_digest(b.path)}
-            for b in listing.blobs
-        ],
-        "temp_files": [{"path": t.path, "size": t.size} for t in listing.state_temps],
-    }
+    return json_result(
+        {
+            "cache_dir": listing.root,
+            "tag": settings.tag,
+            "floating": listing.floating,
+            "total_size": listing.total_size,
+            "versions": [
+                {
+                    "version": v.version,
+                    "path": v.path,
+                    "size": v.size,
+                    "tags": sorted(tags_of.get(v.version, [])),
+                    "files": [record_json(o) for o in v.outputs],
+                    "temp_files": [{"path": t.path, "size": t.size} for t in v.temps],
+                }
+                for v in listing.versions
+            ],
+            "partials": [
+                {"path": p.path, "size": p.size, "digest": cache_admin.blob_digest(p.path)}
+                for p in listing.partials
+            ],
+            "orphan_blobs": [
+                {"path": b.path, "size": b.size, "digest": cache_admin.blob_digest(b.path)}
+                for b in listing.blobs
+            ],
+            "temp_files": [{"path": t.path, "size": t.size} for t in listing.state_temps],
+        }
+    )
 
 
 def run_status(ctx: Context) -> int:
@@ -290,46 +306,69 @@ def run_verify(ctx: Context) -> int:
     else:
         versions = [settings.version] if settings.version in cached else []
         if not versions:
-            message = f"version {settings.version} is not cached in {settings.cache_dir}"
+            missing = AssetNotFoundError(
+                f"version {settings.version} is not cached in {settings.cache_dir}"
+            )
             if args.json:
-                emit_json({"ok": False, "full": args.full, "results": [], "error": message})
-            err(f"error: {message}")
+                emit_json(json_result({"full": args.full, "results": []}, [Failure(missing)]))
+            err(f"error: {missing}")
             return EXIT_NOT_FOUND
+    full = args.full or args.repair
     results = [
-        r for v in versions for r in cache_admin.verify_version(client.store, v, full=args.full)
+        r
+        for v in versions
+        for r in cache_admin.verify_version(client.store, v, full=full, restat=args.repair)
     ]
-    bad = [r for r in results if not r.ok]
+    repaired = repair(settings, [r for r in results if not r.ok]) if args.repair else {}
+    bad = [r for r in results if not r.ok and not isinstance(repaired.get(r.path), Path)]
+    unrepaired = [e for r in bad if isinstance(e := repaired.get(r.path), BaseException)]
+    mismatch = (
+        [Failure(TrustError(_mismatch_message(bad)), tuple(r.name for r in bad))] if bad else []
+    )
     if args.json:
         emit_json(
-            {
-                "ok": not bad,
-                "full": args.full,
-                "results": [
-                    {
-                        "version": r.version,
-                        "name": r.name,
-                        "path": r.path,
-                        "ok": r.ok,
-                        "problem": r.problem or None,
-                        "note": r.note or None,
-                    }
-                    for r in results
-                ],
-            }
+            json_result(
+                {
+                    "full": full,
+                    "repair": args.repair,
+                    "results": [
+                        {
+                            "version": r.version,
+                            "name": r.name,
+                            "path": r.path,
+                            "ok": r.ok,
+                            "problem": r.problem or None,
+                            "note": r.note or None,
+                            "repaired": (
+                                repair_json(repaired[r.path]) if r.path in repaired else None
+                            ),
+                        }
+                        for r in results
+                    ],
+                },
+                mismatch,
+            )
         )
     elif not ctx.ui.quiet:
-        how = "content digests (full)" if args.full else "stat against verification records"
+        how = "content digests (full)" if full else "stat against verification records"
         out(f"checked {len(results)} file(s) in {len(versions)} version(s): {how}")
         for r in results:
             status = "ok" if r.ok else "MISMATCH"
             detail = r.problem or r.note
             out(f"  {status:<8} {r.version}/{r.name}" + (f": {detail}" if detail else ""))
+            fixed = repaired.get(r.path)
+            if isinstance(fixed, Path):
+                out(f"  repaired {r.version}/{r.name}: fetched again and verified")
+            elif fixed is not None:
+                out(f"  FAILED   {r.version}/{r.name}: not repaired: {first_line(fixed)}")
     if bad:
-        err(
-            f"error: {len(bad)} file(s) failed verification: " + ", ".join(str(r.path) for r in bad)
-        )
-        return EXIT_TRUST
+        err(f"error: {_mismatch_message(bad)}")
+        return worst_exit_code(unrepaired) if unrepaired else EXIT_TRUST
     return EXIT_OK
+
+
+def _mismatch_message(bad: Sequence[cache_admin.VerifyResult]) -> str:
+    return f"{len(bad)} file(s) failed verification: " + ", ".join(str(r.path) for r in bad)
 
 
 # -- gc ----------------------------------------------------------------------------------------
@@ -344,26 +383,31 @@ def run_gc(ctx: Context) -> int:
     client = AssetClient(settings)
     listing = cache_admin.scan(client.store)
     protected = () if settings.floating else (settings.version,)
-    plan = cache_admin.plan_gc(listing, keep=args.keep, protected=protected, now=time.time())
+    plan = cache_admin.plan_gc(
+        listing, keep=args.keep, protected=protected, partials=args.partials, now=time.time()
+    )
     report = cache_admin.run_gc(client.store, plan, dry_run=args.dry_run)
     if args.json:
         emit_json(
-            {
-                "dry_run": report.dry_run,
-                "kept_versions": report.kept_versions,
-                "items": [
-                    {
-                        "kind": o.item.kind,
-                        "path": o.item.path,
-                        "size": o.item.size,
-                        "reason": o.item.reason,
-                        "removed": o.removed,
-                        "skipped": o.skipped or None,
-                    }
-                    for o in report.outcomes
-                ],
-                "freed": report.freed,
-            }
+            json_result(
+                {
+                    "dry_run": report.dry_run,
+                    "kept_versions": report.kept_versions,
+                    "items": [
+                        {
+                            "kind": o.item.kind,
+                            "path": o.item.path,
+                            "size": o.item.size,
+                            "reason": o.item.reason,
+                            "removed": o.removed,
+                            "skipped": o.skipped or None,
+                        }
+                        for o in report.outcomes
+                    ],
+                    "freed": report.freed,
+                    "kept_resumable": [{"path": e.path, "size": e.size} for e in report.resumable],
+                }
+            )
         )
         return EXIT_OK
     if ctx.ui.quiet:
@@ -386,6 +430,12 @@ def run_gc(ctx: Context) -> int:
     removed = sum(1 for o in report.outcomes if o.removed)
     total = "would free" if report.dry_run else "freed"
     out(f"{total} {human_size(report.freed)} ({report.freed} bytes) in {removed} item(s)")
+    if report.resumable:
+        size = sum(e.size for e in report.resumable)
+        out(
+            f"kept {len(report.resumable)} resumable download(s), {human_size(size)}: the next "
+            "pull resumes them; `gc --partials` removes them"
+        )
     return EXIT_OK
 
 

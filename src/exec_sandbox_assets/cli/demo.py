@@ -15,7 +15,7 @@ from pathlib import Path
 from exec_sandbox_assets.cli.commands import pull_specs
 from exec_sandbox_assets.cli.output import EXIT_FAILED, EXIT_OK, err, human_size
 from exec_sandbox_assets.cli.output import out as print_line
-from exec_sandbox_assets.cli.progress import progress_bars
+from exec_sandbox_assets.cli.progress import progress_display
 from exec_sandbox_assets.cli.table import Context
 from exec_sandbox_assets.client import AssetClient
 from exec_sandbox_assets.publish.compress import hash_file
@@ -41,6 +41,7 @@ def run_demo(ctx: Context) -> int:
         if not ctx.ui.quiet:
             print_line(line)
 
+    from exec_sandbox_assets.cli.publish import signature_count
     from exec_sandbox_assets.publish import PublishRequest, make_sample_inputs, publish
 
     base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="exec-sandbox-demo-"))
@@ -73,7 +74,7 @@ def run_demo(ctx: Context) -> int:
     )
     out(
         f"3. published {result.version} to {target}: index {result.index_digest}, "
-        f"signed by {result.signers} key(s) ({result.signature_tag})"
+        f"{signature_count(result)} ({result.signature_tag})"
     )
 
     pull_settings = settings.with_(
@@ -91,7 +92,7 @@ def run_demo(ctx: Context) -> int:
     )
     client = AssetClient(pull_settings)
     specs = pull_specs(os_, goarch, None)
-    with progress_bars(ctx.ui.wants_progress(), ctx.log_handler) as bars:
+    with progress_display(ctx.ui, ctx.log_handler) as bars:
         paths = asyncio.run(client.fetch(specs, use_local=False, progress=bars))
     vdir = client.store.version_dir(DEMO_VERSION)
     out(

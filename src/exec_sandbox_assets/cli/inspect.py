@@ -13,14 +13,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from exec_sandbox_assets import sources
-from exec_sandbox_assets.base.errors import ConfigError, FormatError
+from exec_sandbox_assets.base.errors import ConfigError, FormatError, SignatureError
+from exec_sandbox_assets.base.safetext import clean_text
 from exec_sandbox_assets.cli.login import given_credentials
 from exec_sandbox_assets.cli.output import (
     EXIT_OK,
     EXIT_TRUST,
+    Failure,
     emit_json,
     err,
     human_size,
+    json_result,
     out,
     short_digest,
     table,
@@ -122,7 +125,9 @@ def _layer_json(desc: Descriptor, where: str) -> dict[str, Any]:
     }
 
 
-def _signature_json(found: Findings, keys: Sequence[PublicKey], threshold: int) -> dict[str, Any]:
+def _signature_json(
+    found: Findings, keys: Sequence[PublicKey], settings: Settings
+) -> dict[str, Any]:
     entries: list[dict[str, Any]] = []
     for finding in found.signatures:
         entry: dict[str, Any] = {
@@ -146,9 +151,14 @@ def _signature_json(found: Findings, keys: Sequence[PublicKey], threshold: int) 
         "present": found.signature_present,
         "entries": entries,
         "trusted_keys": [k.describe() for k in keys],
-        "threshold": threshold,
+        "trusted_workflows": list(settings.trusted_workflows),
+        "bundles": found.bundles,
+        "threshold": settings.threshold,
         "verified": found.verdict is not None,
         "verified_by": list(found.verdict.key_ids) if found.verdict else [],
+        "verified_by_identity": (
+            [s.identity for s in found.verdict.identities] if found.verdict else []
+        ),
         "error": found.error,
     }
 
@@ -158,8 +168,10 @@ async def _signature(
 ) -> dict[str, Any]:
     """The signature part of a report, for index `digest` read under `tag` (`versions`)."""
     found = Findings(tag, digest)
-    await ReleaseReader(source, None).examine_signature(found, keys, settings.threshold)
-    return _signature_json(found, keys, settings.threshold)
+    await ReleaseReader(source, None).examine_signature(
+        found, keys, settings.threshold, settings.workflows, settings.sigstore_root
+    )
+    return _signature_json(found, keys, settings)
 
 
 async def inspect_ref(
@@ -170,7 +182,9 @@ async def inspect_ref(
     reference = pinned or settings.tag
     try:
         # Report mode: the client's reader and policy, findings instead of errors.
-        found = await ReleaseReader(source, None).examine(reference, keys, settings.threshold)
+        found = await ReleaseReader(source, None).examine(
+            reference, keys, settings.threshold, settings.workflows, settings.sigstore_root
+        )
     finally:
         await source.aclose()
     report = InspectReport(text, source.name, reference, found.digest, found.media_type, found.size)
@@ -187,11 +201,14 @@ async def inspect_ref(
         }
         for desc, manifest in found.manifests
     ]
-    report.signature = _signature_json(found, keys, settings.threshold)
+    report.signature = _signature_json(found, keys, settings)
     return report
 
 
 def print_report(report: InspectReport) -> None:
+    """The report as text. What the source wrote (annotations, titles, signed claims)
+    goes through `clean_text`: one line each, however it was written (--json keeps it
+    exact, JSON escapes it)."""
     out(f"{report.ref}")
     out(f"  digest     {report.digest} ({report.media_type}, {report.size} bytes)")
     ann = report.annotations
@@ -202,7 +219,7 @@ def print_report(report: InspectReport) -> None:
         ("revision", catalog.ANN_REVISION),
     ):
         if key in ann:
-            out(f"  {label:<10} {ann[key]}")
+            out(f"  {label:<10} {clean_text(ann[key])}")
     for p in report.platforms:
         files = p["files"]
         size = sum(int(f["size"]) for f in files)
@@ -213,8 +230,8 @@ def print_report(report: InspectReport) -> None:
         )
         rows = [
             (
-                str(f.get("title") or "-"),
-                str(f.get("kind") or "?"),
+                clean_text(str(f.get("title") or "-")),
+                clean_text(str(f.get("kind") or "?")),
                 human_size(int(f["size"])),
                 human_size(int(f["content_size"])) if "content_size" in f else "-",
                 short_digest(f["digest"]),
@@ -225,20 +242,26 @@ def print_report(report: InspectReport) -> None:
             out(line)
     sig = report.signature
     if not sig.get("present"):
-        out(f"signature {sig.get('tag')}: none ({sig.get('error')})")
+        why = f" ({sig['error']})" if sig.get("error") and not sig.get("bundles") else ""
+        out(f"signature {sig.get('tag')}: none{why}")
     else:
         out(f"signature {sig['tag']}: {len(sig['entries'])} signature(s)")
         for n, e in enumerate(sig["entries"]):
             by = ", ".join(k[:16] for k in e["signed_by"]) or "no trusted key"
             match = "matches the index" if e.get("matches_index") else "OTHER digest"
-            out(
-                f"  #{n}: {match}, version {e.get('version')}, created {e.get('created')}; "
-                f"valid for: {by}"
-            )
-    if not sig.get("trusted_keys"):
-        out("trusted keys: none configured (--trusted-key or EXEC_SANDBOX_TRUSTED_KEYS)")
+            claims = clean_text(f"version {e.get('version')}, created {e.get('created')}")
+            out(f"  #{n}: {match}, {claims}; valid for: {by}")
+    if sig.get("trusted_workflows"):
+        out(f"keyless: {sig.get('bundles', 0)} Sigstore bundle(s)")
+    if not sig.get("trusted_keys") and not sig.get("trusted_workflows"):
+        out(
+            "trusted keys: none configured (--trusted-key or EXEC_SANDBOX_TRUSTED_KEYS; "
+            "--trusted-workflow or EXEC_SANDBOX_TRUSTED_WORKFLOWS)"
+        )
     if report.verified:
-        out(f"verdict: VERIFIED by {len(sig['verified_by'])} trusted key(s)")
+        identities = sig.get("verified_by_identity") or []
+        by = "".join(f" and {i}" for i in identities)
+        out(f"verdict: VERIFIED by {len(sig['verified_by'])} trusted key(s){by}")
     else:
         out(f"verdict: NOT VERIFIED: {sig.get('error')}")
 
@@ -246,12 +269,17 @@ def print_report(report: InspectReport) -> None:
 def run_inspect(ctx: Context) -> int:
     args = ctx.args
     report = asyncio.run(inspect_ref(args.ref, ctx.settings, given_credentials(args)))
+    refused = (
+        [SignatureError(f"{report.ref}: signature not verified: {report.signature.get('error')}")]
+        if args.require_signature and not report.verified
+        else []
+    )
     if args.json:
-        emit_json(report.to_json())
+        emit_json(json_result(report.to_json(), [Failure(e) for e in refused]))
     elif not ctx.ui.quiet:
         print_report(report)
-    if args.require_signature and not report.verified:
-        err(f"error: {report.ref}: signature not verified: {report.signature.get('error')}")
+    for exc in refused:
+        err(f"error: {exc}")
         return EXIT_TRUST
     return EXIT_OK
 

@@ -25,7 +25,13 @@ class Formatter(logging.Formatter):
         text = super().format(record)
         if not self.verbose:
             text = f"{record.levelname.lower()}: {text}"
-        extras = {k: v for k, v in vars(record).items() if k not in _STANDARD_RECORD_FIELDS}
+        # A field the message already says (the error of a warning) is not said twice.
+        message = record.getMessage()
+        extras = {
+            k: v
+            for k, v in vars(record).items()
+            if k not in _STANDARD_RECORD_FIELDS and str(v) not in message
+        }
         if extras:
             text += " (" + ", ".join(f"{k}={v}" for k, v in extras.items()) + ")"
         return text

@@ -6,12 +6,20 @@ terminal, a summary or one JSON document out.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import TYPE_CHECKING, Any
 
 from exec_sandbox_assets.cli.login import given_credentials, registry_host
-from exec_sandbox_assets.cli.output import EXIT_OK, emit_json, human_size, out, short_digest
-from exec_sandbox_assets.cli.progress import ProgressDisplay, progress_bars
+from exec_sandbox_assets.cli.output import (
+    EXIT_OK,
+    emit_json,
+    human_size,
+    json_result,
+    out,
+    short_digest,
+)
+from exec_sandbox_assets.cli.progress import ProgressDisplay, progress_display
 from exec_sandbox_assets.cli.table import Context
 from exec_sandbox_assets.release import catalog
 
@@ -49,32 +57,33 @@ class MirrorProgress:
 
 
 def result_json(result: MirrorResult, seconds: float) -> dict[str, Any]:
-    return {
-        "ok": True,
-        "source": result.source,
-        "destination": result.destination,
-        "seconds": round(seconds, 3),
-        "blobs_copied": result.blobs_copied,
-        "bytes_copied": result.bytes_copied,
-        "blobs_skipped": result.blobs_skipped,
-        "blobs_mounted": result.blobs_mounted,
-        "releases": [
-            {
-                "version": r.version,
-                "tags": list(r.tags),
-                "index_digest": r.index_digest,
-                "manifests": {f"{o}/{a}": d for (o, a), d in r.manifest_digests.items()},
-                "signature_digest": r.signature_digest,
-                "signed_by": list(r.signed_by),
-                "blobs_copied": r.blobs_copied,
-                "bytes_copied": r.bytes_copied,
-                "blobs_skipped": r.blobs_skipped,
-                "blobs_mounted": r.blobs_mounted,
-                "latest_kept": r.latest_kept,
-            }
-            for r in result.releases
-        ],
-    }
+    return json_result(
+        {
+            "source": result.source,
+            "destination": result.destination,
+            "seconds": round(seconds, 3),
+            "blobs_copied": result.blobs_copied,
+            "bytes_copied": result.bytes_copied,
+            "blobs_skipped": result.blobs_skipped,
+            "blobs_mounted": result.blobs_mounted,
+            "releases": [
+                {
+                    "version": r.version,
+                    "tags": list(r.tags),
+                    "index_digest": r.index_digest,
+                    "manifests": {f"{o}/{a}": d for (o, a), d in r.manifest_digests.items()},
+                    "signature_digest": r.signature_digest,
+                    "signed_by": list(r.signed_by),
+                    "blobs_copied": r.blobs_copied,
+                    "bytes_copied": r.bytes_copied,
+                    "blobs_skipped": r.blobs_skipped,
+                    "blobs_mounted": r.blobs_mounted,
+                    "latest_kept": r.latest_kept,
+                }
+                for r in result.releases
+            ],
+        }
+    )
 
 
 def run_mirror(ctx: Context) -> int:
@@ -89,7 +98,7 @@ def run_mirror(ctx: Context) -> int:
     platforms = [catalog.parse_platform(p) for p in args.platforms] if args.platforms else None
     work_dir = args.work_dir or settings.cache_dir / "mirror-work"
     started = time.monotonic()
-    with progress_bars(ctx.ui.wants_progress(), ctx.log_handler) as bars:
+    with progress_display(ctx.ui, ctx.log_handler) as bars:
         result = mirror(
             args.src,
             args.dst,
@@ -98,6 +107,8 @@ def run_mirror(ctx: Context) -> int:
             platforms=platforms,
             trusted_keys=settings.trusted_keys,
             threshold=settings.threshold,
+            trusted_workflows=settings.trusted_workflows,
+            sigstore_root=settings.sigstore_root,
             insecure_skip_verify=settings.insecure_skip_verify,
             allow_downgrade=settings.allow_downgrade,
             ca_bundle=settings.ca_bundle,
@@ -108,6 +119,9 @@ def run_mirror(ctx: Context) -> int:
             transfer=settings.transfer_policy(),
         )
     seconds = time.monotonic() - started
+    if args.work_dir is None:  # ours: empty after a success (a failure keeps partials)
+        with contextlib.suppress(OSError):
+            work_dir.rmdir()
     if args.json:
         emit_json(result_json(result, seconds))
         return EXIT_OK

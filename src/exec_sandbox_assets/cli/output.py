@@ -69,24 +69,33 @@ def error_message(exc: BaseException) -> str:
 @dataclass(frozen=True)
 class Failure:
     """One failure and every file it failed: a release-level one (tag missing, signature
-    refused, every source down) fails all of them with the same error, once."""
+    refused, every source down) fails all of them with the same error, once; one that
+    stopped the whole command names no file."""
 
     error: BaseException
-    names: tuple[str, ...]
+    names: tuple[str, ...] = ()
+    exit_code: int | None = None  # None: the error's own (`exit_code_for`)
 
     @property
     def release_level(self) -> bool:
         return len(self.names) > 1
 
+    @property
+    def scope(self) -> str:
+        if not self.names:
+            return "command"
+        return "release" if self.release_level else "file"
+
     def to_json(self) -> dict[str, Any]:
+        """One entry of a `--json` document's `errors` (docs/cli.md, "JSON output")."""
         doc: dict[str, Any] = {
-            "scope": "release" if self.release_level else "file",
+            "scope": self.scope,
             "files": list(self.names),
             "error": error_message(self.error),
             "type": type(self.error).__name__,
-            "exit_code": exit_code_for(self.error),
+            "exit_code": exit_code_for(self.error) if self.exit_code is None else self.exit_code,
         }
-        if not self.release_level:
+        if self.scope == "file":
             doc["name"] = self.names[0]
         return doc
 
@@ -101,14 +110,28 @@ def group_failures(failures: Iterable[tuple[str, BaseException]]) -> list[Failur
     return [Failure(pairs[0][1], tuple(n for n, _ in pairs)) for pairs in groups.values()]
 
 
+def json_result(fields: dict[str, Any], failures: Iterable[Failure] = ()) -> dict[str, Any]:
+    """The one shape of every `--json` document: `ok` first, the command's own fields,
+    then `errors` (empty when it succeeded)."""
+    errors = [f.to_json() for f in failures]
+    return {"ok": not errors, **fields, "errors": errors}
+
+
 def report_error(exc: BaseException, code: int, as_json: bool) -> int:
     """A command's failure: one `error:` message on stderr, and with --json the document
     scripts read instead of the result. Returns `code`."""
-    message = error_message(exc)
-    err(f"error: {message}")
+    err(f"error: {error_message(exc)}")
     if as_json:
-        emit_json({"ok": False, "error": message, "type": type(exc).__name__, "exit_code": code})
+        emit_json(json_result({}, [Failure(exc, exit_code=code)]))
     return code
+
+
+def report_interrupted(message: str, as_json: bool) -> int:
+    """Ctrl-C: `message` on stderr (what was kept), and with --json the failure document."""
+    err(message)
+    if as_json:
+        emit_json(json_result({}, [Failure(KeyboardInterrupt(message))]))
+    return EXIT_INTERRUPTED
 
 
 def worst_exit_code(errors: Iterable[BaseException]) -> int:
@@ -191,9 +214,11 @@ __all__ = [
     "exit_code_for",
     "group_failures",
     "human_size",
+    "json_result",
     "jsonable",
     "out",
     "report_error",
+    "report_interrupted",
     "short_digest",
     "table",
     "worst_exit_code",

@@ -12,8 +12,15 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+from exec_sandbox_assets.base.errors import ConfigError
 from exec_sandbox_assets.cli import arguments
-from exec_sandbox_assets.cli.output import EXIT_CODES_HELP, EXIT_USAGE
+from exec_sandbox_assets.cli.output import (
+    EXIT_CODES_HELP,
+    EXIT_USAGE,
+    Failure,
+    emit_json,
+    json_result,
+)
 from exec_sandbox_assets.cli.table import COMMANDS
 from exec_sandbox_assets.config import Settings, load_settings
 
@@ -45,6 +52,24 @@ examples:
 Run '{PROG} COMMAND --help' for a command's options and examples."""
 
 
+class UsageExit(SystemExit):
+    """A usage error the parser found (and printed): exit code 2, and its message."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(EXIT_USAGE)
+        self.message = message
+
+
+def parse_failed(exc: SystemExit, argv: Sequence[str]) -> int:
+    """The exit code of a parse that ended (--help, --version, a usage error). A usage
+    error of a `--json` command line is also the failure document on stdout."""
+    sys.stdout.flush()
+    if isinstance(exc, UsageExit) and "--json" in argv:
+        error = ConfigError(exc.message)
+        emit_json(json_result({}, [Failure(error, exit_code=EXIT_USAGE)]))
+    return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, with "did you mean" for a mistyped command."""
 
@@ -58,7 +83,8 @@ class Parser(argparse.ArgumentParser):
                 names = ", ".join(c.name for c in COMMANDS)
                 message = f"unknown command {word!r}; the commands are: {names}"
         self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        raise UsageExit(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,6 +157,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         registry=args.registry if args.command != "demo" else None,
         mirrors=tuple(args.mirror) if args.mirror else None,
         trusted_keys=tuple(args.trusted_key) if args.trusted_key else None,
+        trusted_workflows=(
+            tuple(w for w in args.trusted_workflow if w.strip()) if args.trusted_workflow else None
+        ),
+        sigstore_root=args.sigstore_root,
         offline=True if args.offline else None,
         airgap=True if args.airgap else None,
         insecure_skip_verify=True if args.insecure_skip_verify else None,

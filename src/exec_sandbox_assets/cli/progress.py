@@ -1,10 +1,13 @@
-"""Progress on a terminal: one bar per file (bytes, rate, time left) and one overall.
+"""Progress of the CLI: bars on a terminal, plain lines everywhere else.
 
-`rich` is imported here, and only when a bar is actually drawn: not on a pipe, not in
-the library. Without `rich` (the `cli` extra), a terminal gets plain lines instead: one
-when a file starts and one when it is done. Both implement `client.Progress`
-(start/advance/finish). `Ui` holds what the user chose: --quiet, --no-progress or
-EXEC_SANDBOX_DISABLE_PROGRESS_BARS=1.
+On a terminal, one bar per file (bytes, rate, time left) and one overall (`rich`,
+imported only when a bar is actually drawn: not on a pipe, not in the library); without
+`rich` (the `cli` extra), a terminal gets a line when a file starts and one when it is
+done. Off a terminal (CI logs, `2> file`) a line every few seconds says how far the whole
+is, how fast it goes and which file is under way (`LineProgress`), as docker and
+huggingface-cli do. All implement `client.Progress` (start/advance/finish). `Ui` holds
+what the user chose: --quiet, --no-progress or EXEC_SANDBOX_DISABLE_PROGRESS_BARS=1, and
+the interval (EXEC_SANDBOX_PROGRESS_INTERVAL).
 """
 
 from __future__ import annotations
@@ -13,10 +16,14 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import IO, Any, Protocol
+
+from exec_sandbox_assets.config import DEFAULT_PROGRESS_INTERVAL
 
 OVERALL = "all files"
 
@@ -37,9 +44,11 @@ class Ui:
 
     quiet: bool = False  # errors (and --json) only
     progress: bool = True  # False: --no-progress, --quiet or the environment said so
+    interval: float = DEFAULT_PROGRESS_INTERVAL  # seconds between lines off a terminal
 
-    def wants_progress(self, stream: IO[str] | None = None) -> bool:
-        return self.progress and not self.quiet and want_progress(stream)
+    @property
+    def shows_progress(self) -> bool:
+        return self.progress and not self.quiet
 
 
 class ProgressDisplay(Protocol):
@@ -191,6 +200,96 @@ class PlainProgress:
         self._line(f"{name}: done ({_size(self._totals.get(name, 0))})")
 
 
+class LineProgress:
+    """Off a terminal: every `interval` seconds while something is under way, one line
+    with the bytes done of those known so far, the rate since the previous line, the
+    files done and the file under way:
+
+        progress: 12.0 MiB of 60.0 MiB (20%), 2.4 MiB/s, 1 of 3 done; compress raw-base.qcow2
+
+    Printed by a thread of its own, so a long step (a compression finishing, an upload
+    of one large blob) still shows the command is alive. Safe to call from several
+    threads (the publisher compresses on one and pushes on another)."""
+
+    def __init__(
+        self,
+        stream: IO[str],
+        interval: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._stream = stream
+        self._interval = interval
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._totals: dict[str, int] = {}
+        self._done: dict[str, int] = {}
+        self._finished: set[str] = set()
+        self._current = ""
+        self._last = (clock(), 0)  # (when, bytes done) at the previous line
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._tick, name="progress-lines", daemon=True)
+
+    @contextlib.contextmanager
+    def ticking(self) -> Iterator[LineProgress]:
+        """Print lines while the block runs."""
+        self._thread.start()
+        try:
+            yield self
+        finally:
+            self._stop.set()
+            self._thread.join()
+
+    def start(self, name: str, total: int) -> None:
+        with self._lock:
+            self._totals[name] = total
+            self._done.setdefault(name, 0)
+            self._finished.discard(name)
+            self._current = name
+
+    def advance(self, name: str, nbytes: int) -> None:
+        with self._lock:
+            total = self._totals.setdefault(name, nbytes)
+            done = self._done.get(name, 0) + nbytes
+            self._done[name] = min(total, done) if total else done
+            self._current = name
+
+    def finish(self, name: str) -> None:
+        with self._lock:
+            self._done[name] = self._totals.get(name, self._done.get(name, 0))
+            self._finished.add(name)
+
+    def line(self) -> str | None:
+        """The line to print now, or None when nothing is under way."""
+        with self._lock:
+            if not self._totals or len(self._finished) == len(self._totals):
+                return None
+            now, done = self._clock(), sum(self._done.values())
+            total = sum(self._totals.values())
+            then, before = self._last
+            self._last = (now, done)
+            current = self._current if self._current not in self._finished else ""
+            if not current:  # the one named last is done: name one still under way
+                current = next((n for n in self._totals if n not in self._finished), "")
+            # Never below 0: a download restarted from scratch counts its bytes again.
+            rate = max(0.0, (done - before) / (now - then)) if now > then else 0.0
+            percent = f" ({100 * done // total}%)" if total else ""
+            return (
+                f"progress: {_size(done)} of {_size(total)}{percent}, {_size(int(rate))}/s, "
+                f"{len(self._finished)} of {len(self._totals)} done; {current}"
+            )
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self._interval):
+            text = self.line()
+            if text is None:
+                continue
+            try:
+                self._stream.write(text + "\n")
+                self._stream.flush()
+            except (OSError, ValueError):  # stderr closed: the command goes on, silent
+                return
+
+
 def _size(n: int) -> str:
     from exec_sandbox_assets.cli.output import human_size
 
@@ -206,15 +305,20 @@ def rich_available() -> bool:
 
 
 @contextlib.contextmanager
-def progress_bars(
-    enabled: bool, log_handler: LogHandler | None = None, stream: IO[str] | None = None
+def progress_display(
+    ui: Ui, log_handler: LogHandler | None = None, stream: IO[str] | None = None
 ) -> Iterator[ProgressDisplay | None]:
-    """Bars on `stream` (stderr) when `enabled`, plain lines there when `rich` is not
-    installed, else None (the caller prints a summary only)."""
-    if not enabled:
+    """What shows progress on `stream` (stderr) under `ui`: bars on a terminal (plain
+    start/done lines there without `rich`), a line every `ui.interval` seconds elsewhere,
+    or None when the user turned progress off (the caller prints a summary only)."""
+    if not ui.shows_progress:
         yield None
         return
     stream = sys.stderr if stream is None else stream
+    if not want_progress(stream):
+        with LineProgress(stream, ui.interval).ticking() as lines:
+            yield lines
+        return
     if not rich_available():
         yield PlainProgress(stream)
         return
@@ -224,12 +328,13 @@ def progress_bars(
 
 __all__ = [
     "OVERALL",
+    "LineProgress",
     "LogHandler",
     "PlainProgress",
     "ProgressDisplay",
     "TerminalProgress",
     "Ui",
-    "progress_bars",
+    "progress_display",
     "rich_available",
     "want_progress",
 ]

@@ -21,12 +21,19 @@ from typing import Any
 
 from exec_sandbox_assets.base.errors import AssetError, ConfigError, FormatError
 from exec_sandbox_assets.cli.arguments import add_json, add_output_options
-from exec_sandbox_assets.cli.output import emit_json, err, human_size, report_error
-from exec_sandbox_assets.cli.progress import LogHandler, Ui, progress_bars
-from exec_sandbox_assets.config import progress_bars_enabled
+from exec_sandbox_assets.cli.output import (
+    emit_json,
+    human_size,
+    json_result,
+    report_error,
+    report_interrupted,
+)
+from exec_sandbox_assets.cli.progress import LogHandler, Ui, progress_display
+from exec_sandbox_assets.config import progress_bars_enabled, progress_interval
 from exec_sandbox_assets.publish.compress import DEFAULT_LEVEL
+from exec_sandbox_assets.publish.keyless import KeylessOptions
 from exec_sandbox_assets.publish.publisher import PublishRequest, PublishResult, publish
-from exec_sandbox_assets.release import catalog
+from exec_sandbox_assets.release import catalog, keyless
 
 KEY_PASSWORD_ENV = "EXEC_SANDBOX_SIGNING_KEY_PASSWORD"  # noqa: S105 (a variable name)
 EXIT_FAILURE = 1
@@ -65,9 +72,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         type=Path,
         action="append",
-        required=True,
+        default=[],
         help="PEM private signing key; repeat during a key rotation (each "
-        f"signs). Password from ${KEY_PASSWORD_ENV}, else prompted on a tty",
+        f"signs). Password from ${KEY_PASSWORD_ENV}, else prompted on a tty. "
+        "Optional with --keyless",
+    )
+    parser.add_argument(
+        "--keyless",
+        action="store_true",
+        help="also sign keyless through Sigstore with the CI job's OIDC identity (GitHub "
+        "Actions: `permissions: id-token: write`); the bundle is stored as an OCI "
+        "referrer of the index and in the release folder, verified before tags move",
+    )
+    parser.add_argument(
+        "--keyless-bundle",
+        metavar="FILE",
+        type=Path,
+        help="store this Sigstore bundle (made elsewhere over this release's statement) "
+        "instead of signing; verified like a new one. Implies --keyless",
+    )
+    parser.add_argument(
+        "--keyless-workflow",
+        metavar="URL",
+        action="append",
+        default=[],
+        help="workflow the keyless signature must come from, at tag vVERSION; repeatable "
+        f"(default {keyless.DEFAULT_TRUSTED_WORKFLOW})",
+    )
+    parser.add_argument(
+        "--sigstore-root",
+        metavar="FILE",
+        type=Path,
+        action="append",
+        default=[],
+        help="trusted_root.json the keyless signature must verify with; repeatable, each "
+        "one checked (the release job adds the oldest supported client's). Default: the "
+        "one packaged with this version",
     )
     parser.add_argument(
         "--platform",
@@ -82,6 +122,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         type=Path,
         help="also write the GitHub Release asset folder here",
+    )
+    parser.add_argument(
+        "--replace-release-dir",
+        action="store_true",
+        help="let --release-dir replace a folder that holds another release "
+        "(refused by default, naming the version it holds)",
     )
     parser.add_argument(
         "--created",
@@ -132,6 +178,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def keyless_options(args: argparse.Namespace) -> KeylessOptions | None:
+    """--keyless, --keyless-bundle, --keyless-workflow, --sigstore-root as options."""
+    if not (args.keyless or args.keyless_bundle):
+        if args.keyless_workflow or args.sigstore_root:
+            raise ConfigError("--keyless-workflow and --sigstore-root need --keyless")
+        return None
+    from exec_sandbox_assets.publish import keyless as keyless_step
+
+    signer = (
+        keyless_step.file_signer(args.keyless_bundle)
+        if args.keyless_bundle
+        else keyless_step.ambient_signer
+    )
+    workflows = tuple(
+        keyless.Workflow.parse(w, "--keyless-workflow")
+        for w in args.keyless_workflow or [keyless.DEFAULT_TRUSTED_WORKFLOW]
+    )
+    roots: tuple[Path | None, ...] = tuple(args.sigstore_root) or (None,)
+    return KeylessOptions(signer, workflows, roots)
+
+
 def _key_is_encrypted(path: Path) -> bool:
     try:
         with path.open("rb") as f:
@@ -176,28 +243,40 @@ def _registry_password(args: argparse.Namespace) -> str | None:
 
 def result_json(result: PublishResult) -> dict[str, Any]:
     """`publish --json`: what was published where, with every digest."""
-    return {
-        "ok": True,
-        "version": result.version,
-        "created": result.created,
-        "index_digest": result.index_digest,
-        "manifests": {f"{o}/{a}": d for (o, a), d in result.manifest_digests.items()},
-        "signature_tag": result.signature_tag,
-        "signature_digest": result.signature_digest,
-        "signers": result.signers,
-        "targets": [
-            {
-                "name": t.name,
-                "blobs_uploaded": t.blobs_uploaded,
-                "bytes_uploaded": t.bytes_uploaded,
-                "blobs_skipped": t.blobs_skipped,
-                "tags": list(t.tags),
-            }
-            for t in result.targets
-        ],
-        "release_dir": result.release_dir,
-        "release_files": list(result.release_files),
-    }
+    return json_result(
+        {
+            "version": result.version,
+            "created": result.created,
+            "index_digest": result.index_digest,
+            "manifests": {f"{o}/{a}": d for (o, a), d in result.manifest_digests.items()},
+            "signature_tag": result.signature_tag,
+            "signature_digest": result.signature_digest,
+            "signers": result.signers,
+            "signatures": result.signatures,
+            "signatures_added": result.signatures_added,
+            "keyless_identity": result.keyless_identity,
+            "bundle_digest": result.bundle_digest,
+            "targets": [
+                {
+                    "name": t.name,
+                    "blobs_uploaded": t.blobs_uploaded,
+                    "bytes_uploaded": t.bytes_uploaded,
+                    "blobs_skipped": t.blobs_skipped,
+                    "tags": list(t.tags),
+                }
+                for t in result.targets
+            ],
+            "release_dir": result.release_dir,
+            "release_files": list(result.release_files),
+        }
+    )
+
+
+def signature_count(result: PublishResult) -> str:
+    """What the signature manifest holds now and how many of those this run made:
+    "2 signatures (1 added)" after a second key (kept signatures count too)."""
+    noun = "signature" if result.signatures == 1 else "signatures"
+    return f"{result.signatures} {noun} ({result.signatures_added} added)"
 
 
 def format_summary(result: PublishResult) -> str:
@@ -207,7 +286,10 @@ def format_summary(result: PublishResult) -> str:
     ]
     for (os_, goarch), digest in result.manifest_digests.items():
         lines.append(f"  {os_ + '/' + goarch:<12} {digest}")
-    lines.append(f"  {'signature':<12} {result.signature_tag} ({result.signers} key(s))")
+    if result.signature_digest is not None:
+        lines.append(f"  {'signature':<12} {result.signature_tag}: {signature_count(result)}")
+    if result.keyless_identity is not None:
+        lines.append(f"  {'keyless':<12} {result.bundle_digest} ({result.keyless_identity})")
     for t in result.targets:
         lines.append(
             f"  {t.name}: uploaded {t.blobs_uploaded} blob(s) ({human_size(t.bytes_uploaded)}), "
@@ -231,8 +313,8 @@ def run(args: argparse.Namespace) -> int:
     elif level < root.level:  # under the main CLI: its handler prints, this -v sets the level
         root.setLevel(level)
     log_handler = next((h for h in root.handlers if isinstance(h, LogHandler)), None)
-    ui = Ui(quiet=args.quiet, progress=not args.no_progress and progress_bars_enabled())
     try:
+        ui = Ui(args.quiet, not args.no_progress and progress_bars_enabled(), progress_interval())
         with tempfile.TemporaryDirectory(prefix="exec-sandbox-publish-") as tmp:
             request = PublishRequest(
                 inputs=tuple(args.input),
@@ -243,6 +325,7 @@ def run(args: argparse.Namespace) -> int:
                 platforms=_parse_platforms(args.platform),
                 tag_latest=args.latest,
                 release_dir=args.release_dir,
+                replace_release_dir=args.replace_release_dir,
                 work_dir=args.work_dir or Path(tmp),
                 created=args.created,
                 revision=args.revision,
@@ -253,15 +336,15 @@ def run(args: argparse.Namespace) -> int:
                 ca_bundle=args.ca_bundle,
                 replace=args.replace,
                 replace_signatures=args.replace_signatures,
+                keyless=keyless_options(args),
             )
-            with progress_bars(ui.wants_progress(), log_handler) as bars:
+            with progress_display(ui, log_handler) as bars:
                 result = publish(replace(request, progress=bars))
     except (AssetError, OSError) as exc:
         code = EXIT_BAD_INPUT if isinstance(exc, ConfigError | FormatError) else EXIT_FAILURE
         return report_error(exc, code, args.json)
     except KeyboardInterrupt:
-        err("interrupted; tags were not moved (a re-run resumes)")
-        return EXIT_INTERRUPTED
+        return report_interrupted("interrupted; tags were not moved (a re-run resumes)", args.json)
     if args.json:
         emit_json(result_json(result))
     elif not args.quiet:
@@ -277,6 +360,9 @@ examples:
   # a local registry (plain HTTP), a layout and an archive, plus the GitHub Release folder
   %(prog)s -i dist --version 0.22.0 --key release.key --to http://127.0.0.1:5000/assets \\
       --to oci:/srv/assets --to oci-archive:assets.tar --release-dir release/
+  # in the release workflow: keyless (OIDC identity of this job) and a key
+  %(prog)s -i dist --version 0.22.0 --keyless --key release.key \
+      --to ghcr.io/dualeai/exec-sandbox-assets --release-dir release/
   # quick local run: fast compression, a registry login, the result as JSON
   echo "$TOKEN" | %(prog)s -i dist --version 0.22.0-rc1 --key release.key --level 3 \\
       --to registry.internal/assets --username ci --password-stdin --json
@@ -288,7 +374,9 @@ resumes).
 
 
 def build_parser(prog: str = "python -m exec_sandbox_assets.publish") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from exec_sandbox_assets.cli.parser import Parser  # a usage error --json reports
+
+    parser = Parser(
         prog=prog,
         description="Publish exec-sandbox assets as signed OCI artifacts "
         "(registry, OCI layout, archive) and a GitHub Release folder.",
@@ -300,7 +388,14 @@ def build_parser(prog: str = "python -m exec_sandbox_assets.publish") -> argpars
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(build_parser().parse_args(argv))
+    from exec_sandbox_assets.cli.parser import parse_failed
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:
+        return parse_failed(exc, argv)
+    return run(args)
 
 
 __all__ = [

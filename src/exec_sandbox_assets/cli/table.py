@@ -73,6 +73,7 @@ COMMANDS: tuple[Command, ...] = (
             "--asset-version 0.22.0 pull --arch aarch64 --language python",
             "pull --from oci-archive:/media/usb/assets.tar --trusted-key release.pub",
             "pull --json | jq -r '.files[].path'",
+            "pull --force",
         ),
         a.pull_args,
         f"{_PKG}.commands:run_pull",
@@ -94,20 +95,28 @@ COMMANDS: tuple[Command, ...] = (
         "verify",
         "re-check cached files (exit 3 on a mismatch)",
         "Check every cached file against its verification record (stat), or re-hash\n"
-        "its content (--full). Exits 3 naming each file that does not match.",
-        ("verify", "verify --full", "--asset-version 0.22.0 verify --full --json"),
+        "its content (--full). Exits 3 naming each file that does not match. A file\n"
+        "whose content does not match loses its record, so the next pull or boot\n"
+        "fetches it again; --repair fetches it at once (exit 0 once all are repaired).",
+        (
+            "verify",
+            "verify --full",
+            "verify --repair",
+            "--asset-version 0.22.0 verify --full --json",
+        ),
         a.verify_args,
         f"{_PKG}.commands:run_verify",
         json=True,
     ),
     Command(
         "gc",
-        "free space: old versions, orphan blobs, stale partials",
+        "free space: old versions, temp files (--partials: resumable downloads)",
         "Remove versions older than the newest N (the versions the floating tag and the\n"
-        "configured asset version point to are kept), blobs never installed, partial\n"
-        "downloads and temp files of interrupted writes. What a running download holds\n"
-        "is skipped. --dry-run prints the same plan without deleting.",
-        ("gc --dry-run", "gc --keep 2", "gc --json"),
+        "configured asset version point to are kept) and temp files of interrupted\n"
+        "writes. Resumable downloads (partials, verified blobs a full disk kept) are kept\n"
+        "so the next pull resumes; --partials removes them too. What a running download\n"
+        "holds is skipped. --dry-run prints the same plan without deleting.",
+        ("gc --dry-run", "gc --keep 2", "gc --partials", "gc --json"),
         a.gc_args,
         f"{_PKG}.commands:run_gc",
         json=True,

@@ -369,11 +369,15 @@ async def ensure_assets_available(
     return images_dir, gvproxy_path
 
 
-def _has_kernel(directory: Path, arch: str) -> bool:
+def _kernel_in(directory: Path, arch: str) -> Path | None:
+    """The kernel `directory` offers. For the download cache, where the file really is:
+    our version directory once verified, or (offline) the flat EXEC_SANDBOX_CACHE_DIR or
+    `v{version}` directory 0.22.0 filled, as the fetch functions find it."""
     names = _kernel_candidates(arch)
     if directory == _versioned_cache_dir():
-        return any(_cached(n) is not None for n in names if not n.endswith(catalog.ZST))
-    return any((directory / n).exists() for n in names)
+        found = (_cached(n) for n in names if not n.endswith(catalog.ZST))
+        return next((p for p in found if p is not None), None)
+    return next((directory / n for n in names if (directory / n).exists()), None)
 
 
 @translating
@@ -387,11 +391,13 @@ async def ensure_assets(
     Raises FileNotFoundError when nothing is found and `download` is False, else as
     `ensure_assets_available`.
     """
-    if (images_dir := await _find_images_dir(override)) is not None:
-        if _has_kernel(images_dir, get_current_arch()):
-            logger.debug("Found existing assets", extra={"images_dir": str(images_dir)})
-            return images_dir
-        logger.debug("Directory exists but kernel missing", extra={"images_dir": str(images_dir)})
+    # As 0.22.0: the first search path that exists, if it holds a kernel. The cache counts
+    # even when our version directory does not exist yet (0.22.0's files may).
+    images_dir = await _find_images_dir(override) or _versioned_cache_dir()
+    if (kernel := _kernel_in(images_dir, get_current_arch())) is not None:
+        logger.debug("Found existing assets", extra={"images_dir": str(kernel.parent)})
+        return kernel.parent
+    logger.debug("No kernel in the images directory", extra={"images_dir": str(images_dir)})
     if not download:
         raise AssetsNotFoundLocally(
             "Assets",

@@ -6,7 +6,7 @@ the class 0.22.0 raises (or documents) for the same failure:
 
     AssetsNotFoundLocally (offline / download disabled)  AssetNotFoundError + FileNotFoundError
     AllSourcesFailedError, every source "not found"    AssetNotFoundError
-    AssetNotFoundError (404)                           AssetNotFoundError
+    AssetNotFoundError (404; UnknownArchError too)     AssetNotFoundError
     other transport errors, OutOfSpaceError, FormatError  AssetDownloadError
     TrustError (digest, signature, version, rollback, size)  AssetChecksumError
     ConfigError and anything else                      AssetError

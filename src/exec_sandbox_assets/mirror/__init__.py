@@ -22,15 +22,19 @@ For each version, in this order:
    verified against its digest before it is used), then pushed by the publisher's
    target (oras-py for registries: chunked uploads the registry checks again);
 3. the platform manifests, the index by digest, the signature manifest (its config and
-   payload blobs first) under `sha256-H.sig`, and only then the tag `vV` (and `latest`
-   when `latest` was asked for): docs/format.md §2. An interrupted mirror leaves no tag
+   payload blobs first) under `sha256-H.sig`, the Sigstore bundles of the index (OCI
+   referrers: their blobs, manifests, and the referrers tag `sha256-H`, merged with
+   what the destination lists there: docs/format.md §8), and only then the tag `vV`
+   (and `latest` when `latest` was asked for): docs/format.md §2. An interrupted mirror leaves no tag
    naming an incomplete or unsigned release; running it again skips what arrived.
 
 Documents are copied as the exact bytes read (never re-serialized), so every digest,
 and with it the signature, is the same at the destination. One exception: a signature
 manifest that lists layers other than signatures (it is unsigned; a source may pad it
 with junk) is rebuilt from its signature layers alone, so junk is neither fetched nor
-written.
+written. Likewise only bundle referrers made of small bundle blobs are copied (the
+referrers list is unsigned): an air-gapped copy verifies keyless signatures with no
+network.
 
 `platforms` is a check, not a filter. The index is signed as a whole and cannot be
 rewritten; a registry refuses an index whose platform manifests are missing
@@ -62,8 +66,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from exec_sandbox_assets.base.errors import (
+    AssetChecksumError,
     AssetNotFoundError,
     ConfigError,
+    FormatError,
+    OutOfSpaceError,
+    SizeLimitError,
 )
 from exec_sandbox_assets.cache.store import Store
 from exec_sandbox_assets.config import auth_files, docker_config_path
@@ -85,6 +93,8 @@ from exec_sandbox_assets.oci.model import (
 )
 from exec_sandbox_assets.oci.policy import DEFAULT_POLICY, TransferPolicy
 from exec_sandbox_assets.oci.reference import LayoutRef, RegistryRef, parse_source_ref
+from exec_sandbox_assets.oci.referrers import BUNDLE_MEDIA_TYPE, MAX_BUNDLE_SIZE, referrer_layers
+from exec_sandbox_assets.release.keyless import parse_workflows
 from exec_sandbox_assets.release.policy import TrustPolicy, load_policy, require_keys
 from exec_sandbox_assets.release.signing import build_signature_manifest
 from exec_sandbox_assets.release.version import LATEST, Version
@@ -148,6 +158,8 @@ async def mirror_async(
     platforms: Sequence[tuple[str, str]] | None = None,
     trusted_keys: Sequence[Path] = (),
     threshold: int = 1,
+    trusted_workflows: Sequence[str] = (),
+    sigstore_root: Path | None = None,
     insecure_skip_verify: bool = False,
     allow_downgrade: bool = False,
     src_credentials: Credentials | None = None,
@@ -160,7 +172,13 @@ async def mirror_async(
     """Copy `versions` of a release from `src` to `dst` (see the module docstring);
     `mirror` is the same call for synchronous code."""
     tags = _tags_of(versions)
-    policy = _policy(trusted_keys, threshold, allow_downgrade, insecure_skip_verify, src)
+    workflows = parse_workflows(",".join(trusted_workflows), "trusted workflow")
+    policy = _policy(
+        load_policy(trusted_keys, threshold, allow_downgrade, workflows, sigstore_root)
+        if not insecure_skip_verify
+        else None,
+        src,
+    )
     src_ref, dst_ref = _parse_side(src, "source"), _parse_side(dst, "destination")
     if _same_place(src_ref, dst_ref):
         raise ConfigError(f"source and destination are the same: {src} -> {dst}")
@@ -169,6 +187,7 @@ async def mirror_async(
 
     source = _open_source(src, src_ref, src_credentials, ca_bundle, docker_config, transfer)
     target: Target | None = None
+    copier: Copier | None = None
     ok = False
     try:
         plans = [await _plan(source, tag, policy, platforms, progress) for tag in tags]
@@ -185,9 +204,21 @@ async def mirror_async(
         )
         for plan in plans:  # every conflict is found before anything is written
             await copier.check_tags(plan, allow_downgrade)
+        await copier.check_space(plans)  # and a full destination too
         for plan in plans:
             await copier.copy(plan)
         ok = True
+    except OutOfSpaceError as exc:
+        # A full destination: what this run wrote there is removed, not left to fill it.
+        note = await asyncio.to_thread(copier.after_failure, True) if copier else ""
+        if not note:
+            raise
+        raise OutOfSpaceError(f"{exc}; {note}") from exc
+    except BaseException:
+        # Another failure: what was written stays for a re-run to reuse, and is named.
+        if copier is not None and (note := await asyncio.to_thread(copier.after_failure, False)):
+            log.warning("mirror to %s failed: %s", dst, note)
+        raise
     finally:
         await source.aclose()
         if target is not None:
@@ -248,10 +279,8 @@ def _tags_of(versions: Sequence[str]) -> list[str]:
     return tags
 
 
-def _policy(
-    keys: Sequence[Path], threshold: int, allow_downgrade: bool, insecure: bool, src: str
-) -> TrustPolicy | None:
-    if insecure:
+def _policy(policy: TrustPolicy | None, src: str) -> TrustPolicy | None:
+    if policy is None:
         log.warning(
             "SIGNATURE VERIFICATION DISABLED (insecure_skip_verify): mirroring %s without "
             "checking who signed it",
@@ -259,7 +288,6 @@ def _policy(
             extra={"source": src},
         )
         return None
-    policy = load_policy(keys, threshold, allow_downgrade)
     require_keys(policy, f"{src}: refusing to copy an unverified release")
     return policy
 
@@ -366,6 +394,7 @@ async def _plan(
             blobs.setdefault(layer.digest, Blob(layer, layer.title or layer.digest))
 
     signature_manifest, signature_blobs = await _signature_copy(source, release, where)
+    referrers, referrer_blobs = await _referrers_copy(source, digest, where)
     tags = (tag,) if tag != LATEST else (f"v{version}", LATEST)
     return Plan(
         version=version,
@@ -378,6 +407,8 @@ async def _plan(
         signature_blobs=signature_blobs,
         signed_by=release.key_ids,
         created=release.created,
+        referrers=referrers,
+        referrer_blobs=referrer_blobs,
     )
 
 
@@ -405,7 +436,7 @@ async def _signature_copy(
             len(junk),
             len(signature.layers),
         )
-        rebuilt = build_signature_manifest(signature.pairs())
+        rebuilt = build_signature_manifest(signature.pairs(), signature.key_ids())
         clean = Manifest.from_bytes(rebuilt.manifest, "rebuilt signature")
         return rebuilt.manifest, [
             Blob(clean.config, "signature blob", rebuilt.config),
@@ -416,6 +447,35 @@ async def _signature_copy(
         Blob(sig.config, "signature blob", config),
         *(Blob(d, "signature blob", signature.payloads[d.digest]) for d in sig.layers),
     ]
+
+
+async def _referrers_copy(
+    source: Source, subject_digest: str, where: str
+) -> tuple[list[tuple[Descriptor, bytes]], list[Blob]]:
+    """The bundle referrers of `subject_digest` to write, and their blobs (read whole:
+    each is at most MAX_BUNDLE_SIZE). A referrer with anything else (another layer, a
+    larger config) is not copied: the list is unsigned and clients read bundles only."""
+    manifests: list[tuple[Descriptor, bytes]] = []
+    blobs: dict[str, Blob] = {}
+    for desc in await source.referrers(subject_digest, BUNDLE_MEDIA_TYPE):
+        try:
+            data = await source.manifest(desc)
+            manifest = Manifest.from_bytes(data, f"{where} referrer {desc.digest}")
+            bundles = referrer_layers(data, subject_digest, BUNDLE_MEDIA_TYPE, where)
+            if not bundles:
+                continue  # another kind of referrer, listed without its type
+            parts = (manifest.config, *manifest.layers)
+            if len(bundles) != len(manifest.layers) or any(d.size > MAX_BUNDLE_SIZE for d in parts):
+                raise FormatError("holds more than small bundle blobs", desc.digest)
+            for part in parts:
+                if part.digest not in blobs:
+                    blob = await source.small_blob(part, MAX_BUNDLE_SIZE)
+                    blobs[part.digest] = Blob(part, "bundle", blob)
+        except (AssetNotFoundError, AssetChecksumError, FormatError, SizeLimitError) as exc:
+            log.warning("%s: bundle referrer %s not copied: %s", where, desc.digest, exc)
+            continue
+        manifests.append((desc, data))
+    return manifests, list(blobs.values())
 
 
 def _check_platforms(

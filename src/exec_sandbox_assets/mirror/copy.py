@@ -1,7 +1,7 @@
 """The writing half of `mirror`: copy a verified, planned release to a target in the
-order of docs/format.md §2 (blobs, manifests, index, signature, tags), with resumable
-downloads, mounts between repositories of one registry, and one download running ahead
-of each push. `mirror.py` reads and verifies; nothing here decides trust.
+order of docs/format.md §2 (blobs, manifests, index, signature, bundle referrers, tags),
+with resumable downloads, mounts between repositories of one registry, and one download
+running ahead of each push. `mirror.py` reads and verifies; nothing here decides trust.
 """
 
 from __future__ import annotations
@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from exec_sandbox_assets.base.errors import ConfigError, FormatError
+from exec_sandbox_assets.base.errors import AssetError, ConfigError, FormatError, OutOfSpaceError
+from exec_sandbox_assets.base.sizes import describe_size
+from exec_sandbox_assets.cache.space import free_bytes
 from exec_sandbox_assets.cache.store import BlobRequest, Store
 from exec_sandbox_assets.oci.model import (
     Descriptor,
@@ -22,6 +24,7 @@ from exec_sandbox_assets.oci.model import (
     sha256_digest,
     signature_tag,
 )
+from exec_sandbox_assets.oci.referrers import fallback_tag
 from exec_sandbox_assets.release import catalog
 from exec_sandbox_assets.release.documents import read_asset_layer
 from exec_sandbox_assets.release.signing import parse_timestamp
@@ -85,6 +88,9 @@ class Plan:
     signature_blobs: list[Blob]
     signed_by: tuple[str, ...]
     created: str | None
+    # Bundle referrers of the index (descriptor, manifest bytes) and their small blobs.
+    referrers: list[tuple[Descriptor, bytes]] = field(default_factory=list)
+    referrer_blobs: list[Blob] = field(default_factory=list)
     latest_kept: bool = False
     blobs_copied: int = 0
     bytes_copied: int = 0
@@ -122,6 +128,8 @@ class Copier:
         self.mount_from = mount_from
         self.keep_downloads = keep_downloads
         self.progress = progress
+        # (digest, size) of what this copy wrote to the target: blobs, manifests, indexes.
+        self.written: list[tuple[str, int]] = []
 
     def _emit(
         self, plan: Plan, kind: EventKind, digest: str = "", name: str = "", size: int = 0
@@ -154,10 +162,10 @@ class Copier:
     async def copy(self, plan: Plan) -> None:
         await self._blobs(plan, plan.blobs)
         for desc, data in plan.manifests:
-            await asyncio.to_thread(self.target.put_manifest, data, desc.media_type, None)
+            await self._put_manifest(data, desc.digest, desc.media_type)
             self._emit(plan, "manifest", desc.digest, show(platform_of(desc)))
         index_type = media_type_of(plan.index, plan.index_digest)
-        await asyncio.to_thread(self.target.put_manifest, plan.index, index_type, None)
+        await self._put_manifest(plan.index, plan.index_digest, index_type)
         self._emit(plan, "index", plan.index_digest)
         if plan.signature is not None:
             await self._blobs(plan, plan.signature_blobs)
@@ -171,6 +179,14 @@ class Copier:
             self._emit(
                 plan, "signature", sha256_digest(plan.signature), signature_tag(plan.index_digest)
             )
+        if plan.referrers:
+            await self._blobs(plan, plan.referrer_blobs)
+            for desc, data in plan.referrers:
+                await asyncio.to_thread(
+                    self.target.put_referrer, data, desc.media_type, plan.index_digest
+                )
+                # A keyless signature: shown as one (the event kinds are a closed set).
+                self._emit(plan, "signature", desc.digest, fallback_tag(plan.index_digest))
         for tag in plan.tags:
             await asyncio.to_thread(self.target.tag, plan.index, index_type, tag)
             self._emit(plan, "tag", plan.index_digest, tag)
@@ -192,6 +208,7 @@ class Copier:
             elif blob.data is not None:
                 self._emit(plan, "blob-start", desc.digest, blob.name, desc.size)
                 await asyncio.to_thread(self.target.push_bytes, blob.data, desc.media_type)
+                self.written.append((desc.digest, desc.size))
                 self._done(plan, blob)
             else:
                 todo.append(blob)
@@ -204,6 +221,7 @@ class Copier:
                 path = await downloads.pop(i)
                 desc = blob.desc
                 await asyncio.to_thread(self.target.push_blob, path, desc.digest, desc.size)
+                self.written.append((desc.digest, desc.size))  # a failed push leaves nothing
                 if not self.keep_downloads:
                     path.unlink(missing_ok=True)
                 self._done(plan, blob)
@@ -239,6 +257,69 @@ class Copier:
         # The cache resumes a body that broke off after making progress (its one loop).
         async with self.store.blob_lock(desc.digest):
             return await self.store.fetch_blob(req, opener, advance)
+
+    async def check_space(self, plans: Sequence[Plan]) -> None:
+        """Before the first byte: an `oci:` layout destination (on this machine, so its free
+        space is known) must have room for every blob and manifest it lacks. An archive is
+        built in the work dir and replaced whole; a registry's space is its own."""
+        from exec_sandbox_assets.oci.layout_target import ArchiveTarget, LayoutTarget
+
+        if not isinstance(self.target, LayoutTarget) or isinstance(self.target, ArchiveTarget):
+            return
+        sizes: dict[str, int] = {}
+        for plan in plans:
+            sizes.update((b.desc.digest, b.desc.size) for b in (*plan.blobs, *plan.signature_blobs))
+            sizes.update((d.digest, len(data)) for d, data in plan.manifests)
+            sizes[plan.index_digest] = len(plan.index)
+        lacking = [n for d, n in sizes.items() if not self.target.has_blob(d)]
+        where, free = free_bytes(self.target.root)
+        if sum(lacking) > free:
+            raise OutOfSpaceError(
+                f"not enough space in {where} for {self.target.name}: the copy needs "
+                f"{describe_size(sum(lacking))} ({len(lacking)} blob(s) the destination "
+                f"lacks) and {describe_size(free)} are free there; no blob was written. "
+                "Free space there, or copy to another place"
+            )
+
+    async def _put_manifest(self, data: bytes, digest: str, media_type: str) -> None:
+        new = not await asyncio.to_thread(self.target.has_blob, digest)
+        await asyncio.to_thread(self.target.put_manifest, data, media_type, None)
+        if new:
+            self.written.append((digest, len(data)))
+
+    def after_failure(self, remove: bool) -> str:
+        """What this copy left at the destination, removed first when `remove` and the
+        target can (a layout: what no tag reaches; an archive is replaced only on
+        success): a sentence for the error, or "" when it wrote nothing."""
+        if not self.written:
+            return ""
+        where = self.target.name
+        discard = getattr(self.target, "discard", None)  # not part of `Target`: local only
+        if remove and discard is not None:
+            try:
+                gone = set(discard([d for d, _ in self.written]))
+            except (OSError, AssetError) as exc:
+                log.warning("could not remove what the failed copy wrote: %s", exc)
+                gone = set()
+            removed = [(d, n) for d, n in self.written if d in gone]
+            left = [(d, n) for d, n in self.written if d not in gone]
+            text = (
+                f"removed the {len(removed)} blob(s), {_bytes(removed)}, this mirror had "
+                f"written to {where}"
+            )
+            if not left:
+                return text
+            return f"{text}; left {_left(left, where)}"
+        return f"left {_left(self.written, where)}; a re-run reuses them"
+
+
+def _bytes(blobs: Sequence[tuple[str, int]]) -> str:
+    return describe_size(sum(n for _, n in blobs))
+
+
+def _left(blobs: Sequence[tuple[str, int]], where: str) -> str:
+    names = ", ".join(d for d, _ in blobs[:3]) + (", ..." if len(blobs) > 3 else "")
+    return f"{len(blobs)} blob(s), {_bytes(blobs)}, at {where} that no tag names ({names})"
 
 
 def _newer(current_index: bytes, created: str | None) -> bool:

@@ -11,12 +11,14 @@ parsers of `oci-layout` and `index.json`, and the safe way to open a file of a l
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
 import os
 import re
 import secrets
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
@@ -38,7 +40,7 @@ log = logging.getLogger("exec_sandbox_assets.oci.layout")
 REF_NAME = "org.opencontainers.image.ref.name"
 LAYOUT_FILE = "oci-layout"
 INDEX_FILE = "index.json"
-LOCK_FILE = "index.json.lock"
+LEGACY_LOCK_FILE = "index.json.lock"  # what earlier versions left in a layout
 BLOBS_DIR = "blobs"
 OCI_LAYOUT_BYTES = b'{"imageLayoutVersion":"1.0.0"}'
 
@@ -121,11 +123,13 @@ __all__ = [
     "HEX_RE",
     "INDEX_FILE",
     "LAYOUT_FILE",
-    "LOCK_FILE",
+    "LEGACY_LOCK_FILE",
     "OCI_LAYOUT_BYTES",
     "REF_NAME",
     "blob_relpath",
     "check_tag",
+    "lock_file",
+    "locked_directory",
     "no_space",
     "normalize_member",
     "open_regular",
@@ -136,13 +140,10 @@ __all__ = [
 ]
 
 
-def lock_exclusive(path: Path) -> int:
-    """An fd holding an exclusive flock on `path` (created if absent), waiting for the
-    holder if there is one; closing the fd releases it, and so does a writer's death.
-
-    Best effort: where flock is unsupported (some network file systems) we go on
-    unlocked, with a warning; the worst case is a lost tag, never a wrong blob."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+def _flock(fd: int, path: Path) -> bool:
+    """Exclusive flock on `fd`, waiting for the holder; False where flock is unsupported
+    (some network file systems): we go on unlocked, with a warning; the worst case is a
+    lost tag, never a wrong blob."""
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -150,4 +151,54 @@ def lock_exclusive(path: Path) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX)
     except OSError as exc:
         log.warning("cannot lock %s (%s); continuing unlocked", path, exc)
-    return fd
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def locked_directory(path: Path) -> Iterator[None]:
+    """Hold an exclusive flock on the directory `path` itself: no lock file is made, so
+    nothing is left in a layout to travel with `cp -r` or an upload of `DIR/*`.
+    (Layouts written by earlier versions may hold an `index.json.lock`: ignored, and
+    safe to delete while no writer runs.)"""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        _flock(fd, path)
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock
+
+
+@contextlib.contextmanager
+def lock_file(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock through the file `path`, removed when released.
+
+    The unlink race: the holder unlinks the file under the lock, so a waiter that
+    opened it before may then get the lock on an inode no longer at `path`, while a
+    newcomer creates a fresh file there and locks that: two holders. So a lock counts
+    only if, once it is held, `path` still names the very inode locked; otherwise it is
+    dropped and taken again. Only a holder ever unlinks, so a verified holder's file
+    stays at `path` until it lets go: one holder at a time, and no file left behind
+    (but after a crash, which the next holder removes in its turn)."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        if not _flock(fd, path):
+            locked = False
+            break
+        try:
+            current = path.lstat()
+        except FileNotFoundError:
+            current = None
+        held = os.fstat(fd)
+        if current is not None and (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino):
+            locked = True
+            break
+        os.close(fd)  # the previous holder removed it: lock the file now at `path`
+    try:
+        yield
+    finally:
+        try:
+            if locked:
+                path.unlink(missing_ok=True)  # under the lock: see above
+        finally:
+            os.close(fd)

@@ -3,19 +3,20 @@ OCI archive (`oci-archive:FILE`)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from exec_sandbox_assets.base.errors import AssetNotFoundError, ConfigError
 from exec_sandbox_assets.oci.archive import extract_archive, write_archive
 from exec_sandbox_assets.oci.layout import LayoutReader
-from exec_sandbox_assets.oci.layout_files import lock_exclusive
+from exec_sandbox_assets.oci.layout_files import lock_file
 from exec_sandbox_assets.oci.layout_writer import LayoutWriter
 from exec_sandbox_assets.oci.model import MAX_MANIFEST_SIZE, is_digest, sha256_digest
-from exec_sandbox_assets.oci.target import PushStats
+from exec_sandbox_assets.oci.target import PushStats, store_referrer
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,9 @@ class LayoutTarget:
     def tag(self, data: bytes, media_type: str, tag: str) -> None:
         self._writer.put_manifest(data, tag=tag)
 
+    def put_referrer(self, data: bytes, media_type: str, subject_digest: str) -> None:
+        store_referrer(self, data, media_type, subject_digest)
+
     def read_manifest(self, reference: str) -> bytes | None:
         with LayoutReader.open(self.root) as reader:
             if is_digest(reference):
@@ -78,6 +82,11 @@ class LayoutTarget:
         with LayoutReader.open(self.root) as reader:
             return reader.read_blob(digest, max_size)
 
+    def discard(self, digests: Sequence[str]) -> list[str]:
+        """Remove those blobs of `digests` that no tag reaches (a failed copy's); returns
+        the digests removed."""
+        return [d for d, _ in self._writer.remove_unreferenced(digests)]
+
     def close(self, ok: bool) -> None:
         pass
 
@@ -95,14 +104,16 @@ class ArchiveTarget(LayoutTarget):
         work_dir.mkdir(parents=True, exist_ok=True)
         # Unpack, add, replace is a read-modify-write of the whole file: a second writer
         # that unpacked the old archive would drop the first writer's release. The lock
-        # is held from before the unpack until the new archive has replaced the old.
+        # is held from before the unpack until the new archive has replaced the old; its
+        # file beside the archive is removed when the lock is let go (`lock_file`).
         lock = self.archive.with_name(f".{self.archive.name}.lock")
         lock.parent.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = lock_exclusive(lock)
+        self._lock = contextlib.ExitStack()
+        self._lock.enter_context(lock_file(lock))
         try:
             self._tmp = Path(tempfile.mkdtemp(prefix="archive-", dir=work_dir))
         except BaseException:
-            os.close(self._lock_fd)
+            self._lock.close()
             raise
         layout = self._tmp / "layout"
         try:
@@ -113,6 +124,11 @@ class ArchiveTarget(LayoutTarget):
             self._release()
             raise
 
+    def discard(self, digests: Sequence[str]) -> list[str]:
+        """All of them: the archive is replaced only on success (`close`), so nothing a
+        failed copy wrote reaches it."""
+        return list(digests)
+
     def close(self, ok: bool) -> None:
         try:
             if ok:
@@ -121,5 +137,7 @@ class ArchiveTarget(LayoutTarget):
             self._release()
 
     def _release(self) -> None:
-        shutil.rmtree(self._tmp, ignore_errors=True)
-        os.close(self._lock_fd)  # closing releases the flock
+        try:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+        finally:
+            self._lock.close()  # removes the lock file, then lets go

@@ -2,8 +2,10 @@
 
 Writers never leave a half file under a final name: every blob and every
 `index.json` is written to a temp name in its own directory, verified, fsynced
-and renamed. The `index.json.lock` lock only keeps two writers from losing each
-other's tags; it is never what makes a blob correct (the digest check is).
+and renamed. A lock on the layout directory itself (`layout_files.locked_directory`:
+no lock file, so nothing extra travels with a copy of the layout) only keeps two
+writers from losing each other's tags; it is never what makes a blob correct (the
+digest check is).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -30,12 +32,12 @@ from exec_sandbox_assets.oci.layout_files import (
     CHUNK,
     INDEX_FILE,
     LAYOUT_FILE,
-    LOCK_FILE,
+    LEGACY_LOCK_FILE,
     OCI_LAYOUT_BYTES,
     REF_NAME,
     blob_relpath,
     check_tag,
-    lock_exclusive,
+    locked_directory,
     no_space,
     parse_index,
     parse_oci_layout,
@@ -67,7 +69,10 @@ class BlobWriter:
         self._tmp = tmp_name(final.parent, final.name[:16])
         self._hasher = new_hasher(digest)
         self._written = 0
-        fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as exc:  # no inode left is a full disk too
+            raise no_space(exc, self.final) from exc
         self._fh: IO[bytes] = os.fdopen(fd, "wb")
 
     @property
@@ -120,7 +125,7 @@ class LayoutWriter:
         layout_file = self.root / LAYOUT_FILE
         if layout_file.exists():
             parse_oci_layout(layout_file.read_bytes(), str(layout_file))
-        elif any(p.name != LOCK_FILE for p in self.root.iterdir()):
+        elif any(p.name != LEGACY_LOCK_FILE for p in self.root.iterdir()):
             raise ConfigError(
                 f"{self.root} is not empty and is not an OCI image layout (no {LAYOUT_FILE})"
             )
@@ -182,6 +187,41 @@ class LayoutWriter:
         finally:
             writer._discard()
 
+    def remove_unreferenced(self, digests: Iterable[str]) -> list[tuple[str, int]]:
+        """Remove those of `digests` that no tagged entry of index.json reaches (its
+        manifests, their config and layers): what a failed copy wrote and nothing names.
+        Returns (digest, size) of each removed. Under the layout lock; a writer that reused
+        one of them meanwhile finds it missing when it tags (`tag` refuses), never a tag
+        naming an incomplete image."""
+        removed: list[tuple[str, int]] = []
+        with self._locked():
+            _, entries = _read_index_json(self.root / INDEX_FILE)
+            reached: set[str] = set()
+            for entry in entries:  # validated by _read_index_json
+                self._reach(Descriptor.from_json(entry, str(self.root)), reached, 0)
+            for digest in dict.fromkeys(digests):
+                path = self.blob_path(digest)
+                if digest in reached or not path.is_file():
+                    continue
+                size = path.stat().st_size
+                path.unlink()
+                removed.append((digest, size))
+        return removed
+
+    def _reach(self, desc: Descriptor, reached: set[str], depth: int) -> None:
+        """Add `desc` and every blob it names (present ones) to `reached`."""
+        reached.add(desc.digest)
+        if depth > 4 or not self.has_blob(desc.digest):
+            return
+        path = self.blob_path(desc.digest)
+        if desc.media_type in INDEX_MEDIA_TYPES:
+            index = Index.from_bytes(read_file_capped(path, MAX_MANIFEST_SIZE), str(path))
+            for child in index.manifests:
+                self._reach(child, reached, depth + 1)
+        elif desc.media_type in MANIFEST_MEDIA_TYPES:
+            manifest = Manifest.from_bytes(read_file_capped(path, MAX_MANIFEST_SIZE), str(path))
+            reached.update(b.digest for b in (manifest.config, *manifest.layers))
+
     # -- manifests and tags --
 
     def put_manifest(self, data: bytes, tag: str | None = None) -> Descriptor:
@@ -229,13 +269,8 @@ class LayoutWriter:
                         f"{self.root}: blob {blob.digest} of manifest {desc.digest} missing"
                     )
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        fd = lock_exclusive(self.root / LOCK_FILE)
-        try:
-            yield
-        finally:
-            os.close(fd)  # closing releases the flock
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
+        return locked_directory(self.root)
 
 
 def _entry_ref(entry: Mapping[str, Any]) -> str | None:

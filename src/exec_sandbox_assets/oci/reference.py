@@ -5,7 +5,15 @@ required (no implicit docker.io):
 
     [docker://|oci://]HOST[:PORT]/REPOSITORY[:TAG][@DIGEST]
     https://HOST[:PORT]/REPOSITORY[:TAG][@DIGEST]
-    http://HOST[:PORT]/REPOSITORY[:TAG][@DIGEST]     plain HTTP only when written out
+    http://HOST[:PORT]/REPOSITORY[:TAG][@DIGEST]
+
+Without `http://` or `https://` the scheme is HTTPS, except on this machine's loopback
+(`localhost`, 127.0.0.0/8, `[::1]`), which is plain HTTP, as docker (127.0.0.0/8 is an
+insecure registry by default) and crane (`name.Registry.Scheme`) take it: a registry
+there is almost always a test or a local mirror without a certificate, and loopback
+traffic never leaves the host, so TLS would guard nothing against the network (every
+byte is still checked against its signed digest). `https://localhost:5000/repo` asks
+for TLS there.
 
 Layout references (`parse_source_ref` only):
 
@@ -24,6 +32,7 @@ whose last colon is followed by tag-like text: `oci:/data/a:b:` is the directory
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -90,11 +99,30 @@ class RegistryRef:
         return replace(self, digest=digest)
 
     def __str__(self) -> str:
-        # Only plain HTTP is spelled out: it is the one scheme the parser never assumes.
-        prefix = "http://" if self.scheme == "http" else ""
+        # Plain HTTP is always spelled out (it should be seen), HTTPS where the parser
+        # would not assume it (loopback).
+        plain, default = self.scheme == "http", default_scheme(self.host) == "https"
+        prefix = f"{self.scheme}://" if plain or not default else ""
         tag = f":{self.tag}" if self.tag else ""
         digest = f"@{self.digest}" if self.digest else ""
         return f"{prefix}{self.host}/{self.repository}{tag}{digest}"
+
+
+def is_loopback_host(host: str) -> bool:
+    """`localhost`, an address of 127.0.0.0/8 or `[::1]`, with or without a port."""
+    name = host.lower()
+    name = name[1:].partition("]")[0] if name.startswith("[") else name.partition(":")[0]
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def default_scheme(host: str) -> str:
+    """The scheme of a reference written without one: plain HTTP on loopback (module doc)."""
+    return "http" if is_loopback_host(host) else "https"
 
 
 @dataclass(frozen=True)
@@ -122,15 +150,14 @@ def parse_registry_ref(text: str) -> RegistryRef:
         return ConfigError(f"invalid registry reference {redact_url(text)!r}: {why}")
 
     rest = text.strip()
-    scheme = "https"
+    scheme: str | None = None  # not written: decided by the host (module doc)
     if "://" in rest:
         given, _, rest = rest.partition("://")
-        if given in ("docker", "oci"):
-            # docker:// as skopeo writes it, oci:// as helm and oras do: both mean TLS.
-            scheme = "https"
-        elif given in _SCHEMES:
+        if given in _SCHEMES:
             scheme = given
-        else:
+        elif given not in ("docker", "oci"):
+            # docker:// as skopeo writes it, oci:// as helm and oras do: a registry,
+            # with the scheme left to the host, as without a prefix.
             raise bad(f"unsupported scheme {given!r} (use https://, http://, docker:// or oci://)")
     host, slash, remainder = rest.partition("/")
     if not slash or not remainder:
@@ -164,7 +191,8 @@ def parse_registry_ref(text: str) -> RegistryRef:
                 f"invalid repository path component {component!r} "
                 "(lowercase letters, digits, and single '.', '_', '__' or '-' runs between them)"
             )
-    return RegistryRef(scheme, host.lower(), name, tag, digest or None)
+    host = host.lower()
+    return RegistryRef(scheme or default_scheme(host), host, name, tag, digest or None)
 
 
 def _split_tag(text: str) -> tuple[str, str | None]:
@@ -192,4 +220,12 @@ def parse_source_ref(text: str) -> RegistryRef | LayoutRef:
     return parse_registry_ref(text)
 
 
-__all__ = ["TAG_RE", "LayoutRef", "RegistryRef", "parse_registry_ref", "parse_source_ref"]
+__all__ = [
+    "TAG_RE",
+    "LayoutRef",
+    "RegistryRef",
+    "default_scheme",
+    "is_loopback_host",
+    "parse_registry_ref",
+    "parse_source_ref",
+]

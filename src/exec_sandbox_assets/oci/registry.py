@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 
@@ -34,6 +35,7 @@ from exec_sandbox_assets.oci.http import HttpCore
 from exec_sandbox_assets.oci.model import (
     ACCEPT_MANIFESTS,
     MAX_MANIFEST_SIZE,
+    MEDIA_TYPE_INDEX,
     check_digest,
     compute_digest,
     is_digest,
@@ -125,6 +127,24 @@ class RegistryClient:
         if not media_type:
             media_type = media_type_of(data, shown)
         return data, media_type, digest
+
+    async def get_referrers(self, subject_digest: str, artifact_type: str | None) -> bytes | None:
+        """The referrers API's index for `subject_digest` (filtered by `artifact_type`
+        when the registry applies filters), or None when the registry has no such API:
+        a 404 (distribution 2.8, ghcr.io) or an answer that is not an OCI index. The
+        caller then reads the fallback tag. Unverified: the caller parses and caps it."""
+        check_digest(subject_digest, f"referrers of {self.ref}")
+        url = f"{self.ref.repo_url}/referrers/{subject_digest}"
+        if artifact_type is not None:
+            url += "?" + urlencode({"artifactType": artifact_type})
+        try:
+            response, data = await self._core.read(
+                "GET", url, {"Accept": MEDIA_TYPE_INDEX}, MAX_MANIFEST_SIZE
+            )
+        except AssetNotFoundError:
+            return None
+        media_type = response.headers.get("content-type", "").split(";")[0].strip()
+        return data if media_type == MEDIA_TYPE_INDEX else None
 
     async def get_blob(self, digest: str, max_size: int) -> bytes:
         """A small blob (configs, signature payloads), verified and capped at `max_size`."""

@@ -47,6 +47,7 @@ from exec_sandbox_assets.oci.auth import Credentials
 from exec_sandbox_assets.oci.bodies import MAX_ERROR_BODY, error_reason
 from exec_sandbox_assets.oci.credentials import find_credentials
 from exec_sandbox_assets.oci.reference import RegistryRef
+from exec_sandbox_assets.oci.retry import HTTPS_SERVER_REPLY
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,8 @@ def probe(ref: RegistryRef, tls_verify: bool | str, timeout: tuple[float, float]
         except requests.exceptions.SSLError as exc:
             raise TransportError(
                 f"TLS error talking to registry {host} ({url}): {exc}; for a private "
-                "CA pass --ca-bundle FILE; for a plain-HTTP registry write http://HOST/REPO"
+                f"CA pass --ca-bundle FILE; for a plain-HTTP registry write "
+                f"http://{host}/{ref.repository}"
             ) from None
         except requests.RequestException as exc:
             why = _reason(exc)
@@ -142,6 +144,11 @@ def probe(ref: RegistryRef, tls_verify: bool | str, timeout: tuple[float, float]
         if scheme in ("bearer", "basic"):
             return "token" if scheme == "bearer" else "basic"
         raise AuthError(f"registry {host}: unsupported auth challenge {challenge!r}")
+    if resp.status_code == 400 and HTTPS_SERVER_REPLY in resp.content[:MAX_ERROR_BODY]:
+        raise TransportError(
+            f"{url} answered HTTP 400: it serves https, not http; write "
+            f"https://{host}/{ref.repository}"
+        )
     raise TransportError(
         f"{url} answered HTTP {resp.status_code}: not an OCI registry (distribution API v2)?"
     )

@@ -52,7 +52,7 @@ from exec_sandbox_assets.oci.registry_session import (
     RETRY_DELAYS,
     RegistrySession,
 )
-from exec_sandbox_assets.oci.target import PushStats
+from exec_sandbox_assets.oci.target import PushStats, store_referrer
 
 log = logging.getLogger(__name__)
 
@@ -295,6 +295,9 @@ class RegistryTarget:
 
     def tag(self, data: bytes, media_type: str, tag: str) -> None:
         self.put_manifest(data, media_type, tag)
+
+    def put_referrer(self, data: bytes, media_type: str, subject_digest: str) -> None:
+        store_referrer(self, data, media_type, subject_digest)
 
     def read_manifest(self, reference: str) -> bytes | None:
         resp = self._session.request(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import email.utils
 import math
 import random
+import re
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -100,6 +101,27 @@ def tls_verify_failed(exc: BaseException) -> bool:
     return False
 
 
+# Go's net/http (distribution, zot, Harbor's core) answering plain HTTP on a TLS port.
+HTTPS_SERVER_REPLY = b"Client sent an HTTP request to an HTTPS server"
+# The repository of a distribution API path: /v2/<name>/manifests|blobs|tags/...
+_API_PATH_RE = re.compile(r"^/v2/(.+?)/(?:manifests|blobs|tags)/")
+
+
+def _netloc(url: httpx.URL) -> str:
+    """`host[:port]` as a reference writes it (an IPv6 address in brackets), cleaned."""
+    host = f"[{url.host}]" if ":" in url.host else url.host
+    return clean_text(f"{host}:{url.port}" if url.port else host, 300)
+
+
+def reference_for(url: httpx.URL, scheme: str) -> str:
+    """The reference to type for the registry `url` is on, with `scheme` written out
+    (`http://127.0.0.1:5000/repo`), not the API URL: what the user gives us."""
+    where = _netloc(url)
+    match = _API_PATH_RE.match(url.path)
+    repository = clean_text(match.group(1), 300) if match else "REPOSITORY"
+    return f"{scheme}://{where}/{repository}"
+
+
 # What OpenSSL says when the server answers the ClientHello in plain HTTP.
 _PLAIN_HTTP_REPLY = ("wrong_version_number", "wrong version number", "http_request")
 
@@ -127,13 +149,20 @@ async def status_error(
     auth_hint: Callable[[httpx.Response], str] | None = None,
 ) -> AssetError:
     """The error for a final non-2xx answer (the response is closed here)."""
+    body = b""
     try:
-        reason = error_reason(await read_capped(response, url, MAX_ERROR_BODY))
+        body = await read_capped(response, url, MAX_ERROR_BODY)
     except (httpx.HTTPError, AssetError):  # an encoded or endless body: no reason
-        reason = ""
+        pass
     finally:
         await response.aclose()
+    reason = error_reason(body)
     status = response.status_code
+    if status == 400 and HTTPS_SERVER_REPLY in body:
+        reason = (
+            f"it serves https, not http; name it {reference_for(response.url, 'https')} "
+            "(with --ca-bundle FILE for a private CA)"
+        )
     message = f"{method} {redact_url(url)}: {status} {clean_text(response.reason_phrase, 100)}"
     final = response.url.copy_with(query=None)  # signed CDN query strings stay out
     if str(final) != url:
@@ -157,18 +186,17 @@ def transport_error(
     tries = f" (after {attempts} attempts)" if attempts > 1 else ""
     target = httpx.URL(url)
     shown = redact_url(url)
-    where = clean_text(f"{target.host}:{target.port}" if target.port else target.host, 300)
+    where = _netloc(target)
     if tls_verify_failed(exc):
         return AssetDownloadError(
             f"{method} {shown}: TLS certificate of {where} not trusted "
             f"(a private CA needs a CA bundle): {describe(exc)}"
         )
     if tls_to_plain_http(exc):
-        plain = target.copy_with(scheme="http")
         return AssetDownloadError(
             f"{method} {shown}: {where} answered a TLS handshake in plain "
-            f"HTTP: it serves http, not https; name it http://{where}/... "
-            f"(here: {redact_url(str(plain))}): {describe(exc)}"
+            f"HTTP: it serves http, not https; name it {reference_for(target, 'http')}: "
+            f"{describe(exc)}"
         )
     if isinstance(exc, httpx.ConnectError):
         base = f"{target.scheme}://{where}"
@@ -180,9 +208,11 @@ def transport_error(
 
 __all__ = [
     "DEFAULT_RETRY",
+    "HTTPS_SERVER_REPLY",
     "RETRYABLE_ERRORS",
     "RetryPolicy",
     "describe",
+    "reference_for",
     "retryable_status",
     "status_error",
     "tls_to_plain_http",

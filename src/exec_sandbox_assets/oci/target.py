@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from exec_sandbox_assets.oci.model import MEDIA_TYPE_INDEX
+from exec_sandbox_assets.oci.referrers import fallback_tag, merge_referrer, referrer_descriptor
+
 log = logging.getLogger(__name__)
 
 
@@ -52,6 +55,10 @@ class Target(Protocol):
     def tag(self, data: bytes, media_type: str, tag: str) -> None:
         """Point `tag` at the (already stored) manifest or index `data`."""
 
+    def put_referrer(self, data: bytes, media_type: str, subject_digest: str) -> None:
+        """Store referrer manifest `data` (its blobs pushed first) by digest and list it
+        in the index under the subject's fallback tag (`store_referrer`)."""
+
     def read_manifest(self, reference: str) -> bytes | None:
         """The manifest/index bytes under a tag or digest, or None when absent."""
 
@@ -60,3 +67,20 @@ class Target(Protocol):
 
     def close(self, ok: bool) -> None:
         """Finish (archives are written here, only when `ok`) and release resources."""
+
+
+def store_referrer(target: Target, data: bytes, media_type: str, subject_digest: str) -> None:
+    """`Target.put_referrer` for every target: the manifest by digest, then the
+    fallback tag's index read, merged and written. Always the tag, even where a
+    registry has the referrers API: ghcr.io and distribution 2.8 have none, and a
+    layout or archive none at all."""
+    tag = fallback_tag(subject_digest)
+    entry = referrer_descriptor(data, subject_digest, f"{target.name}: referrer")
+    target.put_manifest(data, media_type, None)
+    existing = target.read_manifest(tag)
+    merged = merge_referrer(existing, entry, f"{target.name}:{tag} (referrers index)")
+    if merged != existing:
+        target.put_manifest(merged, MEDIA_TYPE_INDEX, tag)
+        log.info(
+            "listed referrer %s of %s in %s:%s", entry["digest"], subject_digest, target.name, tag
+        )

@@ -27,7 +27,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from exec_sandbox_assets.oci.target import Target
-from exec_sandbox_assets.publish.compress import Blob, compress_cached, inspect_zst, raw_blob
+from exec_sandbox_assets.publish.compress import (
+    Blob,
+    OnBytes,
+    compress_cached,
+    inspect_zst,
+    raw_blob,
+)
+from exec_sandbox_assets.publish.compress_worker import WORKER_MIN_SIZE, CompressWorker
 from exec_sandbox_assets.publish.inputs import InputFile, ReleaseInputs
 
 if TYPE_CHECKING:
@@ -36,16 +43,21 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+# compress_cached's signature: (source, destination, level, progress) -> blob.
+Compress = Callable[[Path, Path, int, OnBytes | None], Blob]
+
+
 def prepare_blobs(
     inputs: ReleaseInputs,
     work_dir: Path,
     level: int,
     progress: Progress | None = None,
     on_ready: Callable[[Blob], None] | None = None,
+    compress: Compress = compress_cached,
 ) -> dict[str, Blob]:
-    """Catalog name -> blob file (compressed in `work_dir`, or the input as is), in
-    input order. `on_ready` gets each blob as it is made, once every input taken as
-    it is has been checked."""
+    """Catalog name -> blob file (compressed in `work_dir` by `compress`, or the input
+    as is), in input order. `on_ready` gets each blob as it is made, once every input
+    taken as it is has been checked."""
     dest_dir = work_dir / "compressed"
     out: dict[str, Blob] = {}
     as_is = [f for f in inputs.files if _taken_as_is(f)]
@@ -58,7 +70,7 @@ def prepare_blobs(
         for item in as_is:
             on_ready(out[item.spec.name])
     for item in to_compress:
-        out[item.spec.name] = blob = _compress(item, dest_dir, level, progress)
+        out[item.spec.name] = blob = _compress(item, dest_dir, level, progress, compress)
         if on_ready is not None:
             on_ready(blob)
     return {f.spec.name: out[f.spec.name] for f in inputs.files}
@@ -84,13 +96,15 @@ def _taken_as_is(item: InputFile) -> bool:
     return item.precompressed or not item.spec.compressed
 
 
-def _compress(item: InputFile, dest_dir: Path, level: int, progress: Progress | None) -> Blob:
+def _compress(
+    item: InputFile, dest_dir: Path, level: int, progress: Progress | None, compress: Compress
+) -> Blob:
     dest = dest_dir / item.spec.name
     if progress is None:
-        return compress_cached(item.path, dest, level)
+        return compress(item.path, dest, level, None)
     label = f"compress {item.spec.output_name}"
     progress.start(label, item.path.stat().st_size)
-    blob = compress_cached(item.path, dest, level, lambda n: progress.advance(label, n))
+    blob = compress(item.path, dest, level, lambda n: progress.advance(label, n))
     progress.finish(label)
     return blob
 
@@ -132,7 +146,9 @@ class _Stopped(Exception):
 class BlobMaker:
     """Makes the blobs on a thread of its own (`prepare_blobs`), from the moment the
     inputs are found: compression overlaps connecting to the targets, and the publishing
-    thread pushes each blob as it comes (`ready`). `stop` ends it at its next chunk."""
+    thread pushes each blob as it comes (`ready`). Files of `WORKER_MIN_SIZE` or more are
+    compressed in a child process (compress_worker.py), so that `stop` ends a
+    compression under way at once (a kill) and the others at their next chunk."""
 
     def __init__(
         self, inputs: ReleaseInputs, work_dir: Path, level: int, progress: Progress | None
@@ -141,6 +157,9 @@ class BlobMaker:
         self._stop = threading.Event()
         self._blobs: dict[str, Blob] | None = None
         self._error: BaseException | None = None
+        self._worker = CompressWorker()
+        if any(_in_worker(f.path) for f in inputs.files if not _taken_as_is(f)):
+            self._worker.start()  # its start-up overlaps compressing the small files
         self._thread = threading.Thread(
             target=self._work,
             args=(inputs, work_dir, level, _Stoppable(progress, self._stop)),
@@ -151,11 +170,18 @@ class BlobMaker:
 
     def _work(self, inputs: ReleaseInputs, work_dir: Path, level: int, progress: Progress) -> None:
         try:
-            self._blobs = prepare_blobs(inputs, work_dir, level, progress, self._queue.put)
+            self._blobs = prepare_blobs(
+                inputs, work_dir, level, progress, self._queue.put, self._compress
+            )
         except BaseException as exc:  # handed to the publishing thread
             self._error = exc
         finally:
             self._queue.put(None)
+
+    def _compress(self, src: Path, dest: Path, level: int, on_bytes: OnBytes | None) -> Blob:
+        if _in_worker(src):
+            return self._worker.compress(src, dest, level, on_bytes)
+        return compress_cached(src, dest, level, on_bytes)
 
     def ready(self) -> Iterator[Blob]:
         """Each blob as it is made; raises what stopped the making."""
@@ -173,9 +199,16 @@ class BlobMaker:
         return self._blobs
 
     def stop(self) -> None:
-        """Make nothing more, and wait until the thread has let go of the work dir."""
+        """Make nothing more, and wait until the thread has let go of the work dir: at
+        once for a file in the child process (killed), at its next chunk for the others."""
         self._stop.set()
+        self._worker.kill()
         self._thread.join()
+        self._worker.close()
+
+
+def _in_worker(path: Path) -> bool:
+    return path.stat().st_size >= WORKER_MIN_SIZE
 
 
 class _Stoppable:

@@ -1,8 +1,10 @@
 """Publish a release: build output in, signed OCI artifacts out (docs/format.md §2-§6).
 
     keys -> inputs -> targets (connect, log in) -> compress (each blob pushed as it is
-         made when no target has vV yet: pipeline.py) -> documents -> sign
-         -> per target: blobs, manifests, index, signature, read back + verify, tags
+         made when no target has vV yet: pipeline.py) -> documents -> sign with keys
+         -> per target: blobs, manifests, index, signature, read back + verify,
+            [keyless: sign once the first target holds the index, verify, store the
+            bundle as a referrer, read back: publish/keyless.py], tags
          -> GitHub Release folder
 
 Everything that can be wrong with the request (a key, a password, a missing file, a
@@ -23,8 +25,9 @@ client's `ReleaseReader` before any tag is moved.
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -47,8 +50,10 @@ from exec_sandbox_assets.oci.model import (
     signature_tag,
 )
 from exec_sandbox_assets.oci.targets import RegistryOptions, Target, open_target
+from exec_sandbox_assets.publish import keyless as keyless_step
 from exec_sandbox_assets.publish.compress import DEFAULT_LEVEL, Blob, check_level
 from exec_sandbox_assets.publish.inputs import ReleaseInputs, find_inputs
+from exec_sandbox_assets.publish.keyless import KeylessOptions
 from exec_sandbox_assets.publish.pipeline import (
     BlobMaker,
     LockedProgress,
@@ -56,8 +61,17 @@ from exec_sandbox_assets.publish.pipeline import (
     push_as_made,
     push_blob,
 )
-from exec_sandbox_assets.publish.release_dir import ReleaseFiles, write_release_dir
-from exec_sandbox_assets.publish.signatures import existing_signatures, plan_signature, read_back
+from exec_sandbox_assets.publish.release_dir import (
+    ReleaseFiles,
+    check_release_dir,
+    write_release_dir,
+)
+from exec_sandbox_assets.publish.signatures import (
+    added_count,
+    existing_signatures,
+    plan_signature,
+    read_back,
+)
 from exec_sandbox_assets.release import catalog, keys, signing
 from exec_sandbox_assets.release.chunks import DEFAULT_CHUNK_SIZE, ChunkDigests, chunk_digests_of
 from exec_sandbox_assets.release.documents import (
@@ -79,12 +93,13 @@ class PublishRequest:
     inputs: tuple[Path, ...]  # build output dirs (images/dist, the gvproxy build dir)
     version: str  # "0.22.0"; tagged "v0.22.0"
     targets: tuple[str, ...]  # registry refs, "oci:DIR", "oci-archive:FILE"
-    keys: tuple[Path, ...]  # private keys; several = rotation, each one signs
+    keys: tuple[Path, ...]  # private keys; several = rotation, each one signs; () = keyless only
     work_dir: Path  # compressed files (reused by a re-run) and temp layouts
     key_password: bytes | None = field(default=None, repr=False)
     platforms: tuple[tuple[str, str], ...] | None = None  # None: those whose gvproxy exists
     tag_latest: bool = False
     release_dir: Path | None = None
+    replace_release_dir: bool = False  # allow a release_dir holding another release
     created: str | None = None  # RFC 3339; default: the existing vV's, else now
     revision: str | None = None
     docker_reference: str = catalog.DEFAULT_REPOSITORY
@@ -96,6 +111,7 @@ class PublishRequest:
     # Told about compressing (input bytes) and pushing (one step per blob); the CLI's bars.
     progress: Progress | None = field(default=None, repr=False, compare=False)
     replace_signatures: bool = False  # drop the targets' signatures by other keys
+    keyless: KeylessOptions | None = None  # also sign keyless (Sigstore), docs/format.md §8
 
 
 @dataclass(frozen=True)
@@ -113,13 +129,16 @@ class PublishResult:
     created: str
     index_digest: str
     manifest_digests: Mapping[tuple[str, str], str]
-    signature_tag: str
-    signature_digest: str
+    signature_tag: str  # where key signatures are stored (none written when keyless only)
+    signature_digest: str | None  # None: keyless only
     signers: int
     targets: tuple[TargetResult, ...]
     release_dir: Path | None = None
     release_files: tuple[str, ...] = ()
     signatures: int = 0  # in the signature manifest: ours, and those kept from before
+    signatures_added: int = 0  # of those, made by this run (0: every key had signed)
+    keyless_identity: str | None = None  # who signed keyless (WORKFLOW@refs/tags/vV)
+    bundle_digest: str | None = None  # the bundle's referrer manifest
 
     @property
     def blobs_uploaded(self) -> int:
@@ -160,11 +179,13 @@ def now_created() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def load_keys(paths: Sequence[Path], password: bytes | None) -> tuple[keys.SigningKey, ...]:
-    if not paths:
+def load_keys(
+    paths: Sequence[Path], password: bytes | None, keyless: bool = False
+) -> tuple[keys.SigningKey, ...]:
+    if not paths and not keyless:
         raise ConfigError(
-            "no signing key given (--key FILE): clients refuse unsigned releases; "
-            "create one with `exec-sandbox-assets keygen`"
+            "no signing key given (--key FILE) and not --keyless: clients refuse unsigned "
+            "releases; create a key with `exec-sandbox-assets keygen`, or sign keyless in CI"
         )
     return tuple(keys.load_signing_key_file(Path(p), password) for p in paths)
 
@@ -242,16 +263,19 @@ def push_release(
     target: Target,
     blobs: Sequence[Blob],
     built: BuiltRelease,
-    signature: signing.SignatureManifest,
+    signature: signing.SignatureManifest | None,
     keys: Sequence[keys.SigningKey],
     version: str,
     created: str,
     tags: Sequence[str],
     progress: Progress | None = None,
     pushed: Collection[str] = frozenset(),
-) -> None:
+    keyless: KeylessOptions | None = None,
+    keyless_bundle: Callable[[], keyless_step.KeylessBundle] | None = None,
+) -> keyless_step.KeylessBundle | None:
     """docs/format.md §2 order: blobs (but those `pushed` already, while compressing),
-    manifests, index, signature, verify, tags."""
+    manifests, index, signature, verify, [keyless bundle (made on first call, once the
+    index is stored), stored and read back], tags. Returns the keyless bundle."""
     index_digest = sha256_digest(built.index)
     for blob in blobs:
         if blob.digest not in pushed:
@@ -260,16 +284,24 @@ def push_release(
     for data in built.manifests.values():
         target.put_manifest(data, MEDIA_TYPE_MANIFEST, None)
     target.put_manifest(built.index, MEDIA_TYPE_INDEX, None)
-    target.push_bytes(signature.config, MEDIA_TYPE_IMAGE_CONFIG)
-    for payload in signature.payloads:
-        target.push_bytes(payload, signing.SIMPLESIGNING_MEDIA_TYPE)
-    target.put_manifest(signature.manifest, MEDIA_TYPE_MANIFEST, signature_tag(index_digest))
-
-    # Read back before tagging: what clients will fetch must verify with our keys.
-    read_back(target, built, keys, version, created)
+    if signature is not None:
+        target.push_bytes(signature.config, MEDIA_TYPE_IMAGE_CONFIG)
+        for payload in signature.payloads:
+            target.push_bytes(payload, signing.SIMPLESIGNING_MEDIA_TYPE)
+        target.put_manifest(signature.manifest, MEDIA_TYPE_MANIFEST, signature_tag(index_digest))
+    bundle = None
+    if keyless is not None and keyless_bundle is not None:
+        bundle = keyless_bundle()  # made once the index is stored; verified
+        keyless_step.store(target, bundle, index_digest)
+    # Read back before tagging: what clients will fetch must verify with our keys and
+    # our workflow, with every trusted root given.
+    workflows = keyless.workflows if keyless is not None else ()
+    roots = keyless.roots if keyless is not None else (None,)
+    read_back(target, built, keys, version, created, workflows, roots)
     for tag in tags:
         target.tag(built.index, MEDIA_TYPE_INDEX, tag)
         log.info("tagged %s:%s -> %s", target.name, tag, index_digest)
+    return bundle
 
 
 # --------------------------------------------------------------------------- publish
@@ -282,8 +314,13 @@ def publish(req: PublishRequest) -> PublishResult:
     if not req.targets and req.release_dir is None:
         raise ConfigError("nothing to publish to: give --to TARGET and/or --release-dir DIR")
     created_arg = normalize_created(req.created) if req.created else None
+    held = None  # before any work: a folder of another version is refused
+    if req.release_dir is not None:
+        held = check_release_dir(req.release_dir, version, replace=req.replace_release_dir)
+    held_created = held.created if held is not None and held.version == version else None
 
-    keys = load_keys(req.keys, req.key_password)  # a wrong key fails before any upload
+    # A wrong key fails before any upload.
+    keys = load_keys(req.keys, req.key_password, keyless=req.keyless is not None)
     inputs = find_inputs(req.inputs, req.platforms)
     req.work_dir.mkdir(parents=True, exist_ok=True)
 
@@ -304,22 +341,38 @@ def publish(req: PublishRequest) -> PublishResult:
         early = targets if req.replace or all(d is None for _, d in existing) else []
         pushed = push_as_made(maker, early, progress)
         blobs = maker.result()
-        created = created_arg or _existing_created(existing, version_tag) or now_created()
+        created = (
+            created_arg or _existing_created(existing, version_tag) or held_created or now_created()
+        )
         info = ReleaseInfo(version=version, created=created, revision=req.revision)
         built = build_documents(inputs, blobs, info)
         index_digest = sha256_digest(built.index)
         if not req.replace:
             _check_no_conflict(existing, version_tag, index_digest)
 
-        signature = plan_signature(
-            existing_signatures(targets, index_digest, version, created),
-            keys,
-            index_digest,
-            req.docker_reference,
-            version,
-            created,
-            replace=req.replace_signatures,
-        )
+        signature = None
+        kept = None
+        if keys:
+            kept = existing_signatures(targets, index_digest, version, created)
+            signature = plan_signature(
+                kept.pairs,
+                keys,
+                index_digest,
+                req.docker_reference,
+                version,
+                created,
+                replace=req.replace_signatures,
+                key_ids=kept.key_ids,
+            )
+        keyless_bundle = None
+        if req.keyless is not None:
+            keyless_options = req.keyless
+
+            @functools.cache
+            def keyless_bundle() -> keyless_step.KeylessBundle:
+                return keyless_step.plan_bundle(
+                    keyless_options, targets, built.index, version, created
+                )
 
         unique = list({b.digest: b for b in blobs.values()}.values())
         tags = (version_tag, LATEST) if req.tag_latest else (version_tag,)
@@ -327,7 +380,18 @@ def publish(req: PublishRequest) -> PublishResult:
         for target in targets:
             log.info("pushing %s to %s", index_digest, target.name)
             push_release(
-                target, unique, built, signature, keys, version, created, tags, progress, pushed
+                target,
+                unique,
+                built,
+                signature,
+                keys,
+                version,
+                created,
+                tags,
+                progress,
+                pushed,
+                keyless=req.keyless,
+                keyless_bundle=keyless_bundle,
             )
             results.append(
                 TargetResult(
@@ -339,11 +403,21 @@ def publish(req: PublishRequest) -> PublishResult:
                 )
             )
 
+        # Without targets, the release folder alone gets the bundle.
+        bundle = keyless_bundle() if keyless_bundle is not None else None
         release_files: tuple[str, ...] = ()
         if req.release_dir is not None:
             layers = {name: blob.path for name, blob in blobs.items()}
             release_files = write_release_dir(
-                req.release_dir, ReleaseFiles(layers, built.index, built.manifests, signature)
+                req.release_dir,
+                ReleaseFiles(
+                    layers,
+                    built.index,
+                    built.manifests,
+                    signature,
+                    bundle.bundle if bundle is not None else None,
+                ),
+                replace=req.replace_release_dir or req.replace,
             )
         ok = True
     finally:
@@ -363,12 +437,17 @@ def publish(req: PublishRequest) -> PublishResult:
         index_digest=index_digest,
         manifest_digests={p: sha256_digest(m) for p, m in built.manifests.items()},
         signature_tag=signature_tag(index_digest),
-        signature_digest=sha256_digest(signature.manifest),
+        signature_digest=sha256_digest(signature.manifest) if signature is not None else None,
         signers=len({k.public.key_id for k in keys}),
         targets=tuple(results),
         release_dir=req.release_dir,
         release_files=release_files,
-        signatures=len(signature.payloads),
+        signatures=len(signature.payloads) if signature is not None else 0,
+        signatures_added=(
+            added_count(kept.pairs, signature) if signature is not None and kept else 0
+        ),
+        keyless_identity=bundle.identity if bundle is not None else None,
+        bundle_digest=bundle.digest if bundle is not None else None,
     )
 
 

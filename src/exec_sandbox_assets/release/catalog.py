@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from enum import StrEnum
 
-from exec_sandbox_assets.base.errors import ConfigError
+from exec_sandbox_assets.base.errors import ConfigError, UnknownArchError
 
 ARTIFACT_TYPE = "application/vnd.exec-sandbox.assets.v1"
 DEFAULT_REPOSITORY = "ghcr.io/dualeai/exec-sandbox-assets"
@@ -97,7 +97,7 @@ def check_title(name: str, where: str = "") -> str:
 
 def check_arch(arch: str) -> str:
     if arch not in ARCHES:
-        raise ConfigError(f"unknown arch {arch!r}: expected one of {', '.join(ARCHES)}")
+        raise UnknownArchError(f"unknown arch {arch!r}: expected one of {', '.join(ARCHES)}")
     return arch
 
 

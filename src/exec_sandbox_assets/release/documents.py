@@ -114,6 +114,9 @@ def build_release(
 # folder and read by the client's releases source.
 RELEASE_INDEX_FILE = "oci-index.json"
 RELEASE_SIGNATURE_FILE = "oci-signature.json"
+# The Sigstore bundle (keyless signature) of the index: the same bytes as the blob of
+# its OCI referrer (docs/format.md §6).
+RELEASE_BUNDLE_FILE = "oci-index.sigstore.json"
 
 
 def release_manifest_file(os_: str, goarch: str) -> str:

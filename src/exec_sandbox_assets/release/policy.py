@@ -26,6 +26,12 @@ from exec_sandbox_assets.base.errors import (
     VersionMismatchError,
 )
 from exec_sandbox_assets.release.catalog import ANN_CREATED, ANN_VERSION
+from exec_sandbox_assets.release.keyless import (
+    MAX_BUNDLES,
+    KeylessSignature,
+    Workflow,
+    verify_bundle,
+)
 from exec_sandbox_assets.release.signing import SignedPayload, parse_payload, parse_timestamp
 from exec_sandbox_assets.release.version import is_valid, same_version, version_of_tag
 
@@ -35,7 +41,10 @@ if TYPE_CHECKING:  # keys are objects here; cryptography is loaded by whoever ma
 logger = logging.getLogger(__name__)
 
 _HOW_TO_CONFIGURE = (
-    "configure a trusted public key (PEM 'PUBLIC KEY', as `cosign verify --key` takes): "
+    "configure a trusted release workflow (keyless: EXEC_SANDBOX_TRUSTED_WORKFLOWS="
+    "https://github.com/OWNER/REPO/.github/workflows/FILE.yml, --trusted-workflow URL, "
+    "configure(trusted_workflows=[...]); an empty value disables it) or a trusted public "
+    "key (PEM 'PUBLIC KEY', as `cosign verify --key` takes): "
     "set EXEC_SANDBOX_TRUSTED_KEYS=/path/key.pub, or give --trusted-key FILE on the "
     "command line, or configure(trusted_keys=[...]) in Python; "
     "to skip verification anyway (insecure), set EXEC_SANDBOX_INSECURE_SKIP_VERIFY=1"
@@ -47,22 +56,33 @@ _HOW_TO_CONFIGURE = (
 
 @dataclass(frozen=True)
 class TrustPolicy:
+    """Who may vouch for a release: trusted keys and trusted release workflows (keyless,
+    verified against the Sigstore root `sigstore_root`, None = the one in the package).
+    `threshold` counts distinct keys and distinct workflows together."""
+
     keys: tuple[PublicKey, ...]
     threshold: int = 1
     allow_downgrade: bool = False
+    workflows: tuple[Workflow, ...] = ()
+    sigstore_root: Path | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "keys", tuple(self.keys))
+        object.__setattr__(self, "workflows", tuple(dict.fromkeys(self.workflows)))
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, int):
             raise ConfigError(f"signature threshold must be an integer, not {self.threshold!r}")
         if self.threshold < 1:
             raise ConfigError(f"signature threshold must be at least 1, not {self.threshold}")
-        distinct = len({k.key_id for k in self.keys})
-        if self.keys and self.threshold > distinct:
+        distinct = len({k.key_id for k in self.keys}) + len(self.workflows)
+        if self.trusts_anyone and self.threshold > distinct:
             raise ConfigError(
                 f"signature threshold {self.threshold} exceeds the {distinct} distinct "
-                "trusted key(s) configured; it could never be met"
+                "trusted key(s) and workflow(s) configured; it could never be met"
             )
+
+    @property
+    def trusts_anyone(self) -> bool:
+        return bool(self.keys or self.workflows)
 
 
 @dataclass(frozen=True)
@@ -71,25 +91,69 @@ class VerifiedRelease:
     version: str | None
     created: str | None
     key_ids: tuple[str, ...]
+    identities: tuple[KeylessSignature, ...] = ()
 
 
 def load_policy(
-    key_files: Sequence[Path], threshold: int = 1, allow_downgrade: bool = False
+    key_files: Sequence[Path],
+    threshold: int = 1,
+    allow_downgrade: bool = False,
+    workflows: Sequence[Workflow] = (),
+    sigstore_root: Path | None = None,
 ) -> TrustPolicy:
-    """A policy from PEM public key files (ConfigError naming an unreadable one)."""
-    from exec_sandbox_assets.release.keys import load_public_key_file  # cryptography
+    """A policy from PEM public key files (ConfigError naming an unreadable one) and
+    trusted release workflows."""
+    keys: tuple[PublicKey, ...] = ()
+    if key_files:
+        from exec_sandbox_assets.release.keys import load_public_key_file  # cryptography
 
+        keys = tuple(load_public_key_file(Path(p)) for p in key_files)
     return TrustPolicy(
-        keys=tuple(load_public_key_file(Path(p)) for p in key_files),
+        keys=keys,
         threshold=threshold,
         allow_downgrade=allow_downgrade,
+        workflows=tuple(workflows),
+        sigstore_root=sigstore_root,
     )
 
 
 def require_keys(policy: TrustPolicy, where: str) -> None:
-    """Fail closed, before any remote byte is read, when no trusted key is configured."""
-    if not policy.keys:
-        raise NoTrustedKeysError(f"{where}: no trusted key is configured; {_HOW_TO_CONFIGURE}")
+    """Fail closed, before any remote byte is read, when nobody is trusted."""
+    if not policy.trusts_anyone:
+        raise NoTrustedKeysError(
+            f"{where}: no trusted key is configured (nor a trusted release workflow); "
+            f"{_HOW_TO_CONFIGURE}"
+        )
+
+
+def _untrusted_signers(
+    signatures: Sequence[bytes], claimed: Mapping[bytes, str], keys: Sequence[PublicKey]
+) -> str:
+    """Who made the signatures no trusted key verified, as their layers name them: the
+    claim is unsigned, so it only says which key to ask for (or that one is damaged)."""
+    trusted = {k.key_id for k in keys}
+    named = [claimed[s] for s in signatures if s in claimed]
+    others = list(dict.fromkeys(k for k in named if k not in trusted))
+    forged = list(dict.fromkeys(k for k in named if k in trusted))
+    unnamed = sum(s not in claimed for s in signatures)
+    parts = []
+    if others:
+        parts.append(
+            "signed by key(s) "
+            + ", ".join(k[:16] for k in others)
+            + ", not trusted here (as the signature manifest names them)"
+        )
+    if forged:
+        parts.append(
+            "a signature naming trusted key(s) "
+            + ", ".join(k[:16] for k in forged)
+            + " does not verify with it (damaged or forged)"
+        )
+    if unnamed:
+        parts.append(
+            f"{unnamed} signature(s) name no key (written by cosign or an older publisher)"
+        )
+    return "".join(f"; {p}" for p in parts)
 
 
 def verify_index(
@@ -97,12 +161,16 @@ def verify_index(
     index_digest: str,
     signatures: Sequence[tuple[bytes, bytes]],
     *,
+    bundles: Sequence[bytes] = (),
     expected_version: str | None,
     newest_accepted_created: str | None,
+    claimed_key_ids: Mapping[bytes, str] | None = None,
     where: str,
 ) -> VerifiedRelease:
     """Accept the index `index_digest` (computed by the caller over the bytes it fetched)
-    or raise. `signatures` are (payload bytes, raw signature) pairs."""
+    or raise. `signatures` are (payload bytes, raw signature) pairs; `bundles` Sigstore
+    bundles (keyless signatures), checked only when the policy trusts a workflow;
+    `claimed_key_ids` maps a signature to the key id its layer names, for the error only."""
     require_keys(policy, f"{where}: refusing unverified remote content (index {index_digest})")
     keys = list({k.key_id: k for k in policy.keys}.values())
 
@@ -110,9 +178,11 @@ def verify_index(
     # has vouched for them.
     accepted: dict[str, list[SignedPayload]] = {}
     other_digest = 0
+    unverified: list[bytes] = []  # signatures no trusted key made
     for n, (payload, signature) in enumerate(signatures):
         signers = [k for k in keys if k.verify(signature, payload)]
         if not signers:
+            unverified.append(signature)
             continue
         try:
             parsed = parse_payload(payload, f"{where} signature {n}")
@@ -130,18 +200,26 @@ def verify_index(
         for key in signers:
             accepted.setdefault(key.key_id, []).append(parsed)
 
-    if len(accepted) < policy.threshold:
-        tried = ", ".join(k.describe() for k in keys)
-        note = (
-            f"; {other_digest} valid signature(s) were for another digest" if other_digest else ""
-        )
+    identities, refusals = _keyless(policy, index_digest, bundles, expected_version)
+
+    if len(accepted) + len(identities) < policy.threshold:
         raise SignatureError(
-            f"{where}: index {index_digest} has valid signatures from {len(accepted)} "
-            f"trusted key(s), {policy.threshold} required ({len(signatures)} signature(s) "
-            f"checked{note}); trusted keys tried: {tried}"
+            _too_few(policy, where, index_digest, (len(accepted), len(identities)))
+            + f" ({len(signatures)} signature(s)"
+            + (f" and {len(bundles)} Sigstore bundle(s)" if policy.workflows else "")
+            + " checked"
+            + (
+                f"; {other_digest} valid signature(s) were for another digest"
+                if other_digest
+                else ""
+            )
+            + f"); {_trusted(policy)}"
+            + _untrusted_signers(unverified, claimed_key_ids or {}, keys)
+            + "".join(f"; {r}" for r in refusals)
         )
 
     claims = {(p.version, p.created) for payloads in accepted.values() for p in payloads}
+    claims.update((s.version, s.created) for s in identities)
     if len(claims) > 1:
         shown = "; ".join(f"version={v!r} created={c!r}" for v, c in sorted(claims, key=str))
         raise SignatureError(
@@ -163,7 +241,50 @@ def verify_index(
         _check_rollback(index_digest, created, newest_accepted_created, where)
 
     ordered = tuple(k.key_id for k in keys if k.key_id in accepted)
-    return VerifiedRelease(index_digest, version, created, ordered)
+    return VerifiedRelease(index_digest, version, created, ordered, identities)
+
+
+def _keyless(
+    policy: TrustPolicy, index_digest: str, bundles: Sequence[bytes], expected: str | None
+) -> tuple[tuple[KeylessSignature, ...], list[str]]:
+    """The distinct trusted workflows whose bundles verified, and why others did not."""
+    if not policy.workflows:
+        return (), []
+    by_workflow: dict[str, KeylessSignature] = {}
+    refusals: list[str] = []
+    for n, bundle in enumerate(bundles[:MAX_BUNDLES]):
+        try:
+            signed = verify_bundle(
+                bundle,
+                index_digest=index_digest,
+                version=expected,
+                workflows=policy.workflows,
+                trusted_root=policy.sigstore_root,
+                where=f"bundle {n}",
+            )
+        except SignatureError as exc:
+            refusals.append(str(exc))
+            continue
+        by_workflow.setdefault(signed.workflow, signed)
+    return tuple(by_workflow.values()), refusals
+
+
+def _too_few(policy: TrustPolicy, where: str, index_digest: str, counts: tuple[int, int]) -> str:
+    keys, workflows = counts
+    found = f" and {workflows} trusted workflow(s)" if policy.workflows else ""
+    return (
+        f"{where}: index {index_digest} has valid signatures from {keys} trusted key(s)"
+        f"{found}, {policy.threshold} required"
+    )
+
+
+def _trusted(policy: TrustPolicy) -> str:
+    trusted = []
+    if policy.keys:
+        trusted.append("trusted keys tried: " + ", ".join(k.describe() for k in policy.keys))
+    if policy.workflows:
+        trusted.append("trusted workflows: " + ", ".join(w.url for w in policy.workflows))
+    return "; ".join(trusted)
 
 
 def _check_rollback(index_digest: str, created: str | None, newest: str, where: str) -> None:
@@ -263,10 +384,16 @@ class Verdict:
     version: str  # bound to the tag, without the leading "v"
     created: str | None
     key_ids: tuple[str, ...]  # trusted keys whose signatures counted; () when unverified
+    identities: tuple[KeylessSignature, ...] = ()  # trusted workflows whose bundles counted
 
     @property
     def signed(self) -> bool:
-        return bool(self.key_ids)
+        return bool(self.key_ids or self.identities)
+
+    @property
+    def signers(self) -> tuple[str, ...]:
+        """What a cache record names as having admitted the release (cache.records)."""
+        return self.key_ids + tuple(s.trust_id for s in self.identities)
 
 
 def accept_index(
@@ -275,22 +402,27 @@ def accept_index(
     tag: str,
     index_digest: str,
     signatures: Sequence[tuple[bytes, bytes]],
+    bundles: Sequence[bytes] = (),
     annotations: Callable[[], Mapping[str, str]],
     expected_version: str | None = None,
     rollback: RollbackState | None = None,
+    claimed_key_ids: Mapping[bytes, str] | None = None,
     where: str,
 ) -> Verdict:
     """THE decision whether the index `index_digest`, read under `tag`, is accepted.
 
     `policy` None means verification was switched off (insecure; the caller logged it):
     the index's own annotations then say what it is. Otherwise `verify_index` decides
-    (threshold, signed digest, signed version, rollback against `rollback`). Either way
+    (threshold over keys and workflows, signed digest, signed version, rollback against
+    `rollback`); `bundles` are the index's Sigstore bundles. Either way
     the release's version must be a valid one and, for a `vX` tag (or an explicit
     `expected_version`), be X. `annotations` parses the index: it is called only after
     the signatures verified, so untrusted index bytes are read once a key vouched.
+    `claimed_key_ids` (signature -> the key id its layer names) only words an error.
     """
     expected = expected_version if expected_version is not None else version_of_tag(tag)
     key_ids: tuple[str, ...] = ()
+    identities: tuple[KeylessSignature, ...] = ()
     if policy is None:
         annotated = annotations()
         version, created = annotated.get(ANN_VERSION), annotated.get(ANN_CREATED)
@@ -299,13 +431,16 @@ def accept_index(
             policy,
             index_digest,
             signatures,
+            bundles=bundles,
             expected_version=expected,
             newest_accepted_created=rollback.created if rollback else None,
+            claimed_key_ids=claimed_key_ids,
             where=where,
         )
         version = verified.version or annotations().get(ANN_VERSION)
-        created, key_ids = verified.created, verified.key_ids
-    return Verdict(tag, index_digest, bind_version(version, expected, where), created, key_ids)
+        created, key_ids, identities = verified.created, verified.key_ids, verified.identities
+    bound = bind_version(version, expected, where)
+    return Verdict(tag, index_digest, bound, created, key_ids, identities)
 
 
 def bind_version(version: str | None, expected: str | None, where: str) -> str:

@@ -11,7 +11,8 @@ import base64
 import binascii
 import json
 import logging
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -41,6 +42,11 @@ SIGNATURE_ANNOTATION = "dev.cosignproject.cosign/signature"
 PAYLOAD_TYPE = "cosign container image signature"
 OPT_VERSION = "dev.exec-sandbox.version"
 OPT_CREATED = "dev.exec-sandbox.created"
+# On a signature layer: the id of the key that made it (sha256 hex of its DER public key,
+# docs/format.md §5). Unsigned, so a claim only: it names the signer in an error ("signed
+# by key X, not trusted") and never counts toward acceptance.
+KEY_ID_ANNOTATION = "dev.exec-sandbox.key-id"
+_KEY_ID_RE = re.compile(r"^[0-9a-f]{64}$")
 
 # Payloads are ~300 bytes; anything near this is not a simple-signing payload. The one
 # cap every reader of a payload applies (sources, the publisher's read-back).
@@ -163,18 +169,26 @@ class SignatureLayer:
     payload_digest: str
     payload_size: int
     signature: bytes
+    key_id: str | None = None  # the signer the layer names (KEY_ID_ANNOTATION), unverified
 
 
-def build_signature_manifest(entries: Sequence[tuple[bytes, bytes]]) -> SignatureManifest:
-    """cosign's legacy layout: one simple-signing layer per (payload, signature)."""
+def build_signature_manifest(
+    entries: Sequence[tuple[bytes, bytes]], key_ids: Mapping[bytes, str] | None = None
+) -> SignatureManifest:
+    """cosign's legacy layout: one simple-signing layer per (payload, signature); the
+    layer of a signature found in `key_ids` (signature -> key id) names its key."""
     if not entries:
         raise ConfigError("a signature manifest needs at least one signature")
+    named = key_ids or {}
+
+    def annotations(signature: bytes) -> dict[str, str]:
+        ann = {SIGNATURE_ANNOTATION: base64.b64encode(signature).decode("ascii")}
+        if signature in named:
+            ann[KEY_ID_ANNOTATION] = named[signature]
+        return ann
+
     layers = tuple(
-        Descriptor.for_bytes(
-            SIMPLESIGNING_MEDIA_TYPE,
-            payload,
-            {SIGNATURE_ANNOTATION: base64.b64encode(signature).decode("ascii")},
-        )
+        Descriptor.for_bytes(SIMPLESIGNING_MEDIA_TYPE, payload, annotations(signature))
         for payload, signature in entries
     )
     config = canonical_json(
@@ -224,7 +238,9 @@ def read_signature_manifest(data: bytes, where: str) -> tuple[SignatureLayer, ..
             continue
         if not signature:
             continue
-        out.append(SignatureLayer(layer.digest, layer.size, signature))
+        claimed = layer.annotations.get(KEY_ID_ANNOTATION)
+        key_id = claimed if claimed is not None and _KEY_ID_RE.fullmatch(claimed) else None
+        out.append(SignatureLayer(layer.digest, layer.size, signature, key_id))
     return tuple(out)
 
 
@@ -240,4 +256,8 @@ def sign_index(
     if not unique:
         raise ConfigError("no signing key given")
     payload = make_payload(index_digest, docker_reference, version, created)
-    return build_signature_manifest([(payload, key.sign(payload)) for key in unique])
+    signed = [(key.public.key_id, key.sign(payload)) for key in unique]
+    return build_signature_manifest(
+        [(payload, signature) for _, signature in signed],
+        {signature: key_id for key_id, signature in signed},
+    )

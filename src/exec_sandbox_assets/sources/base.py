@@ -16,7 +16,9 @@ from contextlib import AbstractAsyncContextManager
 
 from exec_sandbox_assets.base.errors import (
     AssetChecksumError,
+    AssetError,
     AssetNotFoundError,
+    FormatError,
     SignatureError,
     SizeLimitError,
 )
@@ -28,9 +30,17 @@ from exec_sandbox_assets.oci.model import (
     signature_tag,
     verify_bytes,
 )
+from exec_sandbox_assets.oci.referrers import (
+    BUNDLE_MEDIA_TYPE,
+    MAX_BUNDLE_SIZE,
+    fallback_tag,
+    parse_referrers,
+    referrer_layers,
+)
 from exec_sandbox_assets.release.documents import (
     AssetLayer,
 )
+from exec_sandbox_assets.release.keyless import MAX_BUNDLES
 from exec_sandbox_assets.release.signing import MAX_PAYLOAD_SIZE, SignatureLayer
 
 log = logging.getLogger(__name__)
@@ -84,6 +94,56 @@ class Source(ABC):
             ) from exc
         return verify_bytes(data, layer.payload_digest, f"signature payload {n}", self.name)
 
+    async def referrers(self, subject_digest: str, artifact_type: str | None) -> list[Descriptor]:
+        """The manifests naming `subject_digest` as subject, of `artifact_type` (every
+        kind for None): the registry's referrers API when it answers with an index,
+        else the fallback tag; [] when there are none. The list is unsigned: capped,
+        parsed, and each entry still checked against its digest when read."""
+        data = await self._referrers(subject_digest, artifact_type)
+        if data is None:
+            return []
+        where = f"{self.name}: referrers of {subject_digest}"
+        return parse_referrers(data, subject_digest, artifact_type, where)
+
+    async def bundles(self, index_digest: str) -> list[bytes]:
+        """The Sigstore bundles stored for index `index_digest` (as OCI referrers, or the
+        release folder's file), each capped at MAX_BUNDLE_SIZE and checked against its
+        descriptor's digest; [] when there are none. Unverified: the caller checks each
+        bundle's signature, and one good bundle is enough."""
+        stored = await self._bundle_files(index_digest)
+        if stored is not None:
+            for data in stored:
+                if len(data) > MAX_BUNDLE_SIZE:
+                    raise SizeLimitError(f"{self.name}: bundle exceeds {MAX_BUNDLE_SIZE} bytes")
+            return stored
+        out: list[bytes] = []
+        failed: AssetError | None = None
+        listed = await self.referrers(index_digest, BUNDLE_MEDIA_TYPE)
+        if len(listed) > MAX_BUNDLES:
+            # A client checks this many; the newest are listed last (each writer appends).
+            log.warning(
+                "%s: %d bundles listed for %s; reading the last %d",
+                self.name,
+                len(listed),
+                index_digest,
+                MAX_BUNDLES,
+            )
+            listed = listed[-MAX_BUNDLES:]
+        for desc in listed:
+            try:
+                data = await self.manifest(desc)
+                where = f"{self.name}: referrer {desc.digest}"
+                for layer in referrer_layers(data, index_digest, BUNDLE_MEDIA_TYPE, where):
+                    out.append(await self.small_blob(layer, MAX_BUNDLE_SIZE))
+            except (AssetNotFoundError, AssetChecksumError, FormatError, SizeLimitError) as exc:
+                # Another referrer may still hold a good bundle; the reason is kept
+                # for when none does.
+                log.warning("%s: bundle referrer %s skipped: %s", self.name, desc.digest, exc)
+                failed = failed or exc
+        if not out and failed is not None:
+            raise failed
+        return out
+
     def opener(self, layer: AssetLayer) -> BlobOpener:
         """Open the layer's blob from a byte offset; the store hashes and caps it."""
         return lambda offset: self._open(layer, offset)
@@ -101,6 +161,18 @@ class Source(ABC):
         raise AssetNotFoundError(
             f"{self.name}: cannot serve blob {desc.digest} ({desc.media_type})"
         )
+
+    async def _referrers(self, subject_digest: str, artifact_type: str | None) -> bytes | None:
+        """The referrers index bytes, None when there is none. Here: the fallback tag
+        (layouts, archives, write targets); registries ask their API first."""
+        try:
+            return await self._index(fallback_tag(subject_digest))
+        except AssetNotFoundError:
+            return None
+
+    async def _bundle_files(self, index_digest: str) -> list[bytes] | None:
+        """Bundles stored outside referrers (the GitHub Release folder); None: none such."""
+        return None
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         pass

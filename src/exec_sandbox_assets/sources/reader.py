@@ -26,6 +26,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from exec_sandbox_assets.base.errors import (
@@ -34,6 +35,7 @@ from exec_sandbox_assets.base.errors import (
     AssetNotFoundError,
     ConfigError,
     FormatError,
+    SignatureError,
     TransportError,
     TrustError,
     VersionMismatchError,
@@ -49,6 +51,7 @@ from exec_sandbox_assets.oci.model import (
 )
 from exec_sandbox_assets.release.catalog import ANN_VERSION
 from exec_sandbox_assets.release.documents import AssetLayer, read_asset_layers
+from exec_sandbox_assets.release.keyless import KeylessSignature, Workflow
 from exec_sandbox_assets.release.policy import (
     RollbackState,
     SignatureFinding,
@@ -80,6 +83,10 @@ class SignatureRecord:
         """(payload, signature) per layer, as the policy takes them."""
         return [(self.payloads[layer.payload_digest], layer.signature) for layer in self.layers]
 
+    def key_ids(self) -> dict[bytes, str]:
+        """signature -> the key id its layer names (unverified; for messages and rebuilds)."""
+        return {layer.signature: layer.key_id for layer in self.layers if layer.key_id}
+
 
 @dataclass(frozen=True)
 class VerifiedIndex:
@@ -95,6 +102,12 @@ class VerifiedIndex:
     key_ids: tuple[str, ...] = ()
     data: bytes = field(default=b"", repr=False)
     signature: SignatureRecord | None = field(default=None, repr=False)
+    identities: tuple[KeylessSignature, ...] = ()  # trusted workflows that signed keyless
+
+    @property
+    def signers(self) -> tuple[str, ...]:
+        """Keys and workflows that vouched, as cache records name them."""
+        return self.key_ids + tuple(s.trust_id for s in self.identities)
 
 
 @dataclass(frozen=True)
@@ -138,6 +151,7 @@ class Findings:
     manifests: list[tuple[Descriptor, Manifest]] = field(default_factory=list)
     signature_present: bool = False
     signatures: list[SignatureFinding] = field(default_factory=list)
+    bundles: int = 0  # Sigstore bundles found (keyless signatures), checked by the verdict
     verdict: Verdict | None = None
     error: str | None = None
 
@@ -169,8 +183,10 @@ class ReleaseReader:
         `rollback`: what was accepted before under a floating tag. `expected_version`:
         the version the release must be when `tag` does not say (a digest)."""
         data, digest, where = await self._fetch_index(tag)
-        signature = await self._signature_for(digest, where)
-        return self._accept(tag, data, digest, where, signature, rollback, expected_version)
+        signature, missing = await self._signature_for(digest, where)
+        return await self._accept(
+            tag, data, digest, where, signature, missing, rollback, expected_version
+        )
 
     async def read_platform(
         self,
@@ -211,7 +227,10 @@ class ReleaseReader:
             except (FormatError, AssetNotFoundError):
                 # What is wrong with bytes no key vouched for yet is not reported before
                 # the verdict: a refusal for the signature comes first, as with `read`.
-                verified = self._accept(tag, data, digest, where, await signing, rollback, None)
+                signature, missing = await signing
+                verified = await self._accept(
+                    tag, data, digest, where, signature, missing, rollback, None
+                )
                 part = await self.platform(verified, platform)
                 return PendingPlatform(
                     self.source.name, verified.version, platform, part.manifest_digest,
@@ -226,7 +245,10 @@ class ReleaseReader:
         provisional = named.removeprefix("v")
 
         async def verify() -> PlatformRelease:
-            verified = self._accept(tag, data, digest, where, await signing, rollback, None)
+            signature, missing = await signing
+            verified = await self._accept(
+                tag, data, digest, where, signature, missing, rollback, None
+            )
             if verified.version != provisional:
                 raise VersionMismatchError(
                     f"{where}: signed as release {verified.version}, "
@@ -252,13 +274,14 @@ class ReleaseReader:
             raise AssetChecksumError(f"index {tag}", tag, digest, source.name)
         return data, digest, f"{source.name} tag {tag} (index {digest})"
 
-    def _accept(
+    async def _accept(
         self,
         tag: str,
         data: bytes,
         digest: str,
         where: str,
         signature: SignatureRecord | None,
+        missing: str | None,
         rollback: RollbackState | None,
         expected_version: str | None,
     ) -> VerifiedIndex:
@@ -271,16 +294,32 @@ class ReleaseReader:
             parsed.append(Index.from_bytes(data, where))
             return parsed[-1].annotations
 
-        verdict = accept_index(
-            self.policy,
-            tag=tag,
-            index_digest=digest,
-            signatures=signature.pairs() if signature is not None else (),
-            annotations=annotations,
-            expected_version=expected_version,
-            rollback=rollback,
-            where=where,
-        )
+        def decide(bundles: Sequence[bytes]) -> Verdict:
+            return accept_index(
+                self.policy,
+                tag=tag,
+                index_digest=digest,
+                signatures=signature.pairs() if signature is not None else (),
+                claimed_key_ids=signature.key_ids() if signature is not None else None,
+                bundles=bundles,
+                annotations=annotations,
+                expected_version=expected_version,
+                rollback=rollback,
+                where=where,
+            )
+
+        try:
+            # Key signatures first: a release they vouch for costs no referrers lookup.
+            verdict = decide(())
+        except SignatureError:
+            if self.policy is None or not self.policy.workflows:
+                raise
+            try:
+                verdict = decide(await self.keyless_bundles(digest))
+            except SignatureError as exc:
+                if not missing:
+                    raise
+                raise SignatureError(f"{exc}; key signature: {missing}") from None
         index = parsed[-1] if parsed else Index.from_bytes(data, where)
         log.info(
             "release index verified: %s %s is %s (%s)",
@@ -301,25 +340,40 @@ class ReleaseReader:
             key_ids=verdict.key_ids,
             data=data,
             signature=signature,
+            identities=verdict.identities,
         )
+
+    async def keyless_bundles(self, digest: str) -> list[bytes]:
+        """The Sigstore bundles of index `digest` (OCI referrers, or the release folder's
+        file); [] when there are none. Unverified: the policy checks each."""
+        bundles = await self.source.bundles(digest)
+        log.debug(
+            "%s: %d Sigstore bundle(s) for %s",
+            self.source.name,
+            len(bundles),
+            digest,
+            extra={"source": self.source.name, "digest": digest, "bundles": len(bundles)},
+        )
+        return bundles
 
     async def _signature_for(
         self, digest: str, where: str, fallbacks: Sequence[Source] = ()
-    ) -> SignatureRecord | None:
+    ) -> tuple[SignatureRecord | None, str | None]:
+        """The key signature of the index (None when not needed or not found), and why
+        there is none when keyless signatures may still vouch for it. A signature this
+        source cannot serve (a transport error) is asked of `fallbacks`."""
         if self.policy is not None:
             # Fail before any remote byte beyond the index is fetched.
             require_keys(self.policy, f"{where}: refusing unverified remote content")
+            if not self.policy.keys:
+                return None, None  # keyless trust alone: the bundles decide
             try:
-                return await self.signature(digest, where)
-            except TransportError:
-                for source in fallbacks:
-                    if source is self.source:
-                        continue
-                    try:
-                        return await ReleaseReader(source, self.policy).signature(digest)
-                    except AssetError as exc:
-                        log.warning("no signature for %s from %s: %s", digest, source.name, exc)
-                raise
+                return await self._key_signature(digest, where, fallbacks), None
+            except SignatureError as exc:
+                if not self.policy.workflows:
+                    raise
+                # A keyless-only release has no key signature: its bundles decide.
+                return None, str(exc)
         log.warning(
             "SIGNATURE VERIFICATION DISABLED: accepting an unverified release index from %s (%s)",
             self.source.name,
@@ -327,12 +381,27 @@ class ReleaseReader:
             extra={"source": self.source.name, "digest": digest},
         )
         if not self.keep_signature:
-            return None
+            return None, None
         try:
-            return await self.signature(digest, where)
+            return await self.signature(digest, where), None
         except AssetError as exc:
             log.warning("no signature to copy for %s: %s", where, exc)
-            return None
+            return None, None
+
+    async def _key_signature(
+        self, digest: str, where: str, fallbacks: Sequence[Source]
+    ) -> SignatureRecord:
+        try:
+            return await self.signature(digest, where)
+        except TransportError:
+            for source in fallbacks:
+                if source is self.source:
+                    continue
+                try:
+                    return await ReleaseReader(source, self.policy).signature(digest)
+                except AssetError as exc:
+                    log.warning("no signature for %s from %s: %s", digest, source.name, exc)
+            raise
 
     async def signature(self, digest: str, where: str = "") -> SignatureRecord:
         """The signature manifest of index `digest` and every payload it lists (capped
@@ -387,10 +456,17 @@ class ReleaseReader:
 
     # -- report mode ------------------------------------------------------------------
 
-    async def examine(self, reference: str, keys: Sequence[PublicKey], threshold: int) -> Findings:
-        """Report mode (`inspect`): read what `reference` holds and whether `keys` (at
-        `threshold`) would accept it, collecting findings instead of raising trust
-        errors. A single manifest is shown as a one-platform release."""
+    async def examine(
+        self,
+        reference: str,
+        keys: Sequence[PublicKey],
+        threshold: int,
+        workflows: Sequence[Workflow] = (),
+        sigstore_root: Path | None = None,
+    ) -> Findings:
+        """Report mode (`inspect`): read what `reference` holds and whether `keys` and
+        `workflows` (at `threshold`) would accept it, collecting findings instead of
+        raising trust errors. A single manifest is shown as a one-platform release."""
         source = self.source
         data = await source.index(reference)
         digest = sha256_digest(data)
@@ -409,37 +485,60 @@ class ReleaseReader:
             found.manifests.append(
                 (desc, Manifest.from_bytes(mdata, f"{source.name} manifest {desc.digest}"))
             )
-        await self.examine_signature(found, keys, threshold)
+        await self.examine_signature(found, keys, threshold, workflows, sigstore_root)
         return found
 
     async def examine_signature(
-        self, found: Findings, keys: Sequence[PublicKey], threshold: int
+        self,
+        found: Findings,
+        keys: Sequence[PublicKey],
+        threshold: int,
+        workflows: Sequence[Workflow] = (),
+        sigstore_root: Path | None = None,
     ) -> None:
-        """Report mode for the signature of `found.digest` alone: fills the signature
+        """Report mode for the signatures of `found.digest` alone: fills the signature
         findings and the verdict (or the reason there is none) of `found`."""
         source = self.source
+        signature: SignatureRecord | None = None
         try:
             signature = await self.signature(found.digest, source.name)
         except TrustError as exc:  # no signature manifest, or one no client reads
             found.error = str(exc)
+        bundles: list[bytes] = []
+        if workflows:
+            try:
+                bundles = await self.keyless_bundles(found.digest)
+            except AssetError as exc:  # unreadable referrers: reported, not fatal
+                found.error = f"{found.error}; {exc}" if found.error else str(exc)
+        found.bundles = len(bundles)
+        if signature is None and not bundles:
             return
-        found.signature_present = True
-        found.signatures = [
-            describe_signature(
-                keys,
-                layer.payload_digest,
-                signature.payloads[layer.payload_digest],
-                layer.signature,
-                f"{source.name} signature {n}",
-            )
-            for n, layer in enumerate(signature.layers)
-        ]
+        found.error = None
+        found.signature_present = signature is not None
+        if signature is not None:
+            found.signatures = [
+                describe_signature(
+                    keys,
+                    layer.payload_digest,
+                    signature.payloads[layer.payload_digest],
+                    layer.signature,
+                    f"{source.name} signature {n}",
+                )
+                for n, layer in enumerate(signature.layers)
+            ]
         try:
             found.verdict = accept_index(
-                TrustPolicy(keys=tuple(keys), threshold=threshold),
+                TrustPolicy(
+                    keys=tuple(keys),
+                    threshold=threshold,
+                    workflows=tuple(workflows),
+                    sigstore_root=sigstore_root,
+                ),
                 tag=found.reference,
                 index_digest=found.digest,
-                signatures=signature.pairs(),
+                signatures=signature.pairs() if signature is not None else (),
+                claimed_key_ids=signature.key_ids() if signature is not None else None,
+                bundles=bundles,
                 annotations=lambda: found.annotations,
                 where=source.name,
             )

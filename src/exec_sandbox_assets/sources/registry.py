@@ -41,6 +41,12 @@ class RegistrySource(Source):
         data, _media_type, _digest = await self._client.get_manifest(signature_tag(index_digest))
         return data
 
+    async def _referrers(self, subject_digest: str, artifact_type: str | None) -> bytes | None:
+        data = await self._client.get_referrers(subject_digest, artifact_type)
+        if data is not None:
+            return data
+        return await super()._referrers(subject_digest, artifact_type)
+
     async def _payload(self, layer: SignatureLayer, n: int) -> bytes:
         return await self._client.get_blob(layer.payload_digest, MAX_PAYLOAD_SIZE)
 

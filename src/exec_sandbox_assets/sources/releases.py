@@ -20,8 +20,10 @@ from exec_sandbox_assets.oci.model import (
     Manifest,
     sha256_digest,
 )
+from exec_sandbox_assets.oci.referrers import MAX_BUNDLE_SIZE
 from exec_sandbox_assets.release import catalog
 from exec_sandbox_assets.release.documents import (
+    RELEASE_BUNDLE_FILE,
     RELEASE_INDEX_FILE,
     RELEASE_SIGNATURE_FILE,
     AssetLayer,
@@ -41,7 +43,8 @@ class ReleasesSource(Source):
 
     The release folder holds the same bytes as the registry: `oci-index.json`,
     `oci-manifest-{os}-{arch}.json` (found by the platform of the index entry),
-    `oci-signature.json` with `oci-signature-payload-{n}.json`, and every layer under
+    `oci-signature.json` with `oci-signature-payload-{n}.json`, the Sigstore bundle
+    `oci-index.sigstore.json` when the release was signed keyless, and every layer under
     its title. Nothing here is trusted for where it came from: the base class and the
     store verify all of it exactly as for a registry (signature over the index bytes,
     manifest digests, blob digests). Redirects are followed (GitHub answers 302 to its
@@ -145,6 +148,16 @@ class ReleasesSource(Source):
                 self._folders.setdefault(layer.digest, folder)
                 self._payload_numbers.setdefault(layer.digest, n)
         return data
+
+    async def _referrers(self, subject_digest: str, artifact_type: str | None) -> bytes | None:
+        return None  # a release folder has no tags; its bundle is a file of its own
+
+    async def _bundle_files(self, index_digest: str) -> list[bytes] | None:
+        folder = self._folder_of(index_digest)
+        try:
+            return [await self._get(f"{folder}/{RELEASE_BUNDLE_FILE}", MAX_BUNDLE_SIZE)]
+        except AssetNotFoundError:
+            return []  # a release signed with keys only
 
     async def _payload(self, layer: SignatureLayer, n: int) -> bytes:
         # n counts signature layers; the file is numbered by the layer's manifest position.

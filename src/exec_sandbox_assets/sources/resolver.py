@@ -15,17 +15,12 @@ import dataclasses
 import logging
 from collections.abc import Sequence
 
-from exec_sandbox_assets.base.errors import (
-    AllSourcesFailedError,
-    AssetNotFoundError,
-    Attempt,
-    ReleaseNotFoundError,
-    TransportError,
-)
+from exec_sandbox_assets.base.errors import TransportError
 from exec_sandbox_assets.cache.store import Store
 from exec_sandbox_assets.config import Settings
 from exec_sandbox_assets.release.policy import RollbackState, TrustPolicy, load_policy
 from exec_sandbox_assets.sources.base import Source
+from exec_sandbox_assets.sources.failover import Failover
 from exec_sandbox_assets.sources.reader import (
     PendingPlatform,
     PlatformRelease,
@@ -93,7 +88,7 @@ class ReleaseResolver:
         loading: asyncio.Future[TrustPolicy] | None,
     ) -> PendingPlatform:
         tag = self.settings.tag
-        attempts: list[Attempt] = []
+        failover = Failover(f"release {tag} for {'/'.join(platform)}")
         for source in sources:
             reader = ReleaseReader(source, None)  # its policy: `loading`, once loaded
             try:
@@ -102,24 +97,17 @@ class ReleaseResolver:
                     return _settled(await reader.platform(cached, platform))
                 pending = await self._read_platform(reader, sources, platform, loading)
             except TransportError as exc:
-                log.warning(
-                    "release %s: source %s failed, trying the next one: %s",
-                    tag,
-                    source.name,
-                    exc,
-                    extra={"source": source.name, "tag": tag, "error": str(exc)},
-                )
-                attempts.append(Attempt(source.name, str(exc), isinstance(exc, AssetNotFoundError)))
+                failover.failed(source.name, exc)
                 continue
+            failover.succeeded(source.name)
             return pending
-        what = f"release {tag} for {'/'.join(platform)}"
-        if attempts and all(a.not_found for a in attempts):
-            raise ReleaseNotFoundError(what, attempts)
-        raise AllSourcesFailedError(what, attempts)
+        raise failover.error()
 
     def _policy(self) -> TrustPolicy:
         s = self.settings
-        return load_policy(s.trusted_keys, s.threshold, s.allow_downgrade)
+        return load_policy(
+            s.trusted_keys, s.threshold, s.allow_downgrade, s.workflows, s.sigstore_root
+        )
 
     async def _read_platform(
         self,
