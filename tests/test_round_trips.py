@@ -19,9 +19,12 @@ import pytest
 import exec_sandbox_assets as esa
 from conftest import FaultProxyFactory
 from exec_sandbox_assets.oci.model import MEDIA_TYPE_MANIFEST
-from exec_sandbox_assets.release import catalog
+from exec_sandbox_assets.oci.referrers import fallback_tag
+from exec_sandbox_assets.release import catalog, keyless
 from releases import SampleRelease, publish_sample_release
 from servers import FaultProxy, RegistryServer, RequestRecord, request_rounds
+from sigstore_instance import SigstoreInstance
+from test_keyless_cli import store_only_bundle
 
 VERSION = "1.0.0"
 KERNEL = f"vmlinuz-{catalog.host_arch()}"
@@ -130,3 +133,45 @@ def _payload_digest(registry: RegistryServer, repo: str, release: SampleRelease)
     answer = httpx.get(url, headers={"Accept": MEDIA_TYPE_MANIFEST})
     digest: str = answer.raise_for_status().json()["layers"][0]["digest"]
     return digest
+
+
+async def test_keyless_bundles_are_asked_for_beside_the_manifest(
+    registry: RegistryServer,
+    release: SampleRelease,
+    fault_proxy: FaultProxyFactory,
+    repo_name: str,
+    tmp_path: Path,
+    sigstore_test_instance: SigstoreInstance,
+    sigstore_root: Path,
+) -> None:
+    """Keyless trust alone (the default): no key signature is asked for, and the
+    referrers lookup starts in round 2, beside the platform manifest, not after it."""
+    workflow = "https://github.com/acme/assets/.github/workflows/release.yml"
+    statement = keyless.statement(release.index_digest, VERSION, release.created)
+    bundle = sigstore_test_instance.bundle(
+        statement, workflow_ref=f"{workflow}@refs/tags/v{VERSION}"
+    )
+    store_only_bundle(release, tmp_path / "writer", bundle)
+    proxy = fault_proxy(registry)
+    proxy.stall_seconds = DELAY
+    esa.configure(
+        version=VERSION,
+        registry=proxy.ref(repo_name),
+        trusted_keys=(),
+        trusted_workflows=(workflow,),
+        sigstore_root=sigstore_root,
+        airgap=True,
+        cache_dir=str(tmp_path / "cache"),
+        local_build_dir=tmp_path / "no-local-build",
+    )
+
+    path = await esa.fetch_kernel()
+
+    assert path.read_bytes() == release.expected(KERNEL)
+    seen = [(n, r.path) for n, r in request_rounds(proxy.requests)]
+    assert not [p for _, p in seen if p.endswith(".sig")], seen
+    second = [p for n, p in seen if n == 2]
+    assert any(
+        "/referrers/" in p or p.endswith(fallback_tag(release.index_digest)) for p in second
+    ), seen
+    assert any("/manifests/sha256:" in p for p in second), seen

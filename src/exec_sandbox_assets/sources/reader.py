@@ -218,6 +218,10 @@ class ReleaseReader:
         if self.policy is not None:  # no key: refused before anything more is fetched
             require_keys(self.policy, f"{where}: refusing unverified remote content")
         signing = asyncio.ensure_future(self._signature_for(digest, where, fallbacks))
+        # Keyless trust alone (the default): the bundles decide, so they are asked for
+        # beside the manifest, not after it.
+        keyless_only = self.policy is not None and self.policy.workflows and not self.policy.keys
+        bundles = asyncio.ensure_future(self.keyless_bundles(digest)) if keyless_only else None
         try:
             try:
                 index = Index.from_bytes(data, where)
@@ -226,7 +230,9 @@ class ReleaseReader:
                 # What is wrong with bytes no key vouched for yet is not reported before
                 # the verdict: a refusal for the signature comes first, as with `read`.
                 signed = await signing
-                verified = await self._accept(tag, data, digest, where, signed, rollback, None)
+                verified = await self._accept(
+                    tag, data, digest, where, signed, rollback, None, bundles
+                )
                 part = await self.platform(verified, platform)
                 return PendingPlatform(
                     self.source.name, verified.version, platform, part.manifest_digest,
@@ -234,15 +240,22 @@ class ReleaseReader:
                 )  # fmt: skip
             manifest, layers = await self._read_manifest(desc)
         except BaseException:
-            signing.cancel()
-            await asyncio.gather(signing, return_exceptions=True)
+            pending = [signing] if bundles is None else [signing, bundles]
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
             raise
         named = version_of_tag(tag) or index.annotations.get(ANN_VERSION, "")
         provisional = named.removeprefix("v")
 
         async def verify() -> PlatformRelease:
-            signed = await signing
-            verified = await self._accept(tag, data, digest, where, signed, rollback, None)
+            try:
+                signed = await signing
+                verified = await self._accept(
+                    tag, data, digest, where, signed, rollback, None, bundles
+                )
+            finally:
+                _drop(bundles)
             if verified.version != provisional:
                 raise VersionMismatchError(
                     f"{where}: signed as release {verified.version}, "
@@ -277,10 +290,11 @@ class ReleaseReader:
         signed: tuple[SignatureRecord | None, str | None],
         rollback: RollbackState | None,
         expected_version: str | None,
+        bundles: Awaitable[list[bytes]] | None = None,
     ) -> VerifiedIndex:
         """The verdict on the index `data` (`digest`) from its key signature (`signed`:
         the record, or why there is none) and, when keys fall short and the policy trusts
-        a release workflow, its Sigstore bundles."""
+        a release workflow, its Sigstore bundles (`bundles`: already being fetched)."""
         source = self.source
         signature, missing = signed
         parsed: list[Index] = []
@@ -312,7 +326,8 @@ class ReleaseReader:
             if self.policy is None or not self.policy.workflows:
                 raise
             try:
-                verdict = decide(await self.keyless_bundles(digest))
+                found = await (bundles if bundles is not None else self.keyless_bundles(digest))
+                verdict = decide(found)
             except SignatureError as exc:
                 if not missing:
                     raise
@@ -545,6 +560,16 @@ class ReleaseReader:
 
 async def _done(part: PlatformRelease) -> PlatformRelease:
     return part
+
+
+def _drop(task: asyncio.Future[list[bytes]] | None) -> None:
+    """A prefetch the verdict did not need: cancelled, or its error marked as seen."""
+    if task is None:
+        return
+    if not task.done():
+        task.cancel()
+    elif not task.cancelled():
+        task.exception()
 
 
 __all__ = [
