@@ -33,6 +33,7 @@ from exec_sandbox_assets.release.policy import RollbackState
 from exec_sandbox_assets.release.version import Version, normalize_version, version_of_tag
 from exec_sandbox_assets.sources import Source
 from exec_sandbox_assets.sources.reader import ReleaseReader
+from exec_sandbox_assets.sources.report import examine
 from fake_source import FakeSource, MemoryRelease, make_release
 
 KERNEL = catalog.kernel("x86_64")
@@ -254,12 +255,12 @@ def test_report_mode_collects_findings_instead_of_raising(key: SigningKey) -> No
     release = make_release("1.0.0", JAN, [stranger])
     reader = ReleaseReader(FakeSource("mirror").add(release), None)
 
-    found = asyncio.run(reader.examine("v1.0.0", [key.public], 1))
+    found = asyncio.run(examine(reader, "v1.0.0", [key.public], 1))
 
     assert found.verdict is None and found.signature_present
     assert "0 trusted key" in (found.error or "")
     assert [f.signed_by for f in found.signatures] == [()]
-    trusted = asyncio.run(reader.examine("v1.0.0", [stranger.public], 1))
+    trusted = asyncio.run(examine(reader, "v1.0.0", [stranger.public], 1))
     assert trusted.verdict is not None and trusted.verdict.version == "1.0.0"
 
 

@@ -40,7 +40,8 @@ from exec_sandbox_assets.release import catalog
 from exec_sandbox_assets.release.documents import read_asset_layer
 from exec_sandbox_assets.release.keys import PublicKey, load_public_key_file
 from exec_sandbox_assets.sources import Source
-from exec_sandbox_assets.sources.reader import Findings, ReleaseReader
+from exec_sandbox_assets.sources.reader import ReleaseReader
+from exec_sandbox_assets.sources.report import Findings, examine, examine_signature
 
 
 @dataclass
@@ -168,8 +169,13 @@ async def _signature(
 ) -> dict[str, Any]:
     """The signature part of a report, for index `digest` read under `tag` (`versions`)."""
     found = Findings(tag, digest)
-    await ReleaseReader(source, None).examine_signature(
-        found, keys, settings.threshold, settings.workflows, settings.sigstore_root
+    await examine_signature(
+        ReleaseReader(source, None),
+        found,
+        keys,
+        settings.threshold,
+        settings.workflows,
+        settings.sigstore_root,
     )
     return _signature_json(found, keys, settings)
 
@@ -182,8 +188,13 @@ async def inspect_ref(
     reference = pinned or settings.tag
     try:
         # Report mode: the client's reader and policy, findings instead of errors.
-        found = await ReleaseReader(source, None).examine(
-            reference, keys, settings.threshold, settings.workflows, settings.sigstore_root
+        found = await examine(
+            ReleaseReader(source, None),
+            reference,
+            keys,
+            settings.threshold,
+            settings.workflows,
+            settings.sigstore_root,
         )
     finally:
         await source.aclose()

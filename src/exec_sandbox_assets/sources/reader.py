@@ -14,9 +14,9 @@ is checked against the index's digest for it, and the index against its signatur
 once that arrived; until then the blobs may download, but nothing of them is read for
 install (`cache.gate`).
 
-Every caller reads a release through this class: the client, `mirror`, `inspect` (its
-report mode, `examine`, collects findings instead of raising) and the publisher's
-read-back. Sizes are capped and digests checked by `Source`; whether the release is
+Every caller reads a release through this class: the client, `mirror`, `inspect`
+(through `sources.report`, which collects findings instead of raising) and the
+publisher's read-back. Sizes are capped and digests checked by `Source`; whether the release is
 accepted is decided by `release.policy.accept_index` alone, on bytes read here.
 """
 
@@ -26,18 +26,15 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from exec_sandbox_assets.base.errors import (
     AssetChecksumError,
     AssetError,
     AssetNotFoundError,
-    ConfigError,
     FormatError,
     SignatureError,
     TransportError,
-    TrustError,
     VersionMismatchError,
 )
 from exec_sandbox_assets.oci.model import (
@@ -46,19 +43,16 @@ from exec_sandbox_assets.oci.model import (
     Index,
     Manifest,
     is_digest,
-    media_type_of,
     sha256_digest,
 )
 from exec_sandbox_assets.release.catalog import ANN_VERSION
 from exec_sandbox_assets.release.documents import AssetLayer, read_asset_layers
-from exec_sandbox_assets.release.keyless import KeylessSignature, Workflow
+from exec_sandbox_assets.release.keyless import KeylessSignature
 from exec_sandbox_assets.release.policy import (
     RollbackState,
-    SignatureFinding,
     TrustPolicy,
     Verdict,
     accept_index,
-    describe_signature,
     require_keys,
 )
 from exec_sandbox_assets.release.signing import SignatureLayer, read_signature_manifest
@@ -66,7 +60,7 @@ from exec_sandbox_assets.release.version import is_valid, version_of_tag
 from exec_sandbox_assets.sources.base import Source
 
 if TYPE_CHECKING:
-    from exec_sandbox_assets.release.keys import PublicKey
+    pass
 
 log = logging.getLogger(__name__)
 
@@ -137,23 +131,6 @@ class PendingPlatform:
     manifest_digest: str
     layers: dict[str, AssetLayer] = field(hash=False)
     verified: asyncio.Future[PlatformRelease] = field(hash=False, compare=False, repr=False)
-
-
-@dataclass
-class Findings:
-    """What `examine` found: everything it could read, and the verdict or why not."""
-
-    reference: str
-    digest: str
-    media_type: str = ""
-    size: int = 0
-    annotations: dict[str, str] = field(default_factory=dict)
-    manifests: list[tuple[Descriptor, Manifest]] = field(default_factory=list)
-    signature_present: bool = False
-    signatures: list[SignatureFinding] = field(default_factory=list)
-    verdict: Verdict | None = None
-    error: str | None = None
-    bundles: int = 0  # Sigstore bundles found (keyless signatures), checked by the verdict
 
 
 class ReleaseReader:
@@ -466,97 +443,6 @@ class ReleaseReader:
         where = f"{self.source.name} manifest {desc.digest}"
         return data, read_asset_layers(Manifest.from_bytes(data, where), where)
 
-    # -- report mode ------------------------------------------------------------------
-
-    async def examine(
-        self,
-        reference: str,
-        keys: Sequence[PublicKey],
-        threshold: int,
-        workflows: Sequence[Workflow] = (),
-        sigstore_root: Path | None = None,
-    ) -> Findings:
-        """Report mode (`inspect`): read what `reference` holds and whether `keys` and
-        `workflows` (at `threshold`) would accept it, collecting findings instead of
-        raising trust errors. A single manifest is shown as a one-platform release."""
-        source = self.source
-        data = await source.index(reference)
-        digest = sha256_digest(data)
-        media_type = media_type_of(data, source.name)
-        where = f"{source.name} {reference}"
-        annotations: dict[str, str]
-        if media_type in INDEX_MEDIA_TYPES:
-            index = Index.from_bytes(data, where)
-            annotations = dict(index.annotations)
-        else:
-            annotations = dict(Manifest.from_bytes(data, where).annotations)
-            index = Index((Descriptor(media_type, digest, len(data)),))
-        found = Findings(reference, digest, media_type, len(data), annotations)
-        for desc in index.manifests:
-            mdata = await source.manifest(desc)
-            found.manifests.append(
-                (desc, Manifest.from_bytes(mdata, f"{source.name} manifest {desc.digest}"))
-            )
-        await self.examine_signature(found, keys, threshold, workflows, sigstore_root)
-        return found
-
-    async def examine_signature(
-        self,
-        found: Findings,
-        keys: Sequence[PublicKey],
-        threshold: int,
-        workflows: Sequence[Workflow] = (),
-        sigstore_root: Path | None = None,
-    ) -> None:
-        """Report mode for the signatures of `found.digest` alone: fills the signature
-        findings and the verdict (or the reason there is none) of `found`."""
-        source = self.source
-        signature: SignatureRecord | None = None
-        try:
-            signature = await self.signature(found.digest, source.name)
-        except TrustError as exc:  # no signature manifest, or one no client reads
-            found.error = str(exc)
-        bundles: list[bytes] = []
-        if workflows:
-            try:
-                bundles = await self.keyless_bundles(found.digest)
-            except AssetError as exc:  # unreadable referrers: reported, not fatal
-                found.error = f"{found.error}; {exc}" if found.error else str(exc)
-        found.bundles = len(bundles)
-        if signature is None and not bundles:
-            return
-        found.error = None
-        found.signature_present = signature is not None
-        if signature is not None:
-            found.signatures = [
-                describe_signature(
-                    keys,
-                    layer.payload_digest,
-                    signature.payloads[layer.payload_digest],
-                    layer.signature,
-                    f"{source.name} signature {n}",
-                )
-                for n, layer in enumerate(signature.layers)
-            ]
-        try:
-            found.verdict = accept_index(
-                TrustPolicy(
-                    keys=tuple(keys),
-                    threshold=threshold,
-                    workflows=tuple(workflows),
-                    sigstore_root=sigstore_root,
-                ),
-                tag=found.reference,
-                index_digest=found.digest,
-                signatures=signature.pairs() if signature is not None else (),
-                claimed_key_ids=signature.key_ids() if signature is not None else None,
-                bundles=bundles,
-                annotations=lambda: found.annotations,
-                where=source.name,
-            )
-        except (TrustError, ConfigError, FormatError) as exc:
-            found.error = str(exc)
-
 
 async def _done(part: PlatformRelease) -> PlatformRelease:
     return part
@@ -573,7 +459,6 @@ def _drop(task: asyncio.Future[list[bytes]] | None) -> None:
 
 
 __all__ = [
-    "Findings",
     "PendingPlatform",
     "PlatformRelease",
     "ReleaseReader",
