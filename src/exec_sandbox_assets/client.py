@@ -373,7 +373,7 @@ class AssetClient:
         # Reusing installs and a patch is decoded: only once the release verified.
         release = (await part.verified).release
         out = dataclasses.replace(out, verified_by=release.signers)
-        if (reused := await delta.reuse(self.store, out)) is not None:
+        if held is not None and (reused := await delta.reuse(self.store, out, held)) is not None:
             self.obtained[out.name] = delta.Obtained(delta.REUSE, 0, layer.size)
             return reused
         if not layer.patches:

@@ -65,11 +65,9 @@ def held(store: Store, digest: str, *, skip_version: str | None = None) -> Path 
     return None
 
 
-async def reuse(store: Store, out: OutputSpec) -> Path | None:
-    """The output placed from another version's copy of the same content, else None."""
-    found = held(store, out.content_digest, skip_version=out.version)
-    if found is None:
-        return None
+async def reuse(store: Store, out: OutputSpec, found: Path) -> Path | None:
+    """The output placed from `found`, another version's copy of the same content (what
+    `held` found), else None."""
     async with store.output_lock(out.version, out.name):
         if (
             hit := store.lookup(out.version, out.name, content_digest=out.content_digest)
