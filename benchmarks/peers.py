@@ -69,7 +69,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))  # this checkout's
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent / "tests"))  # servers.py
@@ -175,25 +175,22 @@ class Layer:
 # ---------------------------------------------------------------------------
 
 
-class Proxy:
-    """127.0.0.1:port -> 127.0.0.1:upstream. `rate` bytes/s per connection (downstream)."""
+class _Relay:
+    """127.0.0.1:port -> 127.0.0.1:upstream: the listening socket, the accept loop and the
+    counters the proxies below share; `_relay` moves one accepted connection's bytes."""
 
-    def __init__(self, upstream_port: int, rate: float | None = None) -> None:
+    def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
-        self.rate = rate
         self.connections = 0
         self.bytes_down = 0
         self._lock = threading.Lock()
-        self._sock = socket.socket()
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind(("127.0.0.1", 0))
-        self._sock.listen(64)
+        self._sock = socket.create_server(("127.0.0.1", 0))
         self.port: int = self._sock.getsockname()[1]
         self._open: set[socket.socket] = set()
         self._stopped = False
         self._thread = threading.Thread(target=self._accept, daemon=True)
 
-    def __enter__(self) -> Proxy:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -219,20 +216,35 @@ class Proxy:
                 client, _ = self._sock.accept()
             except OSError:
                 return
+            accepted = time.monotonic()
             try:
                 upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
             except OSError:
                 client.close()
                 continue
-            if self.rate is not None:
-                # A link, not a queue: without this the kernel takes up to 4 MB ahead of
-                # the rate per connection, counted as sent though no client read it.
-                client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
             with self._lock:
                 self.connections += 1
                 self._open.update((client, upstream))
-            threading.Thread(target=self._pipe, args=(client, upstream, False), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client, True), daemon=True).start()
+            self._relay(client, upstream, accepted)
+
+    def _relay(self, client: socket.socket, upstream: socket.socket, accepted: float) -> None:
+        raise NotImplementedError
+
+
+class Proxy(_Relay):
+    """127.0.0.1:port -> 127.0.0.1:upstream. `rate` bytes/s per connection (downstream)."""
+
+    def __init__(self, upstream_port: int, rate: float | None = None) -> None:
+        super().__init__(upstream_port)
+        self.rate = rate
+
+    def _relay(self, client: socket.socket, upstream: socket.socket, accepted: float) -> None:
+        if self.rate is not None:
+            # A link, not a queue: without this the kernel takes up to 4 MB ahead of
+            # the rate per connection, counted as sent though no client read it.
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        threading.Thread(target=self._pipe, args=(client, upstream, False), daemon=True).start()
+        threading.Thread(target=self._pipe, args=(upstream, client, True), daemon=True).start()
 
     def _pipe(self, src: socket.socket, dst: socket.socket, down: bool) -> None:
         buf = bytearray(256 * 1024 if self.rate is None else 16 * 1024)
@@ -309,7 +321,7 @@ class _Pacer:
         self.lock = threading.Lock()
 
 
-class LinkProxy:
+class LinkProxy(_Relay):
     """127.0.0.1:port -> 127.0.0.1:upstream through a simulated link: every piece of data
     leaves half a round trip after it came in, in each direction; a new connection's
     first request waits a round trip more (the TCP handshake a real link costs); data
@@ -320,55 +332,18 @@ class LinkProxy:
     PIECE = 64 * 1024
 
     def __init__(self, upstream_port: int, link: LinkProfile, total: _Pacer) -> None:
-        self.upstream_port = upstream_port
+        super().__init__(upstream_port)
         self.link = link
         self.total = total
-        self.connections = 0
-        self.bytes_down = 0
-        self._lock = threading.Lock()
-        self._sock = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self._sock.getsockname()[1]
-        self._stopped = False
-        self._open: set[socket.socket] = set()
-        self._thread = threading.Thread(target=self._accept, daemon=True)
         self._window = max(256 * 1024, int(2 * link.per_conn * max(link.rtt, 0.01)))
 
-    def __enter__(self) -> LinkProxy:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self._stopped = True
-        with contextlib.suppress(OSError):
-            self._sock.shutdown(socket.SHUT_RDWR)
-        self._sock.close()
-        with self._lock:
-            for s in list(self._open):
-                with contextlib.suppress(OSError):
-                    s.close()
-        self._thread.join(5)
-
-    def _accept(self) -> None:
-        while not self._stopped:
-            try:
-                client, _ = self._sock.accept()
-            except OSError:
-                return
-            accepted = time.monotonic()
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
-            except OSError:
-                client.close()
-                continue
-            for sock in (client, upstream):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
-            with self._lock:
-                self.connections += 1
-                self._open.update((client, upstream))
-            # Upstream: the handshake's round trip before the first byte can be sent.
-            self._pipe(client, upstream, False, accepted + self.link.rtt)
-            self._pipe(upstream, client, True, 0.0)
+    def _relay(self, client: socket.socket, upstream: socket.socket, accepted: float) -> None:
+        for sock in (client, upstream):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+        # Upstream: the handshake's round trip before the first byte can be sent.
+        self._pipe(client, upstream, False, accepted + self.link.rtt)
+        self._pipe(upstream, client, True, 0.0)
 
     def _pipe(self, src: socket.socket, dst: socket.socket, down: bool, not_before: float) -> None:
         queue: collections.deque[tuple[float, bytes]] = collections.deque()
