@@ -40,7 +40,6 @@ from exec_sandbox_assets.cache.content import ContentState
 from exec_sandbox_assets.cache.download import MAX_RESUMES
 from exec_sandbox_assets.cache.gate import Gate
 from exec_sandbox_assets.cache.refs import FLOATING_REF_PREFIX
-from exec_sandbox_assets.cache.space import SpacePlan
 from exec_sandbox_assets.cache.store import CacheTrust, OutputSpec, Store
 from exec_sandbox_assets.config import LATEST, Settings
 from exec_sandbox_assets.release import catalog
@@ -233,7 +232,15 @@ class AssetClient:
             # the kernels; the small ones fill in around it.
             jobs.sort(key=lambda job: -_layer_size(job[0], job[2]))
             # Before the first byte: what does not fit is refused, smallest files first in.
-            room = self._space_plan([(job[0], job[-1]) for job in jobs])
+            room = space.plan_downloads(
+                self.store,
+                [
+                    (spec.output_name, layer)
+                    for part, _, spec in jobs
+                    if (layer := part.layers.get(spec.name)) is not None
+                ],
+                self.settings.min_free,
+            )
             refused = set(room.refused) if room else set()
             jobs = [job for job in jobs if job[-1].output_name not in refused]
             limit = asyncio.Semaphore(self.settings.concurrency)
@@ -268,27 +275,6 @@ class AssetClient:
             ref = {"version": accepted.version, "digest": accepted.digest}
             self.store.write_state(FLOATING_REF_PREFIX + LATEST, ref)
         return results
-
-    def _space_plan(self, jobs: Sequence[tuple[PendingPlatform, AssetSpec]]) -> SpacePlan | None:
-        """What the downloads of `jobs` need against the cache's free space (see
-        `cache.space`); None where free space cannot be measured."""
-        needs = [
-            space.need_of(
-                spec.output_name,
-                self.store.blob_path(layer.digest),
-                layer.size,
-                layer.content_size,
-                layer.compressed,
-            )
-            for part, spec in jobs
-            if (layer := part.layers.get(spec.name)) is not None
-        ]
-        try:
-            _, free = space.free_bytes(self.store.root)
-        except OSError as exc:
-            log.debug("free space unknown", extra={"path": str(self.store.root), "error": str(exc)})
-            return None
-        return space.plan(needs, free, self.settings.min_free, self.store.root)
 
     async def _fetch_one(
         self,

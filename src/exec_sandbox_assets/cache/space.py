@@ -15,13 +15,21 @@ than its size. `free_bytes` and `need_of` are the I/O edges (statvfs, stat).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from exec_sandbox_assets.base.errors import OutOfSpaceError
 from exec_sandbox_assets.base.sizes import describe_size
+
+if TYPE_CHECKING:
+    from exec_sandbox_assets.cache.store import Store
+    from exec_sandbox_assets.release.documents import AssetLayer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -108,4 +116,27 @@ def need_of(name: str, blob: Path, layer_size: int, content_size: int, compresse
     return Need(name, left + (content_size if compressed else 0))
 
 
-__all__ = ["Need", "SpacePlan", "free_bytes", "need_of", "plan"]
+def plan_downloads(
+    store: Store, layers: Sequence[tuple[str, AssetLayer]], margin: int
+) -> SpacePlan | None:
+    """What downloading `layers` (output name, layer) into `store` needs against its free
+    space; None where free space cannot be measured."""
+    needs = [
+        need_of(
+            name,
+            store.blob_path(layer.digest),
+            layer.size,
+            layer.content_size,
+            layer.compressed,
+        )
+        for name, layer in layers
+    ]
+    try:
+        _, free = free_bytes(store.root)
+    except OSError as exc:
+        log.debug("free space unknown", extra={"path": str(store.root), "error": str(exc)})
+        return None
+    return plan(needs, free, margin, store.root)
+
+
+__all__ = ["Need", "SpacePlan", "free_bytes", "need_of", "plan", "plan_downloads"]
